@@ -1,0 +1,304 @@
+"""Configuration dataclasses for moelab, validated in one place.
+
+`MoEConfig` describes one Mixture-of-Experts layer, `ModelConfig` a decoder-only language model built
+from such layers. Both are frozen dataclasses; `validate()` runs on construction and raises
+`ValueError` naming the field, the value and what is allowed. Both round-trip through plain JSON
+(`to_dict` / `from_dict`), which is how checkpoints store them.
+
+This module imports no torch: `moelab.accounting` reads configs on machines without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROUTERS = ("topk_softmax", "switch", "sigmoid", "expert_choice")
+ACTIVATIONS = ("swiglu", "gelu")
+BACKENDS = ("auto", "loop", "padded", "grouped_mm")
+ATTENTIONS = ("gqa", "mla")
+QK_NORMS = ("none", "head", "full")
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{field_name}={value!r} is invalid: allowed {allowed}")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(name, value, "an integer >= 1")
+
+
+def _nonneg_number(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+        _fail(name, value, "a number >= 0")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        _fail(name, value, "one of " + ", ".join(repr(a) for a in allowed))
+
+
+class _JsonMixin:
+    """`to_dict` / `from_dict` / JSON file helpers shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed fields: {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load_json(cls, path: str | Path):
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+@dataclass(frozen=True)
+class MoEConfig(_JsonMixin):
+    """One MoE feed-forward layer: a router picks experts per token; only those experts run.
+
+    Fields (defaults are sized for a CPU run):
+        d_model: width of the token vectors going in and out.
+        d_expert: hidden width f of one routed expert (SwiGLU: gate+up [d, 2f], down [f, d]).
+        n_experts: number of routed experts E.
+        top_k: experts per token k (token-choice routers); for expert choice, the average
+            number of experts per token (sets the per-expert capacity c = cf * T * k / E).
+        n_shared: always-on shared experts (DeepSeekMoE, Qwen2-MoE); each of width `d_shared`.
+        d_shared: width of one shared expert; None means `d_expert`.
+        shared_gate: scale the shared output by sigmoid(x · w) (Qwen2-MoE's shared_expert_gate).
+        router: "topk_softmax" (Mixtral, OLMoE, Qwen-MoE), "switch" (top-1, Fedus et al. 2021),
+            "sigmoid" (DeepSeek-V3 scores with a selection-only bias), "expert_choice" (Zhou et al.
+            2022; each expert picks its tokens — not causal, unsuitable for autoregressive decoding).
+        norm_topk_prob: renormalise the k chosen weights to sum to 1 (Mixtral: True; OLMoE and
+            Qwen `norm_topk_prob=False`: False). For "sigmoid" the chosen scores are renormalised
+            when True (DeepSeek-V3 does).
+        route_scale: multiplies the gating weights (DeepSeek-V3 `routed_scaling_factor`, 2.5).
+        n_groups / topk_groups: group-limited routing (DeepSeek-V2/V3): experts split into
+            n_groups groups; a token first picks topk_groups groups (group score = sum of its top-2
+            scores for sigmoid, max for softmax), then its top-k experts inside them.
+        capacity_factor: None = dropless. Otherwise each expert takes at most
+            ceil(cf * T * k / E) assignments; the rest are dropped (their expert output is zero and
+            the residual carries the token).
+        expert_bias: keep a per-expert bias used for selection only, updated by
+            `moelab.balance.update_expert_bias` after the optimizer step (auxiliary-loss-free
+            balancing, Wang et al. 2024 / DeepSeek-V3). Only for the "sigmoid" and "topk_softmax" routers.
+        bias_update_rate: γ of the bias update `b_i += γ · sign(mean_load − load_i)`.
+        aux_loss_coef: weight of the Switch load-balance loss E · Σ f_i · P_i (0 turns it off).
+        seq_aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss (0 turns it off).
+        z_loss_coef: weight of the router z-loss (ST-MoE, Zoph et al. 2022) (0 turns it off).
+        freeze_router: the router weight gets no gradient (requires_grad=False).
+        activation: "swiglu" (default) or "gelu" (two-matrix experts).
+        backend: grouped expert compute: "auto", "loop" (segment loop over non-empty experts),
+            "padded" (batched matmul over capacity-padded slots), "grouped_mm"
+            (`torch.nn.functional.grouped_mm`, where the build has it).
+    """
+
+    d_model: int = 256
+    d_expert: int = 128
+    n_experts: int = 8
+    top_k: int = 2
+    n_shared: int = 0
+    d_shared: int | None = None
+    shared_gate: bool = False
+    router: str = "topk_softmax"
+    norm_topk_prob: bool = True
+    route_scale: float = 1.0
+    n_groups: int = 1
+    topk_groups: int = 1
+    capacity_factor: float | None = None
+    expert_bias: bool = False
+    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 0.01
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 1e-3
+    freeze_router: bool = False
+    activation: str = "swiglu"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def shared_width(self) -> int:
+        """Total hidden width of the shared experts (they run as one fused FFN)."""
+        return self.n_shared * (self.d_shared if self.d_shared is not None else self.d_expert)
+
+    def validate(self) -> None:
+        for name in ("d_model", "d_expert", "n_experts", "top_k", "n_groups", "topk_groups"):
+            _positive_int(name, getattr(self, name))
+        if not isinstance(self.n_shared, int) or self.n_shared < 0:
+            _fail("n_shared", self.n_shared, "an integer >= 0")
+        if self.d_shared is not None:
+            _positive_int("d_shared", self.d_shared)
+        _choice("router", self.router, ROUTERS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("backend", self.backend, BACKENDS)
+        if self.top_k > self.n_experts:
+            _fail("top_k", self.top_k, f"1 <= top_k <= n_experts ({self.n_experts})")
+        if self.router == "switch" and self.top_k != 1:
+            _fail("top_k", self.top_k, "1 for router='switch' (Switch routes each token to one expert)")
+        if self.n_experts % self.n_groups:
+            _fail("n_groups", self.n_groups, f"a divisor of n_experts ({self.n_experts})")
+        if self.topk_groups > self.n_groups:
+            _fail("topk_groups", self.topk_groups, f"1 <= topk_groups <= n_groups ({self.n_groups})")
+        if self.n_groups > 1:
+            if self.router not in ("sigmoid", "topk_softmax"):
+                _fail("n_groups", self.n_groups, "1 unless router is 'sigmoid' or 'topk_softmax'")
+            per_group = self.n_experts // self.n_groups
+            if self.top_k > self.topk_groups * per_group:
+                _fail("top_k", self.top_k,
+                      f"<= topk_groups * experts per group ({self.topk_groups * per_group})")
+        if self.capacity_factor is not None and (
+            not isinstance(self.capacity_factor, (int, float)) or not self.capacity_factor > 0
+        ):
+            _fail("capacity_factor", self.capacity_factor, "None (dropless) or a number > 0")
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            _fail("capacity_factor", None, "a number > 0 for router='expert_choice' (sets tokens per expert)")
+        if self.expert_bias and self.router not in ("sigmoid", "topk_softmax"):
+            _fail("expert_bias", True, "False unless router is 'sigmoid' or 'topk_softmax'")
+        for name in ("route_scale", "bias_update_rate", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef"):
+            _nonneg_number(name, getattr(self, name))
+        if not self.route_scale > 0:
+            _fail("route_scale", self.route_scale, "a number > 0")
+        if self.shared_gate and self.n_shared == 0:
+            _fail("shared_gate", True, "False when n_shared == 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_JsonMixin):
+    """A decoder-only MoE language model (pre-norm, RMSNorm, RoPE, grouped-query attention).
+
+    Fields:
+        vocab_size: tokens in the vocabulary.
+        d_model: residual stream width.
+        n_layers: transformer blocks.
+        n_heads / n_kv_heads: query heads / key-value heads (GQA: n_heads % n_kv_heads == 0).
+        head_dim: per-head width; None means d_model // n_heads.
+        max_seq_len: longest sequence the model accepts (RoPE tables are built for it).
+        rope_theta: RoPE base.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: output head shares the input embedding matrix.
+        qk_norm: RMSNorm on queries and keys: "none", "head" (over each head's width, weights
+            [head_dim] shared by heads: Qwen3) or "full" (over all heads at once, weights
+            [n_heads·head_dim] and [n_kv_heads·head_dim]: OLMoE).
+        d_ff: hidden width of the dense FFN used in dense layers.
+        n_dense_layers: the first n layers use a dense FFN (DeepSeek's first_k_dense_replace).
+        moe_every: after the dense layers, every `moe_every`-th layer is MoE (1 = all; 2 = every other,
+            the rest dense).
+        moe: the MoE layer config, or None for a fully dense model. moe.d_model must equal d_model.
+        attention: "gqa" or "mla" (multi-head latent attention, DeepSeek-V2/V3); the MLA fields
+            below are used only when attention == "mla".
+        q_lora_rank: MLA query compression rank (None = full-rank query projection).
+        kv_lora_rank: MLA compressed key/value latent width.
+        qk_nope_head_dim / qk_rope_head_dim / v_head_dim: MLA per-head widths.
+        dropout: dropout on attention output and FFN output during training.
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    head_dim: int | None = None
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    qk_norm: str = "none"
+    d_ff: int = 512
+    n_dense_layers: int = 0
+    moe_every: int = 1
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+    attention: str = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):  # from JSON
+            object.__setattr__(self, "moe", MoEConfig.from_dict(self.moe))
+        self.validate()
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) uses the MoE feed-forward."""
+        if self.moe is None or layer < self.n_dense_layers:
+            return False
+        return (layer - self.n_dense_layers) % self.moe_every == 0
+
+    def dense_twin(self) -> ModelConfig:
+        """The same model with every MoE block replaced by one dense FFN of the same *active* width.
+
+        Active width = top_k · d_expert + shared width, so per-token FFN compute matches the MoE
+        model's (routers aside). Dense layers keep their own d_ff; each MoE layer becomes dense
+        with the active width, which needs one d_ff for all layers, so this requires the MoE
+        model to have no dense layers of a different width.
+        """
+        if self.moe is None:
+            return self
+        active = self.moe.top_k * self.moe.d_expert + self.moe.shared_width
+        has_dense = self.n_dense_layers > 0 or self.moe_every > 1
+        if has_dense and self.d_ff != active:
+            raise ValueError(
+                f"dense_twin: the model mixes dense layers (d_ff={self.d_ff}) with MoE layers of active "
+                f"width {active}; set d_ff={active} or n_dense_layers=0 and moe_every=1 to get a twin"
+            )
+        return self.replace(moe=None, d_ff=active, n_dense_layers=0, moe_every=1)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
+                     "d_ff", "moe_every"):
+            _positive_int(name, getattr(self, name))
+        if self.head_dim is not None:
+            _positive_int("head_dim", self.head_dim)
+        elif self.d_model % self.n_heads:
+            _fail("n_heads", self.n_heads, f"a divisor of d_model ({self.d_model}) when head_dim is None")
+        if self.n_heads % self.n_kv_heads:
+            _fail("n_kv_heads", self.n_kv_heads, f"a divisor of n_heads ({self.n_heads})")
+        if not isinstance(self.n_dense_layers, int) or not 0 <= self.n_dense_layers <= self.n_layers:
+            _fail("n_dense_layers", self.n_dense_layers, f"an integer in [0, n_layers={self.n_layers}]")
+        _choice("attention", self.attention, ATTENTIONS)
+        _choice("qk_norm", self.qk_norm, QK_NORMS)
+        if self.attention == "mla":
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                _positive_int(name, getattr(self, name))
+            if self.q_lora_rank is not None:
+                _positive_int("q_lora_rank", self.q_lora_rank)
+            if self.qk_rope_head_dim % 2:
+                _fail("qk_rope_head_dim", self.qk_rope_head_dim, "an even integer (RoPE rotates pairs)")
+        elif self.head_width % 2:
+            _fail("head_dim", self.head_width, "an even integer (RoPE rotates pairs)")
+        if not self.rope_theta > 0:
+            _fail("rope_theta", self.rope_theta, "a number > 0")
+        if not 0 <= self.dropout < 1:
+            _fail("dropout", self.dropout, "a number in [0, 1)")
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                _fail("moe", self.moe, "a MoEConfig or None")
+            if self.moe.d_model != self.d_model:
+                _fail("moe.d_model", self.moe.d_model, f"equal to d_model ({self.d_model})")
+
