@@ -99,7 +99,8 @@ class MoEConfig(_JsonMixin):
             the residual carries the token).
         expert_bias: keep a per-expert bias used for selection only, updated by
             `moelab.balance.update_expert_bias` after the optimizer step (auxiliary-loss-free
-            balancing, Wang et al. 2024 / DeepSeek-V3). Only for the "sigmoid" and "topk_softmax" routers.
+            balancing, Wang et al. 2024 / DeepSeek-V3). Only for the "sigmoid" router (bias added to
+            the scores) and the "topk_softmax" router (bias added to the logits, so in logit units).
         bias_update_rate: γ of the bias update `b_i += γ · sign(mean_load − load_i)`.
         aux_loss_coef: weight of the Switch load-balance loss E · Σ f_i · P_i (0 turns it off).
         seq_aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss (0 turns it off).

@@ -1,0 +1,123 @@
+"""The MoE layer: router → permute → grouped experts → combine, plus always-on shared experts.
+
+    x [..., D] ─ flatten ─► x_TD
+      router(x_TD)                 → Routing (A = T·K assignments, or E·c for expert choice)
+      permute(routing, capacity)   → rows in expert order, counts per expert, dropped count
+      experts(x_TD[token_idx])     → grouped compute over contiguous segments      [A, D]
+      combine(out, weights)        → scatter-add back per token                    [T, D]
+      + shared(x_TD) (· sigmoid(x·w_gate) when shared_gate)
+    returns y [..., D] and MoEAux (losses and statistics; nothing is kept on the module)
+
+References: Shazeer et al. 2017 (sparsely-gated MoE); Fedus et al. 2021 (Switch); Jiang et al. 2024
+(Mixtral); Dai et al. 2024 (DeepSeekMoE shared experts); DeepSeek-AI 2024 (DeepSeek-V3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moelab import balance
+from moelab.config import MoEConfig
+from moelab.dispatch import combine, permute, token_choice_capacity
+from moelab.experts import Experts, FeedForward
+from moelab.routing import Router
+
+
+@dataclass
+class MoEAux:
+    """What one MoE forward returns besides its output.
+
+    losses: weighted auxiliary losses by name ("load_balance", "seq_aux", "z"); only those whose
+        coefficient is > 0. Add `total_loss` to the training loss.
+    load [E]: assignments each expert was selected for (before capacity dropping), float32.
+    dropped_frac: fraction of assignments dropped by capacity (token choice) or, for expert choice,
+        the fraction of tokens that no expert picked.
+    router_entropy: mean entropy (nats) of the per-token router distribution.
+    n_tokens: T, the number of tokens routed.
+    """
+
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    load: Tensor | None = None
+    dropped_frac: Tensor | None = None
+    router_entropy: Tensor | None = None
+    n_tokens: int = 0
+
+    @property
+    def total_loss(self) -> Tensor | float:
+        return sum(self.losses.values()) if self.losses else 0.0
+
+
+class MoE(nn.Module):
+    """A Mixture-of-Experts feed-forward layer configured by `MoEConfig`.
+
+    Input x [..., d_model] (the last-but-one dimension is taken as the sequence for the sequence-wise
+    loss); output y of the same shape and dtype, and an `MoEAux`.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared = FeedForward(cfg.d_model, cfg.shared_width, cfg.activation) if cfg.n_shared else None
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        cfg = self.cfg
+        if x.dim() == 0 or x.shape[-1] != cfg.d_model:
+            raise ValueError(
+                f"MoE input has shape {tuple(x.shape)}: its last dimension must equal d_model={cfg.d_model}"
+            )
+        shape = x.shape
+        x_TD = x.reshape(-1, cfg.d_model)
+        T = x_TD.shape[0]
+        if T == 0:
+            return x.clone(), MoEAux(load=x.new_zeros(cfg.n_experts, dtype=torch.float32), n_tokens=0)
+
+        routing = self.router(x_TD)
+        capacity = None
+        if cfg.capacity_factor is not None and cfg.router != "expert_choice":
+            capacity = token_choice_capacity(cfg.capacity_factor, T, cfg.top_k, cfg.n_experts)
+        disp = permute(routing, cfg.n_experts, capacity)
+        out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
+        y_TD = combine(out_AD, disp, T)
+
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            y_TD = y_TD + shared_TD
+        return y_TD.view(shape), self._aux(routing, disp, T, shape)
+
+    def _aux(self, routing, disp, T: int, shape: torch.Size) -> MoEAux:
+        cfg = self.cfg
+        losses: dict[str, Tensor] = {}
+        load = balance.expert_counts(routing.expert_idx, cfg.n_experts)
+        if routing.topk_idx is not None:  # token choice: balance losses apply
+            if cfg.aux_loss_coef > 0:
+                losses["load_balance"] = cfg.aux_loss_coef * balance.switch_loss(routing.probs, routing.expert_idx)
+            if cfg.seq_aux_loss_coef > 0:
+                seq_len = shape[-2] if len(shape) >= 3 else T
+                losses["seq_aux"] = cfg.seq_aux_loss_coef * balance.seq_aux_loss(
+                    routing.probs, routing.topk_idx, seq_len)
+            dropped = disp.n_dropped.float() / routing.expert_idx.numel()
+        else:  # expert choice: a token no expert picked is "dropped"
+            picked = torch.zeros(T, dtype=torch.bool, device=load.device)
+            picked[routing.token_idx] = True
+            dropped = 1.0 - picked.float().mean()
+        if cfg.z_loss_coef > 0:
+            losses["z"] = cfg.z_loss_coef * balance.z_loss(routing.logits)
+        with torch.no_grad():
+            entropy = balance.router_entropy(routing.probs)
+        return MoEAux(losses=losses, load=load, dropped_frac=dropped.detach(), router_entropy=entropy,
+                      n_tokens=T)
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor) -> None:
+        """Auxiliary-loss-free balancing step (call after optimizer.step()); no-op without expert_bias."""
+        if self.cfg.expert_bias:
+            balance.update_expert_bias(self.router.bias, load, self.cfg.bias_update_rate)

@@ -1,0 +1,144 @@
+"""Routers: from token vectors to a list of (token, expert, weight) assignments.
+
+Every router returns the same `Routing`, so dispatch and expert compute never know which one ran
+(docs/ARCHITECTURE.md, "Routing is the seam"). Router math runs in float32 whatever the input dtype
+(float64 inputs keep float64).
+
+Legend: T = tokens, D = model width, E = routed experts, K = experts per token, A = assignments.
+
+Routers
+- "topk_softmax": p = softmax(x·Wᵀ); the top-k of p (optionally of p + bias for selection, optionally
+  group-limited); weights p_i, renormalised over the k when `norm_topk_prob` (Mixtral; Jiang et al.
+  2024) or not (OLMoE, Qwen `norm_topk_prob=False`).
+- "switch": top-1 of the softmax with weight p_i (never renormalised — the router would get no
+  gradient); used with a capacity factor (Switch Transformer, Fedus et al. 2021).
+- "sigmoid": s = sigmoid(x·Wᵀ); selection on s + b (b: per-expert bias, selection only), optionally
+  group-limited (group score = sum of its top-2 biased scores; keep `topk_groups` groups); weights from
+  the unbiased s, renormalised over the k and scaled by `route_scale` (DeepSeek-V3, 2024).
+- "expert_choice": p = softmax(x·Wᵀ) over experts; each expert takes its top-c tokens by p,
+  c = ceil(capacity_factor · T · k / E) (Zhou et al. 2022). A token's experts depend on the *other*
+  tokens in the batch, including later ones, so this router is not causal and is unsuitable for
+  autoregressive decoding; use it for encoders or for study.
+
+Assignment order for token-choice routers is rank-major (all tokens' first choices, then all second
+choices, ...), so that capacity dropping keeps first choices before second ones (GShard, ST-MoE).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.config import MoEConfig
+
+
+@dataclass
+class Routing:
+    """What a router decided for T tokens.
+
+    token_idx [A] long, expert_idx [A] long, weight [A] float32: the assignments.
+    logits [T, E] float32: raw router logits (for the z-loss).
+    probs [T, E] float32: per-token distribution over experts used by the balance losses and the
+        entropy statistic (softmax probabilities; for sigmoid scores, the scores normalised to sum 1).
+    topk_idx [T, K] long or None: each token's chosen experts (token-choice routers only).
+    """
+
+    token_idx: Tensor
+    expert_idx: Tensor
+    weight: Tensor
+    logits: Tensor
+    probs: Tensor
+    topk_idx: Tensor | None
+
+
+def expert_choice_capacity(cfg: MoEConfig, n_tokens: int) -> int:
+    """Tokens per expert for expert choice: c = ceil(cf · T · k / E), at most T."""
+    assert cfg.capacity_factor is not None
+    return min(n_tokens, math.ceil(cfg.capacity_factor * n_tokens * cfg.top_k / cfg.n_experts))
+
+
+def _group_mask(select_TE: Tensor, cfg: MoEConfig, top2_sum: bool) -> Tensor:
+    """Mask out experts outside each token's best `topk_groups` groups (set to -inf)."""
+    T, E = select_TE.shape
+    grouped = select_TE.view(T, cfg.n_groups, E // cfg.n_groups)
+    if top2_sum and grouped.shape[-1] >= 2:
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+    else:
+        group_score = grouped.amax(dim=-1)  # [T, G]
+    keep_groups = group_score.topk(cfg.topk_groups, dim=-1).indices  # [T, topk_groups]
+    keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep_groups, True)
+    return select_TE.masked_fill(~keep.repeat_interleave(E // cfg.n_groups, dim=1), float("-inf"))
+
+
+class Router(nn.Module):
+    """The learned router: weight [E, D] (no bias) and, when `cfg.expert_bias`, a selection bias [E].
+
+    The bias is a buffer updated by `moelab.balance.update_expert_bias`, never by the gradient.
+    """
+
+    def __init__(self, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        self.weight.requires_grad_(not cfg.freeze_router)
+        self.register_buffer("bias", torch.zeros(cfg.n_experts, dtype=torch.float32), persistent=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+        self.bias.zero_()
+
+    def forward(self, x_TD: Tensor) -> Routing:
+        cfg = self.cfg
+        T = x_TD.shape[0]
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32 at least, whatever comes in
+        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        if cfg.router == "expert_choice":
+            return self._expert_choice(logits_TE)
+        if cfg.router == "sigmoid":
+            scores_TE = torch.sigmoid(logits_TE)
+            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        else:
+            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+        # selection: sigmoid scores + bias (DeepSeek-V3); for softmax the bias is added to the logits,
+        # i.e. it scales the probabilities by exp(b) — scale-free, so one rate suits sharp and flat routers
+        select_TE = (scores_TE if cfg.router == "sigmoid" else logits_TE).detach()
+        if cfg.expert_bias:
+            select_TE = select_TE + self.bias.to(select_TE.dtype)
+        if cfg.n_groups > 1:
+            select_TE = _group_mask(select_TE, cfg, top2_sum=cfg.router == "sigmoid")
+        topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if cfg.norm_topk_prob and cfg.router != "switch":
+            weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
+        weight_TK = weight_TK * cfg.route_scale
+        token_idx = torch.arange(T, device=x_TD.device).repeat(cfg.top_k)  # rank-major
+        return Routing(
+            token_idx=token_idx,
+            expert_idx=topk_idx_TK.t().reshape(-1),
+            weight=weight_TK.t().reshape(-1),
+            logits=logits_TE,
+            probs=probs_TE,
+            topk_idx=topk_idx_TK,
+        )
+
+    def _expert_choice(self, logits_TE: Tensor) -> Routing:
+        T, E = logits_TE.shape
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        c = expert_choice_capacity(self.cfg, T)
+        # each expert's top-c tokens; a stable sort breaks ties by token position, on every device
+        weight_TE, token_TE = torch.sort(probs_TE, dim=0, descending=True, stable=True)
+        weight_CE, token_CE = weight_TE[:c], token_TE[:c]
+        expert_idx = torch.arange(E, device=logits_TE.device).repeat_interleave(c)
+        return Routing(
+            token_idx=token_CE.t().reshape(-1),
+            expert_idx=expert_idx,
+            weight=weight_CE.t().reshape(-1) * self.cfg.route_scale,
+            logits=logits_TE,
+            probs=probs_TE,
+            topk_idx=None,
+        )

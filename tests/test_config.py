@@ -1,0 +1,67 @@
+"""Config validation: every bad value raises ValueError naming the field, the value and the range."""
+
+from __future__ import annotations
+
+import pytest
+
+from moelab import ModelConfig, MoEConfig
+
+BAD_MOE = [
+    (dict(top_k=9, n_experts=8), "top_k=9.*n_experts"),
+    (dict(top_k=0), "top_k=0.*>= 1"),
+    (dict(capacity_factor=0.0), "capacity_factor=0.0.*> 0"),
+    (dict(capacity_factor=-1.0), "capacity_factor=-1.0"),
+    (dict(n_experts=8, n_groups=3), "n_groups=3.*divisor of n_experts"),
+    (dict(n_experts=8, n_groups=2, topk_groups=3, router="sigmoid"), "topk_groups=3.*<= n_groups"),
+    (dict(aux_loss_coef=-0.1), "aux_loss_coef=-0.1.*>= 0"),
+    (dict(z_loss_coef=-1), "z_loss_coef=-1"),
+    (dict(seq_aux_loss_coef=-1e-3), "seq_aux_loss_coef"),
+    (dict(bias_update_rate=-1.0), "bias_update_rate"),
+    (dict(router="hash"), "router='hash'.*'topk_softmax'"),
+    (dict(activation="relu"), "activation='relu'.*'swiglu'"),
+    (dict(backend="cuda"), "backend='cuda'"),
+    (dict(router="switch", top_k=2), "top_k=2.*switch"),
+    (dict(router="expert_choice"), "capacity_factor=None.*expert_choice"),
+    (dict(router="expert_choice", capacity_factor=1.0, expert_bias=True), "expert_bias"),
+    (dict(shared_gate=True), "shared_gate"),
+    (dict(d_model=0), "d_model=0"),
+    (dict(n_experts=8, top_k=4, n_groups=4, topk_groups=1, router="sigmoid"), "top_k=4.*topk_groups"),
+]
+
+
+@pytest.mark.parametrize("kwargs,pattern", BAD_MOE)
+def test_bad_moe_config_names_the_field(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        MoEConfig(**kwargs)
+
+
+BAD_MODEL = [
+    (dict(n_heads=3), "n_heads=3"),
+    (dict(n_kv_heads=3), "n_kv_heads=3"),
+    (dict(n_dense_layers=9, n_layers=4), "n_dense_layers=9"),
+    (dict(attention="linear"), "attention='linear'"),
+    (dict(qk_norm="yes"), "qk_norm='yes'"),
+    (dict(moe=MoEConfig(d_model=128)), "moe.d_model=128"),
+    (dict(dropout=1.0), "dropout=1.0"),
+]
+
+
+@pytest.mark.parametrize("kwargs,pattern", BAD_MODEL)
+def test_bad_model_config_names_the_field(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ModelConfig(**kwargs)
+
+
+def test_json_round_trip_and_unknown_fields(tmp_path):
+    cfg = ModelConfig(moe=MoEConfig(n_experts=16, top_k=4, router="sigmoid", n_groups=4, topk_groups=2))
+    cfg.save_json(tmp_path / "c.json")
+    assert ModelConfig.load_json(tmp_path / "c.json") == cfg
+    with pytest.raises(ValueError, match="unknown field.*'n_expert'"):
+        MoEConfig.from_dict({"n_expert": 4})
+
+
+def test_dense_twin_has_the_active_width():
+    cfg = ModelConfig(moe=MoEConfig(d_expert=64, n_experts=8, top_k=2, n_shared=1))
+    twin = cfg.dense_twin()
+    assert twin.moe is None and twin.d_ff == 2 * 64 + 64
+    assert not any(twin.is_moe_layer(i) for i in range(twin.n_layers))

@@ -1,0 +1,187 @@
+"""The MoE layer against the per-token float64 reference in tests/reference.py, forward and backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moelab import MoE, MoEAux, MoEConfig
+from moelab.experts import grouped_mm_available
+from reference import moe_reference
+
+D, F_ = 8, 8  # tiny widths, 16-byte aligned so grouped_mm can run in float32
+
+CONFIGS = {
+    "mixtral": dict(router="topk_softmax", n_experts=4, top_k=2),
+    "olmoe_unnormalised": dict(router="topk_softmax", n_experts=4, top_k=2, norm_topk_prob=False),
+    "switch_capacity": dict(router="switch", n_experts=4, top_k=1, capacity_factor=1.0),
+    "topk_capacity": dict(router="topk_softmax", n_experts=4, top_k=2, capacity_factor=0.5),
+    "deepseek_v3": dict(router="sigmoid", n_experts=8, top_k=2, n_groups=4, topk_groups=2, route_scale=2.5,
+                        expert_bias=True, n_shared=1, seq_aux_loss_coef=1e-3),
+    "softmax_groups": dict(router="topk_softmax", n_experts=8, top_k=3, n_groups=4, topk_groups=2),
+    "expert_choice": dict(router="expert_choice", n_experts=4, top_k=2, capacity_factor=1.0),
+    "qwen2_shared_gate": dict(router="topk_softmax", n_experts=4, top_k=2, n_shared=2, shared_gate=True,
+                              norm_topk_prob=False),
+    "gelu": dict(router="topk_softmax", n_experts=4, top_k=2, activation="gelu"),
+}
+BACKENDS = ["loop", "padded", "grouped_mm"]
+
+
+def make(name: str, backend: str, dtype=torch.float64, seed: int = 0, **over) -> MoE:
+    torch.manual_seed(seed)
+    kw = dict(d_model=D, d_expert=F_, backend=backend) | CONFIGS[name] | over
+    moe = MoE(MoEConfig(**kw)).to(dtype)
+    with torch.no_grad():  # larger weights than the LM init so that outputs and gradients are O(1)
+        for p in moe.parameters():
+            p.normal_(0, 0.5)
+        moe.router.bias.normal_(0, 0.1)
+    return moe
+
+
+def dtype_for(backend: str) -> torch.dtype:
+    if backend == "grouped_mm":
+        if not grouped_mm_available("cpu", torch.float32):
+            pytest.skip("this torch build has no grouped_mm on the CPU")
+        return torch.float32
+    return torch.float64
+
+
+def tol(dtype):
+    return dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_forward_and_backward_match_reference(name, backend):
+    dtype = dtype_for(backend)
+    moe = make(name, backend, dtype)
+    x = torch.randn(2, 5, D, dtype=dtype, requires_grad=True)
+    y, aux = moe(x)
+    assert y.shape == x.shape and y.dtype == dtype
+
+    ref_moe = make(name, "loop", torch.float64)
+    ref_moe.load_state_dict({k: v.double() for k, v in moe.state_dict().items()})
+    x_ref = x.detach().double().requires_grad_()
+    y_ref, assignments = moe_reference(ref_moe, x_ref)
+    torch.testing.assert_close(y.double(), y_ref, **tol(dtype))
+
+    g = torch.randn_like(y_ref)
+    (y.double() * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, **tol(dtype))
+    for (pname, p), p_ref in zip(moe.named_parameters(), ref_moe.parameters()):
+        torch.testing.assert_close(p.grad.double(), p_ref.grad, **tol(dtype), msg=pname)
+
+    # statistics: load counts every routed choice, dropped fraction matches the reference's drops
+    if moe.cfg.router != "expert_choice":
+        T, k = 10, moe.cfg.top_k
+        assert aux.load.sum().item() == T * k
+        assert aux.dropped_frac.item() == pytest.approx(1 - len(assignments) / (T * k))
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "switch_capacity", "expert_choice",
+                                  "qwen2_shared_gate", "gelu"])
+@pytest.mark.parametrize("backend", ["loop", "padded"])
+def test_gradcheck(name, backend):
+    moe = make(name, backend, torch.float64)
+    names = [n for n, _ in moe.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in moe.parameters())
+    x = torch.randn(3, D, dtype=torch.float64, requires_grad=True)
+
+    def f(x, *ps):
+        y, aux = torch.func.functional_call(moe, dict(zip(names, ps)), (x,))
+        return y, aux.total_loss
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lead=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    seq=st.integers(1, 6),
+    n_experts=st.integers(1, 6),
+    data=st.data(),
+)
+def test_property_shapes_and_edge_cases(lead, seq, n_experts, data):
+    """T = 1, E = 1, k = E, experts with no tokens, heavy dropping, any batch/sequence shape."""
+    top_k = data.draw(st.integers(1, n_experts), label="top_k")
+    router = data.draw(st.sampled_from(["topk_softmax", "switch", "sigmoid", "expert_choice"]), label="router")
+    backend = data.draw(st.sampled_from(["loop", "padded"]), label="backend")
+    cf = data.draw(st.sampled_from([None, 0.01, 0.5, 1.0, 2.0]), label="capacity_factor")
+    if router == "switch":
+        top_k = 1
+    if router == "expert_choice" and cf is None:
+        cf = 1.0
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    moe = MoE(MoEConfig(d_model=D, d_expert=F_, n_experts=n_experts, top_k=top_k, router=router,
+                        capacity_factor=cf, backend=backend, n_shared=data.draw(st.integers(0, 1)))).double()
+    x = torch.randn(*lead, seq, D, dtype=torch.float64)
+    y, aux = moe(x)
+    y_ref, assignments = moe_reference(moe, x)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    assert aux.load.shape == (n_experts,)
+
+
+def test_every_assignment_dropped_gives_zero_routed_output():
+    """With the smallest capacity most tokens are dropped; a dropped token's routed output is zero."""
+    moe = make("switch_capacity", "loop", capacity_factor=1e-6)
+    x = torch.randn(40, D, dtype=torch.float64)
+    y, aux = moe(x)
+    _, assignments = moe_reference(moe, x)
+    kept_tokens = {t for t, _, _ in assignments}
+    assert len(kept_tokens) <= moe.cfg.n_experts  # capacity 1 per expert
+    for t in range(40):
+        if t not in kept_tokens:
+            assert torch.all(y[t] == 0)
+    assert aux.dropped_frac.item() == pytest.approx(1 - len(assignments) / 40)
+
+
+def test_wrong_input_width_is_a_clear_error():
+    moe = make("mixtral", "loop")
+    with pytest.raises(ValueError, match="d_model=8"):
+        moe(torch.randn(3, D + 1, dtype=torch.float64))
+
+
+def test_router_math_is_float32_for_bfloat16_input():
+    moe = make("mixtral", "loop", torch.bfloat16)
+    routing = moe.router(torch.randn(5, D, dtype=torch.bfloat16))
+    assert routing.logits.dtype == torch.float32 and routing.weight.dtype == torch.float32
+    y, _ = moe(torch.randn(5, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+
+
+def test_freeze_router_and_losses_off():
+    moe = make("mixtral", "loop", freeze_router=True, aux_loss_coef=0.0, z_loss_coef=0.0)
+    assert not moe.router.weight.requires_grad
+    y, aux = moe(torch.randn(4, D, dtype=torch.float64))
+    assert aux.losses == {} and aux.total_loss == 0.0
+    y.sum().backward()
+    assert moe.router.weight.grad is None and moe.experts.w_in.grad is not None
+
+
+def test_losses_are_returned_separately_and_weighted():
+    weighted = make("deepseek_v3", "loop", aux_loss_coef=0.5, z_loss_coef=0.25, seq_aux_loss_coef=2.0)
+    unit = make("deepseek_v3", "loop", aux_loss_coef=1.0, z_loss_coef=1.0, seq_aux_loss_coef=1.0)
+    unit.load_state_dict(weighted.state_dict())
+    x = torch.randn(2, 6, D, dtype=torch.float64)
+    _, a = weighted(x)
+    _, b = unit(x)
+    assert isinstance(a, MoEAux) and set(a.losses) == {"load_balance", "seq_aux", "z"}
+    for name, coef in {"load_balance": 0.5, "z": 0.25, "seq_aux": 2.0}.items():
+        torch.testing.assert_close(a.losses[name], coef * b.losses[name])
+    torch.testing.assert_close(a.total_loss, sum(a.losses.values()))
+
+
+def test_backends_agree_in_float32_on_a_larger_batch():
+    ref = make("deepseek_v3", "loop", torch.float32)
+    x = torch.randn(64, D)
+    y_ref, _ = ref(x)
+    for backend in ("padded", "grouped_mm", "auto"):
+        if backend == "grouped_mm" and not grouped_mm_available("cpu", torch.float32):
+            continue
+        other = make("deepseek_v3", backend, torch.float32)
+        other.load_state_dict(ref.state_dict())
+        torch.testing.assert_close(other(x)[0], y_ref, atol=1e-5, rtol=1e-5)
