@@ -197,6 +197,8 @@ class ModelConfig(_JsonMixin):
         rope_theta: RoPE base.
         norm_eps: RMSNorm epsilon.
         tie_embeddings: output head shares the input embedding matrix.
+        qkv_bias: biases on the query/key/value projections (Qwen2-MoE has them).
+        activation: activation of the dense FFNs ("swiglu" or "gelu"); MoE experts use moe.activation.
         qk_norm: RMSNorm on queries and keys: "none", "head" (over each head's width, weights
             [head_dim] shared by heads: Qwen3) or "full" (over all heads at once, weights
             [n_heads·head_dim] and [n_kv_heads·head_dim]: OLMoE).
@@ -223,6 +225,8 @@ class ModelConfig(_JsonMixin):
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
+    qkv_bias: bool = False
+    activation: str = "swiglu"
     qk_norm: str = "none"
     d_ff: int = 512
     n_dense_layers: int = 0
@@ -268,7 +272,7 @@ class ModelConfig(_JsonMixin):
                 f"dense_twin: the model mixes dense layers (d_ff={self.d_ff}) with MoE layers of active "
                 f"width {active}; set d_ff={active} or n_dense_layers=0 and moe_every=1 to get a twin"
             )
-        return self.replace(moe=None, d_ff=active, n_dense_layers=0, moe_every=1)
+        return self.replace(moe=None, d_ff=active, n_dense_layers=0, moe_every=1, activation=self.moe.activation)
 
     def validate(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len",
@@ -284,6 +288,7 @@ class ModelConfig(_JsonMixin):
             _fail("n_dense_layers", self.n_dense_layers, f"an integer in [0, n_layers={self.n_layers}]")
         _choice("attention", self.attention, ATTENTIONS)
         _choice("qk_norm", self.qk_norm, QK_NORMS)
+        _choice("activation", self.activation, ACTIVATIONS)
         if self.attention == "mla":
             for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
                 _positive_int(name, getattr(self, name))
