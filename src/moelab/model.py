@@ -1,0 +1,270 @@
+"""The decoder-only MoE language model: RMSNorm, attention (GQA or MLA) with RoPE, dense or MoE FFNs.
+
+Pre-norm blocks  x = x + attn(norm(x));  x = x + ffn(norm(x)),  where ffn is a dense FFN for the first
+`n_dense_layers` (and the non-MoE layers when `moe_every` > 1) and an `MoE` layer elsewhere
+(DeepSeek-V3's `first_k_dense_replace`). Attention is causal `scaled_dot_product_attention` with
+rotary position embeddings (Su et al. 2021, rotate-half convention) and grouped-query heads (Ainslie et
+al. 2023), optional q/k RMSNorm (OLMoE "full", Qwen3 "head"), or DeepSeek-V2/V3 multi-head latent
+attention (MLA). Generation uses a per-layer KV cache (`KVCache`).
+
+Legend: B = batch, S = sequence (new tokens), L = cached + new positions, H = heads, G = kv heads,
+Dh = head width, D = model width, V = vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelab.config import ModelConfig
+from moelab.experts import FeedForward
+from moelab.moe import MoE, MoEAux
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x²) + eps) · w, computed in float32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_len, dim] for the rotate-half convention: angle_(p, i) = p · θ^(−2i/dim)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, dim/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
+    x1, x2 = x_BHSD.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x_BHSD.float() * cos_SD + rotated.float() * sin_SD).to(x_BHSD.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past positions for every layer: k[i] [B, G, L, Dk], v[i] [B, G, L, Dv]."""
+
+    k: list[Tensor | None] = field(default_factory=list)
+    v: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.k or self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        while len(self.k) <= layer:
+            self.k.append(None)
+            self.v.append(None)
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None) -> Tensor:
+    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys."""
+    S, L = q.shape[2], k.shape[2]
+    if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves H/G query heads
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale)
+    mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(S, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE and optional q/k RMSNorm."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_width
+        D = cfg.d_model
+        self.wq = nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.hd, D, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(self.n_heads * self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.n_kv * self.hd, cfg.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        B, S, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.hd).transpose(1, 2)  # [B, H, S, Dh]
+        k = k.view(B, S, self.n_kv, self.hd).transpose(1, 2)  # [B, G, S, Dh]
+        v = v.view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = _attend(q, k, v, start)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2, 2024): keys/values from a compressed latent.
+
+    q = W_qb · norm(W_qa · x) (or W_q · x);  [c_kv | k_rope] = W_kva · x;
+    [k_nope | v] = W_kvb · norm(c_kv) per head; k = [k_nope | rope(k_rope) shared by heads].
+    The cache here holds the decompressed keys and values (simple and exact; the compressed-cache
+    saving is reported by `moelab.accounting`).
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        H, D = cfg.n_heads, cfg.d_model
+        self.H, self.nope, self.rope, self.vd = H, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        qk = self.nope + self.rope
+        if cfg.q_lora_rank is None:
+            self.wq = nn.Linear(D, H * qk, bias=False)
+        else:
+            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.wkv_a = nn.Linear(D, self.kv_rank + self.rope, bias=False)
+        self.kv_a_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
+        self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope + self.vd), bias=False)
+        self.wo = nn.Linear(H * self.vd, D, bias=False)
+        self.scale = qk ** -0.5
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        B, S, _ = x.shape
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_a_norm(self.wq_a(x)))
+        q = q.view(B, S, self.H, self.nope + self.rope).transpose(1, 2)  # [B, H, S, nope+rope]
+        q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
+        c_kv, k_rope = self.wkv_a(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = self.wkv_b(self.kv_a_norm(c_kv)).view(B, S, self.H, self.nope + self.vd).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.vd], dim=-1)
+        k_rope = apply_rope(k_rope.view(B, 1, S, self.rope), cos, sin).expand(B, self.H, S, self.rope)
+        q = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
+        k = torch.cat([k_nope, k_rope], dim=-1)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = _attend(q, k, v, start, scale=self.scale)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; `ffn` is an `MoE` layer or a dense `FeedForward`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = MLAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.ffn = MoE(cfg.moe) if self.is_moe else FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start))
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, aux = self.ffn(h)
+        else:
+            y, aux = self.ffn(h), None
+        return x + self.dropout(y), aux
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, S, V]; loss: mean next-token cross-entropy when targets were given; aux_loss: sum of
+    the MoE layers' weighted auxiliary losses (add it to `loss` to train); aux: one MoEAux per MoE layer."""
+
+    logits: Tensor
+    loss: Tensor | None = None
+    aux_loss: Tensor | float = 0.0
+    aux: list[MoEAux] = field(default_factory=list)
+
+
+class MoETransformer(nn.Module):
+    """Decoder-only LM: input_ids [B, S] → ModelOutput(logits [B, S, V], loss, aux_loss, aux)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_width
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2·n_layers)
+        (GPT-2, Radford et al. 2019); biases zero; norms one."""
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("wo.weight", "w_out.weight", "experts.w_out")):
+                nn.init.normal_(p, std=resid_std)
+            else:
+                nn.init.normal_(p, std=0.02)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
+                start: int | None = None) -> ModelOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+        B, S = input_ids.shape
+        start = (cache.length if cache is not None else 0) if start is None else start
+        if start + S > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + S} positions exceeds the model's max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        x = self.embed(input_ids)
+        auxes: list[MoEAux] = []
+        for block in self.blocks:
+            x, aux = block(x, cos, sin, cache, start)
+            if aux is not None:
+                auxes.append(aux)
+        x = self.norm(x)
+        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        aux_loss = sum((a.total_loss for a in auxes), torch.zeros((), device=x.device))
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux=auxes)
+
+    @torch.no_grad()
+    def update_expert_biases(self, loads: list[Tensor]) -> None:
+        """Auxiliary-loss-free balancing for every MoE layer, after optimizer.step(): `loads[i]` is the
+        per-expert load of MoE layer i observed in that step (summed over micro-batches)."""
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.update_bias(load)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
