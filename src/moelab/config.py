@@ -308,3 +308,115 @@ class ModelConfig(_JsonMixin):
             if self.moe.d_model != self.d_model:
                 _fail("moe.d_model", self.moe.d_model, f"equal to d_model ({self.d_model})")
 
+
+
+@dataclass(frozen=True)
+class TrainConfig(_JsonMixin):
+    """How to train: optimisation, schedule, data and bookkeeping.
+
+    Fields:
+        steps: optimizer steps.
+        batch_size / seq_len: sequences per micro-batch and tokens per sequence.
+        grad_accum: micro-batches per optimizer step (tokens per step = grad_accum·batch_size·seq_len).
+        lr / min_lr_ratio / warmup_steps: linear warm-up to lr, then cosine decay to lr·min_lr_ratio.
+        weight_decay / beta1 / beta2: AdamW (Loshchilov & Hutter 2019); no decay on norms and biases.
+        grad_clip: max global gradient norm (0 = off).
+        eval_every / eval_batches: validation every n steps (and at the end) over this many batches.
+        log_every: one metrics line per this many steps.
+        save_every: checkpoint every n steps (0 = only at the end).
+        seed: seeds the model init and the data sampler.
+        max_corpus_bytes: cap on the default corpus (the Python standard library) size.
+        val_fraction: share of the token stream held out for validation.
+        dtype: "float32" or "bfloat16" (autocast for the forward; weights and optimizer stay float32).
+        threads: torch intra-op threads (0 = torch's default).
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 0
+    seed: int = 0
+    max_corpus_bytes: int = 6_000_000
+    val_fraction: float = 0.05
+    dtype: str = "float32"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every",
+                     "max_corpus_bytes"):
+            _positive_int(name, getattr(self, name))
+        for name in ("warmup_steps", "save_every", "seed", "threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "an integer >= 0")
+        if not self.lr > 0:
+            _fail("lr", self.lr, "a number > 0")
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                _fail(name, getattr(self, name), "a number in [0, 1]")
+        _nonneg_number("weight_decay", self.weight_decay)
+        _nonneg_number("grad_clip", self.grad_clip)
+        if not 0 < self.val_fraction < 0.5:
+            _fail("val_fraction", self.val_fraction, "a number in (0, 0.5)")
+        _choice("dtype", self.dtype, ("float32", "bfloat16"))
+
+
+# Training presets are data: {"model": ModelConfig fields, "moe": MoEConfig fields, "train": TrainConfig fields}.
+# The dense-FFN width d_ff equals the MoE active width (top_k·d_expert) so dense_twin() is well defined.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256, d_ff=256),
+        "moe": dict(d_expert=128, n_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3),
+        "train": dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40, eval_every=100),
+    },
+    "small": {
+        "model": dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=512, d_ff=512),
+        "moe": dict(d_expert=256, n_experts=16, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3),
+        "train": dict(steps=1000, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=100, eval_every=200,
+                      max_corpus_bytes=20_000_000),
+    },
+    "tiny-deepseek": {
+        "model": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256, d_ff=256,
+                      n_dense_layers=1),
+        "moe": dict(d_expert=64, n_experts=16, top_k=3, n_shared=1, router="sigmoid", n_groups=4, topk_groups=2,
+                    expert_bias=True, aux_loss_coef=0.0, seq_aux_loss_coef=1e-4, z_loss_coef=0.0, route_scale=1.0),
+        "train": dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40, eval_every=100),
+    },
+}
+
+
+def preset(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
+    """Configs of a named preset; `overrides` keys are "field" (model/train) or "moe.field"."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown: allowed {', '.join(sorted(PRESETS))}")
+    p = PRESETS[name]
+    model_kw, moe_kw, train_kw = dict(p["model"]), dict(p["moe"]), dict(p["train"])
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    for key, value in overrides.items():
+        if key.startswith("moe.") and key[4:] in moe_fields:
+            moe_kw[key[4:]] = value
+        elif key in model_fields:
+            model_kw[key] = value
+        elif key in train_fields:
+            train_kw[key] = value
+        else:
+            raise ValueError(f"unknown setting {key!r}: allowed model fields {sorted(model_fields)}, "
+                             f"'moe.<field>' for {sorted(moe_fields)}, train fields {sorted(train_fields)}")
+    moe_kw["d_model"] = model_kw.get("d_model", ModelConfig.d_model)
+    model = ModelConfig(**model_kw, moe=MoEConfig(**moe_kw))
+    return model, TrainConfig(**train_kw)
