@@ -1,0 +1,41 @@
+"""Parameter, FLOP and memory accounting for MoE language models — pure Python, no torch.
+
+From a moelab `ModelConfig`, a Hugging Face `config.json` (file, directory or dict) or a shipped
+preset name:
+- `count_params`: total and active parameters per token, with a breakdown (counts.py);
+- `flops_per_token`, `weight_bytes`, `kv_cache_bytes`, `accelerators_needed`, `experts_touched`,
+  `decode_step` / `decode_curve`: what those parameters cost (costs.py).
+
+Modules: spec.py (the `ModelSpec` every number is computed from, and moelab's own layout),
+hf_configs.py (one adapter per Hugging Face `model_type`), presets.py (shipped configs),
+counts.py, costs.py. Rendering lives in `moelab.card`.
+"""
+
+from moelab.accounting.costs import (
+    PRECISIONS,
+    DecodeStep,
+    Flops,
+    MemoryPlan,
+    accelerators_needed,
+    bytes_per_param,
+    decode_curve,
+    decode_step,
+    experts_touched,
+    flops_per_token,
+    kv_cache_bytes,
+    kv_cache_bytes_per_token,
+    serving_params,
+    weight_bytes,
+)
+from moelab.accounting.counts import CATEGORIES, ParamCount, count_params, count_spec, to_spec
+from moelab.accounting.hf_configs import SUPPORTED_MODEL_TYPES, spec_from_dict, spec_from_path
+from moelab.accounting.presets import list_presets, load_preset, published
+from moelab.accounting.spec import ModelSpec, spec_from_model_config
+
+__all__ = [
+    "CATEGORIES", "PRECISIONS", "SUPPORTED_MODEL_TYPES", "DecodeStep", "Flops", "MemoryPlan", "ModelSpec",
+    "ParamCount", "accelerators_needed", "bytes_per_param", "count_params", "count_spec", "decode_curve",
+    "decode_step", "experts_touched", "flops_per_token", "kv_cache_bytes", "kv_cache_bytes_per_token",
+    "list_presets", "load_preset", "published", "serving_params", "spec_from_dict", "spec_from_model_config",
+    "spec_from_path", "to_spec", "weight_bytes",
+]
