@@ -489,6 +489,8 @@ def spec_from_dict(data: dict[str, Any], name: str | None = None, where: str = "
     if not isinstance(data, dict):
         raise ValueError(f"{where}: a config must be a JSON object, got {type(data).__name__}")
     model_type = data.get("model_type")
+    if model_type is None and isinstance(data.get("model"), dict) and "train" in data:
+        data = data["model"]  # a moelab checkpoint's config.json: {"model": ModelConfig, "train": TrainConfig}
     if model_type in (None, "moelab") and ("d_model" in data and "n_layers" in data and "vocab_size" in data):
         fields = {k: v for k, v in data.items() if k != "model_type"}
         return spec_from_model_config(ModelConfig.from_dict(fields), name=name or "moelab")
@@ -503,8 +505,16 @@ def spec_from_dict(data: dict[str, Any], name: str | None = None, where: str = "
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
-    """Read `config.json` (or `<dir>/config.json`) into a dict; ValueError if absent or malformed."""
+    """Read `config.json` (or `<dir>/config.json`) into a dict; ValueError if absent or malformed.
+
+    A moelab run directory (no config.json, but `checkpoints/step_*/config.json`) gives its newest
+    checkpoint's config.
+    """
     file = path / "config.json" if path.is_dir() else path
+    if path.is_dir() and not file.exists():
+        steps = sorted(path.glob("checkpoints/step_*/config.json"))
+        if steps:
+            file = steps[-1]
     if not file.is_file():
         raise ValueError(f"{path}: no config.json found (pass a config.json file or a model directory holding one)")
     try:
