@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -135,3 +137,41 @@ def test_expert_choice_counts_top_k_per_token_on_average():
 def test_moelab_config_dict_is_accepted():
     cfg = CONFIGS["shared_gate_dense_first_untied"]
     assert count_params(cfg.to_dict()).total == count_params(cfg).total
+
+
+@st.composite
+def model_configs(draw) -> ModelConfig:
+    """Small valid ModelConfigs over every layout switch the counter knows about."""
+    d = draw(st.sampled_from([16, 24, 32]))
+    n_heads = draw(st.sampled_from([2, 4]))
+    n_layers = draw(st.integers(1, 4))
+    attention = draw(st.sampled_from(["gqa", "mla"]))
+    moe_cfg = None
+    if draw(st.booleans()):
+        n_experts = draw(st.integers(1, 6))
+        n_shared = draw(st.integers(0, 2))
+        moe_cfg = MoEConfig(d_model=d, d_expert=draw(st.sampled_from([8, 12])), n_experts=n_experts,
+                            top_k=draw(st.integers(1, n_experts)), n_shared=n_shared,
+                            d_shared=draw(st.sampled_from([None, 4])),
+                            shared_gate=n_shared > 0 and draw(st.booleans()),
+                            activation=draw(st.sampled_from(["swiglu", "gelu"])))
+    return ModelConfig(
+        vocab_size=draw(st.integers(5, 50)), d_model=d, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=draw(st.sampled_from([1, n_heads])), head_dim=draw(st.sampled_from([None, 6])),
+        tie_embeddings=draw(st.booleans()), qkv_bias=draw(st.booleans()),
+        activation=draw(st.sampled_from(["swiglu", "gelu"])),
+        qk_norm=draw(st.sampled_from(["none", "head", "full"])), d_ff=draw(st.sampled_from([8, 20])),
+        n_dense_layers=draw(st.integers(0, n_layers)), moe_every=draw(st.integers(1, 2)), moe=moe_cfg,
+        attention=attention, q_lora_rank=draw(st.sampled_from([None, 8])), kv_lora_rank=8,
+        qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=draw(st.sampled_from([4, 6])))
+
+
+@settings(max_examples=40, deadline=None)
+@given(model_configs())
+def test_random_configs_total_and_active(cfg):
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    c = count_params(cfg)
+    assert c.total == sum(p.numel() for p in model.parameters())
+    touched, by_hook, _ = touched_by_one_token(model, token=cfg.vocab_size - 1)
+    assert c.active == touched
