@@ -7,7 +7,8 @@ preset name:
   `decode_step` / `decode_curve`: what those parameters cost (costs.py).
 
 Modules: spec.py (the `ModelSpec` every number is computed from, and moelab's own layout),
-hf_configs.py (one adapter per Hugging Face `model_type`), presets.py (shipped configs),
+hf_configs.py (one adapter per Hugging Face `model_type`), hf_fields.py (typed reading of a
+config.json, errors that name the field), presets.py (shipped configs),
 counts.py, costs.py. Rendering lives in `moelab.card`.
 """
 

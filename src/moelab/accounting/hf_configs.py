@@ -4,123 +4,28 @@ Each adapter mirrors the module layout of the matching `transformers` model clas
 that class from a tiny config and compare `sum(p.numel())`), so a count here is what loading the
 checkpoint with `transformers` would hold.
 
-Fields: sizes (widths, layer/head/expert counts) are required — a missing one raises ValueError
-naming it. Flags that `transformers` documents with a default (e.g. `tie_word_embeddings=False`,
-`attention_bias=False`) take that default when absent; each adapter lists them in its `defaults`
-and the ModelSpec notes which were used. Where `transformers` derives a field from others when it is
-absent (`num_key_value_heads` → `num_attention_heads` for Llama, `head_dim` → hidden / heads), so do
-we, and say so in the notes.
+Fields (read through `hf_fields.Fields`): sizes (widths, layer/head/expert counts) are required — a
+missing one raises ValueError naming it. Flags that `transformers` documents with a default (e.g.
+`tie_word_embeddings=False`, `attention_bias=False`) take that default when absent, written at the
+call site (`f.bool("attention_bias", False)`), and the ModelSpec notes which were used. Where
+`transformers` derives a field from others when it is absent (`num_key_value_heads` →
+`num_attention_heads` for Llama, `head_dim` → hidden // heads), so do we, and say so in the notes.
+A field whose null has a meaning (DeepSeek's `q_lora_rank`) must be present.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moelab.accounting.hf_fields import REQUIRED, Fields, read_config_json, sub_fields
 from moelab.accounting.spec import AttentionSpec, Experts, FFNSpec, LayerSpec, ModelSpec, swiglu_params
 from moelab.config import ModelConfig
 
-_MISSING = object()
-
-# Alternative spellings transformers accepts for a field (its config classes' `attribute_map`):
-# model_type -> {the name we read: other names that mean the same}.
-ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
-    "mixtral": {"num_local_experts": ("num_experts",)},
-    "qwen3_moe": {"num_experts": ("num_local_experts",)},
-    "olmoe": {"num_experts": ("num_local_experts",)},
-    "gpt_oss": {"num_local_experts": ("num_experts",), "num_experts_per_tok": ("experts_per_token",)},
-    "deepseek_v2": {"n_routed_experts": ("num_experts",)},
-    "deepseek_v3": {"n_routed_experts": ("num_local_experts",), "num_nextn_predict_layers": ("num_mtp_layers",)},
-    "kimi_k2": {"n_routed_experts": ("num_local_experts",), "num_nextn_predict_layers": ("num_mtp_layers",)},
-    "glm4_moe": {"n_routed_experts": ("num_local_experts",), "num_nextn_predict_layers": ("num_mtp_layers",)},
-    "jetmoe": {"kv_channels": ("head_dim",)},
-    "dbrx": {"n_heads": ("num_attention_heads",), "d_model": ("hidden_size",), "n_layers": ("num_hidden_layers",)},
-}
-
-
-class Fields:
-    """Typed, explicit access to a config dict; every failure is a ValueError naming the field."""
-
-    def __init__(self, data: dict[str, Any], where: str, model_type: str):
-        self.data, self.where, self.model_type = data, where, model_type
-        self.defaults_used: list[str] = []
-
-    def _err(self, msg: str) -> ValueError:
-        return ValueError(f"{self.where} (model_type {self.model_type!r}): {msg}")
-
-    def _get(self, name: str, default: Any) -> tuple[Any, bool]:
-        for key in (name, *ALIASES.get(self.model_type, {}).get(name, ())):
-            if key in self.data:
-                return self.data[key], False
-        if default is _MISSING:
-            raise self._err(f"required field {name!r} is missing")
-        self.defaults_used.append(f"{name}={default!r}")
-        return default, True
-
-    def int(self, name: str, default: Any = _MISSING, minimum: int = 1) -> int:
-        value, _ = self._get(name, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise self._err(f"field {name!r}={value!r} is invalid: allowed an integer >= {minimum}")
-        return value
-
-    def opt_int(self, name: str, default: Any = _MISSING, minimum: int = 1) -> int | None:
-        """An integer or null (null is meaningful, e.g. q_lora_rank=null: full-rank queries)."""
-        value, _ = self._get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            raise self._err(f"field {name!r}={value!r} is invalid: allowed null or an integer >= {minimum}")
-        return value
-
-    def bool(self, name: str, default: Any = _MISSING) -> bool:
-        value, _ = self._get(name, default)
-        if not isinstance(value, bool):
-            raise self._err(f"field {name!r}={value!r} is invalid: allowed true or false")
-        return value
-
-    def int_list(self, name: str, default: Any = _MISSING) -> list[int]:
-        value, _ = self._get(name, default)
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise self._err(f"field {name!r}={value!r} is invalid: allowed a list of integers")
-        return value
-
-    def str_list(self, name: str, length: int, allowed: tuple[str, ...]) -> list[str] | None:
-        """An optional list of per-layer strings (e.g. `layer_types`); None when absent or null."""
-        value = self.data.get(name)
-        if value is None:
-            return None
-        if not isinstance(value, list) or len(value) != length or not all(v in allowed for v in value):
-            raise self._err(f"field {name!r} is invalid: allowed a list of {length} values from {list(allowed)}")
-        return value
-
-    def head_dim(self, hidden: int, heads: int, *, falsy_means_absent: bool = False) -> int:
-        """`head_dim` if present, else hidden_size // num_attention_heads (transformers' rule)."""
-        value = self.data.get("head_dim")
-        if value is None or (falsy_means_absent and not value):
-            if hidden % heads:
-                raise self._err(f"head_dim is absent and hidden_size={hidden} is not divisible by "
-                                f"num_attention_heads={heads}")
-            self.defaults_used.append(f"head_dim=hidden_size//num_attention_heads={hidden // heads}")
-            return hidden // heads
-        return self.int("head_dim")
-
-    def kv_heads_or_mha(self, heads: int) -> int:
-        """`num_key_value_heads`, or num_attention_heads when absent/null (transformers' documented rule)."""
-        if self.data.get("num_key_value_heads") is None:
-            self.defaults_used.append(f"num_key_value_heads=num_attention_heads={heads}")
-            return heads
-        return self.int("num_key_value_heads")
-
-    def notes(self) -> tuple[str, ...]:
-        if not self.defaults_used:
-            return ()
-        return ("transformers defaults used for absent fields: " + ", ".join(self.defaults_used),)
-
-
 # -- building blocks ---------------------------------------------------------------------------------
+
 
 def gqa(d: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool = False, o_bias: bool = False,
         qk_norm: str = "none", sinks: bool = False, window: int | None = None) -> AttentionSpec:
@@ -184,7 +89,7 @@ def _spec(f: Fields, name: str, d: int, layers: list[LayerSpec], *, tie_default:
     vocab, emb, head, tied = _embeddings(f, d, tie_default=tie_default, head_bias=head_bias)
     return ModelSpec(name=name, model_type=f.model_type, vocab_size=vocab, d_model=d, input_embedding=emb,
                      output_head=head, tied=tied, final_norm=d if final_norm is None else final_norm,
-                     layers=tuple(layers), notes=f.notes() + tuple(extra.pop("notes", ())), **extra)
+                     layers=tuple(layers), notes=f.notes(), **extra)
 
 
 # -- adapters ----------------------------------------------------------------------------------------
@@ -312,7 +217,7 @@ def _deepseek(f: Fields, name: str) -> ModelSpec:
     ff, f_e = f.int("intermediate_size"), f.int("moe_intermediate_size")
     n_e, k = f.int("n_routed_experts"), f.int("num_experts_per_tok")
     n_shared = f.opt_int("n_shared_experts", minimum=0) or 0
-    first_dense = f.int("first_k_dense_replace", 0 if v2 else _MISSING, minimum=0)
+    first_dense = f.int("first_k_dense_replace", 0 if v2 else REQUIRED, minimum=0)
     freq = f.int("moe_layer_freq", 1)
     bias = f.bool("attention_bias", False)
     mlp_bias = f.bool("mlp_bias", False) if v2 else False
@@ -353,25 +258,17 @@ def _glm4_moe(f: Fields, name: str) -> ModelSpec:
 def _dbrx(f: Fields, name: str) -> ModelSpec:
     """DBRX: fused Wqkv, bias-free LayerNorms, 16 experts top-4 (fine-grained, Databricks 2024)."""
     d, n_layers, heads = f.int("d_model"), f.int("n_layers"), f.int("n_heads")
-    attn = _sub(f, "attn_config")
-    ffn = _sub(f, "ffn_config")
+    attn = sub_fields(f, "attn_config")
+    ffn = sub_fields(f, "ffn_config")
     kv = attn.int("kv_n_heads")
     if d % heads:
-        raise f._err(f"d_model={d} is not divisible by n_heads={heads}")
+        raise f.error(f"d_model={d} is not divisible by n_heads={heads}")
     hd = d // heads
     f_e, n_e, k = ffn.int("ffn_hidden_size"), ffn.int("moe_num_experts"), ffn.int("moe_top_k")
     experts = Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d)
     layers = [LayerSpec(gqa(d, heads, kv, hd), FFNSpec(experts=experts), 2 * d) for _ in range(n_layers)]
     f.defaults_used += attn.defaults_used + ffn.defaults_used
     return _spec(f, name, d, layers, tie_default=False)
-
-
-def _sub(f: Fields, key: str) -> Fields:
-    value = f.data.get(key)
-    if not isinstance(value, dict):
-        raise f._err(f"field {key!r} is {'missing' if value is None else 'not an object'}; it must hold "
-                     "the sub-configuration")
-    return Fields(value, f"{f.where}[{key}]", f.model_type)
 
 
 def _gpt_oss(f: Fields, name: str) -> ModelSpec:
@@ -396,8 +293,8 @@ def _llama4(f: Fields, name: str) -> ModelSpec:
     for the multimodal `llama4` config — a vision encoder counted apart (`vision`)."""
     vision = 0
     if f.model_type == "llama4":
-        vision_fields = _sub(f, "vision_config")
-        text = _sub(f, "text_config")
+        vision_fields = sub_fields(f, "vision_config")
+        text = sub_fields(f, "text_config")
         d = text.int("hidden_size")
         vision = _llama4_vision(vision_fields, d)
         spec = _llama4_text(text, name)
@@ -422,7 +319,7 @@ def _llama4_text(f: Fields, name: str) -> ModelSpec:
         interval = f.int("no_rope_layer_interval", 4)
         no_rope = [int((i + 1) % interval != 0) for i in range(n_layers)]
     elif len(f.int_list("no_rope_layers")) != n_layers:
-        raise f._err(f"field 'no_rope_layers' must list num_hidden_layers={n_layers} values")
+        raise f.error(f"field 'no_rope_layers' must list num_hidden_layers={n_layers} values")
     chunk = f.opt_int("attention_chunk_size", 8192)
     windows = _windows(f, n_layers, lambda i: "chunked_attention" if no_rope[i] else "full_attention", chunk)
     moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d),
@@ -502,30 +399,6 @@ def spec_from_dict(data: dict[str, Any], name: str | None = None, where: str = "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     label = name or data.get("_name_or_path") or model_type
     return ADAPTERS[model_type](Fields(data, where, model_type), str(label))
-
-
-def read_config_json(path: Path) -> dict[str, Any]:
-    """Read `config.json` (or `<dir>/config.json`) into a dict; ValueError if absent or malformed.
-
-    A moelab run directory (no config.json, but `checkpoints/step_*/config.json`) gives its newest
-    checkpoint's config.
-    """
-    file = path / "config.json" if path.is_dir() else path
-    if path.is_dir() and not file.exists():
-        steps = sorted(path.glob("checkpoints/step_*/config.json"))
-        if steps:
-            file = steps[-1]
-    if not file.is_file():
-        raise ValueError(f"{path}: no config.json found (pass a config.json file or a model directory holding one)")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: cannot be read ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: a config must be a JSON object, got {type(data).__name__}")
-    return data
 
 
 def spec_from_path(path: str | Path) -> ModelSpec:
