@@ -87,6 +87,9 @@ def test_run_options_change_the_costs(capsys):
     r = json.loads(capsys.readouterr().out)[0]
     c = r["costs"]
     assert c["weight_bytes"] == r["total_params"]  # 1 byte per parameter
+    assert c["weight_bytes_by_precision"] == pytest.approx(
+        {"fp32": 4 * r["total_params"], "bf16": 2 * r["total_params"], "fp8": r["total_params"],
+         "int4": (0.5 + 2 / 128) * r["total_params"]})
     assert c["kv_cache_bytes"] == 32 * 8192 * 61 * 576 * 2
     assert c["accelerators_needed"] == -(-(c["weight_bytes"] + c["kv_cache_bytes"]) // 141e9)
     assert c["bandwidth_bytes_per_s"] == pytest.approx(c["accelerators_needed"] * 4.8e12)

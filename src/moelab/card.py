@@ -34,6 +34,7 @@ from moelab.accounting import (
     kv_cache_bytes_per_token,
     serving_params,
     to_spec,
+    weight_bytes,
 )
 from moelab.accounting import presets as _presets
 
@@ -121,6 +122,8 @@ def card_report(source: Any, settings: CardSettings = CardSettings()) -> dict[st
         "flops_per_token_forward": flops.forward, "flops_per_token_matmul": flops.matmul,
         "flops_per_token_attention": flops.attention, "flops_per_token_training": flops.training,
         "serving_params": serving_params(spec), "weight_bytes": plan.weight_bytes,
+        "weight_bytes_by_precision": {p: weight_bytes(serving_params(spec), p)
+                                      for p in ("fp32", "bf16", "fp8", "int4")},
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(spec, kv_bytes), "kv_cache_bytes": plan.kv_bytes,
         "accelerator_memory_bytes": memory, "accelerators_needed": plan.accelerators,
         "decode_accelerators": n_acc, "bandwidth_bytes_per_s": bandwidth,
@@ -200,7 +203,9 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         (f"forward FLOPs/token @ {c0['context']} ctx", col(lambda r: fmt_flops(r["costs"]["flops_per_token_forward"]))),
         ("  of which attention", col(lambda r: fmt_flops(r["costs"]["flops_per_token_attention"]))),
         ("training FLOPs/token (3x)", col(lambda r: fmt_flops(r["costs"]["flops_per_token_training"]))),
-        (f"weights @ {c0['precision']}", col(lambda r: fmt_bytes(r["costs"]["weight_bytes"]))),
+        ("weights fp32 / bf16 / fp8 / int4",
+         col(lambda r: " / ".join(fmt_bytes(b) for b in r["costs"]["weight_bytes_by_precision"].values()))),
+        (f"weights @ {c0['precision']} (used below)", col(lambda r: fmt_bytes(r["costs"]["weight_bytes"]))),
         (f"KV cache per token @ {c0['kv_precision']}",
          col(lambda r: fmt_bytes(r["costs"]["kv_cache_bytes_per_token"]))),
         (f"KV cache, batch {c0['batch']} x {c0['context']}", col(lambda r: fmt_bytes(r["costs"]["kv_cache_bytes"]))),
