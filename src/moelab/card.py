@@ -242,7 +242,8 @@ def _decode_cell(r: dict[str, Any], batch: int) -> str:
 
 def plot_decode(reports: list[dict[str, Any]], path: str | Path) -> Path:
     """PNG of, against batch size: experts touched per MoE layer (share of E) and the decode tokens/s
-    bound — one line per model. Uses matplotlib's Agg canvas (no display, no pyplot state)."""
+    bound — one line per model, each on the accelerators its weights + KV need (or `--accelerators`);
+    x marks batches whose KV cache no longer fits. Uses matplotlib's Agg canvas (no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -256,12 +257,17 @@ def plot_decode(reports: list[dict[str, Any]], path: str | Path) -> Path:
         if n:
             ax_e.plot(batches, [100 * s["experts_touched_per_layer"] / n for s in steps], marker="o", ms=3,
                       label=f"{r['name']} (E={n})")
-        ax_t.plot(batches, [s["tokens_per_s_bound"] for s in steps], marker="o", ms=3, label=r["name"])
+        tps = [s["tokens_per_s_bound"] for s in steps]
+        (line,) = ax_t.plot(batches, tps, marker="o", ms=3,
+                            label=f"{r['name']} ({r['costs']['decode_accelerators']} accelerators)")
+        spill = [(b, t) for b, t, s in zip(batches, tps, steps) if not s["fits"]]
+        if spill:  # KV cache no longer fits next to the weights at these batches
+            ax_t.plot(*zip(*spill), "x", color=line.get_color(), ms=7)
     c = reports[0]["costs"]
     ax_e.set(xscale="log", xlabel="batch size B (tokens per decode step)", ylabel="experts touched per layer (% of E)",
              title="E·(1-(1-k/E)^B), uniform routing", ylim=(0, 105))
     ax_t.set(xscale="log", yscale="log", xlabel="batch size B", ylabel="tokens/s (upper bound)",
-             title=f"decode bound: {c['precision']} weights, context {c['context']}")
+             title=f"decode bound, {c['precision']}, context {c['context']} (x: KV won't fit)")
     for ax in (ax_e, ax_t):
         ax.set_xscale("log", base=2)
         ax.grid(True, which="both", alpha=0.3)
