@@ -1,7 +1,7 @@
 """Experts: stacked expert weights, their activation, and the grouped compute backends.
 
 Legend: A = assignments (rows, already in expert order), D = model width, F = expert hidden width,
-E = experts, H = width of the first projection (2F for SwiGLU: gate then up; F for GELU).
+E = experts, H = width of the first projection (2F for SwiGLU: gate then up; F for GELU), T = tokens.
 
 An expert is an FFN: SwiGLU  out = (silu(x·W_gate) ⊙ x·W_up)·W_down  (Shazeer 2020), or
 GELU  out = gelu(x·W_up)·W_down. All experts live in two stacked tensors, `w_in` [E, D, H] and
@@ -13,7 +13,14 @@ GELU  out = gelu(x·W_up)·W_down. All experts live in two stacked tensors, `w_i
 - "padded": scatter rows into an [E, C_max, D] buffer and run two `bmm`s (good when loads are even).
 - "grouped_mm": `torch.nn.functional.grouped_mm` with a hand-written backward (`_GroupedMM`):
   dX = grouped_mm(dY, Wᵀ), dW = grouped_mm(Xᵀ, dY). Used when the torch build and the shapes allow it.
-- "auto": grouped_mm where available, else loop.
+  These three take the gathered rows [A, D] and return unweighted outputs [A, D]; the MoE layer then
+  weights and combines them (`moelab.dispatch.combine`).
+- "auto": on the CPU, the fused routed path (`routed_ffn`, `_RoutedFFN`): for each expert's segment,
+  gather its tokens, run the FFN with the routing weight folded into the activation, and scatter-add
+  into y [T, D], with a hand-written backward. No [A, D]-sized tensor is ever materialised (every
+  temporary is one expert's size, so it stays in cache and off the page-fault path), and the matmuls
+  go through oneDNN where the build has it (`matmul_fn`). Elsewhere (and for `grouped_ffn` callers):
+  grouped_mm where available, else loop.
 """
 
 from __future__ import annotations
@@ -149,6 +156,151 @@ def grouped_ffn(x_AD: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor, activ
     return _BACKENDS[resolve_backend(backend, x_AD, w_in, w_out)](x_AD, counts, w_in, w_out, activation)
 
 
+# --------------------------------------------------------------------------------------------------
+# The fused routed path: gather → expert FFN → weight → scatter-add, one expert segment at a time.
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def onednn_matmul_available(dtype: torch.dtype) -> bool:
+    """Whether `torch.ops.mkldnn._linear_pointwise` (oneDNN's inner product) runs in `dtype` on the CPU
+    and agrees with `torch.mm`: detected, not assumed (it is an internal op of torch's CPU build)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        a = torch.arange(12, dtype=dtype).view(3, 4) / 8
+        b = torch.arange(20, dtype=dtype).view(4, 5) / 8
+        out = op(a, b.t(), None, "none", [], "")
+        return bool(torch.equal(out, torch.mm(a, b)))
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def _mm_onednn(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b through oneDNN (it computes x · Wᵀ, so b is passed transposed; views, no copies)."""
+    return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+
+
+def matmul_fn(device_type: str, dtype: torch.dtype):
+    """The fastest plain `a @ b` for 2-D operands here: oneDNN on the CPU in float32/bfloat16 (in float32
+    torch's `mm` takes a BLAS path that reaches under half of oneDNN's rate on AMD EPYC, see
+    docs/BENCHMARKS.md), else `torch.mm`."""
+    if device_type == "cpu" and onednn_matmul_available(dtype):
+        return _mm_onednn
+    return torch.mm
+
+
+def _act_forward(h_nH: Tensor, activation: str) -> Tensor:
+    """The unweighted activation a [n, F] from h [n, H]."""
+    if activation == "swiglu":
+        gate, up = h_nH.chunk(2, dim=-1)
+        return F.silu(gate).mul_(up)
+    return F.gelu(h_nH)
+
+
+class _RoutedFFN(torch.autograd.Function):
+    """y[t] = Σ_{a : token(a) = t} w_a · FFN_{e(a)}(x[t]) over assignments sorted by expert.
+
+    Expert e owns rows [start_e, start_e + sizes[e]) of `token_idx`/`weight_A`. For each non-empty
+    expert: gather its tokens, h = x·W_in, a = act(h), z = w·a (the routing weight folded into the
+    activation — the same product as weighting the output, on a narrower tensor), y += z·W_out
+    (index_add). Every temporary is the size of one expert's segment, so nothing A × D wide is
+    materialised (fresh large tensors cost page faults on every call on the CPU).
+
+    Backward, per expert, with dy_e = dy[tokens] and a recomputed from the saved h:
+        dz = dy_e·W_outᵀ, dW_out = zᵀ·dy_e, dw = Σ_f dz ⊙ a, da = w·dz, dh = act'(h)·da,
+        dx[tokens] += dh·W_inᵀ, dW_in = x_eᵀ·dh.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD: Tensor, weight_A: Tensor, w_in: Tensor, w_out: Tensor, token_idx: Tensor,
+                sizes: list[int], activation: str) -> Tensor:
+        mm = matmul_fn(x_TD.device.type, x_TD.dtype)
+        y_TD = x_TD.new_zeros(x_TD.shape)
+        h_saved: list[Tensor] = []
+        start = 0
+        for n, w_in_e, w_out_e in zip(sizes, w_in.unbind(0), w_out.unbind(0)):
+            if n:
+                idx = token_idx[start:start + n]
+                h = mm(x_TD.index_select(0, idx), w_in_e)  # [n, H]
+                z = _act_forward(h, activation).mul_(weight_A[start:start + n, None])  # [n, F]
+                y_TD.index_add_(0, idx, mm(z, w_out_e))
+                h_saved.append(h)
+            start += n
+        ctx.save_for_backward(x_TD, weight_A, w_in, w_out, token_idx, *h_saved)
+        ctx.sizes, ctx.activation = sizes, activation
+        return y_TD
+
+    @staticmethod
+    def backward(ctx, dy_TD: Tensor):
+        x_TD, weight_A, w_in, w_out, token_idx, *h_saved = ctx.saved_tensors
+        sizes, activation = ctx.sizes, ctx.activation
+        need_x, need_w, need_win, need_wout = ctx.needs_input_grad[:4]
+        mm = matmul_fn(dy_TD.device.type, dy_TD.dtype)
+        dy_TD = dy_TD.contiguous()
+        dx_TD = torch.zeros_like(x_TD) if need_x else None
+        dw_A = torch.zeros_like(weight_A) if need_w else None
+        dw_in = torch.empty_like(w_in) if need_win else None
+        dw_out = torch.empty_like(w_out) if need_wout else None
+        F_ = w_out.shape[1]
+        start, i = 0, 0
+        for e, (n, w_in_e, w_out_e) in enumerate(zip(sizes, w_in.unbind(0), w_out.unbind(0))):
+            if not n:
+                if need_win:
+                    dw_in[e].zero_()
+                if need_wout:
+                    dw_out[e].zero_()
+                continue
+            idx = token_idx[start:start + n]
+            w = weight_A[start:start + n, None]
+            h = h_saved[i]
+            dy = dy_TD.index_select(0, idx)  # [n, D]
+            dz = mm(dy, w_out_e.t())  # [n, F]
+            if activation == "swiglu":
+                gate, up = h[:, :F_], h[:, F_:]
+                s = F.silu(gate)
+                a = s * up
+            else:
+                a = F.gelu(h)
+            if need_w:
+                dw_A[start:start + n] = torch.linalg.vecdot(dz, a)
+            if need_wout:
+                dw_out[e].copy_(mm(a.mul_(w).t(), dy))  # a becomes z = w·a
+            if need_x or need_win:
+                da = dz.mul_(w)
+                if activation == "swiglu":
+                    dh = torch.empty_like(h)
+                    torch.mul(da, s, out=dh[:, F_:])
+                    torch.ops.aten.silu_backward(da.mul_(up), gate, grad_input=dh[:, :F_])
+                else:
+                    dh = torch.ops.aten.gelu_backward(da, h)
+                if need_x:
+                    dx_TD.index_add_(0, idx, mm(dh, w_in_e.t()))
+                if need_win:
+                    dw_in[e].copy_(mm(x_TD.index_select(0, idx).t(), dh))
+            start += n
+            i += 1
+        return dx_TD, dw_A, dw_in, dw_out, None, None, None
+
+
+def routed_ffn(x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor,
+               activation: str) -> Tensor:
+    """The fused routed path: y [T, D] = Σ over assignments of weight · expert FFN(x[token]).
+
+    token_idx [A], weight_A [A] and counts [E] are in expert order (`moelab.dispatch.permute`);
+    weight_A is cast to x's dtype, as the unfused combine does.
+    """
+    sizes = counts.tolist()  # segment sizes on the host; on the CPU this is a read, not a device sync
+    return _RoutedFFN.apply(x_TD, weight_A.to(x_TD.dtype), w_in, w_out, token_idx, sizes, activation)
+
+
+def fused_path_usable(backend: str, x_TD: Tensor) -> bool:
+    """Whether the MoE layer takes the fused routed path: backend "auto" on the CPU (elsewhere the
+    host-side segment sizes would cost a device sync per layer, so "auto" keeps grouped_mm there)."""
+    return backend == "auto" and x_TD.device.type == "cpu"
+
+
 class Experts(nn.Module):
     """E routed experts as stacked weights: w_in [E, D, H], w_out [E, F, D]."""
 
@@ -163,4 +315,9 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_out, std=0.02)
 
     def forward(self, x_AD: Tensor, counts: Tensor) -> Tensor:
+        """Rows already in expert order → expert outputs [A, D] (unweighted)."""
         return grouped_ffn(x_AD, counts, self.w_in, self.w_out, self.activation, self.backend)
+
+    def routed(self, x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor) -> Tensor:
+        """Tokens [T, D] and expert-ordered assignments → the weighted, combined output y [T, D]."""
+        return routed_ffn(x_TD, token_idx, weight_A, counts, self.w_in, self.w_out, self.activation)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moelab import balance
 from moelab.config import MoEConfig
 from moelab.dispatch import combine, permute, token_choice_capacity
-from moelab.experts import Experts, FeedForward
+from moelab.experts import Experts, FeedForward, fused_path_usable
 from moelab.routing import Router
 
 
@@ -83,8 +83,11 @@ class MoE(nn.Module):
         if cfg.capacity_factor is not None and cfg.router != "expert_choice":
             capacity = token_choice_capacity(cfg.capacity_factor, T, cfg.top_k, cfg.n_experts)
         disp = permute(routing, cfg.n_experts, capacity)
-        out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
-        y_TD = combine(out_AD, disp, T)
+        if fused_path_usable(cfg.backend, x_TD):  # gather, experts, weight and combine in one pass
+            y_TD = self.experts.routed(x_TD, disp.token_idx, disp.weight, disp.counts)
+        else:
+            out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
+            y_TD = combine(out_AD, disp, T)
 
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
