@@ -7,6 +7,7 @@ import torch
 
 from moelab.experts import (
     _GroupedMM,
+    _padded_rows,
     fused_path_usable,
     grouped_ffn,
     grouped_mm_available,
@@ -133,6 +134,23 @@ def test_routed_ffn_matches_reference(dtype, tol, counts, activation):
         torch.testing.assert_close(t.grad.double(), expected, **tol)
     assert t.grad.dtype == t.dtype
     assert torch.all(w_in.grad[counts_t == 0] == 0) and torch.all(w_out.grad[counts_t == 0] == 0)
+
+
+@pytest.mark.parametrize("dtype,tol", ROUTED_DTYPES[:2])
+def test_routed_ffn_pads_row_counts_exactly(dtype, tol):
+    """Counts above 16 are padded to a bucket with weight-0 copies of the last token; nothing changes."""
+    counts = [33, 0, 70, 1, 17]  # 33 -> 34 and 70 -> 72 rows
+    assert [_padded_rows(n) for n in counts] == [34, 0, 72, 1, 17]
+    x, token_idx, weight, counts_t, w_in, w_out = routed_case(counts, "swiglu", dtype, T=80, D=16, F_=16)
+    y = routed_ffn(x, token_idx, weight, counts_t, w_in, w_out, "swiglu")
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, w_in, w_out)]
+    y_ref = routed_reference(leaves[0], token_idx, leaves[1], counts_t, leaves[2], leaves[3], "swiglu")
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    g = torch.randn_like(y_ref)
+    (y.double() * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for t, ref in zip((x, weight, w_in, w_out), leaves):
+        torch.testing.assert_close(t.grad.double(), ref.grad, **tol)
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])

@@ -182,13 +182,29 @@ def _mm_onednn(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
 
 
-def matmul_fn(device_type: str, dtype: torch.dtype):
-    """The fastest plain `a @ b` for 2-D operands here: oneDNN on the CPU in float32/bfloat16 (in float32
-    torch's `mm` takes a BLAS path that reaches under half of oneDNN's rate on AMD EPYC, see
-    docs/BENCHMARKS.md), else `torch.mm`."""
-    if device_type == "cpu" and onednn_matmul_available(dtype):
+def matmul_fn(device_type: str, dtype: torch.dtype, rows: int = 2):
+    """The fastest plain `a @ b` here for 2-D operands with `rows` rows: in float32 on the CPU, oneDNN's
+    inner product (torch's float32 `mm` takes a BLAS path that reaches under half of oneDNN's rate on
+    this AMD EPYC: measured 1.7-2.2x faster at the expert shapes from 4 rows up), except for a single
+    row, where the BLAS matrix-vector product is faster (0.09 vs 0.12 ms for 1024 x 1024); else
+    `torch.mm` (which in bfloat16 already runs oneDNN's matmul)."""
+    if device_type == "cpu" and dtype == torch.float32 and rows > 1 and onednn_matmul_available(dtype):
         return _mm_onednn
     return torch.mm
+
+
+# Below this many rows the weight-gradient product xᵀ·dy (inner dimension = rows) is faster with
+# `torch.mm(out=)` than with oneDNN plus a copy into the stacked gradient (measured: crossover near 256
+# rows for D = 1024, F = 512 in float32).
+_ONEDNN_WGRAD_MIN_ROWS = 256
+
+
+def _matmul_into(out: Tensor, a: Tensor, b: Tensor, mm) -> None:
+    """out = a @ b, written into `out` (a slice of a stacked weight gradient)."""
+    if mm is _mm_onednn and a.shape[1] >= _ONEDNN_WGRAD_MIN_ROWS:
+        out.copy_(mm(a, b))  # oneDNN has no out= variant
+    else:
+        torch.mm(a, b, out=out)
 
 
 def _act_forward(h_nH: Tensor, activation: str) -> Tensor:
@@ -216,20 +232,18 @@ class _RoutedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, weight_A: Tensor, w_in: Tensor, w_out: Tensor, token_idx: Tensor,
                 sizes: list[int], activation: str) -> Tensor:
-        mm = matmul_fn(x_TD.device.type, x_TD.dtype)
+        keep = any(ctx.needs_input_grad)  # under no_grad nothing is saved
         y_TD = x_TD.new_zeros(x_TD.shape)
         h_saved: list[Tensor] = []
-        start = 0
-        for n, w_in_e, w_out_e in zip(sizes, w_in.unbind(0), w_out.unbind(0)):
-            if n:
-                idx = token_idx[start:start + n]
-                h = mm(x_TD.index_select(0, idx), w_in_e)  # [n, H]
-                z = _act_forward(h, activation).mul_(weight_A[start:start + n, None])  # [n, F]
-                y_TD.index_add_(0, idx, mm(z, w_out_e))
+        for e, n, idx, w in _segments(sizes, token_idx, weight_A):  # only experts with rows
+            mm = matmul_fn(x_TD.device.type, x_TD.dtype, n)
+            h = mm(F.embedding(idx, x_TD), w_in[e])  # [n, H]; embedding = the fastest row gather here
+            y_TD.index_add_(0, idx, mm(_act_forward(h, activation).mul_(w), w_out[e]))
+            if keep:
                 h_saved.append(h)
-            start += n
-        ctx.save_for_backward(x_TD, weight_A, w_in, w_out, token_idx, *h_saved)
-        ctx.sizes, ctx.activation = sizes, activation
+        if keep:
+            ctx.save_for_backward(x_TD, weight_A, w_in, w_out, token_idx, *h_saved)
+            ctx.sizes, ctx.activation = sizes, activation
         return y_TD
 
     @staticmethod
@@ -237,36 +251,28 @@ class _RoutedFFN(torch.autograd.Function):
         x_TD, weight_A, w_in, w_out, token_idx, *h_saved = ctx.saved_tensors
         sizes, activation = ctx.sizes, ctx.activation
         need_x, need_w, need_win, need_wout = ctx.needs_input_grad[:4]
-        mm = matmul_fn(dy_TD.device.type, dy_TD.dtype)
         dy_TD = dy_TD.contiguous()
         dx_TD = torch.zeros_like(x_TD) if need_x else None
-        dw_A = torch.zeros_like(weight_A) if need_w else None
-        dw_in = torch.empty_like(w_in) if need_win else None
-        dw_out = torch.empty_like(w_out) if need_wout else None
+        dw_A = torch.empty_like(weight_A) if need_w else None
+        dw_in, dw_out = (_grad_buffer(w, sizes) if need else None
+                         for w, need in ((w_in, need_win), (w_out, need_wout)))
         F_ = w_out.shape[1]
-        start, i = 0, 0
-        for e, (n, w_in_e, w_out_e) in enumerate(zip(sizes, w_in.unbind(0), w_out.unbind(0))):
-            if not n:
-                if need_win:
-                    dw_in[e].zero_()
-                if need_wout:
-                    dw_out[e].zero_()
-                continue
-            idx = token_idx[start:start + n]
-            w = weight_A[start:start + n, None]
-            h = h_saved[i]
-            dy = dy_TD.index_select(0, idx)  # [n, D]
-            dz = mm(dy, w_out_e.t())  # [n, F]
+        start = 0
+        for (e, n, idx, w), h, rows in zip(_segments(sizes, token_idx, weight_A), h_saved, filter(None, sizes)):
+            mm = matmul_fn(dy_TD.device.type, dy_TD.dtype, n)
+            dy = F.embedding(idx, dy_TD)  # [n, D]
+            dz = mm(dy, w_out[e].t())  # [n, F]
             if activation == "swiglu":
                 gate, up = h[:, :F_], h[:, F_:]
                 s = F.silu(gate)
                 a = s * up
             else:
                 a = F.gelu(h)
-            if need_w:
-                dw_A[start:start + n] = torch.linalg.vecdot(dz, a)
+            if need_w:  # padding rows (see _segments) have w = 0; their dw is not a weight's gradient
+                torch.linalg.vecdot(dz[:rows], a[:rows], out=dw_A[start:start + rows])
+                start += rows
             if need_wout:
-                dw_out[e].copy_(mm(a.mul_(w).t(), dy))  # a becomes z = w·a
+                _matmul_into(dw_out[e], a.mul_(w).t(), dy, mm)  # a becomes z = w·a
             if need_x or need_win:
                 da = dz.mul_(w)
                 if activation == "swiglu":
@@ -276,12 +282,51 @@ class _RoutedFFN(torch.autograd.Function):
                 else:
                     dh = torch.ops.aten.gelu_backward(da, h)
                 if need_x:
-                    dx_TD.index_add_(0, idx, mm(dh, w_in_e.t()))
+                    dx_TD.index_add_(0, idx, mm(dh, w_in[e].t()))
                 if need_win:
-                    dw_in[e].copy_(mm(x_TD.index_select(0, idx).t(), dh))
-            start += n
-            i += 1
+                    _matmul_into(dw_in[e], F.embedding(idx, x_TD).t(), dh, mm)
         return dx_TD, dw_A, dw_in, dw_out, None, None, None
+
+
+def _segments(sizes: list[int], token_idx: Tensor, weight_A: Tensor):
+    """(expert, padded rows n, token indices [n], weights [n, 1]) for every expert with rows.
+
+    Row counts above 16 are padded up to one of 16 steps per octave (≤ 6% extra rows): oneDNN builds a
+    kernel per distinct matrix shape and keeps 1024 of them; with unpadded counts a router whose load
+    is spread out makes E x 6 shapes per step, every call then rebuilds its kernel (measured ~1 ms each
+    in bfloat16, 0.7 ms in float32, against ~0.5 ms for the product itself). A padding row repeats the
+    segment's last token with weight 0: it adds exact zeros to y, dx and the weight gradients.
+    """
+    start = 0
+    w_A1 = weight_A[:, None]
+    for e, n in enumerate(sizes):
+        if n:
+            idx, w = token_idx[start:start + n], w_A1[start:start + n]
+            pad = _padded_rows(n) - n
+            if pad:
+                idx = torch.cat((idx, idx[-1:].expand(pad)))
+                w = torch.cat((w, w.new_zeros(pad, 1)))
+            yield e, n + pad, idx, w
+        start += n
+
+
+def _padded_rows(n: int) -> int:
+    if n <= 16:
+        return n
+    step = 1 << max(0, n.bit_length() - 5)  # 16 steps per octave
+    return -(-n // step) * step
+
+
+def _grad_buffer(w: Tensor, sizes: list[int]) -> Tensor:
+    """An uninitialised gradient for a stacked weight, zeroed for the experts without rows (the rest
+    is written by the per-expert products)."""
+    grad = torch.empty_like(w)
+    unused = [e for e, n in enumerate(sizes) if not n]
+    if len(unused) == len(sizes):
+        grad.zero_()
+    elif unused:
+        grad[torch.tensor(unused, device=w.device)] = 0
+    return grad
 
 
 def routed_ffn(x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor,
