@@ -63,10 +63,21 @@ def touched_by_one_token(model: MoETransformer, token: int = 5) -> tuple[int, li
         if isinstance(module, Experts):
             experts_used[module] = int((args[1] > 0).sum())
 
+    # the MoE layer reaches its experts either through Experts.forward (rows, counts) or, on the fused
+    # CPU path, through Experts.routed (tokens, token_idx, weight, counts): record both
+    original_routed = Experts.routed
+
+    def routed(self, x_TD, token_idx, weight_A, counts):
+        ran.append(self)
+        experts_used[self] = int((counts > 0).sum())
+        return original_routed(self, x_TD, token_idx, weight_A, counts)
+
     handles = [m.register_forward_hook(record) for m in model.modules()]
+    Experts.routed = routed
     try:
         out = model(torch.tensor([[token]]))
     finally:
+        Experts.routed = original_routed
         for h in handles:
             h.remove()
     touched, seen = 0, set()
