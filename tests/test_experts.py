@@ -8,6 +8,7 @@ import torch
 from moelab.experts import (
     _GroupedMM,
     _padded_rows,
+    fast_linear,
     fused_path_usable,
     grouped_ffn,
     grouped_mm_available,
@@ -219,3 +220,17 @@ def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype):
     for (pname, p), p_ref in zip(moe.named_parameters(), ref.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad.double(), p_ref.grad, **tol, msg=pname)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_linear_matches_linear_forward_and_backward(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(9, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(24, 16, dtype=dtype, requires_grad=True)
+    xr, wr = (t.detach().double().requires_grad_() for t in (x, w))
+    y, y_ref = fast_linear(x, w), torch.nn.functional.linear(xr, wr)
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
+    y_ref.sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-5, rtol=1e-5)

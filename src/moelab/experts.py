@@ -193,6 +193,32 @@ def matmul_fn(device_type: str, dtype: torch.dtype, rows: int = 2):
     return torch.mm
 
 
+class _Linear(torch.autograd.Function):
+    """y = x·Wᵀ with the forward and both backward products on `matmul_fn`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
+        ctx.save_for_backward(x, w)
+        return matmul_fn(x.device.type, x.dtype, x.shape[0])(x, w.t())
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w = ctx.saved_tensors
+        dy = dy.contiguous()
+        mm = matmul_fn(dy.device.type, dy.dtype, dy.shape[0])
+        dx = mm(dy, w) if ctx.needs_input_grad[0] else None
+        dw = matmul_fn(dy.device.type, dy.dtype, dy.shape[1])(dy.t(), x) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def fast_linear(x: Tensor, w: Tensor) -> Tensor:
+    """`F.linear(x, w)` (no bias) for 2-D x with its products on `matmul_fn`: oneDNN in float32 on the
+    CPU, where that is the faster kernel; exactly `F.linear` everywhere else."""
+    if x.dim() == 2 and matmul_fn(x.device.type, x.dtype, x.shape[0]) is _mm_onednn and w.dtype == x.dtype:
+        return _Linear.apply(x, w)
+    return F.linear(x, w)
+
+
 # Below this many rows the weight-gradient product xᵀ·dy (inner dimension = rows) is faster with
 # `torch.mm(out=)` than with oneDNN plus a copy into the stacked gradient (measured: crossover near 256
 # rows for D = 1024, F = 512 in float32).

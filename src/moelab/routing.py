@@ -30,10 +30,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import MoEConfig
+from moelab.experts import fast_linear
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Router(nn.Module):
         cfg = self.cfg
         T = x_TD.shape[0]
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32 at least, whatever comes in
-        logits_TE = F.linear(x_TD.to(dtype), self.weight.to(dtype))
+        logits_TE = fast_linear(x_TD.to(dtype), self.weight.to(dtype))  # F.linear, on oneDNN in float32
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
         if cfg.router == "sigmoid":
