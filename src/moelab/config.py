@@ -376,15 +376,18 @@ class TrainConfig(_JsonMixin):
 
 # Training presets are data: {"model": ModelConfig fields, "moe": MoEConfig fields, "train": TrainConfig fields}.
 # The dense-FFN width d_ff equals the MoE active width (top_k·d_expert) so dense_twin() is well defined.
+# route_scale = top_k for renormalised top-k routing: the k weights sum to k, so the MoE output starts at
+# the scale of its dense twin (k experts of width f = one FFN of width k·f) instead of 1/k of it (the
+# same role as DeepSeek-V3's routed_scaling_factor); measured in development to train faster.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256, d_ff=256),
-        "moe": dict(d_expert=128, n_experts=8, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3),
+        "moe": dict(d_expert=128, n_experts=8, top_k=2, route_scale=2.0, aux_loss_coef=0.01, z_loss_coef=1e-3),
         "train": dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40, eval_every=100),
     },
     "small": {
         "model": dict(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, max_seq_len=512, d_ff=512),
-        "moe": dict(d_expert=256, n_experts=16, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3),
+        "moe": dict(d_expert=256, n_experts=16, top_k=2, route_scale=2.0, aux_loss_coef=0.01, z_loss_coef=1e-3),
         "train": dict(steps=1000, batch_size=16, seq_len=256, lr=2e-3, warmup_steps=100, eval_every=200,
                       max_corpus_bytes=20_000_000),
     },
