@@ -382,7 +382,7 @@ class TrainConfig(_JsonMixin):
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=256, d_ff=256),
-        "moe": dict(d_expert=128, n_experts=8, top_k=2, route_scale=2.0, aux_loss_coef=0.01, z_loss_coef=1e-3),
+        "moe": dict(d_expert=128, n_experts=16, top_k=2, route_scale=2.0, aux_loss_coef=0.01, z_loss_coef=1e-3),
         "train": dict(steps=400, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=40, eval_every=100),
     },
     "small": {
