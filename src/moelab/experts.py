@@ -264,7 +264,7 @@ class _RoutedFFN(torch.autograd.Function):
         for e, n, idx, w in _segments(sizes, token_idx, weight_A):  # only experts with rows
             mm = matmul_fn(x_TD.device.type, x_TD.dtype, n)
             h = mm(F.embedding(idx, x_TD), w_in[e])  # [n, H]; embedding = the fastest row gather here
-            y_TD.index_add_(0, idx, mm(_act_forward(h, activation).mul_(w), w_out[e]))
+            _add_rows(y_TD, idx, mm(_act_forward(h, activation).mul_(w), w_out[e]))
             if keep:
                 h_saved.append(h)
         if keep:
@@ -308,7 +308,7 @@ class _RoutedFFN(torch.autograd.Function):
                 else:
                     dh = torch.ops.aten.gelu_backward(da, h)
                 if need_x:
-                    dx_TD.index_add_(0, idx, mm(dh, w_in[e].t()))
+                    _add_rows(dx_TD, idx, mm(dh, w_in[e].t()))
                 if need_win:
                     _matmul_into(dw_in[e], F.embedding(idx, x_TD).t(), dh, mm)
         return dx_TD, dw_A, dw_in, dw_out, None, None, None
@@ -334,6 +334,16 @@ def _segments(sizes: list[int], token_idx: Tensor, weight_A: Tensor):
                 w = torch.cat((w, w.new_zeros(pad, 1)))
             yield e, n + pad, idx, w
         start += n
+
+
+def _add_rows(y: Tensor, idx: Tensor, rows: Tensor) -> None:
+    """y[idx] += rows. `index_add_` runs a parallel sort-based scatter that stalls for scheduler time
+    slices when the CPU is oversubscribed (measured 28 ms for one row against 4 us when idle); for a
+    handful of rows the accumulating `index_put_` is as fast when idle and has no such stalls."""
+    if rows.shape[0] <= 16:
+        y.index_put_((idx,), rows, accumulate=True)
+    else:
+        y.index_add_(0, idx, rows)
 
 
 def _padded_rows(n: int) -> int:
