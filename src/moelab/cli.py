@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("card", help="total and active parameters, FLOPs, memory and accelerators for models")
     card.add_arguments(p)
     p.set_defaults(func=card.run)
+    _add_convert(sub)
     return parser
 
 
@@ -141,6 +142,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moelab import hf
+
+    if args.from_hf:
+        out = hf.convert_from_hf(args.source, args.out)
+        print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
+    else:
+        out = hf.convert_to_hf(args.source, args.out)
+        print(f"Hugging Face model written to {out} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> moelab run directory")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--from-hf", dest="from_hf", action="store_true",
+                      help="SOURCE is a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+                           "DeepSeek-V3); OUT becomes a moelab run directory")
+    mode.add_argument("--to-hf", dest="to_hf", action="store_true",
+                      help="SOURCE is a moelab run (newest checkpoint); OUT becomes a Hugging Face model directory")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("out", metavar="OUT")
+    p.set_defaults(func=cmd_convert)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,340 @@
+"""moelab.hf against transformers itself: tiny random models of each architecture, saved with
+`save_pretrained` and loaded into moelab (and moelab models exported and loaded by transformers), must give
+the same float32 logits and the same greedy continuation. Plus clear errors and lazy-loading memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+
+from moelab import hf  # noqa: E402
+from moelab.config import ModelConfig, MoEConfig, preset  # noqa: E402
+from moelab.generate import generate  # noqa: E402
+from moelab.model import MoETransformer  # noqa: E402
+
+V = 97
+COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=64, initializer_range=0.1, eos_token_id=None, bos_token_id=None,
+              pad_token_id=None)
+
+
+def _hf_config(arch: str):
+    T = transformers
+    if arch == "mixtral":
+        return T.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen2_moe":  # layer 0 dense (mlp_only_layers), shared expert with its sigmoid gate
+        return T.Qwen2MoeConfig(**{**COMMON, "num_hidden_layers": 3}, intermediate_size=40, moe_intermediate_size=16,
+                                shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                                mlp_only_layers=[0], norm_topk_prob=False)
+    if arch == "qwen3_moe":
+        return T.Qwen3MoeConfig(**COMMON, intermediate_size=40, moe_intermediate_size=16, num_experts=4,
+                                num_experts_per_tok=2, head_dim=16, norm_topk_prob=True)
+    if arch == "olmoe":
+        return T.OlmoeConfig(**COMMON, intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+    if arch == "deepseek_v3":
+        return T.DeepseekV3Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, intermediate_size=48,
+                                  moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                                  num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+                                  q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                  v_head_dim=8, routed_scaling_factor=2.5)
+    raise AssertionError(arch)
+
+
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
+
+
+def _tiny_hf(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(_hf_config(arch)).eval()
+    with torch.no_grad():  # make norms and the selection bias matter
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                t.data.uniform_(0.5, 1.5)
+            if name.endswith("e_score_correction_bias"):
+                t.data.normal_(0, 0.05)
+    return model
+
+
+def _ids(seed: int = 0, batch: int = 3, seq: int = 19) -> torch.Tensor:
+    return torch.randint(0, V, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_greedy(model, prompt: list[int], n: int = 20) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _assert_same(hf_model, ours: MoETransformer) -> None:
+    ids = _ids()
+    with torch.no_grad():
+        expected = hf_model(ids).logits
+        got = ours(ids).logits
+    assert expected.shape == got.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    prompt = _ids(1, 1, 5)[0].tolist()
+    assert generate(ours, prompt, 20, temperature=0.0) == _hf_greedy(hf_model, prompt)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def saved(request, tmp_path_factory):
+    arch = request.param
+    model = _tiny_hf(arch)
+    path = tmp_path_factory.mktemp(arch)
+    model.save_pretrained(path)
+    return arch, model, path
+
+
+def test_load_matches_transformers(saved):
+    arch, hf_model, path = saved
+    ours = hf.load(path)
+    assert isinstance(ours, MoETransformer)
+    _assert_same(hf_model, ours)
+
+
+def test_loads_stacked_expert_layout(saved, tmp_path):
+    """transformers 5 holds experts stacked (experts.gate_up_proj [E, 2F, D]); such files load too."""
+    arch, hf_model, path = saved
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    _assert_same(hf_model, hf.load(tmp_path))
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = _tiny_hf("qwen2_moe", seed=3)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    _assert_same(model, hf.load(tmp_path))
+
+
+def _moelab_configs() -> dict[str, ModelConfig]:
+    mix = preset("tiny", vocab_size=V, d_model=32, n_layers=2, max_seq_len=64, **{"moe.d_expert": 16})[0]
+    return {
+        "mixtral": mix,
+        "qwen2_moe": ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64, d_ff=40,
+                                 qkv_bias=True, n_dense_layers=1, tie_embeddings=False,
+                                 moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, n_shared=2, d_shared=12,
+                                               shared_gate=True, norm_topk_prob=False)),
+        "qwen3_moe": ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                                 qk_norm="head", max_seq_len=64,
+                                 moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2)),
+        "olmoe": ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm="full",
+                             max_seq_len=64, moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2,
+                                                           norm_topk_prob=False)),
+        "deepseek_v3": ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, attention="mla",
+                                   q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                   v_head_dim=8, max_seq_len=64, d_ff=48, n_dense_layers=1,
+                                   moe=MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=3, n_shared=2,
+                                                 router="sigmoid", n_groups=4, topk_groups=2, expert_bias=True,
+                                                 route_scale=2.5)),
+    }
+
+
+def _random_moelab(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
+    torch.manual_seed(seed)
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.mul_(3.0)
+        for moe in model.moe_layers():
+            if cfg.moe.expert_bias:
+                moe.router.bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_loads_in_transformers(arch, tmp_path):
+    ours = _random_moelab(_moelab_configs()[arch])
+    hf.save(ours, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == arch
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    _assert_same(hf_model, ours)
+    back = hf.load(tmp_path)  # and round trip into moelab
+    torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-6, rtol=0)
+
+
+def test_export_refuses_unmatched_config():
+    cfg = preset("tiny-deepseek", vocab_size=V, d_model=32, max_seq_len=64)[0]  # GQA with a sigmoid router
+    with pytest.raises(ValueError, match="no Hugging Face architecture matches.*deepseek_v3: attention must be 'mla'"):
+        hf.save(MoETransformer(cfg), "/nonexistent/never-written")
+    dense = ModelConfig(vocab_size=V, d_model=32, moe=None)
+    with pytest.raises(ValueError, match="moe is None"):
+        hf.save(MoETransformer(dense), "/nonexistent/never-written")
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral-src")
+    _tiny_hf("mixtral").save_pretrained(path)
+    return path
+
+
+def _copy_with(src, dst, drop=(), change=None, config=None):
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k not in drop}  # noqa: SIM118 (safe_open is not iterable)
+    tensors.update(change or {})
+    save_file(tensors, str(dst / "model.safetensors"))
+    data = json.loads((src / "config.json").read_text())
+    data.update(config or {})
+    (dst / "config.json").write_text(json.dumps(data))
+    return dst
+
+
+def test_missing_tensor_is_named(mixtral_dir, tmp_path):
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    _copy_with(mixtral_dir, tmp_path, drop=[name])
+    with pytest.raises(ValueError, match="missing from the checkpoint: " + name.replace(".", r"\.")):
+        hf.load(tmp_path)
+
+
+def test_wrong_shape_is_named(mixtral_dir, tmp_path):
+    name = "model.layers.0.self_attn.k_proj.weight"
+    _copy_with(mixtral_dir, tmp_path, change={name: torch.zeros(8, 32)})
+    with pytest.raises(ValueError, match=rf"tensor '{name}' has shape \(8, 32\), but config.json implies \(16, 32\)"):
+        hf.load(tmp_path)
+
+
+def test_config_disagreeing_with_weights(mixtral_dir, tmp_path):
+    _copy_with(mixtral_dir, tmp_path, config={"intermediate_size": 20})
+    with pytest.raises(ValueError, match=r"experts\.0\.w1\.weight' has shape \(24, 32\), but config.json implies "
+                                         r"\(20, 32\)"):
+        hf.load(tmp_path)
+
+
+def test_unexpected_tensor_is_named(mixtral_dir, tmp_path):
+    _copy_with(mixtral_dir, tmp_path, change={"model.layers.0.self_attn.o_proj.bias": torch.zeros(32)})
+    with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.self_attn.o_proj.bias'"):
+        hf.load(tmp_path)
+
+
+def test_unsupported_architecture_and_options(mixtral_dir, tmp_path):
+    _copy_with(mixtral_dir, tmp_path, config={"model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type='llama' is not supported.*'mixtral'"):
+        hf.load(tmp_path)
+    _copy_with(mixtral_dir, tmp_path, config={"model_type": "mixtral", "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="field 'hidden_act'='gelu' is not supported"):
+        hf.load(tmp_path)
+    _copy_with(mixtral_dir, tmp_path, config={"hidden_act": "silu",
+                                              "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="rope_parameters.rope_type"):
+        hf.load(tmp_path)
+    data = json.loads((mixtral_dir / "config.json").read_text())
+    del data["num_local_experts"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="field 'num_local_experts' is missing"):
+        hf.load(tmp_path)
+
+
+def test_no_weights_and_pickles_refused(mixtral_dir, tmp_path):
+    (tmp_path / "config.json").write_text((mixtral_dir / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        hf.load(tmp_path)
+
+
+# -- run directories, CLI, tokenizer ---------------------------------------------------------------------
+
+
+def _tokenizer_json(path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+
+
+def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
+    from moelab.card import card_report
+    from moelab.cli import main
+    from moelab.generate import generate_text
+    from moelab.train import load_run
+
+    src = tmp_path / "src"
+    src.mkdir()
+    _copy_with(mixtral_dir, src)
+    _tokenizer_json(src / "tokenizer.json")
+    run = tmp_path / "run"
+    assert main(["convert", "--from-hf", str(src), str(run)]) == 0
+    model, config = load_run(run)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir).eval()
+    _assert_same(hf_model, model)
+    assert isinstance(generate_text(run, "t1 t2 t3", max_new_tokens=5, temperature=0.0), str)
+    report = card_report(str(run))
+    assert report["total_params"] == sum(p.numel() for p in hf_model.parameters())
+    assert main(["convert", "--from-hf", str(src), str(run)]) == 2  # refuses to overwrite
+    out = tmp_path / "back"
+    assert main(["convert", "--to-hf", str(run), str(out)]) == 0
+    _assert_same(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), model)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    assert tok("t5 t7")["input_ids"] == [5, 7]
+
+
+# -- lazy loading memory ---------------------------------------------------------------------------------
+
+# The baseline is taken after importing torch and moelab and after building a tiny model on the meta
+# device, whose first use loads ~75 MB of torch machinery (a fixed cost, whatever the model's size).
+# ru_maxrss survives execve (a child started from a big pytest process inherits its high-water mark), so
+# the child resets its own peak (/proc/self/clear_refs "5") after importing torch and reads VmHWM; where
+# that is unavailable it falls back to ru_maxrss.
+_MEMORY_CHILD = textwrap.dedent("""
+    import resource, sys, torch, moelab.hf as hf
+    from moelab.config import ModelConfig
+    from moelab.model import MoETransformer
+
+    with torch.device("meta"):  # one-time cost of torch's meta-device machinery (~75 MB), not per model
+        MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=8,
+                                   d_ff=8, moe=None))
+
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+        base, peak = status("VmRSS:"), lambda: status("VmHWM:")
+    except OSError:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = hf.load(sys.argv[1])
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    print(peak() - base, size)
+""")
+
+
+def test_lazy_loading_peak_memory(tmp_path):
+    """6 shards of a ~150 MB model: loading in a fresh process raises peak RSS by < 1.5x the model size."""
+    cfg = ModelConfig(vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=64,
+                      moe=MoEConfig(d_model=256, d_expert=512, n_experts=24, top_k=2))
+    with torch.device("meta"):
+        n_bytes = 4 * MoETransformer(cfg).num_params()
+    model = MoETransformer(cfg)
+    hf.save(model, tmp_path, max_shard_bytes=n_bytes // 6 + 1)
+    del model
+    assert len(list(tmp_path.glob("*.safetensors"))) >= 6
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True,
+                         check=True)
+    increase, size = map(int, out.stdout.split())
+    assert size > 100e6
+    print(f"peak RSS increase {increase / 1e6:.1f} MB for a {size / 1e6:.1f} MB model: {increase / size:.2f}x")
+    assert increase < 1.5 * size
