@@ -338,3 +338,20 @@ def test_lazy_loading_peak_memory(tmp_path):
     assert size > 100e6
     print(f"peak RSS increase {increase / 1e6:.1f} MB for a {size / 1e6:.1f} MB model: {increase / size:.2f}x")
     assert increase < 1.5 * size
+
+
+def test_deepseek_full_rank_query_and_bfloat16(tmp_path):
+    """DeepSeek-V3 with q_lora_rank=null (q_proj, interleaved rotary rows permuted) and a bfloat16 checkpoint."""
+    cfg = _hf_config("deepseek_v3")
+    cfg.q_lora_rank = None
+    torch.manual_seed(5)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(tmp_path / "f32")
+    ids = _ids(2)
+    with torch.no_grad():
+        torch.testing.assert_close(hf.load(tmp_path / "f32")(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+        model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+        ours = hf.load(tmp_path / "bf16")
+        assert ours.embed.weight.dtype == torch.bfloat16
+        assert ours.blocks[1].ffn.router.bias.dtype == torch.float32
+        assert hf.load(tmp_path / "bf16", dtype=torch.float32).embed.weight.dtype == torch.float32

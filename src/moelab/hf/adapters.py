@@ -487,6 +487,7 @@ class DeepseekV3(Adapter):
                   (m.n_shared > 0 and m.shared_width % m.d_expert == 0,
                    "shared experts whose total width is a multiple of d_expert"),
                   (not m.shared_gate, "shared_gate must be False"), (cfg.moe_every == 1, "moe_every must be 1"),
+                  (cfg.norm_eps == 1e-6, "norm_eps must be 1e-6 (transformers fixes the MLA latent norms' eps)"),
                   (m.n_experts // m.n_groups >= 2, "at least 2 experts per group (group score = sum of top-2)")]
         return next((why for ok, why in checks if not ok), None)
 
