@@ -332,6 +332,12 @@ def test_lazy_loading_peak_memory(tmp_path):
     hf.save(model, tmp_path, max_shard_bytes=n_bytes // 6 + 1)
     del model
     assert len(list(tmp_path.glob("*.safetensors"))) >= 6
+    tiny = _random_moelab(_moelab_configs()["mixtral"])
+    hf.save(tiny, tmp_path / "again")
+    hf.save(tiny, tmp_path / "again", max_shard_bytes=1 << 14)  # re-save over a directory: no stale shards
+    hf.save(tiny, tmp_path / "again")
+    assert [p.name for p in (tmp_path / "again").glob("*.safetensors")] == ["model.safetensors"]
+    assert not (tmp_path / "again" / "model.safetensors.index.json").exists()
     out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True,
                          check=True)
     increase, size = map(int, out.stdout.split())

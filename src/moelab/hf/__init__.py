@@ -171,6 +171,8 @@ def save(model: MoETransformer, out: str | Path, tokenizer_json: str | Path | No
     adapter = adapter_matching(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)  # weights of an earlier save would be read with the new config
     hf_cfg = adapter.config_to_hf(cfg)
     dtype = next(model.parameters()).dtype
     hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
