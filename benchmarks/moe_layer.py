@@ -364,16 +364,19 @@ def main(argv=None) -> None:
           "ops of a sparse layer more than a dense one's few large ones)".format(*os.getloadavg()))
     cells = []
     t_start = time.perf_counter()
-    for dtype in dtypes:
-        for E, k in sizes:
-            for T in tokens:
-                for mode in (modes if T > DECODE_MAX_T else ["fwd"]):
-                    t0 = time.perf_counter()
-                    cell = run_cell(dtype, E, k, T, mode, args, hf_ok)
-                    cells.append(cell)
-                    parts = ", ".join(f"{n} {v:.1f}" for n, v in cell.ms.items())
-                    print(f"{cell.dtype} E={E} k={k} T={T} {mode}: {parts} ms "
-                          f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    try:
+        for dtype in dtypes:
+            for E, k in sizes:
+                for T in tokens:
+                    for mode in (modes if T > DECODE_MAX_T else ["fwd"]):
+                        t0 = time.perf_counter()
+                        cell = run_cell(dtype, E, k, T, mode, args, hf_ok)
+                        cells.append(cell)
+                        parts = ", ".join(f"{n} {v:.1f}" for n, v in cell.ms.items())
+                        print(f"{cell.dtype} E={E} k={k} T={T} {mode}: {parts} ms "
+                              f"[{time.perf_counter() - t0:.0f} s]", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C: report the cells measured so far
+        print("\n# interrupted: partial results")
     print()
     print(report(cells, args.hf_models))
     print(f"\nTotal time {time.perf_counter() - t_start:.0f} s; load average at the end: "
