@@ -1,0 +1,35 @@
+"""Expert parallelism on torch.distributed: the routed experts of every MoE layer split evenly over the
+ranks, tokens exchanged with all-to-all, everything else data-parallel. See docs/PARALLEL.md.
+
+    ctx = setup_from_env(expert_parallel=N)          # torchrun sets RANK / WORLD_SIZE / MASTER_*
+    model = apply_expert_parallel(MoETransformer(cfg))   # same seed on every rank
+    out = model(shard_batch(x, ctx.rank, ctx.world), targets=shard_batch(y, ctx.rank, ctx.world))
+    (out.loss + out.aux_loss).backward()
+    sync_gradients(model); clip_grad_norm_(model, 1.0); optimizer.step()
+    full = gather_expert_state(model)                # single-process layout, for checkpoints
+    model.load_state_dict(shard_expert_state(full, ctx.rank, ctx.world))
+"""
+
+from moelab.parallel.expert import (
+    ExpertParallelExperts,
+    ExpertParallelMoE,
+    all_to_all_rows,
+    apply_expert_parallel,
+    global_capacity_permute,
+)
+from moelab.parallel.runtime import (
+    ParallelContext,
+    clip_grad_norm_,
+    gather_expert_state,
+    is_expert_param,
+    setup_from_env,
+    shard_batch,
+    shard_expert_state,
+    sync_gradients,
+)
+
+__all__ = [
+    "ExpertParallelExperts", "ExpertParallelMoE", "ParallelContext", "all_to_all_rows", "apply_expert_parallel",
+    "clip_grad_norm_", "gather_expert_state", "global_capacity_permute", "is_expert_param", "setup_from_env",
+    "shard_batch", "shard_expert_state", "sync_gradients",
+]
