@@ -113,3 +113,56 @@ def test_plot_is_a_png(tmp_path, capsys):
     assert card.run(parse("mixtral-8x7b", "deepseek-v3", "llama-3.1-8b", "--plot", str(path))) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     assert "plot written" in capsys.readouterr().out
+
+
+def test_expert_parallel_json_by_hand(capsys):
+    assert card.run(parse("mixtral-8x7b", "--json", "--expert-parallel", "8", "--batch", "2", "--context", "1024",
+                          "--link-bandwidth", "25")) == 0
+    ep = json.loads(capsys.readouterr().out)[0]["expert_parallel"]
+    per_layer = 2 * 2 * (7 / 8) * 4096 * 2  # dispatch + combine of k = 2 bf16 vectors of 4096, 7/8 remote
+    pa = ep["per_assignment"]
+    assert pa["bytes_per_token_layer_forward"] == per_layer
+    assert pa["bytes_per_token_forward"] == 32 * per_layer
+    assert pa["bytes_per_token_training"] == 2 * 32 * per_layer
+    assert ep["tokens_per_step"] == 2048 and pa["bytes_per_step_forward"] == 2048 * 32 * per_layer
+    assert pa["seconds_per_step_forward"] == pytest.approx(2048 / 8 * 32 * per_layer / 25e9)
+    assert ep["deduplicated_per_rank"]["bytes_per_token_forward"] == pytest.approx(32 * per_layer)
+    assert (ep["ranks"], ep["experts_per_rank"], ep["allowed_ranks"]) == (8, 1, [1, 2, 4, 8])
+    experts = 32 * 8 * 3 * 4096 * 14336
+    total = count_params("mixtral-8x7b").total
+    assert ep["weight_bytes_per_rank"] == pytest.approx(2 * (total - experts) + 2 * experts / 8)
+    assert ep["weights_fit_accelerator"] is True
+
+
+def test_expert_parallel_activation_precision_and_default_link(capsys):
+    card.run(parse("deepseek-v3", "--json", "--expert-parallel", "64", "--activation-precision", "fp8"))
+    ep = json.loads(capsys.readouterr().out)[0]["expert_parallel"]
+    assert ep["link_bandwidth_bytes_per_s"] == 50e9 and ep["activation_bytes"] == 1
+    assert ep["per_assignment"]["bytes_per_token_layer_forward"] == 2 * 8 * (63 / 64) * 7168 * 1
+    assert ep["group_limit"] == {"n_groups": 8, "topk_groups": 4, "max_remote_ranks_per_token_layer": 8}
+    card.run(parse("deepseek-v3", "--json"))
+    assert json.loads(capsys.readouterr().out)[0]["expert_parallel"] is None
+
+
+def test_expert_parallel_cli_end_to_end(capsys):
+    from moelab.cli import main
+
+    assert main(["card", "mixtral-8x7b", "llama-3.1-8b", "--expert-parallel", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "expert parallel over 4 ranks" in out and "2/8 experts per rank, 32 MoE layers" in out
+    # per expert: 2·k·(N−1)/N·d·b = 2·2·3/4·4096·2; per rank: 2·R·d·b, R = 3·(1 − C(6,2)/C(8,2)) = 3·13/28
+    per_expert, per_rank = 2 * 2 * 3 / 4 * 4096 * 2, 2 * (3 * 13 / 28) * 4096 * 2
+    row = next(line for line in out.splitlines() if line.strip().startswith("bytes/token/layer, fwd @ bf16"))
+    assert f"  {per_expert / 1000:.2f} kB / {per_rank / 1000:.2f} kB  " in row and row.split()[-1] == "dense"
+    assert "24.58 kB / 22.82 kB" in row
+    assert main(["card", "mixtral-8x7b"]) == 0
+    assert "expert parallel" not in capsys.readouterr().out
+
+
+def test_expert_parallel_cli_errors():
+    out = cli("mixtral-8x7b", "--expert-parallel", "3")
+    assert out.returncode == 2
+    assert "expert_parallel=3 does not divide num_local_experts=8" in out.stderr
+    assert "allowed: 1, 2, 4, 8" in out.stderr
+    out = cli("mixtral-8x7b", "--expert-parallel", "8", "--link-bandwidth", "0")
+    assert out.returncode == 2 and "link_bandwidth_gb_s=0.0 is invalid" in out.stderr

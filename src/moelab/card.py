@@ -5,6 +5,7 @@
     moelab card deepseek-v3 --json                 machine-readable, one object per model
     moelab card qwen3-30b-a3b --precision int4 --accelerator-memory 24 --batch 8 --context 32768
     moelab card mixtral-8x7b deepseek-v3 --plot decode.png
+    moelab card deepseek-v3 --expert-parallel 64 --batch 8 --context 4096 --link-bandwidth 50
 
 Everything is computed by `moelab.accounting` (no torch needed); this module only assembles, prints
 and plots. `card_report` is the library entry point: it returns the dict that `--json` prints.
@@ -29,6 +30,7 @@ from moelab.accounting import (
     bytes_per_param,
     count_spec,
     decode_curve,
+    expert_parallel_plan,
     flops_per_token,
     kv_cache_bytes,
     kv_cache_bytes_per_token,
@@ -56,6 +58,10 @@ class CardSettings:
     accelerator_memory_gb: memory of one accelerator (1 GB = 10⁹ bytes). bandwidth_tb_s: memory
     bandwidth of one accelerator (TB/s). accelerators: how many share the weights for the decode bound;
     None = as many as weights + KV at (batch, context) need.
+    expert_parallel: N ranks the routed experts are split over, for the expert-parallel section (None:
+    no section); its step is batch × context tokens over all N ranks. link_bandwidth_gb_s: one rank's
+    link, GB/s per direction (default 50 = one 400 Gb/s InfiniBand NIC per GPU, DeepSeek-V3's IB
+    figure). activation_precision: hidden vectors on the wire (dispatch and combine).
     """
 
     precision: str = "bf16"
@@ -66,9 +72,12 @@ class CardSettings:
     bandwidth_tb_s: float = 3.35
     accelerators: int | None = None
     batches: tuple[int, ...] = DEFAULT_BATCHES
+    expert_parallel: int | None = None
+    link_bandwidth_gb_s: float = 50.0
+    activation_precision: str = "bf16"
 
     def validate(self) -> None:
-        for name in ("precision", "kv_precision"):
+        for name in ("precision", "kv_precision", "activation_precision"):
             allowed = PRECISIONS if name == "precision" else [p for p in PRECISIONS if p != "int4"]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed one of {', '.join(allowed)}")
@@ -76,11 +85,14 @@ class CardSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= 1")
-        for name in ("accelerator_memory_gb", "bandwidth_tb_s"):
+        for name in ("accelerator_memory_gb", "bandwidth_tb_s", "link_bandwidth_gb_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed a number > 0")
         if self.accelerators is not None and (not isinstance(self.accelerators, int) or self.accelerators < 1):
             raise ValueError(f"accelerators={self.accelerators!r} is invalid: allowed an integer >= 1 or None")
+        if self.expert_parallel is not None and (not isinstance(self.expert_parallel, int)
+                                                 or self.expert_parallel < 1):
+            raise ValueError(f"expert_parallel={self.expert_parallel!r} is invalid: allowed an integer >= 1 or None")
 
 
 def _published(source: str | Path | Any) -> dict[str, Any] | None:
@@ -95,7 +107,9 @@ def card_report(source: Any, settings: CardSettings = CardSettings()) -> dict[st
     source: anything `moelab.accounting.count_params` accepts (preset name, config.json path, model
     directory, HF config dict, ModelConfig). Keys: the parameter counts of `ParamCount.to_dict()`
     (`total_params`, `active_params`, `active_params_no_input_embedding`, `active_params_no_embeddings`,
-    `activation_ratio`, breakdowns, MTP/vision), `published` (presets only), and `costs`.
+    `activation_ratio`, breakdowns, MTP/vision), `published` (presets only), `costs`, and
+    `expert_parallel` (`ExpertParallelPlan.to_dict()` plus `weights_fit_accelerator`; None unless
+    `settings.expert_parallel` is set).
     """
     settings.validate()
     spec = to_spec(source)
@@ -129,6 +143,13 @@ def card_report(source: Any, settings: CardSettings = CardSettings()) -> dict[st
         "decode_accelerators": n_acc, "bandwidth_bytes_per_s": bandwidth,
         "n_experts": _experts_per_layer(spec), "decode": decode,
     }
+    report["expert_parallel"] = None
+    if settings.expert_parallel is not None:
+        ep = expert_parallel_plan(spec, settings.expert_parallel, tokens=settings.batch * settings.context,
+                                  activation_bytes=PRECISIONS[settings.activation_precision],
+                                  link_bandwidth=settings.link_bandwidth_gb_s * 1e9, precision=settings.precision)
+        report["expert_parallel"] = {"activation_precision": settings.activation_precision, **ep.to_dict(),
+                                     "weights_fit_accelerator": ep.weight_bytes_per_rank <= memory}
     return report
 
 
@@ -159,6 +180,16 @@ def fmt_bytes(n: float) -> str:
 
 def fmt_flops(n: float) -> str:
     return _num(n, ("", "k", "M", "G", "T", "P"), " ") + "FLOP"
+
+
+def fmt_seconds(t: float) -> str:
+    """A duration with 3-4 significant digits: 0 s, 812.0 µs, 9.40 ms, 1.25 s."""
+    if t == 0:
+        return "0 s"
+    for scale, unit in ((1e-6, "µs"), (1e-3, "ms")):
+        if t < 1000 * scale:
+            return _num(t / scale, (unit,), " ")
+    return _num(t, ("s",), " ")
 
 
 def _pct(x: float) -> str:
@@ -218,6 +249,8 @@ def render_table(reports: list[dict[str, Any]]) -> str:
     shown = sorted(set(TABLE_BATCHES) | {c0["batch"]})
     for b in shown:
         rows.append((f"  batch {b}: experts per layer, bound", col(lambda r, b=b: _decode_cell(r, b))))
+    ep_rows = _expert_parallel_rows(reports)
+    rows += ep_rows
     width = max(len(label) for label, _ in rows)
     widths = [max(len(values[i]) for _, values in rows) for i in range(len(reports))]
     lines = [f"{label:<{width}}  " + "  ".join(f"{v:<{w}}" for v, w in zip(values, widths)) for label, values in rows]
@@ -227,8 +260,49 @@ def render_table(reports: list[dict[str, Any]]) -> str:
                  "neither embedding nor output head.")
     lines.append("Decode bound: tokens/s <= batch x bandwidth / (weights read + KV read) per step, uniform routing "
                  "(E·(1-(1-k/E)^B) experts per layer); * = weights + KV do not fit the accelerators at that batch.")
+    if ep_rows:
+        lines.append("Expert parallelism: experts split evenly over N ranks, uniform routing; a token's hidden vector "
+                     "goes to each remote expert and back, forward bytes per token per MoE layer = 2·k·(N-1)/N·d·b "
+                     "(per expert) or 2·R·d·b with R = (N-1)(1 - C(E-E/N,k)/C(E,k)) remote ranks (one copy per "
+                     "rank); training = 2 x forward; each rank sends 1/N of the step over its own link, no overlap "
+                     "with compute.")
     lines += [f"note ({r['name']}): {n}" for r in reports for n in r["notes"]]
+    lines += [f"note ({r['name']}, expert parallel): {n}" for r in reports if r.get("expert_parallel")
+              for n in r["expert_parallel"]["notes"]]
     return "\n".join(lines)
+
+
+def _expert_parallel_rows(reports: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Rows of the expert-parallel section (none when no report has one)."""
+    ep0 = next((r["expert_parallel"] for r in reports if r.get("expert_parallel")), None)
+    if ep0 is None:
+        return []
+    c0 = reports[0]["costs"]
+
+    def col(f) -> list[str]:
+        return [f(r["expert_parallel"]) if r.get("expert_parallel") and r["expert_parallel"]["moe_layers"]
+                else "dense" for r in reports]
+
+    def pair(key: str, fmt) -> list[str]:  # "per assignment / deduplicated per rank"
+        return col(lambda e: f"{fmt(e['per_assignment'][key])} / {fmt(e['deduplicated_per_rank'][key])}")
+
+    memory = c0["accelerator_memory_bytes"] / 1e9
+    tokens = f"{c0['batch']} x {c0['context']}"
+    return [
+        (f"expert parallel over {ep0['ranks']} ranks",
+         col(lambda e: f"{e['experts_per_rank']}/{e['n_experts']} experts per rank, {e['moe_layers']} MoE layers")),
+        (f"  weights per rank @ {c0['precision']}",
+         [fmt_bytes(r["expert_parallel"]["weight_bytes_per_rank"])
+          + ("" if r["expert_parallel"]["weights_fit_accelerator"] else f" (> {memory:g} GB)") for r in reports]),
+        ("  remote copies/token/layer: per expert / per rank",
+         pair("remote_copies_per_token_layer", lambda x: f"{x:.2f}")),
+        (f"  bytes/token/layer, fwd @ {ep0['activation_precision']}", pair("bytes_per_token_layer_forward", fmt_bytes)),
+        ("  bytes/token, all MoE layers, fwd", pair("bytes_per_token_forward", fmt_bytes)),
+        (f"  step of {tokens} tokens: bytes per rank, fwd", pair("bytes_per_rank_per_step_forward", fmt_bytes)),
+        (f"  time per step @ {ep0['link_bandwidth_bytes_per_s'] / 1e9:g} GB/s link, fwd",
+         pair("seconds_per_step_forward", fmt_seconds)),
+        ("  time per step, training (fwd + bwd)", pair("seconds_per_step_training", fmt_seconds)),
+    ]
 
 
 def _decode_cell(r: dict[str, Any], batch: int) -> str:
@@ -299,6 +373,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--accelerators", type=int, default=None, metavar="N",
                         help="accelerators whose bandwidth adds up for the decode bound; "
                              "default: as many as weights + KV need")
+    parser.add_argument("--expert-parallel", type=int, default=None, metavar="N",
+                        help="add the communication cost of splitting the routed experts over N ranks "
+                             "(N must divide the experts per layer); the step is --batch x --context tokens "
+                             "over all N ranks")
+    parser.add_argument("--link-bandwidth", type=float, default=50.0, metavar="GB/s",
+                        help="bandwidth of one rank's link for --expert-parallel, GB/s per direction; default 50 "
+                             "(one 400 Gb/s InfiniBand NIC per GPU)")
+    parser.add_argument("--activation-precision", default="bf16", choices=[p for p in PRECISIONS if p != "int4"],
+                        help="element type of the hidden vectors sent between ranks; default bf16")
     parser.add_argument("--plot", default=None, metavar="PATH.png",
                         help="write a plot of experts touched and decode tokens/s bound vs batch size")
 
@@ -307,7 +390,9 @@ def run(args: argparse.Namespace) -> int:
     """Print the card(s); raise ValueError (the CLI reports it) for an unusable model or option."""
     settings = CardSettings(precision=args.precision, kv_precision=args.kv_precision, context=args.context,
                             batch=args.batch, accelerator_memory_gb=args.accelerator_memory,
-                            bandwidth_tb_s=args.bandwidth, accelerators=args.accelerators)
+                            bandwidth_tb_s=args.bandwidth, accelerators=args.accelerators,
+                            expert_parallel=args.expert_parallel, link_bandwidth_gb_s=args.link_bandwidth,
+                            activation_precision=args.activation_precision)
     settings.validate()
     if args.plot is not None and not str(args.plot).lower().endswith(".png"):
         raise ValueError(f"--plot {args.plot!r} is invalid: allowed a path ending in .png")

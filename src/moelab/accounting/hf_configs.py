@@ -226,7 +226,9 @@ def _deepseek(f: Fields, name: str) -> ModelSpec:
     def mlp(width: int) -> int:
         return swiglu_params(d, width) + (2 * width + d if mlp_bias else 0)
 
-    moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d),
+    n_group, topk_group = _routing_groups(f)
+    moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d,
+                                  n_groups=n_group, topk_groups=topk_group),
                   shared=mlp(n_shared * f_e) if n_shared else 0)
     layers = [LayerSpec(attention, moe if i >= first_dense and i % freq == 0 else FFNSpec(dense=mlp(ff)), 2 * d)
               for i in range(n_layers)]
@@ -234,6 +236,16 @@ def _deepseek(f: Fields, name: str) -> ModelSpec:
     return _spec(f, name, d, layers, tie_default=False, mtp_layers=tuple(LayerSpec(attention, moe, 2 * d)
                                                                       for _ in range(n_mtp)),
                  mtp_extra=n_mtp * (2 * d * d + 3 * d))
+
+
+def _routing_groups(f: Fields) -> tuple[int, int]:
+    """(n_group, topk_group) of DeepSeek's group-limited routing (V2 §2.2.2 device-limited, V3 §2.1.2
+    node-limited): a token's experts lie in at most topk_group of n_group groups. (1, 1) — no limit —
+    when either field is absent or null or `topk_method` is "greedy" (DeepSeek-V2-Lite). Only the
+    expert-parallel traffic model uses it; parameter counts do not."""
+    if f.data.get("topk_method") == "greedy" or f.data.get("n_group") is None or f.data.get("topk_group") is None:
+        return 1, 1
+    return f.int("n_group"), f.int("topk_group")
 
 
 def _glm4_moe(f: Fields, name: str) -> ModelSpec:
@@ -245,7 +257,9 @@ def _glm4_moe(f: Fields, name: str) -> ModelSpec:
     n_shared, first_dense = f.int("n_shared_experts", minimum=0), f.int("first_k_dense_replace", minimum=0)
     attention = gqa(d, heads, kv, hd, qkv_bias=f.bool("attention_bias", False),
                     qk_norm="head" if f.bool("use_qk_norm", False) else "none")
-    moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d),
+    n_group, topk_group = _routing_groups(f)
+    moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d,
+                                  n_groups=n_group, topk_groups=topk_group),
                   shared=swiglu_params(d, n_shared * f_e))
     layers = [LayerSpec(attention, moe if i >= first_dense else FFNSpec(dense=swiglu_params(d, ff)), 2 * d)
               for i in range(n_layers)]

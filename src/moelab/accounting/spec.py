@@ -26,12 +26,17 @@ class Experts:
 
     params_each: parameters of one expert (its matrices and biases).
     router: parameters of the router that picks them (weight, and bias if any).
+    n_groups / topk_groups: group-limited routing (DeepSeek-V2 device-limited, DeepSeek-V3
+        node-limited): the experts form n_groups equal groups and a token's top_k lie in at most
+        topk_groups of them; 1 / 1 = no limit. Parameter counts do not depend on it.
     """
 
     n: int
     top_k: float
     params_each: int
     router: int
+    n_groups: int = 1
+    topk_groups: int = 1
 
     @property
     def total(self) -> int:
@@ -178,7 +183,7 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
             per_matrix_pair = 3 if moe.activation == "swiglu" else 2  # SwiGLU: gate, up, down
             ffn = FFNSpec(
                 experts=Experts(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f,
-                                router=moe.n_experts * d),
+                                router=moe.n_experts * d, n_groups=moe.n_groups, topk_groups=moe.topk_groups),
                 shared=per_matrix_pair * d * w + (d if moe.shared_gate else 0))
         else:
             ffn = FFNSpec(dense=(3 if cfg.activation == "swiglu" else 2) * d * cfg.d_ff)
