@@ -11,18 +11,24 @@ construction); the model and training checks in float32.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab import MoE, MoEConfig, ModelConfig, MoETransformer
+from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
+from moelab.config import TrainConfig
 from moelab.parallel import (
     ExpertParallelMoE,
     apply_expert_parallel,
@@ -33,6 +39,7 @@ from moelab.parallel import (
     shard_expert_state,
     sync_gradients,
 )
+from moelab.train import train
 
 D, F_ = 8, 8
 
@@ -318,6 +325,93 @@ def test_dead_rank_stops_others_within_timeout():
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "result.txt")
         spawn(2, _dead_rank, path, timeout_s=10.0)
-        seconds, outcome = open(path).read().split("\n", 1)
+        with open(path) as f:
+            seconds, outcome = f.read().split("\n", 1)
     assert outcome.startswith("error"), outcome
     assert float(seconds) < 15.0, seconds
+
+
+# ------------------------------------------------------------------------------------------------ training loop
+
+TRAIN_MODEL = ModelConfig(vocab_size=384, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_seq_len=32,
+                          moe=MoEConfig(d_model=32, d_expert=32, n_experts=4, top_k=2, route_scale=2.0,
+                                        aux_loss_coef=0.01, z_loss_coef=1e-3))
+
+
+CLI_TRAIN_MODEL = ["--preset", "tiny", "--vocab-size", "384", "--d-model", "32", "--n-layers", "2", "--n-heads", "2",
+                   "--n-kv-heads", "2", "--d-ff", "64", "--max-seq-len", "32", "--moe-d-expert", "32",
+                   "--moe-n-experts", "4", "--steps", "20", "--batch-size", "4", "--seq-len", "32",
+                   "--max-corpus-bytes", "150000", "--log-every", "1", "--eval-every", "10", "--eval-batches", "2",
+                   "--warmup-steps", "3", "--save-every", "10", "--threads", "1"]
+
+
+def train_cfg(n: int, **over) -> TrainConfig:
+    return TrainConfig(**(dict(steps=20, batch_size=4, seq_len=32, max_corpus_bytes=150_000, log_every=1,
+                               eval_every=10, eval_batches=2, warmup_steps=3, save_every=10, threads=1,
+                               expert_parallel=n) | over))
+
+
+def _torchrun_like(rank: int, world: int, port: int, fn, args) -> None:
+    """What torchrun gives a worker: the env:// variables; moelab.train sets the group up itself."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), MOELAB_DIST_TIMEOUT="60")
+    torch.set_num_threads(1)
+    fn(rank, world, *args)
+
+
+def spawn_env(world: int, fn, *args) -> None:
+    mp.spawn(_torchrun_like, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+def _train_worker(rank: int, world: int, run_dir: str, resume: bool, steps: int) -> None:
+    train(TRAIN_MODEL, train_cfg(world, steps=steps), run_dir, resume=resume, progress=False)
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curve(got: list[dict], want: list[dict], what: str, rtol: float = 2e-5) -> None:
+    assert [r["step"] for r in got] == [r["step"] for r in want], what
+    for g, w in zip(got, want, strict=True):
+        for key in ("loss", "val_loss", "aux_load_balance", "aux_z"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=rtol, abs=1e-6), f"{what} step {w['step']} {key}"
+
+
+def test_training_loop_same_curve_on_1_2_4_processes_and_resume_across_n(tmp_path):
+    """20 steps with the same global batch: 4 processes (library), 2 processes (`torchrun ... -m moelab
+    train --expert-parallel 2`) and one process give the same loss curve; the 4-process step-10
+    checkpoint resumes with 2 and with 1 process to the same losses."""
+    ref = train(TRAIN_MODEL, train_cfg(1), tmp_path / "one", progress=False)
+    want = records(tmp_path / "one")
+    assert len(want) == 20 and want[-1]["val_loss"] == pytest.approx(ref.final_val_loss)
+
+    spawn_env(4, _train_worker, str(tmp_path / "four"), False, 20)
+    got4 = records(tmp_path / "four")
+    assert_same_curve(got4, want, "N=4")
+    for r in got4:  # the straggler view: one entry per rank
+        assert len(r["ep_step_s"]) == 4 and len(r["ep_rows_sent"]) == 4 and len(r["ep_load_per_rank"]) == 2
+        assert all(0 <= s <= 1 for s in r["ep_a2a_share"]) and sum(r["ep_rows_sent"]) > 0
+        assert sum(r["ep_rows_sent"]) == sum(r["ep_rows_received"])  # every row that leaves a rank arrives
+        assert sum(r["ep_load_per_rank"][0]) == pytest.approx(1.0)
+
+    port = _free_port()
+    cli = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(port), "-m", "moelab", "train", "--expert-parallel", "2", "--quiet",
+           "--out", str(tmp_path / "two"), *CLI_TRAIN_MODEL]
+    done = subprocess.run(cli, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert saved == {"model": TRAIN_MODEL.to_dict(), "train": train_cfg(2).to_dict()}  # the same run, by flags
+    assert_same_curve(records(tmp_path / "two"), want, "torchrun N=2")
+
+    for n in (2, 1):  # resume the 4-process run from its step-10 checkpoint with fewer processes
+        run = tmp_path / f"four_to_{n}"
+        shutil.copytree(tmp_path / "four", run)
+        shutil.rmtree(run / "checkpoints" / "step_00000020")
+        if n == 1:
+            train(TRAIN_MODEL, train_cfg(1), run, resume=True, progress=False)
+        else:
+            spawn_env(n, _train_worker, str(run), True, 20)
+        assert_same_curve(records(run), want, f"N=4 → N={n}")

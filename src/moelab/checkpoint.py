@@ -56,13 +56,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as contiguous CPU tensors (tied weights appear once, under their first name)."""
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def model_tensors(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict (of a module, or given) as contiguous CPU tensors (tied weights appear once)."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    state = optimizer.state_dict()
+def optimizer_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    state = optimizer.state_dict() if isinstance(optimizer, torch.optim.Optimizer) else optimizer
     tensors = {}
     for idx, pstate in state["state"].items():
         for name, value in pstate.items():
@@ -71,10 +72,13 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, state["param_groups"]
 
 
-def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], trainer: dict[str, Any], rng: dict[str, torch.Tensor],
-                    keep: int = 2) -> Path:
-    """Write RUN/checkpoints/step_XXXXXXXX atomically; keep the newest `keep` complete checkpoints."""
+def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict, config: dict[str, Any], trainer: dict[str, Any],
+                    rng: dict[str, torch.Tensor], keep: int = 2) -> Path:
+    """Write RUN/checkpoints/step_XXXXXXXX atomically; keep the newest `keep` complete checkpoints.
+
+    `model` / `optimizer` are the objects or their state dicts (expert parallelism passes the state
+    gathered into the single-process layout)."""
     parent = Path(run_dir) / "checkpoints"
     parent.mkdir(parents=True, exist_ok=True)
     for stale in parent.glob(".tmp-*"):
@@ -158,8 +162,8 @@ def load_model_state(model: nn.Module, ckpt: str | Path, verified: bool = False)
     model.load_state_dict(tensors)
 
 
-def load_training_state(ckpt: str | Path, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore the optimizer; return (trainer.json contents, RNG tensors)."""
+def read_training_state(ckpt: str | Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(optimizer state dict, trainer.json contents, RNG tensors) of a checkpoint."""
     ckpt = Path(ckpt)
     trainer = json.loads((ckpt / "trainer.json").read_text())
     flat = load_file(str(ckpt / "optimizer.safetensors"))
@@ -167,5 +171,12 @@ def load_training_state(ckpt: str | Path, optimizer: torch.optim.Optimizer) -> t
     for key, t in flat.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = t
-    optimizer.load_state_dict({"state": state, "param_groups": trainer.pop("param_groups")})
-    return trainer, load_file(str(ckpt / "trainer.safetensors"))
+    optim_state = {"state": state, "param_groups": trainer.pop("param_groups")}
+    return optim_state, trainer, load_file(str(ckpt / "trainer.safetensors"))
+
+
+def load_training_state(ckpt: str | Path, optimizer: torch.optim.Optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore the optimizer; return (trainer.json contents, RNG tensors)."""
+    optim_state, trainer, rng = read_training_state(ckpt)
+    optimizer.load_state_dict(optim_state)
+    return trainer, rng

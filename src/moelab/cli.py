@@ -68,8 +68,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_cfg = model_cfg.dense_twin()
     result = train(model_cfg, train_cfg, args.out, data_path=args.data, resume=args.resume,
                    progress=not args.quiet)
-    print(f"run: {result.run_dir}  steps: {result.steps}  validation loss: {result.final_val_loss:.4f}  "
-          f"training tokens/s: {result.tokens_per_s:,.0f}")
+    if result.is_main:
+        print(f"run: {result.run_dir}  steps: {result.steps}  validation loss: {result.final_val_loss:.4f}  "
+              f"training tokens/s: {result.tokens_per_s:,.0f}")
     return 0
 
 

@@ -329,6 +329,8 @@ class TrainConfig(_JsonMixin):
         val_fraction: share of the token stream held out for validation.
         dtype: "float32" or "bfloat16" (autocast for the forward; weights and optimizer stay float32).
         threads: torch intra-op threads (0 = torch's default).
+        expert_parallel: processes the routed experts are split over (launch that many with torchrun);
+            batch_size stays the global batch, split evenly over them (moelab.parallel).
     """
 
     steps: int = 300
@@ -351,13 +353,14 @@ class TrainConfig(_JsonMixin):
     val_fraction: float = 0.05
     dtype: str = "float32"
     threads: int = 0
+    expert_parallel: int = 1
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every",
-                     "max_corpus_bytes"):
+                     "max_corpus_bytes", "expert_parallel"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "save_every", "seed", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
@@ -372,6 +375,9 @@ class TrainConfig(_JsonMixin):
         if not 0 < self.val_fraction < 0.5:
             _fail("val_fraction", self.val_fraction, "a number in (0, 0.5)")
         _choice("dtype", self.dtype, ("float32", "bfloat16"))
+        if self.batch_size % self.expert_parallel:
+            _fail("batch_size", self.batch_size, f"a multiple of expert_parallel={self.expert_parallel} (it is the "
+                  "global batch, split evenly over the processes)")
 
 
 # Training presets are data: {"model": ModelConfig fields, "moe": MoEConfig fields, "train": TrainConfig fields}.

@@ -12,6 +12,7 @@ continue bit-for-bit: model, optimizer, step, torch RNG and the data sampler's g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,10 @@ from moelab import checkpoint as ckpt_io
 from moelab.config import ModelConfig, TrainConfig
 from moelab.data import TokenData, prepare_data
 from moelab.model import MoETransformer
+from moelab.parallel import ParallelContext, setup_from_env
+from moelab.parallel.expert import comm_stats
+
+SINGLE_PROCESS = ParallelContext()
 
 
 @dataclass
@@ -38,6 +43,7 @@ class TrainResult:
     train_tokens: int
     tokens_per_s: float  # training throughput over the run (excluding evaluation and checkpointing)
     train_seconds: float
+    is_main: bool = True  # False on the ranks > 0 of an expert-parallel run
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -58,17 +64,23 @@ def make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig) -> float:
-    """Mean next-token cross-entropy (nats) over fixed validation windows."""
+def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
+             ctx: ParallelContext = SINGLE_PROCESS) -> float:
+    """Mean next-token cross-entropy (nats) over fixed validation windows (under expert parallelism each
+    rank takes its share of every window batch — the last may be smaller, even empty on some ranks — and
+    the sums and counts are added over the ranks)."""
     was_training = model.training
     model.eval()
     total, n = 0.0, 0
     for x, y in data.iter_eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches):
+        x, y = x.tensor_split(ctx.world)[ctx.rank], y.tensor_split(ctx.world)[ctx.rank]
         with _autocast(cfg):
-            total += model(x, targets=y).loss.item() * x.numel()
-        n += x.numel()
+            loss = model(x, targets=y).loss  # every rank runs the forward: its collectives need all ranks
+        if x.numel():
+            total += loss.item() * x.numel()
+            n += x.numel()
     model.train(was_training)
-    return total / max(n, 1)
+    return ctx.sum(total) / max(ctx.sum(n), 1)
 
 
 def _autocast(cfg: TrainConfig):
@@ -119,70 +131,116 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
 
     `data_path` None means the default corpus (the running Python's standard library); `data` lets a
     caller reuse an already prepared token stream (the demo trains two models on the same tokens).
+
+    With `cfg.expert_parallel` = N > 1 every one of the N processes torchrun started calls this: the
+    experts are split over them (moelab.parallel), each takes its share of the same global batch, rank 0
+    writes metrics, checkpoints (in the single-process layout, so any N resumes them) and plots. A rank
+    that dies makes the others raise within the collective timeout (MOELAB_DIST_TIMEOUT, 60 s).
     """
-    run_dir = Path(run_dir)
-    _check_run_dir(run_dir, resume)
+    ctx = setup_from_env(cfg.expert_parallel)
+    try:
+        return _train(model_cfg, cfg, Path(run_dir), data_path, resume, progress, data, desc, ctx)
+    except RuntimeError as e:
+        if not ctx.distributed:
+            raise
+        raise RuntimeError(f"rank {ctx.rank} of {ctx.world}: an expert-parallel collective failed — another rank "
+                           f"probably died or stopped answering (timeout MOELAB_DIST_TIMEOUT): {e}") from e
+    finally:
+        ctx.close()
+
+
+def _restore(run_dir: Path, config: dict[str, Any], model: MoETransformer) -> Path | None:
+    """Load the newest checkpoint's model weights (single-process layout); its path, or None."""
+    ckpts = ckpt_io.list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    latest = ckpts[-1]
+    ckpt_io.verify(latest)
+    if ckpt_io.read_config(latest)["model"] != config["model"]:
+        raise ckpt_io.CheckpointError(f"{latest}: the checkpoint was written with a different model config than "
+                                      "the one requested; resume with the same preset and overrides")
+    ckpt_io.load_model_state(model, latest, verified=True)
+    return latest
+
+
+def _parallel_stats(ctx: ParallelContext, step_seconds: float, auxes: list) -> dict[str, Any]:
+    """The straggler view of one step, one entry per rank: step time, all-to-all time and its share,
+    rows sent to / received from other ranks, and each MoE layer's share of the load on each rank."""
+    per_rank = ctx.gather([step_seconds, comm_stats.seconds, comm_stats.rows_sent, comm_stats.rows_received])
+    loads = [sum(m[i].load for m in auxes) for i in range(len(auxes[0]))] if auxes and auxes[0] else []
+    return {"ep_step_s": [r[0] for r in per_rank], "ep_a2a_s": [r[1] for r in per_rank],
+            "ep_a2a_share": [r[1] / max(r[0], 1e-12) for r in per_rank],
+            "ep_rows_sent": [int(r[2]) for r in per_rank], "ep_rows_received": [int(r[3]) for r in per_rank],
+            "ep_load_per_rank": [(ld.view(ctx.world, -1).sum(1) / ld.sum()).tolist() for ld in loads]}
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data_path, resume: bool, progress: bool,
+           data: TokenData | None, desc: str, ctx: ParallelContext) -> TrainResult:
+    _check_run_dir(run_dir, resume)  # on every rank, before any rank writes
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    progress = progress and ctx.is_main
+    ctx.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     if data is None:
-        _, data = prepare_data(data_path, run_dir, vocab_size=model_cfg.vocab_size,
-                               max_bytes=cfg.max_corpus_bytes, val_fraction=cfg.val_fraction, quiet=not progress)
+        for turn in (True, False):  # rank 0 builds the tokenizer and token cache; the others then read it
+            if ctx.is_main == turn:
+                _, data = prepare_data(data_path, run_dir, vocab_size=model_cfg.vocab_size,
+                                       max_bytes=cfg.max_corpus_bytes, val_fraction=cfg.val_fraction,
+                                       quiet=not progress)
+            ctx.barrier()
     if data.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {data.vocab_size} tokens but the model's vocab_size="
                          f"{model_cfg.vocab_size}; raise vocab_size")
 
     torch.manual_seed(cfg.seed)
     model = MoETransformer(model_cfg)
-    optimizer = make_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
     start, train_tokens, train_seconds = 0, 0, 0.0
-    if resume and not ckpt_io.list_checkpoints(run_dir):
-        _truncate_metrics(run_dir / "metrics.jsonl", 0)  # killed before its first checkpoint: start over
-    if resume and ckpt_io.list_checkpoints(run_dir):
-        latest = ckpt_io.list_checkpoints(run_dir)[-1]
-        ckpt_io.verify(latest)
-        saved = ckpt_io.read_config(latest)
-        if saved["model"] != config["model"]:
-            raise ckpt_io.CheckpointError(f"{latest}: the checkpoint was written with a different model config than "
-                                          "the one requested; resume with the same preset and overrides")
-        ckpt_io.load_model_state(model, latest, verified=True)
-        trainer, rng = ckpt_io.load_training_state(latest, optimizer)
+    latest = _restore(run_dir, config, model) if resume else None
+    model = ctx.wrap(model)  # expert-parallel: keep this rank's expert slices
+    optimizer = make_optimizer(model, cfg)
+    if latest is not None:
+        optim_state, trainer, rng = ckpt_io.read_training_state(latest)
+        ctx.load_optimizer_state(optimizer, optim_state)
         start, train_tokens, train_seconds = trainer["step"], trainer["train_tokens"], trainer["train_seconds"]
         torch.set_rng_state(rng["torch"])
         gen.set_state(rng["data"])
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    if ctx.is_main:
+        if resume:  # drop lines a killed run logged after its last checkpoint (all of them if it had none)
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
-    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len  # global: all ranks together
     val_loss = float("nan")
     bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
     window_t, window_tokens = 0.0, 0
     model.train()
-    with open(run_dir / "metrics.jsonl", "a") as metrics:
+    with open(run_dir / "metrics.jsonl", "a") if ctx.is_main else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
+            comm_stats.reset()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             auxes, loss_sum, aux_sums = [], 0.0, {}
             for _ in range(cfg.grad_accum):
-                x, y = data.get_batch("train", cfg.batch_size, cfg.seq_len, gen)
+                x, y = data.get_batch("train", cfg.batch_size, cfg.seq_len, gen)  # the global batch
                 with _autocast(cfg):
-                    out = model(x, targets=y)
+                    out = model(ctx.shard(x), targets=ctx.shard(y))
                 ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
                 loss_sum += out.loss.item() / cfg.grad_accum
                 for a in out.aux:
                     for k, v in a.losses.items():
                         aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / cfg.grad_accum
                 auxes.append(out.aux)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")).item()
+            grad_norm = ctx.clip_grads_(model, cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if auxes[0]:
+            if auxes[0]:  # the loads are global under expert parallelism: every rank moves its biases alike
                 model.update_expert_biases([sum(m[i].load for m in auxes) for i in range(len(auxes[0]))])
             dt = time.perf_counter() - t0
             train_seconds += dt
@@ -192,38 +250,46 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
             done = step + 1
             record: dict[str, Any] | None = None
             if done % cfg.log_every == 0 or done == cfg.steps:
+                loss_sum = ctx.mean(loss_sum)  # each rank's loss is the mean over its share of the batch
+                aux_sums = {k: ctx.mean(v) for k, v in aux_sums.items()}
                 record = {"step": done, "loss": loss_sum, **{f"aux_{k}": v for k, v in aux_sums.items()},
                           "lr": lr, "grad_norm": grad_norm, "tokens": train_tokens,
                           "tokens_per_s": window_tokens / window_t, **_layer_stats(auxes, model)}
+                if ctx.distributed:
+                    record |= _parallel_stats(ctx, dt, auxes)
                 window_t, window_tokens = 0.0, 0
             if done % cfg.eval_every == 0 or done == cfg.steps:
-                val_loss = evaluate(model, data, cfg)
-                record = record or {"step": done, "loss": loss_sum, "tokens": train_tokens}
+                val_loss = evaluate(model, data, cfg, ctx)
+                record = record or {"step": done, "loss": ctx.mean(loss_sum), "tokens": train_tokens}
                 record["val_loss"] = val_loss
-            if record is not None:
+            if record is not None and metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{loss_sum:.3f}", val=f"{val_loss:.3f}",
+                bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
                                 tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
             bar.update(1)
             if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                metrics.flush()
-                ckpt_io.save_checkpoint(
-                    run_dir, done, model=model, optimizer=optimizer, config=config,
-                    trainer={"train_tokens": train_tokens, "train_seconds": train_seconds},
-                    rng={"torch": torch.get_rng_state(), "data": gen.get_state()})
+                model_state, optim_state = ctx.model_state(model), ctx.optimizer_state(optimizer)
+                if ctx.is_main:
+                    metrics.flush()
+                    ckpt_io.save_checkpoint(
+                        run_dir, done, model=model_state, optimizer=optim_state, config=config,
+                        trainer={"train_tokens": train_tokens, "train_seconds": train_seconds},
+                        rng={"torch": torch.get_rng_state(), "data": gen.get_state()})
+                ctx.barrier()
     bar.close()
     if start >= cfg.steps:  # resumed a finished run: report its final validation loss
-        val_loss = evaluate(model, data, cfg)
-    try:
-        from moelab.analysis import plot_run
+        val_loss = evaluate(model, data, cfg, ctx)
+    if ctx.is_main:
+        try:
+            from moelab.analysis import plot_run
 
-        plot_run(run_dir)
-    except ImportError:  # matplotlib missing: metrics.jsonl still holds everything
-        pass
+            plot_run(run_dir)
+        except ImportError:  # matplotlib missing: metrics.jsonl still holds everything
+            pass
     return TrainResult(run_dir=run_dir, model=model, steps=cfg.steps, final_val_loss=val_loss,
                        train_tokens=train_tokens, tokens_per_s=train_tokens / max(train_seconds, 1e-9),
-                       train_seconds=train_seconds)
+                       train_seconds=train_seconds, is_main=ctx.is_main)
 
 
 def load_run(run_dir: str | Path) -> tuple[MoETransformer, dict[str, Any]]:

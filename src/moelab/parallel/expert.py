@@ -37,6 +37,9 @@ a global sort over all ranks.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -56,6 +59,36 @@ def group_rank(group=None) -> int:
     return dist.get_rank(group)
 
 
+@dataclass
+class CommStats:
+    """What this process's expert-parallel all-to-alls did since the last `reset()`: wall seconds spent in
+    them (forward and backward; on CUDA the stream is synchronised around each call so that the time is
+    the exchange's, not the queue's), rows sent to other ranks and rows received from them."""
+
+    seconds: float = 0.0
+    rows_sent: int = 0
+    rows_received: int = 0
+    calls: int = 0
+
+    def reset(self) -> None:
+        self.seconds, self.rows_sent, self.rows_received, self.calls = 0.0, 0, 0, 0
+
+
+comm_stats = CommStats()  # process-wide: one process is one rank
+
+
+def _timed_all_to_all(out: Tensor, x: Tensor, out_splits, in_splits, group) -> None:
+    sync = x.is_cuda and torch.cuda.is_available()
+    if sync:
+        torch.cuda.synchronize(x.device)
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
+    if sync:
+        torch.cuda.synchronize(x.device)
+    comm_stats.seconds += time.perf_counter() - t0
+    comm_stats.calls += 1
+
+
 class _AllToAllRows(torch.autograd.Function):
     """out = all_to_all_single(x) with uneven splits along dim 0; the backward is the reverse exchange."""
 
@@ -63,14 +96,14 @@ class _AllToAllRows(torch.autograd.Function):
     def forward(ctx, x: Tensor, out_splits: list[int], in_splits: list[int], group) -> Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        _timed_all_to_all(out, x.contiguous(), out_splits, in_splits, group)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         out_splits, in_splits = ctx.splits
         grad_in = grad_out.new_empty((sum(in_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), in_splits, out_splits, group=ctx.group)
+        _timed_all_to_all(grad_in, grad_out.contiguous(), in_splits, out_splits, ctx.group)
         return grad_in, None, None, None
 
 
@@ -116,11 +149,13 @@ class ExpertParallelExperts(nn.Module):
         N, El = self.world, self.n_local
         send_NL = counts_E.to(torch.long).view(N, El)
         recv_NL = torch.empty_like(send_NL)
-        dist.all_to_all_single(recv_NL, send_NL.contiguous(), group=self.group)  # counts [from rank, expert]
+        _timed_all_to_all(recv_NL, send_NL.contiguous(), None, None, self.group)  # counts [from rank, expert]
         send_splits = send_NL.sum(1).tolist()  # host sizes for the row exchange (one small read on the CPU)
         recv_splits = recv_NL.sum(1).tolist()
         self.last_exchange = {"rows_sent": sum(send_splits), "rows_received": sum(recv_splits),
                               "rows_kept_local": send_splits[self.rank]}
+        comm_stats.rows_sent += sum(send_splits) - send_splits[self.rank]  # rows that leave this rank
+        comm_stats.rows_received += sum(recv_splits) - recv_splits[self.rank]
         x_RD = all_to_all_rows(x_AD, recv_splits, send_splits, self.group)  # [R, D], rank-major
         order = _expert_major_order(recv_NL)
         counts_L = recv_NL.sum(0)

@@ -16,22 +16,91 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.parallel.expert import ExpertParallelExperts
+from moelab.parallel.expert import ExpertParallelExperts, apply_expert_parallel
 
 DEFAULT_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """rank and world size of the expert-parallel group (here: the whole world), and the group."""
+    """The expert-parallel group a training run spans (here: the whole world) and the few operations the
+    training loop needs from it. `ParallelContext()` is the single-process run: every method is then the
+    identity (or torch's own), so the loop has one code path for 1 and N processes.
 
-    rank: int
-    world: int
+    `owns_group`: `setup_from_env` created the process group, so `close()` destroys it.
+    """
+
+    rank: int = 0
+    world: int = 1
     group: object = None
+    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """True for a torch.distributed run (even of one process launched by torchrun)."""
+        return self.world > 1 or self.owns_group
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model with its MoE layers expert-parallel (identity for one process)."""
+        return apply_expert_parallel(model, self.group, self.world) if self.distributed else model
+
+    def shard(self, x: Tensor) -> Tensor:
+        """This rank's rows of a global batch (see `shard_batch`)."""
+        return shard_batch(x, self.rank, self.world) if self.world > 1 else x
+
+    def sum(self, value: float) -> float:
+        """The sum of a Python number over the ranks (every rank gets it)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return t.item()
+
+    def mean(self, value: float) -> float:
+        """The mean of a Python number over the ranks (every rank gets it)."""
+        return self.sum(value) / self.world
+
+    def gather(self, values: list[float]) -> list[list[float]]:
+        """Every rank's list of numbers (same length on every rank), indexed [rank][i]."""
+        if not self.distributed:
+            return [list(values)]
+        mine = torch.tensor(values, dtype=torch.float64)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine, group=self.group)
+        return [p.tolist() for p in parts]
+
+    def clip_grads_(self, model: nn.Module, max_norm: float) -> float:
+        """Synchronise the gradients (`sync_gradients`) and clip their global norm; returns that norm."""
+        if not self.distributed:
+            return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        sync_gradients(model, self.group)
+        return clip_grad_norm_(model, max_norm, self.group).item()
+
+    def model_state(self, model: nn.Module) -> dict[str, Tensor]:
+        """The state dict in the single-process layout (collective under expert parallelism)."""
+        return gather_expert_state(model) if self.distributed else model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """The optimizer's state dict in the single-process layout (collective under expert parallelism)."""
+        return gather_optimizer_state(optimizer, self.group) if self.distributed else optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a single-process-layout optimizer state dict, keeping this rank's expert slices."""
+        if self.distributed:
+            state = shard_optimizer_state(state, optimizer, self.rank, self.world)
+        optimizer.load_state_dict(state)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_from_env(expert_parallel: int | None = None, timeout_s: float | None = None,
@@ -52,16 +121,17 @@ def setup_from_env(expert_parallel: int | None = None, timeout_s: float | None =
             raise ValueError(f"expert_parallel={expert_parallel} needs {expert_parallel} processes, but WORLD_SIZE "
                              "is not set: launch with `torchrun --nproc-per-node "
                              f"{expert_parallel} -m moelab ...`")
-        return ParallelContext(0, 1, None)
+        return ParallelContext()
     world = int(world_env)
     if expert_parallel is not None and expert_parallel != world:
         raise ValueError(f"expert_parallel={expert_parallel} does not match WORLD_SIZE={world}: expert "
                          "parallelism spans all processes; pass --expert-parallel equal to --nproc-per-node")
     if timeout_s is None:
         timeout_s = float(os.environ.get("MOELAB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return ParallelContext(dist.get_rank(), dist.get_world_size(), None)
+    return ParallelContext(dist.get_rank(), dist.get_world_size(), None, owns)
 
 
 def shard_batch(x: Tensor, rank: int, world: int) -> Tensor:
@@ -179,4 +249,49 @@ def shard_expert_state(state: dict[str, Tensor], rank: int, world: int) -> dict[
             raise ValueError(f"{key}: n_experts={E} is not divisible by the expert-parallel world size {world}")
         n = E // world
         out[key] = t[rank * n:(rank + 1) * n].clone()
+    return out
+
+
+def _params_in_state_order(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters in the numbering `optimizer.state_dict()` uses (groups in order, then params)."""
+    return [p for g in optimizer.param_groups for p in g["params"]]
+
+
+@torch.no_grad()
+def gather_optimizer_state(optimizer: torch.optim.Optimizer, group=None) -> dict:
+    """`optimizer.state_dict()` in the single-process layout: every per-parameter state tensor shaped like
+    an expert slice (Adam's exp_avg, exp_avg_sq) all-gathered along dim 0 into the full stacked shape.
+    Collective: call on every rank. Parameter numbering is unchanged (`apply_expert_parallel` keeps the
+    single-process parameter order)."""
+    state = optimizer.state_dict()
+    out = {"state": {}, "param_groups": state["param_groups"]}
+    world = dist.get_world_size(group)
+    for idx, p in enumerate(_params_in_state_order(optimizer)):
+        if idx not in state["state"]:
+            continue
+        pstate = dict(state["state"][idx])
+        if is_expert_param(p):
+            for name, v in pstate.items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    parts = [torch.empty_like(v) for _ in range(world)]
+                    dist.all_gather(parts, v.contiguous(), group=group)
+                    pstate[name] = torch.cat(parts)
+        out["state"][idx] = pstate
+    return out
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, rank: int, world: int) -> dict:
+    """A single-process-layout optimizer state dict → this rank's: per-parameter state tensors of expert
+    parameters whose first dimension is the full expert count are sliced to the rank's experts. Pure."""
+    out = {"state": {}, "param_groups": state["param_groups"]}
+    for idx, p in enumerate(_params_in_state_order(optimizer)):
+        if idx not in state["state"]:
+            continue
+        pstate = dict(state["state"][idx])
+        if is_expert_param(p):
+            El = p.shape[0]
+            for name, v in pstate.items():
+                if torch.is_tensor(v) and v.dim() == p.dim() and v.shape[0] == El * world:
+                    pstate[name] = v[rank * El:(rank + 1) * El].clone()
+        out["state"][idx] = pstate
     return out
