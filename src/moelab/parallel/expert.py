@@ -198,7 +198,7 @@ def global_capacity_permute(routing: Routing, n_experts: int, top_k: int, capaci
     expert_idx = routing.expert_idx
     level = torch.arange(K, device=expert_idx.device).repeat_interleave(T)  # choice rank of each assignment
     local_KE = torch.bincount(level * E + expert_idx, minlength=K * E).view(K, E)
-    mine = torch.cat([local_KE.flatten(), torch.tensor([T])])  # one all-gather: counts [K·E] and T
+    mine = torch.cat([local_KE.flatten(), local_KE.new_tensor([T])])  # one all-gather: counts [K·E] and T
     gathered = [torch.empty_like(mine) for _ in range(group_size(group))]
     dist.all_gather(gathered, mine, group=group)
     all_NKE = torch.stack([g[:-1] for g in gathered]).view(-1, K, E)
@@ -212,7 +212,7 @@ def global_capacity_permute(routing: Routing, n_experts: int, top_k: int, capaci
     order = torch.sort(expert_idx, stable=True).indices
     counts = torch.bincount(expert_idx, minlength=E)
     e_sorted, j_sorted = expert_idx[order], level[order]
-    pos_in_expert = torch.arange(order.numel()) - (counts.cumsum(0) - counts)[e_sorted]
+    pos_in_expert = torch.arange(order.numel(), device=order.device) - (counts.cumsum(0) - counts)[e_sorted]
     local_before_level = (local_KE.cumsum(0) - local_KE)[j_sorted, e_sorted]
     global_pos = offset_KE[j_sorted, e_sorted] + pos_in_expert - local_before_level
     keep = global_pos < C
@@ -275,11 +275,12 @@ class ExpertParallelMoE(MoE):
         losses: dict[str, Tensor] = {}
         # one all-reduce for the statistics: [load E | dropped | assignments | tokens | entropy·T]
         with torch.no_grad():
-            entropy_sum = (balance.router_entropy(routing.probs).double() * T if T
-                           else torch.zeros((), dtype=torch.double))
+            dev = routing.probs.device
+            entropy_sum = balance.router_entropy(routing.probs).double() * T if T else torch.zeros((), device=dev)
+            scalars = [disp.n_dropped, torch.tensor(routing.expert_idx.numel(), device=dev),
+                       torch.tensor(T, device=dev), entropy_sum]
             stats = torch.cat([balance.expert_counts(routing.expert_idx, E).double(),
-                               torch.stack([disp.n_dropped.double(), torch.tensor(float(routing.expert_idx.numel())),
-                                            torch.tensor(float(T)), entropy_sum.double()])])
+                               torch.stack([v.to(device=dev, dtype=torch.double) for v in scalars])])
             dist.all_reduce(stats, group=self.group)
         load = stats[:E].float()
         n_assign, n_tokens = stats[E + 1], stats[E + 2]

@@ -44,6 +44,13 @@ class ParallelContext:
         """True for a torch.distributed run (even of one process launched by torchrun)."""
         return self.world > 1 or self.owns_group
 
+    @property
+    def comm_device(self) -> torch.device:
+        """Where host numbers travel for collectives: the current CUDA device under NCCL, else the CPU."""
+        if self.distributed and dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model with its MoE layers expert-parallel (identity for one process)."""
         return apply_expert_parallel(model, self.group, self.world) if self.distributed else model
@@ -56,7 +63,7 @@ class ParallelContext:
         """The sum of a Python number over the ranks (every rank gets it)."""
         if not self.distributed:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.comm_device)
         dist.all_reduce(t, group=self.group)
         return t.item()
 
@@ -68,7 +75,7 @@ class ParallelContext:
         """Every rank's list of numbers (same length on every rank), indexed [rank][i]."""
         if not self.distributed:
             return [list(values)]
-        mine = torch.tensor(values, dtype=torch.float64)
+        mine = torch.tensor(values, dtype=torch.float64, device=self.comm_device)
         parts = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(parts, mine, group=self.group)
         return [p.tolist() for p in parts]
@@ -185,13 +192,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> Tensor:
     """`torch.nn.utils.clip_grad_norm_` over the whole (virtual single-process) model: the global norm
     counts the replicated gradients once and every rank's expert slices; every rank applies the same
     scale. Call after `sync_gradients`. Returns the total norm (float32 scalar)."""
-    rep_sq = torch.zeros((), dtype=torch.float64)
-    exp_sq = torch.zeros((), dtype=torch.float64)
-    grads = []
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    dev = grads[0].device if grads else torch.device("cpu")
+    rep_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    exp_sq = torch.zeros((), dtype=torch.float64, device=dev)
     for p in model.parameters():
         if p.grad is None:
             continue
-        grads.append(p.grad)
         sq = p.grad.double().square().sum()
         if is_expert_param(p):
             exp_sq += sq
