@@ -1,12 +1,15 @@
-"""The language model: shapes, causality, KV-cache parity, the dense twin, errors."""
+"""The language model: shapes, causality, KV-cache parity, the dense twin, RoPE and YaRN, errors."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.model import KVCache, apply_rope, rope_tables
+from moelab.config import RopeScaling
+from moelab.model import KVCache, apply_rope, rope_inv_freq, rope_tables, yarn_attention_factor, yarn_mscale
 
 MOE = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, n_shared=1)
 CONFIGS = {
@@ -19,6 +22,11 @@ CONFIGS = {
                                kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                                max_seq_len=32, moe=MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=2,
                                                              router="sigmoid", n_groups=2, topk_groups=1)),
+    "mla_yarn": ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, attention="mla", q_lora_rank=None,
+                            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=32,
+                            rope_scaling=RopeScaling(factor=4.0, original_max_seq_len=8, mscale=1.0,
+                                                     mscale_all_dim=0.7),
+                            moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2)),
 }
 
 
@@ -87,3 +95,107 @@ def test_update_expert_biases_reaches_every_moe_layer():
         load = aux.load
         expected = 1e-3 * torch.sign(load.mean() - load)
         torch.testing.assert_close(moe.router.bias, expected)
+
+
+# -- YaRN (Peng et al. 2023) -----------------------------------------------------------------------------
+
+
+def _yarn_reference(dim: int, theta: float, s: RopeScaling) -> list[float]:
+    """inv_freq of each rotary pair, one at a time, as the YaRN reference code defines it: the blend weight
+    rises linearly over pair indices from the correction dimension of beta_fast rotations to that of beta_slow."""
+    def correction_dim(rotations):
+        return dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    out = []
+    for i in range(dim // 2):
+        base = theta ** (-2 * i / dim)
+        w = min(max((i - low) / (high - low if high != low else 0.001), 0.0), 1.0)  # 0: keep, 1: divide by factor
+        out.append(base * (1 - w) + base / s.factor * w)
+    return out
+
+
+@pytest.mark.parametrize("s", [
+    RopeScaling(factor=40.0, original_max_seq_len=4096, mscale=1.0, mscale_all_dim=1.0),  # DeepSeek-V3
+    RopeScaling(factor=4.0, original_max_seq_len=64, beta_fast=16.0, beta_slow=2.0, truncate=False),
+    RopeScaling(factor=2.0, original_max_seq_len=10**6),  # every pair extrapolated (kept)
+    RopeScaling(factor=8.0, original_max_seq_len=256, beta_fast=64.0, beta_slow=0.5),
+])
+def test_yarn_frequencies_match_a_per_pair_reference(s):
+    dim, theta = 32, 10000.0
+    got = rope_inv_freq(dim, theta, s)
+    torch.testing.assert_close(got, torch.tensor(_yarn_reference(dim, theta, s), dtype=torch.float64),
+                               atol=0, rtol=1e-12)
+    plain = rope_inv_freq(dim, theta)
+    # the paper's invariants: pairs rotating >= beta_fast times over the original context keep their frequency,
+    # pairs rotating <= beta_slow times are interpolated by the factor, and nothing leaves that range
+    rotations = s.original_max_seq_len * plain / (2 * math.pi)
+    keep, interp = rotations >= s.beta_fast * 2, rotations <= s.beta_slow / 2  # margins cover the rounding
+    torch.testing.assert_close(got[keep], plain[keep], atol=0, rtol=1e-12)
+    torch.testing.assert_close(got[interp], plain[interp] / s.factor, atol=0, rtol=1e-12)
+    assert bool(((got <= plain * (1 + 1e-12)) & (got >= plain / s.factor * (1 - 1e-12))).all())
+
+
+def test_yarn_attention_factor_and_mla_softmax_scale():
+    assert yarn_mscale(1.0) == 1.0 and yarn_mscale(0.5, 3.0) == 1.0
+    assert yarn_mscale(40.0, 0.5) == pytest.approx(0.05 * math.log(40) + 1)
+    plain_mscale = RopeScaling(factor=4.0, original_max_seq_len=8)
+    assert yarn_attention_factor(plain_mscale) == pytest.approx(0.1 * math.log(4) + 1)
+    ratio = RopeScaling(factor=4.0, original_max_seq_len=8, mscale=1.0, mscale_all_dim=0.7)
+    assert yarn_attention_factor(ratio) == pytest.approx((0.1 * math.log(4) + 1) / (0.07 * math.log(4) + 1))
+    # transformers reads the ratio only when both are non-zero
+    assert yarn_attention_factor(ratio.replace(mscale=0.0)) == pytest.approx(0.1 * math.log(4) + 1)
+    assert yarn_attention_factor(ratio.replace(attention_factor=1.3)) == 1.3
+    cos, sin = rope_tables(8, 16, 10000.0, ratio)
+    cos0, sin0 = rope_tables(8, 16, 10000.0)
+    torch.testing.assert_close(cos.square() + sin.square(), torch.full_like(cos, yarn_attention_factor(ratio) ** 2))
+    assert not torch.allclose(cos, cos0)
+    model = build("mla_yarn")
+    qk = 8 + 8
+    assert model.blocks[0].attn.scale == pytest.approx(qk ** -0.5 * (0.07 * math.log(4) + 1) ** 2)
+    gqa = MoETransformer(CONFIGS["gqa_dense_first"].replace(rope_scaling=ratio))
+    assert gqa.rope_cos.shape == (32, 8)  # GQA rotates the whole head; its softmax scale is not changed
+
+
+def test_yarn_with_factor_one_is_plain_rope():
+    s = RopeScaling(factor=1.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0)
+    for got, want in zip(rope_tables(16, 64, 500.0, s), rope_tables(16, 64, 500.0), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"factor": 0.5}, r"rope_scaling.factor=0.5 is invalid: allowed a number >= 1"),
+    ({"type": "linear"}, r"rope_scaling.type='linear' is invalid: allowed one of 'yarn'"),
+    ({"original_max_seq_len": 0}, r"rope_scaling.original_max_seq_len=0 is invalid"),
+    ({"beta_fast": 1.0, "beta_slow": 2.0}, r"rope_scaling.beta_fast=1.0 is invalid: allowed a number >= beta_slow"),
+    ({"beta_slow": 0.0}, r"rope_scaling.beta_slow=0.0 is invalid: allowed a number > 0"),
+    ({"mscale_all_dim": -1.0}, r"rope_scaling.mscale_all_dim=-1.0 is invalid"),
+    ({"attention_factor": 0.0}, r"rope_scaling.attention_factor=0.0 is invalid"),
+    ({"truncate": "yes"}, r"rope_scaling.truncate='yes' is invalid"),
+])
+def test_rope_scaling_validation_names_field_and_range(changes, match):
+    with pytest.raises(ValueError, match=match):
+        RopeScaling(**{"factor": 2.0, "original_max_seq_len": 16, **changes})
+
+
+def test_model_config_rope_scaling_errors():
+    with pytest.raises(ValueError, match=r"rope_scaling: field\(s\) \['original_max_seq_len'\] missing"):
+        ModelConfig(rope_scaling={"factor": 2.0})
+    with pytest.raises(ValueError, match=r"RopeScaling: unknown field\(s\) \['rope_type'\]"):
+        ModelConfig(rope_scaling={"factor": 2.0, "original_max_seq_len": 8, "rope_type": "yarn"})
+    with pytest.raises(ValueError, match="rope_scaling=2.0 is invalid: allowed None or a RopeScaling"):
+        ModelConfig(rope_scaling=2.0)
+
+
+def test_rope_scaling_json_round_trip_and_old_configs():
+    cfg = CONFIGS["mla_yarn"]
+    data = cfg.to_dict()
+    assert data["rope_scaling"]["factor"] == 4.0
+    assert ModelConfig.from_dict(data) == cfg
+    plain = CONFIGS["mla_sigmoid"]
+    old = plain.to_dict()
+    assert "rope_scaling" not in old  # a plain-RoPE config is written exactly as before the field existed
+    assert ModelConfig.from_dict(old) == plain and ModelConfig.from_dict(old).rope_scaling is None

@@ -3,9 +3,9 @@
 Pre-norm blocks  x = x + attn(norm(x));  x = x + ffn(norm(x)),  where ffn is a dense FFN for the first
 `n_dense_layers` (and the non-MoE layers when `moe_every` > 1) and an `MoE` layer elsewhere
 (DeepSeek-V3's `first_k_dense_replace`). Attention is causal `scaled_dot_product_attention` with
-rotary position embeddings (Su et al. 2021, rotate-half convention) and grouped-query heads (Ainslie et
-al. 2023), optional q/k RMSNorm (OLMoE "full", Qwen3 "head"), or DeepSeek-V2/V3 multi-head latent
-attention (MLA). Generation uses a per-layer KV cache (`KVCache`).
+rotary position embeddings (Su et al. 2021, rotate-half convention; optionally extended by YaRN, Peng et
+al. 2023) and grouped-query heads (Ainslie et al. 2023), optional q/k RMSNorm (OLMoE "full", Qwen3 "head"),
+or DeepSeek-V2/V3 multi-head latent attention (MLA). Generation uses a per-layer KV cache (`KVCache`).
 
 Legend: B = batch, S = sequence (new tokens), L = cached + new positions, H = heads, G = kv heads,
 Dh = head width, D = model width, V = vocabulary.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.config import ModelConfig
+from moelab.config import ModelConfig, RopeScaling
 from moelab.experts import FeedForward
 from moelab.moe import MoE, MoEAux
 
@@ -39,12 +39,62 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope_tables(dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_len, dim] for the rotate-half convention: angle_(p, i) = p · θ^(−2i/dim)."""
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature term 0.1·mscale·ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_attention_factor(s: RopeScaling) -> float:
+    """The multiplier of cos/sin: explicit, DeepSeek's mscale ratio when both are set, else mscale(factor)."""
+    if s.attention_factor is not None:
+        return float(s.attention_factor)
+    if s.mscale and s.mscale_all_dim:
+        return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return yarn_mscale(s.factor)
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: RopeScaling | None = None) -> Tensor:
+    """Inverse frequencies [dim/2] (float64): θ^(−2i/dim), or YaRN's blend of them with θ^(−2i/dim) / factor.
+
+    YaRN ("NTK-by-parts", Peng et al. 2023): pair i keeps its frequency below the correction dimension of
+    beta_fast rotations, is interpolated (÷ factor) above that of beta_slow, linearly blended in between;
+    d(b) = dim · ln(L / (2π·b)) / (2 ln θ) with L = original_max_seq_len (see `RopeScaling`).
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if scaling is None:
+        return inv_freq
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(scaling.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a step instead of a ramp (as transformers does)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # 0 keep … 1 ÷ factor
+    return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_tables(dim: int, max_len: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_len, dim] for the rotate-half convention: angle_(p, i) = p · inv_freq_i (`rope_inv_freq`);
+    with YaRN both are multiplied by `yarn_attention_factor`."""
+    inv_freq = rope_inv_freq(dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # [max_len, dim/2]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos(), angles.sin()
+    if scaling is not None:
+        factor = yarn_attention_factor(scaling)
+        cos, sin = cos * factor, sin * factor
+    return cos.float(), sin.float()
+
+
+def model_rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """cos, sin [max_seq_len, rotary width] of a model: the MLA rotary part, or the whole GQA head."""
+    dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_width
+    return rope_tables(dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
 
 def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
@@ -150,6 +200,9 @@ class MLAttention(nn.Module):
         self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope + self.vd), bias=False)
         self.wo = nn.Linear(H * self.vd, D, bias=False)
         self.scale = qk ** -0.5
+        s = cfg.rope_scaling
+        if s is not None and s.mscale_all_dim:  # DeepSeek-V2/V3 YaRN: softmax scale × mscale(factor, all_dim)²
+            self.scale *= yarn_mscale(s.factor, s.mscale_all_dim) ** 2
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int) -> Tensor:
         B, S, _ = x.shape
@@ -212,8 +265,7 @@ class MoETransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_width
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
