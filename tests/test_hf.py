@@ -5,6 +5,7 @@ the same float32 logits and the same greedy continuation. Plus clear errors and 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -17,9 +18,9 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 from moelab import hf  # noqa: E402
-from moelab.config import ModelConfig, MoEConfig, preset  # noqa: E402
+from moelab.config import ModelConfig, MoEConfig, RopeScaling, preset  # noqa: E402
 from moelab.generate import generate  # noqa: E402
-from moelab.model import MoETransformer  # noqa: E402
+from moelab.model import MoETransformer, rope_inv_freq, yarn_attention_factor  # noqa: E402
 
 V = 97
 COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -69,7 +70,8 @@ def _ids(seed: int = 0, batch: int = 3, seq: int = 19) -> torch.Tensor:
 
 
 def _hf_greedy(model, prompt: list[int], n: int = 20) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+    x = torch.tensor([prompt])  # an explicit mask: generate would otherwise mask prompt tokens equal to pad_token_id
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
@@ -234,8 +236,9 @@ def test_unsupported_architecture_and_options(mixtral_dir, tmp_path):
     with pytest.raises(ValueError, match="field 'hidden_act'='gelu' is not supported"):
         hf.load(tmp_path)
     _copy_with(mixtral_dir, tmp_path, config={"hidden_act": "silu",
-                                              "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}})
-    with pytest.raises(ValueError, match="rope_parameters.rope_type"):
+                                              "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="field 'rope_parameters.rope_type'='linear' is not supported by moelab: "
+                                         "allowed 'default' .* or 'yarn'"):
         hf.load(tmp_path)
     data = json.loads((mixtral_dir / "config.json").read_text())
     del data["num_local_experts"]
@@ -361,3 +364,114 @@ def test_deepseek_full_rank_query_and_bfloat16(tmp_path):
         assert ours.embed.weight.dtype == torch.bfloat16
         assert ours.blocks[1].ffn.router.bias.dtype == torch.float32
         assert hf.load(tmp_path / "bf16", dtype=torch.float32).embed.weight.dtype == torch.float32
+
+
+# -- YaRN rope scaling -------------------------------------------------------------------------------------
+
+# DeepSeek-V3's published config.json (older `rope_scaling` spelling, with `type`)
+DEEPSEEK_V3_YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                    "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+# (architecture, rope_scaling, max_position_embeddings): every YaRN option transformers reads, at sizes where
+# the sequences below run past original_max_position_embeddings and the ramp spans several rotary pairs
+YARN_CASES = {
+    "deepseek_v3-published": ("deepseek_v3", DEEPSEEK_V3_YARN, 163840),
+    "deepseek_v3-long": ("deepseek_v3", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                         "beta_fast": 16, "beta_slow": 2, "mscale": 1.0, "mscale_all_dim": 0.8}, 128),
+    "qwen3_moe": ("qwen3_moe", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, 128),
+    "mixtral": ("mixtral", {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 40,
+                            "attention_factor": 1.25, "beta_fast": 8.0, "truncate": False}, 120),
+}
+
+
+def _tiny_yarn_hf(case: str):
+    arch, rope, max_pos = YARN_CASES[case]
+    cfg = _hf_config(arch)
+    data = cfg.to_dict()
+    data.pop("rope_parameters", None)
+    data.update(max_position_embeddings=max_pos, rope_scaling=dict(rope), rope_theta=10000.0)
+    if arch == "deepseek_v3":
+        data.update(qk_rope_head_dim=16, head_dim=16, qk_head_dim=24)  # 8 rotary pairs: the ramp shows
+    elif arch == "mixtral":
+        data.update(head_dim=8)  # transformers' YaRN needs it set (head_dim=None fails in _compute_yarn_parameters)
+    cfg = type(cfg).from_dict(data)
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.endswith("e_score_correction_bias"):
+                t.data.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("case", YARN_CASES)
+def test_yarn_matches_transformers(case, tmp_path):
+    """Load (HF → moelab) and export (moelab → HF) of YaRN models: same logits over 120 positions (past the
+    original window), same 20-token greedy continuation from a 60-token prompt, rope_parameters round-trip."""
+    hf_model = _tiny_yarn_hf(case)
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = hf.load(tmp_path / "hf")
+    assert ours.cfg.rope_scaling is not None
+    rot, s = hf_model.model.rotary_emb, ours.cfg.rope_scaling
+    dim = 2 * rot.inv_freq.numel()
+    torch.testing.assert_close(rope_inv_freq(dim, ours.cfg.rope_theta, s).float(), rot.inv_freq, atol=0, rtol=1e-6)
+    assert yarn_attention_factor(s) == pytest.approx(rot.attention_scaling, rel=1e-12)
+    S = min(ours.cfg.max_seq_len, 120)
+    ids = _ids(7, 2, S)
+    with torch.no_grad():
+        expected, got = hf_model(ids).logits, ours(ids).logits
+    diff = (expected - got).abs().max().item()
+    print(f"YaRN {case}: max |logit diff| = {diff:.2e} over {tuple(ids.shape)}")
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    plain = MoETransformer(ours.cfg.replace(rope_scaling=None)).eval()
+    plain.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert (plain(ids).logits - expected).abs().max() > 1e-2  # the scaling matters at these lengths
+    prompt = _ids(8, 1, 60)[0].tolist()
+    assert generate(ours, prompt, 20, temperature=0.0) == _hf_greedy(hf_model, prompt)
+
+    hf.save(ours, tmp_path / "back")
+    written = json.loads((tmp_path / "back" / "config.json").read_text())["rope_parameters"]
+    original = {"beta_fast": 32.0, "beta_slow": 1.0,  # transformers' defaults, written explicitly
+                **{k: v for k, v in hf_model.config.rope_parameters.items() if k != "type"}}
+    assert written == pytest.approx(original)  # every field, same values (ints written as floats)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert again.model.layers[0].self_attn.scaling == pytest.approx(hf_model.model.layers[0].self_attn.scaling)
+
+
+def test_deepseek_v3_published_rope_scaling_maps_to_yarn(mixtral_dir, tmp_path):
+    """The rope_scaling of DeepSeek-V3's config.json: factor 40 over 4096 positions, and the MLA softmax scale
+    multiplied by mscale(40, mscale_all_dim=1)² = (0.1·ln 40 + 1)² (transformers' yarn_get_mscale)."""
+    hf_model = _tiny_yarn_hf("deepseek_v3-published")
+    hf_model.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.pop("rope_parameters")
+    data.update(rope_scaling=DEEPSEEK_V3_YARN, rope_theta=10000)  # exactly as published
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    _, _, cfg = hf.read_hf_config(tmp_path)
+    assert cfg.rope_scaling == RopeScaling(factor=40.0, original_max_seq_len=4096, beta_fast=32.0, beta_slow=1.0,
+                                           mscale=1.0, mscale_all_dim=1.0)
+    ours = hf.load(tmp_path)
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    assert ours.blocks[0].attn.scale == pytest.approx(qk ** -0.5 * (0.1 * math.log(40) + 1) ** 2, rel=1e-12)
+    assert ours.blocks[0].attn.scale == pytest.approx(hf_model.model.layers[0].self_attn.scaling, rel=1e-12)
+    torch.testing.assert_close(rope_inv_freq(16, 10000.0, cfg.rope_scaling).float(), hf_model.model.rotary_emb.inv_freq)
+    ids = _ids(3, 2, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("rope", "match"), [
+    ({"rope_type": "dynamic", "factor": 2.0}, r"'rope_parameters.rope_type'='dynamic' .* allowed 'default'"),
+    ({"type": "llama3", "factor": 8.0}, r"'rope_parameters.type'='llama3' .* allowed 'default' .* 'yarn'"),
+    ({"rope_type": "yarn", "original_max_position_embeddings": 32}, r"'rope_parameters.factor' is missing"),
+    ({"rope_type": "yarn", "factor": 2.0, "low_freq_factor": 1.0}, r"key\(s\) \['low_freq_factor'\]"),
+    ({"rope_type": "yarn", "factor": 0.5}, r"rope_scaling.factor=0.5 is invalid: allowed a number >= 1"),
+    ({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1, "beta_slow": 4}, r"rope_scaling.beta_fast=1.0"),
+    ({"rope_type": "default", "partial_rotary_factor": 0.5}, r"'partial_rotary_factor'=0.5 is not supported"),
+])
+def test_unsupported_rope_scalings_are_refused(mixtral_dir, tmp_path, rope, match):
+    _copy_with(mixtral_dir, tmp_path, config={"rope_parameters": {"rope_theta": 1e4, **rope}})
+    with pytest.raises(ValueError, match=match):
+        hf.load(tmp_path)

@@ -395,6 +395,7 @@ def test_training_loop_same_curve_on_1_2_4_processes_and_resume_across_n(tmp_pat
         assert all(0 <= s <= 1 for s in r["ep_a2a_share"]) and sum(r["ep_rows_sent"]) > 0
         assert sum(r["ep_rows_sent"]) == sum(r["ep_rows_received"])  # every row that leaves a rank arrives
         assert sum(r["ep_load_per_rank"][0]) == pytest.approx(1.0)
+    assert (tmp_path / "four" / "expert_parallel.png").stat().st_size > 0
 
     port = _free_port()
     cli = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

@@ -4,6 +4,8 @@
 - `plot_run(run)`: loss.png (train and validation loss vs step) and, for MoE runs, expert_load.png
   (per MoE layer, a heatmap of each expert's share of the routed assignments over time: a uniform
   router shows a flat colour at 1/E; collapse shows one bright row).
+  Expert-parallel runs also get expert_parallel.png (all-to-all share of the step per rank over time;
+  each rank's share of the routed work — the straggler view).
 - `plot_comparison(runs, labels, path)`: validation loss of several runs against training tokens and
   against training seconds (the demo's MoE-vs-dense picture).
 """
@@ -72,7 +74,40 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(run_dir / "expert_load.png", dpi=110)
         plt.close(fig)
         written.append(run_dir / "expert_load.png")
+    ep = [r for r in records if "ep_step_s" in r]
+    if ep:
+        written.append(_plot_expert_parallel(plt, ep, run_dir))
     return written
+
+
+def _plot_expert_parallel(plt, records: list[dict[str, Any]], run_dir: Path) -> Path:
+    """expert_parallel.png: per rank, the all-to-all share of the step over time, and per rank the
+    share of the routed assignments its experts computed (mean over logged steps, per MoE layer)."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for q in range(max(len(r["ep_step_s"]) for r in records)):  # a resumed run may have changed N
+        mine = [(r["step"], 100 * r["ep_a2a_share"][q]) for r in records if q < len(r["ep_a2a_share"])]
+        ax1.plot(*zip(*mine), ".-", label=f"rank {q}")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("all-to-all share of the step (%)")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    n_ranks = len(records[-1]["ep_step_s"])
+    records = [r for r in records if len(r["ep_step_s"]) == n_ranks]  # the load view of the latest N
+    n_layers = len(records[0]["ep_load_per_rank"])
+    width = 0.8 / max(n_layers, 1)
+    for i in range(n_layers):
+        mean = [sum(r["ep_load_per_rank"][i][q] for r in records) / len(records) for q in range(n_ranks)]
+        ax2.bar([q + i * width for q in range(n_ranks)], mean, width, label=f"MoE layer {i}")
+    ax2.axhline(1 / n_ranks, color="k", lw=0.8, ls="--", label="uniform")
+    ax2.set_xticks([q + 0.4 - width / 2 for q in range(n_ranks)], [f"rank {q}" for q in range(n_ranks)])
+    ax2.set_ylabel("share of routed assignments")
+    ax2.legend(fontsize=7)
+    fig.suptitle(f"expert parallelism — {run_dir.name}")
+    fig.tight_layout()
+    path = run_dir / "expert_parallel.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_comparison(run_dirs: list[str | Path], labels: list[str], path: str | Path) -> Path:

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 from moelab.config import ModelConfig, TrainConfig
 from moelab.hf.adapters import ADAPTERS, Adapter, Entry, HFConfig, adapter_for, adapter_matching
-from moelab.model import MoETransformer, rope_tables
+from moelab.model import MoETransformer, model_rope_tables
 
 __all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "ADAPTERS", "adapter_matching"]
 
@@ -72,8 +72,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype) -> MoETransformer:
         for moe in model.moe_layers():  # the selection bias stays float32, as in DeepSeek-V3
             moe.router.register_buffer("bias", torch.zeros(cfg.moe.n_experts), persistent=True)
     model.to_empty(device="cpu")
-    rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_width
-    cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+    cos, sin = model_rope_tables(cfg)
     model.register_buffer("rope_cos", cos, persistent=False)
     model.register_buffer("rope_sin", sin, persistent=False)
     return model

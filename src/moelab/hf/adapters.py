@@ -16,7 +16,9 @@ Layouts (legend: E = experts, D = model width, F = expert hidden width, S = shar
 
 Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE (per-head q/k norm), OLMoE
 (full-width q/k norm), DeepSeek-V3 (MLA, sigmoid router with score-correction bias, group-limited
-routing, shared experts, dense first layers; interleaved RoPE handled by permuting weight rows).
+routing, shared experts, dense first layers; interleaved RoPE handled by permuting weight rows). Any of them
+may carry YaRN rope scaling (`rope_scaling` / `rope_parameters` with rope_type "yarn" → `RopeScaling`); other
+scalings are refused.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moelab.config import ModelConfig, MoEConfig
+from moelab.config import ModelConfig, MoEConfig, RopeScaling
 
 _MISSING = object()
 
@@ -94,18 +96,69 @@ class HFConfig:
         if not ok(v):
             raise ValueError(f"{self.source}: field {name!r}={v!r} is not supported by moelab: allowed {allowed}")
 
+    # keys a YaRN rope_parameters / rope_scaling dict may hold (transformers' _validate_yarn_rope_parameters)
+    YARN_KEYS = frozenset({"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
+                           "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
+                           "partial_rotary_factor"})
+
+    def _rope(self) -> tuple[str, dict[str, Any]]:
+        """(field name, dict) of the RoPE parameters: `rope_scaling` (older configs; it wins, as in
+        transformers) or `rope_parameters` (transformers 5)."""
+        for name in ("rope_scaling", "rope_parameters"):
+            v = self.data.get(name)
+            if v:
+                if not isinstance(v, dict) or any(isinstance(x, dict) for x in v.values()):
+                    raise ValueError(f"{self.source}: field {name!r}={v!r} is not supported by moelab: allowed one "
+                                     "object of RoPE parameters (not one per layer type)")
+                return name, v
+        return "rope_parameters", {}
+
     def rope_theta(self) -> float:
-        """RoPE base from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (older)."""
-        params = self.data.get("rope_parameters") or {}
-        scaling = self.data.get("rope_scaling") or {}
-        rope_type = params.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-        if rope_type != "default":
-            raise ValueError(f"{self.source}: field 'rope_parameters.rope_type'={rope_type!r} is not supported by "
-                             "moelab: allowed 'default' (plain RoPE; YaRN and other scalings are not implemented)")
+        """RoPE base from `rope_parameters` (transformers 5) or `rope_theta` (older)."""
+        _, params = self._rope()
         theta = params.get("rope_theta", self.data.get("rope_theta"))
         if theta is None:
             raise ValueError(f"{self.source}: field 'rope_parameters.rope_theta' (or 'rope_theta') is missing")
         return float(theta)
+
+    def rope_scaling(self) -> RopeScaling | None:
+        """None for plain RoPE, a `RopeScaling` for YaRN (read as transformers reads it: beta_fast/beta_slow
+        default 32/1, factor defaults to max_position_embeddings / original_max_position_embeddings, and
+        original_max_position_embeddings to max_position_embeddings); ValueError for any other scaling."""
+        name, p = self._rope()
+        type_key = "rope_type" if "rope_type" in p else "type"
+        rope_type = p.get(type_key, "default")
+        partial = p.get("partial_rotary_factor", self.data.get("partial_rotary_factor"))
+        if partial not in (None, 1, 1.0):
+            raise ValueError(f"{self.source}: field 'partial_rotary_factor'={partial!r} is not supported by moelab: "
+                             "allowed 1.0 (RoPE over the whole rotary head)")
+        if rope_type == "default":
+            return None
+        if rope_type != "yarn":
+            raise ValueError(f"{self.source}: field '{name}.{type_key}'={rope_type!r} is not supported by moelab: "
+                             "allowed 'default' (plain RoPE) or 'yarn' (YaRN); linear, dynamic, llama3 and longrope "
+                             "scalings are not implemented")
+        unknown = sorted(set(p) - self.YARN_KEYS)
+        if unknown:
+            raise ValueError(f"{self.source}: field '{name}' has key(s) {unknown} that moelab's YaRN does not "
+                             f"implement: allowed {sorted(self.YARN_KEYS)}")
+        if "factor" not in p:
+            raise ValueError(f"{self.source}: field '{name}.factor' is missing (required for YaRN)")
+        max_pos = self.int("max_position_embeddings")
+        original = p.get("original_max_position_embeddings", self.data.get("original_max_position_embeddings",
+                                                                             max_pos))
+
+        def num(v: Any) -> Any:  # ints as floats; anything else is left for RopeScaling.validate to name
+            return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+        try:
+            factor = p["factor"] if p["factor"] is not None else max_pos / original
+            return RopeScaling(factor=num(factor), original_max_seq_len=original,
+                               beta_fast=num(p.get("beta_fast") or 32.0), beta_slow=num(p.get("beta_slow") or 1.0),
+                               mscale=num(p.get("mscale")), mscale_all_dim=num(p.get("mscale_all_dim")),
+                               attention_factor=num(p.get("attention_factor")), truncate=p.get("truncate", True))
+        except (ValueError, TypeError, ZeroDivisionError) as e:
+            raise ValueError(f"{self.source}: field '{name}' (YaRN) is invalid: {e}") from None
 
 
 def _silu(c: HFConfig) -> None:
@@ -122,7 +175,18 @@ def _max_len(c: HFConfig) -> int:
 
 
 def _rope_params(cfg: ModelConfig) -> dict[str, Any]:
-    return {"rope_parameters": {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}}
+    """transformers 5's `rope_parameters`: plain RoPE, or YaRN with every field moelab uses."""
+    s = cfg.rope_scaling
+    if s is None:
+        return {"rope_parameters": {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}}
+    p = {"rope_theta": float(cfg.rope_theta), "rope_type": "yarn", "factor": float(s.factor),
+         "original_max_position_embeddings": s.original_max_seq_len, "beta_fast": float(s.beta_fast),
+         "beta_slow": float(s.beta_slow)}
+    p |= {k: float(getattr(s, k)) for k in ("mscale", "mscale_all_dim", "attention_factor")
+          if getattr(s, k) is not None}
+    if not s.truncate:
+        p["truncate"] = False
+    return {"rope_parameters": p}
 
 
 def _moe_layout(n_layers: int, moe_layers: list[int], source: str) -> tuple[int, int]:
@@ -268,6 +332,7 @@ class Mixtral(Adapter):
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
                            n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
                            head_dim=c.get("head_dim", None), max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
+                           rope_scaling=c.rope_scaling(),
                            norm_eps=c.float("rms_norm_eps", 1e-5),
                            tie_embeddings=c.bool("tie_word_embeddings", False), d_ff=moe.d_expert, moe=moe)
 
@@ -327,7 +392,8 @@ class Qwen2Moe(_Qwen):
                         aux_loss_coef=c.float("router_aux_loss_coef", 0.0), z_loss_coef=0.0)
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
                            n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
-                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(), norm_eps=c.float("rms_norm_eps", 1e-6),
+                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
+                           rope_scaling=c.rope_scaling(), norm_eps=c.float("rms_norm_eps", 1e-6),
                            tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=c.bool("qkv_bias", True),
                            d_ff=c.int("intermediate_size"), n_dense_layers=n_dense, moe_every=every, moe=moe)
 
@@ -366,6 +432,7 @@ class Qwen3Moe(_Qwen):
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
                            n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
                            head_dim=c.get("head_dim", None), max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
+                           rope_scaling=c.rope_scaling(),
                            norm_eps=c.float("rms_norm_eps", 1e-6), qk_norm="head",
                            tie_embeddings=c.bool("tie_word_embeddings", False),
                            d_ff=c.int("intermediate_size"), n_dense_layers=n_dense, moe_every=every, moe=moe)
@@ -394,7 +461,8 @@ class Olmoe(Adapter):
                         aux_loss_coef=c.float("router_aux_loss_coef", 0.0), z_loss_coef=0.0)
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
                            n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
-                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(), norm_eps=c.float("rms_norm_eps", 1e-5),
+                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
+                           rope_scaling=c.rope_scaling(), norm_eps=c.float("rms_norm_eps", 1e-5),
                            qk_norm="full", tie_embeddings=c.bool("tie_word_embeddings", False),
                            d_ff=moe.d_expert, moe=moe)
 
@@ -441,7 +509,8 @@ class DeepseekV3(Adapter):
                         topk_groups=c.int("topk_group", 1), expert_bias=True, aux_loss_coef=0.0, z_loss_coef=0.0)
         n_layers = c.int("num_hidden_layers")
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=n_layers, n_heads=H, n_kv_heads=H,
-                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(), norm_eps=c.float("rms_norm_eps", 1e-6),
+                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
+                           rope_scaling=c.rope_scaling(), norm_eps=c.float("rms_norm_eps", 1e-6),
                            tie_embeddings=c.bool("tie_word_embeddings", False), d_ff=c.int("intermediate_size"),
                            n_dense_layers=min(c.int("first_k_dense_replace", 0), n_layers), moe=moe, attention="mla",
                            q_lora_rank=c.get("q_lora_rank", None), kv_lora_rank=c.int("kv_lora_rank"),
