@@ -290,6 +290,9 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
     _assert_same(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), model)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
     assert tok("t5 t7")["input_ids"] == [5, 7]
+    exported = json.loads((out / "config.json").read_text())  # no <|endoftext|>: no eos, not Mixtral's default 2
+    assert exported["eos_token_id"] is None and exported["bos_token_id"] is None
+    assert not (out / "tokenizer_config.json").exists()
 
 
 # -- lazy loading memory ---------------------------------------------------------------------------------

@@ -164,7 +164,9 @@ def save(model: MoETransformer, out: str | Path, tokenizer_json: str | Path | No
     The architecture is the one the model's config matches (ValueError listing, per architecture, why
     none does). Weights are written per expert (the layout of published checkpoints) in float32 (or the
     model's dtype) as safetensors, sharded with an index above `max_shard_bytes`; `tokenizer_json` is copied
-    to `out/tokenizer.json`.
+    to `out/tokenizer.json`. When that tokenizer has moelab's end-of-text token, it becomes `eos_token_id`
+    (where `moelab generate` stops) and `tokenizer_config.json` names it; bos/pad ids are null, never the
+    architecture's defaults (which would be ordinary tokens of a moelab vocabulary).
     """
     cfg = model.cfg
     adapter = adapter_matching(cfg)
@@ -173,6 +175,8 @@ def save(model: MoETransformer, out: str | Path, tokenizer_json: str | Path | No
     for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
         stale.unlink(missing_ok=True)  # weights of an earlier save would be read with the new config
     hf_cfg = adapter.config_to_hf(cfg)
+    eos = _end_of_text(tokenizer_json)
+    hf_cfg |= {"bos_token_id": None, "eos_token_id": None if eos is None else eos[1], "pad_token_id": None}
     dtype = next(model.parameters()).dtype
     hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
     state = model.state_dict()
@@ -203,7 +207,22 @@ def save(model: MoETransformer, out: str | Path, tokenizer_json: str | Path | No
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     if tokenizer_json is not None:
         shutil.copyfile(tokenizer_json, out / "tokenizer.json")
+        (out / "tokenizer_config.json").unlink(missing_ok=True)  # an earlier one would describe another tokenizer
+        if eos is not None:
+            (out / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos[0],
+                 "model_max_length": cfg.max_seq_len}, indent=2) + "\n")
     return out
+
+
+def _end_of_text(tokenizer_json: str | Path | None) -> tuple[str, int] | None:
+    """(token, id) of moelab's end-of-text special token in a tokenizer.json, or None."""
+    from moelab.data import END_OF_TEXT
+
+    if tokenizer_json is None:
+        return None
+    added = json.loads(Path(tokenizer_json).read_text()).get("added_tokens") or []
+    return next(((t["content"], t["id"]) for t in added if t.get("content") == END_OF_TEXT and t.get("special")), None)
 
 
 def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
