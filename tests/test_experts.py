@@ -8,6 +8,7 @@ import torch
 from moelab.experts import (
     _GroupedMM,
     _padded_rows,
+    decode_ffn,
     fast_linear,
     fused_path_usable,
     grouped_ffn,
@@ -220,6 +221,41 @@ def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype):
     for (pname, p), p_ref in zip(moe.named_parameters(), ref.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad.double(), p_ref.grad, **tol, msg=pname)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("name", MOE_CONFIGS)
+def test_moe_inference_paths_match_the_reference(name, dtype, monkeypatch):
+    """Under no_grad the auto backend skips autograd (T > 1) or decodes a single token directly
+    (`decode_ffn`, token-choice routers): outputs and statistics equal the reference and the grad path."""
+    from moelab import MoE, MoEConfig, experts
+    from reference import moe_reference
+
+    torch.manual_seed(1)
+    moe = MoE(MoEConfig(d_model=8, d_expert=8, backend="auto", **MOE_CONFIGS[name])).to(dtype)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.5)
+    ref = MoE(moe.cfg.replace(backend="loop")).double()
+    ref.load_state_dict({k: v.double() for k, v in moe.state_dict().items()})
+    decoded = []
+    monkeypatch.setattr(experts, "decode_ffn", lambda *a: decoded.append(1) or _decode(*a))
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=3e-2, rtol=3e-2)
+    for shape in [(1, D_), (1, 1, D_), (3, D_), (2, 4, D_)]:
+        x = torch.randn(*shape, dtype=dtype)
+        with torch.no_grad():
+            y, aux = moe(x)
+        y_ref, _ = moe_reference(ref, x.double())
+        torch.testing.assert_close(y.double(), y_ref, **tol)
+        _, aux_grad = moe(x)  # grad enabled: the autograd path
+        torch.testing.assert_close(aux.load, aux_grad.load)
+        torch.testing.assert_close(aux.dropped_frac, aux_grad.dropped_frac)
+    # the two single-token inputs decoded directly, except for expert choice (not causal; no decode step)
+    assert len(decoded) == (0 if name == "expert_choice" else 2)
+
+
+_decode = decode_ffn
+D_ = 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

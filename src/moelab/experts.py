@@ -241,6 +241,33 @@ def _act_forward(h_nH: Tensor, activation: str) -> Tensor:
     return F.gelu(h_nH)
 
 
+def _routed_forward(x_TD: Tensor, weight_A: Tensor, w_in: Tensor, w_out: Tensor, token_idx: Tensor,
+                    sizes: list[int], activation: str, h_saved: list[Tensor] | None = None) -> Tensor:
+    """The forward of `_RoutedFFN` (see there); appends each expert's pre-activation to `h_saved`
+    when given (for the backward)."""
+    y_TD = x_TD.new_zeros(x_TD.shape)
+    for (e, n, idx, w), rows in zip(_segments(sizes, token_idx, weight_A), filter(None, sizes)):
+        mm = matmul_fn(x_TD.device.type, x_TD.dtype, n)
+        h = mm(F.embedding(idx, x_TD), w_in[e])  # [n, H]; embedding = the fastest row gather here
+        _add_rows(y_TD, idx, mm(_act_forward(h, activation).mul_(w), w_out[e]), rows)
+        if h_saved is not None:
+            h_saved.append(h)
+    return y_TD
+
+
+def decode_ffn(x_1D: Tensor, experts: list[int], weights: list[float], w_in: Tensor, w_out: Tensor,
+               activation: str) -> Tensor:
+    """One token through its chosen experts, for inference: y = Σⱼ wⱼ · FFN_{eⱼ}(x).
+
+    The decode step of generation: no sort, gather or scatter — per chosen expert two products on
+    views of the stacked weights, the routing weight folded into the second (`addmm_`'s alpha).
+    """
+    y_1D = x_1D.new_zeros(x_1D.shape)
+    for e, w in zip(experts, weights):
+        y_1D.addmm_(_act_forward(torch.mm(x_1D, w_in[e]), activation), w_out[e], alpha=w)
+    return y_1D
+
+
 class _RoutedFFN(torch.autograd.Function):
     """y[t] = Σ_{a : token(a) = t} w_a · FFN_{e(a)}(x[t]) over assignments sorted by expert.
 
@@ -258,18 +285,10 @@ class _RoutedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TD: Tensor, weight_A: Tensor, w_in: Tensor, w_out: Tensor, token_idx: Tensor,
                 sizes: list[int], activation: str) -> Tensor:
-        keep = any(ctx.needs_input_grad)  # under no_grad nothing is saved
-        y_TD = x_TD.new_zeros(x_TD.shape)
         h_saved: list[Tensor] = []
-        for (e, n, idx, w), rows in zip(_segments(sizes, token_idx, weight_A), filter(None, sizes)):
-            mm = matmul_fn(x_TD.device.type, x_TD.dtype, n)
-            h = mm(F.embedding(idx, x_TD), w_in[e])  # [n, H]; embedding = the fastest row gather here
-            _add_rows(y_TD, idx, mm(_act_forward(h, activation).mul_(w), w_out[e]), rows)
-            if keep:
-                h_saved.append(h)
-        if keep:
-            ctx.save_for_backward(x_TD, weight_A, w_in, w_out, token_idx, *h_saved)
-            ctx.sizes, ctx.activation = sizes, activation
+        y_TD = _routed_forward(x_TD, weight_A, w_in, w_out, token_idx, sizes, activation, h_saved)
+        ctx.save_for_backward(x_TD, weight_A, w_in, w_out, token_idx, *h_saved)
+        ctx.sizes, ctx.activation = sizes, activation
         return y_TD
 
     @staticmethod
@@ -382,7 +401,11 @@ def routed_ffn(x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor
     unfused combine does.
     """
     sizes = counts.tolist()  # segment sizes on the host; on the CPU this is a read, not a device sync
-    return _RoutedFFN.apply(x_TD, weight_A.to(x_TD.dtype), w_in, w_out, token_idx, sizes, activation)
+    weight_A = weight_A.to(x_TD.dtype)
+    if torch.is_grad_enabled() and (x_TD.requires_grad or weight_A.requires_grad or w_in.requires_grad
+                                    or w_out.requires_grad):
+        return _RoutedFFN.apply(x_TD, weight_A, w_in, w_out, token_idx, sizes, activation)
+    return _routed_forward(x_TD, weight_A, w_in, w_out, token_idx, sizes, activation)  # inference
 
 
 def fused_path_usable(backend: str, x_TD: Tensor) -> bool:
@@ -411,3 +434,7 @@ class Experts(nn.Module):
     def routed(self, x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor) -> Tensor:
         """Tokens [T, D] and expert-ordered assignments → the weighted, combined output y [T, D]."""
         return routed_ffn(x_TD, token_idx, weight_A, counts, self.w_in, self.w_out, self.activation)
+
+    def decode(self, x_1D: Tensor, experts: list[int], weights: list[float]) -> Tensor:
+        """One token [1, D] through its chosen experts with their weights (inference) → y [1, D]."""
+        return decode_ffn(x_1D, experts, weights, self.w_in, self.w_out, self.activation)

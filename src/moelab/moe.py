@@ -82,21 +82,27 @@ class MoE(nn.Module):
         capacity = None
         if cfg.capacity_factor is not None and cfg.router != "expert_choice":
             capacity = token_choice_capacity(cfg.capacity_factor, T, cfg.top_k, cfg.n_experts)
-        disp = permute(routing, cfg.n_experts, capacity)
-        if fused_path_usable(cfg.backend, x_TD):  # gather, experts, weight and combine in one pass
-            y_TD = self.experts.routed(x_TD, disp.token_idx, disp.weight, disp.counts)
+        if T == 1 and routing.topk_idx is not None and not torch.is_grad_enabled() \
+                and fused_path_usable(cfg.backend, x_TD):  # a decode step: nothing to sort or drop
+            y_TD = self.experts.decode(x_TD, routing.topk_idx[0].tolist(), routing.weight.tolist())
+            n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
         else:
-            out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
-            y_TD = combine(out_AD, disp, T)
+            disp = permute(routing, cfg.n_experts, capacity)
+            if fused_path_usable(cfg.backend, x_TD):  # gather, experts, weight and combine in one pass
+                y_TD = self.experts.routed(x_TD, disp.token_idx, disp.weight, disp.counts)
+            else:
+                out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
+                y_TD = combine(out_AD, disp, T)
+            n_dropped = disp.n_dropped
 
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
                 shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
             y_TD = y_TD + shared_TD
-        return y_TD.view(shape), self._aux(routing, disp, T, shape)
+        return y_TD.view(shape), self._aux(routing, n_dropped, T, shape)
 
-    def _aux(self, routing, disp, T: int, shape: torch.Size) -> MoEAux:
+    def _aux(self, routing, n_dropped: Tensor, T: int, shape: torch.Size) -> MoEAux:
         cfg = self.cfg
         losses: dict[str, Tensor] = {}
         load = balance.expert_counts(routing.expert_idx, cfg.n_experts)
@@ -107,7 +113,7 @@ class MoE(nn.Module):
                 seq_len = shape[-2] if len(shape) >= 3 else T
                 losses["seq_aux"] = cfg.seq_aux_loss_coef * balance.seq_aux_loss(
                     routing.probs, routing.topk_idx, seq_len)
-            dropped = disp.n_dropped.float() / routing.expert_idx.numel()
+            dropped = n_dropped.float() / routing.expert_idx.numel()
         else:  # expert choice: a token no expert picked is "dropped"
             picked = torch.zeros(T, dtype=torch.bool, device=load.device)
             picked[routing.token_idx] = True
