@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moelab.experts import (
+    FUSED_MIN_EXPERT_SIZE,
     _GroupedMM,
     _padded_rows,
     decode_ffn,
@@ -192,19 +193,29 @@ MOE_CONFIGS = {
 }
 
 
+def test_auto_takes_the_fused_path_for_large_experts_on_the_cpu_and_the_loop_below():
+    x = torch.zeros(3, 8)
+    assert fused_path_usable("auto", x, FUSED_MIN_EXPERT_SIZE)
+    assert not fused_path_usable("auto", x, FUSED_MIN_EXPERT_SIZE - 1)
+    assert not fused_path_usable("loop", x, FUSED_MIN_EXPERT_SIZE)
+    assert resolve_backend("auto", x, torch.zeros(2, 8, 16), torch.zeros(2, 8, 8)) == "loop"  # CPU, float32
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("name", MOE_CONFIGS)
-def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype):
+def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype, monkeypatch):
     """The MoE layer with backend "auto" (the fused path on the CPU) against the per-token reference."""
-    from moelab import MoE, MoEConfig
+    from moelab import MoE, MoEConfig, experts
     from reference import moe_reference
 
+    monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", 0)  # the fused path at test sizes
+    calls = []
+    monkeypatch.setattr(experts, "routed_ffn", lambda *a: calls.append(1) or _routed_ffn(*a))
     torch.manual_seed(0)
     moe = MoE(MoEConfig(d_model=8, d_expert=8, backend="auto", **MOE_CONFIGS[name])).to(dtype)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.5)
-    assert fused_path_usable(moe.cfg.backend, torch.zeros(1, 8))
     ref = MoE(moe.cfg.replace(backend="loop")).double()
     ref.load_state_dict({k: v.double() for k, v in moe.state_dict().items()})
     x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
@@ -221,15 +232,24 @@ def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype):
     for (pname, p), p_ref in zip(moe.named_parameters(), ref.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad.double(), p_ref.grad, **tol, msg=pname)
+    assert calls == [1]
 
 
+_routed_ffn = routed_ffn
+
+
+@pytest.mark.parametrize("threshold", [0, None])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", MOE_CONFIGS)
-def test_moe_inference_paths_match_the_reference(name, dtype, monkeypatch):
-    """Under no_grad the auto backend skips autograd (T > 1) or decodes a single token directly
-    (`decode_ffn`, token-choice routers): outputs and statistics equal the reference and the grad path."""
+def test_moe_inference_paths_match_the_reference(name, dtype, threshold, monkeypatch):
+    """Under no_grad the auto backend skips autograd (T > 1; fused or loop path) or decodes a single token
+    directly (`decode_ffn`, token-choice routers): outputs and statistics equal the reference and the
+    grad path."""
     from moelab import MoE, MoEConfig, experts
     from reference import moe_reference
+
+    if threshold is not None:
+        monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", threshold)
 
     torch.manual_seed(1)
     moe = MoE(MoEConfig(d_model=8, d_expert=8, backend="auto", **MOE_CONFIGS[name])).to(dtype)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moelab import balance
 from moelab.config import MoEConfig
 from moelab.dispatch import combine, permute, token_choice_capacity
-from moelab.experts import Experts, FeedForward, fused_path_usable
+from moelab.experts import Experts, FeedForward, cpu_auto, fused_path_usable
 from moelab.routing import Router
 
 
@@ -83,12 +83,12 @@ class MoE(nn.Module):
         if cfg.capacity_factor is not None and cfg.router != "expert_choice":
             capacity = token_choice_capacity(cfg.capacity_factor, T, cfg.top_k, cfg.n_experts)
         if T == 1 and routing.topk_idx is not None and not torch.is_grad_enabled() \
-                and fused_path_usable(cfg.backend, x_TD):  # a decode step: nothing to sort or drop
+                and cpu_auto(cfg.backend, x_TD):  # a decode step: nothing to sort or drop
             y_TD = self.experts.decode(x_TD, routing.topk_idx[0].tolist(), routing.weight.tolist())
             n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
         else:
             disp = permute(routing, cfg.n_experts, capacity)
-            if fused_path_usable(cfg.backend, x_TD):  # gather, experts, weight and combine in one pass
+            if fused_path_usable(cfg.backend, x_TD, cfg.d_model * cfg.d_expert):  # gather → experts → combine
                 y_TD = self.experts.routed(x_TD, disp.token_idx, disp.weight, disp.counts)
             else:
                 out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
