@@ -284,6 +284,14 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
     assert isinstance(generate_text(run, "t1 t2 t3", max_new_tokens=5, temperature=0.0), str)
     report = card_report(str(run))
     assert report["total_params"] == sum(p.numel() for p in hf_model.parameters())
+    # routing statistics of the converted model: per-layer expert load = transformers' router top-k counts
+    with torch.no_grad():
+        aux = model(_ids()).aux
+        router_logits = hf_model(_ids(), output_router_logits=True).router_logits
+    assert len(aux) == len(router_logits) == 2
+    for a, logits in zip(aux, router_logits):
+        expected = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=4).float()
+        torch.testing.assert_close(a.load, expected)
     assert main(["convert", "--from-hf", str(src), str(run)]) == 2  # refuses to overwrite
     out = tmp_path / "back"
     assert main(["convert", "--to-hf", str(run), str(out)]) == 0
