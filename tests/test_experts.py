@@ -201,23 +201,31 @@ def test_auto_takes_the_fused_path_for_large_experts_on_the_cpu_and_the_loop_bel
     assert resolve_backend("auto", x, torch.zeros(2, 8, 16), torch.zeros(2, 8, 8)) == "loop"  # CPU, float32
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", MOE_CONFIGS)
-def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype, monkeypatch):
-    """The MoE layer with backend "auto" (the fused path on the CPU) against the per-token reference."""
-    from moelab import MoE, MoEConfig, experts
-    from reference import moe_reference
+def _auto_moe_and_reference(name: str, dtype: torch.dtype, seed: int):
+    """An MoE with backend "auto" and O(1) weights, and the float64 loop-backend copy of it."""
+    from moelab import MoE, MoEConfig
 
-    monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", 0)  # the fused path at test sizes
-    calls = []
-    monkeypatch.setattr(experts, "routed_ffn", lambda *a: calls.append(1) or _routed_ffn(*a))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     moe = MoE(MoEConfig(d_model=8, d_expert=8, backend="auto", **MOE_CONFIGS[name])).to(dtype)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 0.5)
     ref = MoE(moe.cfg.replace(backend="loop")).double()
     ref.load_state_dict({k: v.double() for k, v in moe.state_dict().items()})
+    return moe, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", MOE_CONFIGS)
+def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype, monkeypatch):
+    """The MoE layer with backend "auto" (the fused path on the CPU) against the per-token reference."""
+    from moelab import experts
+    from reference import moe_reference
+
+    monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", 0)  # the fused path at test sizes
+    calls = []
+    monkeypatch.setattr(experts, "routed_ffn", lambda *a: calls.append(1) or routed_ffn(*a))
+    moe, ref = _auto_moe_and_reference(name, dtype, seed=0)
     x = torch.randn(2, 5, 8, dtype=dtype, requires_grad=True)
     x_ref = x.detach().double().requires_grad_()
     y, aux = moe(x)
@@ -235,9 +243,6 @@ def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype, mo
     assert calls == [1]
 
 
-_routed_ffn = routed_ffn
-
-
 @pytest.mark.parametrize("threshold", [0, None])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", MOE_CONFIGS)
@@ -245,23 +250,16 @@ def test_moe_inference_paths_match_the_reference(name, dtype, threshold, monkeyp
     """Under no_grad the auto backend skips autograd (T > 1; fused or loop path) or decodes a single token
     directly (`decode_ffn`, token-choice routers): outputs and statistics equal the reference and the
     grad path."""
-    from moelab import MoE, MoEConfig, experts
+    from moelab import experts
     from reference import moe_reference
 
     if threshold is not None:
         monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", threshold)
-
-    torch.manual_seed(1)
-    moe = MoE(MoEConfig(d_model=8, d_expert=8, backend="auto", **MOE_CONFIGS[name])).to(dtype)
-    with torch.no_grad():
-        for p in moe.parameters():
-            p.normal_(0, 0.5)
-    ref = MoE(moe.cfg.replace(backend="loop")).double()
-    ref.load_state_dict({k: v.double() for k, v in moe.state_dict().items()})
+    moe, ref = _auto_moe_and_reference(name, dtype, seed=1)
     decoded = []
-    monkeypatch.setattr(experts, "decode_ffn", lambda *a: decoded.append(1) or _decode(*a))
+    monkeypatch.setattr(experts, "decode_ffn", lambda *a: decoded.append(1) or decode_ffn(*a))
     tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=3e-2, rtol=3e-2)
-    for shape in [(1, D_), (1, 1, D_), (3, D_), (2, 4, D_)]:
+    for shape in [(1, 8), (1, 1, 8), (3, 8), (2, 4, 8)]:
         x = torch.randn(*shape, dtype=dtype)
         with torch.no_grad():
             y, aux = moe(x)
@@ -272,10 +270,6 @@ def test_moe_inference_paths_match_the_reference(name, dtype, threshold, monkeyp
         torch.testing.assert_close(aux.dropped_frac, aux_grad.dropped_frac)
     # the two single-token inputs decoded directly, except for expert choice (not causal; no decode step)
     assert len(decoded) == (0 if name == "expert_choice" else 2)
-
-
-_decode = decode_ffn
-D_ = 8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -68,12 +68,8 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         cfg = self.cfg
-        if x.dim() == 0 or x.shape[-1] != cfg.d_model:
-            raise ValueError(
-                f"MoE input has shape {tuple(x.shape)}: its last dimension must equal d_model={cfg.d_model}"
-            )
         shape = x.shape
-        x_TD = x.reshape(-1, cfg.d_model)
+        x_TD = self._flatten(x)
         T = x_TD.shape[0]
         if T == 0:
             return x.clone(), MoEAux(load=x.new_zeros(cfg.n_experts, dtype=torch.float32), n_tokens=0)
@@ -95,12 +91,24 @@ class MoE(nn.Module):
                 y_TD = combine(out_AD, disp, T)
             n_dropped = disp.n_dropped
 
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
-            y_TD = y_TD + shared_TD
-        return y_TD.view(shape), self._aux(routing, n_dropped, T, shape)
+        return self._add_shared(y_TD, x_TD).view(shape), self._aux(routing, n_dropped, T, shape)
+
+    def _flatten(self, x: Tensor) -> Tensor:
+        """x [..., D] → x_TD [T, D], after checking the width."""
+        if x.dim() == 0 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(
+                f"MoE input has shape {tuple(x.shape)}: its last dimension must equal d_model={self.cfg.d_model}"
+            )
+        return x.reshape(-1, self.cfg.d_model)
+
+    def _add_shared(self, y_TD: Tensor, x_TD: Tensor) -> Tensor:
+        """y + the always-on shared experts' output (· sigmoid(x·w_gate) when shared_gate)."""
+        if self.shared is None:
+            return y_TD
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+        return y_TD + shared_TD
 
     def _aux(self, routing, n_dropped: Tensor, T: int, shape: torch.Size) -> MoEAux:
         cfg = self.cfg

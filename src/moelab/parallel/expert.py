@@ -249,11 +249,8 @@ class ExpertParallelMoE(MoE):
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
         cfg = self.cfg
-        if x.dim() == 0 or x.shape[-1] != cfg.d_model:
-            raise ValueError(
-                f"MoE input has shape {tuple(x.shape)}: its last dimension must equal d_model={cfg.d_model}")
         shape = x.shape
-        x_TD = x.reshape(-1, cfg.d_model)
+        x_TD = self._flatten(x)
         T = x_TD.shape[0]  # no early return for T = 0: every rank must join the collectives
         routing = self.router(x_TD)
         if cfg.capacity_factor is not None:
@@ -261,12 +258,7 @@ class ExpertParallelMoE(MoE):
         else:
             disp = permute(routing, cfg.n_experts, None)
         out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
-        y_TD = combine(out_AD, disp, T)
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
-            y_TD = y_TD + shared_TD
+        y_TD = self._add_shared(combine(out_AD, disp, T), x_TD)
         return y_TD.view(shape), self._global_aux(routing, disp, T, shape)
 
     def _global_aux(self, routing: Routing, disp: Dispatch, T: int, shape: torch.Size) -> MoEAux:
