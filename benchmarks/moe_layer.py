@@ -20,9 +20,12 @@ Candidates per cell (dtype, E, k, T, mode):
   it is compared, with moelab configured the same way (sigmoid router, selection bias, one shared
   expert, route scale 2.5), against a dense twin of width k·f + f.
 
-Decode sizes (T = 1, 8) time forward only. At T = 8 a batch touches more distinct experts than k, so
-the layer must read more weight bytes than its twin; the decode table reports the experts touched,
-the bytes ratio, and the time ratio per byte read.
+Decode sizes (T = 1, 8) time forward only, each call from a cold cache (a 128 MiB buffer is
+overwritten before it, untimed): in a model's decode step every layer's weights come from memory, since
+the model exceeds the cache, whereas a single layer called in a loop would keep a dense twin of 12 MiB
+in this machine's 32 MiB L3 and time compute instead of weight reads. At T = 8 a batch touches more
+distinct experts than k, so the layer must read more weight bytes than its twin; the decode table
+reports the experts touched, the bytes ratio, and the time ratio per byte read.
 
     python benchmarks/moe_layer.py                 # full run (float32 and bfloat16; ~15-20 min)
     python benchmarks/moe_layer.py --quick         # a few minutes
@@ -51,6 +54,7 @@ D_MODEL, D_EXPERT = 1024, 512
 TARGETS = {("fwd+bwd", 8): 1.15, ("fwd+bwd", 64): 1.15, ("fwd+bwd", 256): 1.35}  # (mode, E) at T = 4096
 DECODE_TARGET_T1 = 1.2
 DECODE_MAX_T = 64  # token counts up to this are decode sizes: forward only, the bytes table
+EVICT_BYTES = 4 * 32 * 2**20  # overwritten before each decode-size call: 4x this machine's 32 MiB L3
 HF_IMPLS = ("grouped_mm", "eager", "batched_mm")
 
 
@@ -134,16 +138,22 @@ def available_memory() -> int:
 # Timing
 # ----------------------------------------------------------------------------------------------------
 
-def make_runner(module: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: bool, inner: int = 1):
-    """A closure running one forward (no grad) or forward+backward; returns the seconds it took."""
+def make_runner(module: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: bool, inner: int = 1,
+                evict: torch.Tensor | None = None):
+    """A closure running `inner` forwards (no grad) or forward+backwards; returns the mean seconds one
+    took. With `evict`, that buffer is overwritten before each call, outside the timed region, so the
+    call reads its weights from memory (a decode step of a model whose layers exceed the cache)."""
     params = [p for p in module.parameters() if p.requires_grad]
 
     def run() -> float:
         for p in params:
             p.grad = None
         x.grad = None
-        t0 = time.perf_counter()
+        elapsed = 0.0
         for _ in range(inner):
+            if evict is not None:
+                evict.add_(1)
+            t0 = time.perf_counter()
             if backward:
                 out = module(x)
                 y, aux = out if isinstance(out, tuple) else (out, None)
@@ -154,7 +164,8 @@ def make_runner(module: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: b
             else:
                 with torch.no_grad():
                     module(x)
-        return (time.perf_counter() - t0) / inner
+            elapsed += time.perf_counter() - t0
+        return elapsed / inner
 
     return run
 
@@ -198,7 +209,9 @@ def run_cell(dtype: torch.dtype, E: int, k: int, T: int, mode: str, args, hf_ok:
     torch.manual_seed(0)
     x = torch.randn(1, T, D_MODEL, dtype=dtype, requires_grad=backward)
     g = torch.randn(1, T, D_MODEL, dtype=dtype)
-    inner = max(1, min(20, 4096 // (T * 64))) if T <= DECODE_MAX_T else 1  # decode: average a few calls
+    decode = T <= DECODE_MAX_T
+    inner = max(1, min(10, 4096 // (T * 64))) if decode else 1  # decode: average a few calls,
+    evict = torch.zeros(EVICT_BYTES // 4) if decode else None  # each from a cold cache
 
     def mod(m: nn.Module) -> nn.Module:
         return m.to(dtype).train(backward)
@@ -217,11 +230,11 @@ def run_cell(dtype: torch.dtype, E: int, k: int, T: int, mode: str, args, hf_ok:
 
     if hf_ok:
         for model in args.hf_models:
-            best = screen_hf(model, args.hf_impls, dtype, E, k, T, mode, x, g, inner, cell)
+            best = screen_hf(model, args.hf_impls, dtype, E, k, T, mode, x, g, inner, evict, cell)
             if best is not None:
                 modules[model] = best
 
-    runners = {name: make_runner(m, x, g, backward, inner) for name, m in modules.items()}
+    runners = {name: make_runner(m, x, g, backward, inner, evict) for name, m in modules.items()}
     reps = args.reps if args.reps else (3 if (backward and T >= 2048) else 5 if T >= 2048 else 15)
     cell.ms = {name: 1e3 * s for name, s in interleaved_medians(runners, reps).items()}
     del modules, runners
@@ -229,7 +242,7 @@ def run_cell(dtype: torch.dtype, E: int, k: int, T: int, mode: str, args, hf_ok:
     return cell
 
 
-def screen_hf(model: str, impls: list[str], dtype, E, k, T, mode, x, g, inner, cell: Cell):
+def screen_hf(model: str, impls: list[str], dtype, E, k, T, mode, x, g, inner, evict, cell: Cell):
     """Time each experts implementation once (after a warm-up run); keep the fastest block."""
     backward = mode == "fwd+bwd"
     best, best_t, tried = None, math.inf, []
@@ -240,7 +253,7 @@ def screen_hf(model: str, impls: list[str], dtype, E, k, T, mode, x, g, inner, c
             continue
         try:
             block = hf_block(model, E, k, impl).to(dtype).train(backward)
-            run = make_runner(block, x, g, backward, inner)
+            run = make_runner(block, x, g, backward, inner, evict)
             t_warm = run()
             t = t_warm if t_warm > 3 * best_t else min(t_warm, run())  # clearly slower: one run settles it
         except (RuntimeError, NotImplementedError, KeyError, TypeError, ValueError) as err:

@@ -185,3 +185,27 @@ def test_backends_agree_in_float32_on_a_larger_batch():
         other = make("deepseek_v3", backend, torch.float32)
         other.load_state_dict(ref.state_dict())
         torch.testing.assert_close(other(x)[0], y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "switch_capacity", "expert_choice"])
+def test_aux_under_no_grad_is_computed_on_first_read_with_the_same_values(name, monkeypatch):
+    """Inference never reads MoEAux, so a no_grad forward defers it; read, it equals the grad path's."""
+    from moelab import balance
+
+    moe = make(name, "loop", z_loss_coef=1e-2, aux_loss_coef=1e-2)
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    _, eager = moe(x)  # grad enabled: computed at once, with the graph
+    assert eager.total_loss.requires_grad
+    calls = []
+    real = balance.router_entropy
+    monkeypatch.setattr(balance, "router_entropy", lambda p: calls.append(1) or real(p))
+    with torch.no_grad():
+        _, deferred = moe(x)
+    assert calls == [] and "deferred" in repr(deferred) and deferred.n_tokens == 10
+    for field in ("load", "dropped_frac", "router_entropy"):
+        torch.testing.assert_close(getattr(deferred, field), getattr(eager, field), atol=1e-12, rtol=1e-12)
+    assert calls == [1]  # computed once, on the first read
+    assert set(deferred.losses) == set(eager.losses)
+    for key, value in eager.losses.items():
+        torch.testing.assert_close(deferred.losses[key], value.detach(), atol=1e-12, rtol=1e-12)
+    assert not deferred.total_loss.requires_grad and calls == [1]

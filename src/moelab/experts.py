@@ -215,7 +215,8 @@ class _Linear(torch.autograd.Function):
 def fast_linear(x: Tensor, w: Tensor) -> Tensor:
     """`F.linear(x, w)` (no bias) for 2-D x with its products on `matmul_fn`: oneDNN in float32 on the
     CPU, where that is the faster kernel; exactly `F.linear` everywhere else."""
-    if x.dim() == 2 and matmul_fn(x.device.type, x.dtype, x.shape[0]) is _mm_onednn and w.dtype == x.dtype:
+    if x.dim() == 2 and x.shape[0] > 1 and w.dtype == x.dtype \
+            and matmul_fn(x.device.type, x.dtype, x.shape[0]) is _mm_onednn:
         return _Linear.apply(x, w)
     return F.linear(x, w)
 

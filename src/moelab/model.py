@@ -245,13 +245,17 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    """logits [B, S, V]; loss: mean next-token cross-entropy when targets were given; aux_loss: sum of
-    the MoE layers' weighted auxiliary losses (add it to `loss` to train); aux: one MoEAux per MoE layer."""
+    """logits [B, S, V]; loss: mean next-token cross-entropy when targets were given; aux: one MoEAux
+    per MoE layer; aux_loss: the sum of their weighted auxiliary losses (add it to `loss` to train),
+    summed when read, so that inference, which never reads it, leaves the MoEAux deferred."""
 
     logits: Tensor
     loss: Tensor | None = None
-    aux_loss: Tensor | float = 0.0
     aux: list[MoEAux] = field(default_factory=list)
+
+    @property
+    def aux_loss(self) -> Tensor:
+        return sum((a.total_loss for a in self.aux), self.logits.new_zeros((), dtype=torch.float32))
 
 
 class MoETransformer(nn.Module):
@@ -308,8 +312,7 @@ class MoETransformer(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        aux_loss = sum((a.total_loss for a in auxes), torch.zeros((), device=x.device))
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux=auxes)
+        return ModelOutput(logits=logits, loss=loss, aux=auxes)
 
     @torch.no_grad()
     def update_expert_biases(self, loads: list[Tensor]) -> None:

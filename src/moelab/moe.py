@@ -14,7 +14,7 @@ References: Shazeer et al. 2017 (sparsely-gated MoE); Fedus et al. 2021 (Switch)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,6 @@ from moelab.experts import Experts, FeedForward, cpu_auto, fused_path_usable
 from moelab.routing import Router
 
 
-@dataclass
 class MoEAux:
     """What one MoE forward returns besides its output.
 
@@ -37,17 +36,46 @@ class MoEAux:
         the fraction of tokens that no expert picked.
     router_entropy: mean entropy (nats) of the per-token router distribution.
     n_tokens: T, the number of tokens routed.
+
+    A forward under `torch.no_grad()` returns these *deferred*: they are computed from the routing
+    the first time one of them is read (the same values), so inference, which never reads them, does
+    not pay the ~15 small ops per layer they cost (a decode step of one token is made of small ops).
+    A forward with grad enabled computes them at once, so the losses always carry their graph.
     """
 
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    load: Tensor | None = None
-    dropped_frac: Tensor | None = None
-    router_entropy: Tensor | None = None
-    n_tokens: int = 0
+    def __init__(self, losses: dict[str, Tensor] | None = None, load: Tensor | None = None,
+                 dropped_frac: Tensor | None = None, router_entropy: Tensor | None = None,
+                 n_tokens: int = 0) -> None:
+        self._values = (losses if losses is not None else {}, load, dropped_frac, router_entropy)
+        self._compute: Callable[[], MoEAux] | None = None
+        self.n_tokens = n_tokens
+
+    @classmethod
+    def deferred(cls, compute: Callable[[], MoEAux], n_tokens: int) -> MoEAux:
+        """An MoEAux whose values `compute()` gives on first read."""
+        aux = cls(n_tokens=n_tokens)
+        aux._compute = compute
+        return aux
+
+    def _get(self, i: int):
+        if self._compute is not None:
+            self._values, self._compute = self._compute()._values, None
+        return self._values[i]
+
+    losses = property(lambda self: self._get(0))
+    load = property(lambda self: self._get(1))
+    dropped_frac = property(lambda self: self._get(2))
+    router_entropy = property(lambda self: self._get(3))
 
     @property
     def total_loss(self) -> Tensor | float:
         return sum(self.losses.values()) if self.losses else 0.0
+
+    def __repr__(self) -> str:
+        state = "deferred" if self._compute is not None else \
+            f"losses={self.losses}, load={self.load}, dropped_frac={self.dropped_frac}, " \
+            f"router_entropy={self.router_entropy}"
+        return f"MoEAux({state}, n_tokens={self.n_tokens})"
 
 
 class MoE(nn.Module):
@@ -81,7 +109,7 @@ class MoE(nn.Module):
         if T == 1 and routing.topk_idx is not None and not torch.is_grad_enabled() \
                 and cpu_auto(cfg.backend, x_TD):  # a decode step: nothing to sort or drop
             y_TD = self.experts.decode(x_TD, routing.topk_idx[0].tolist(), routing.weight.tolist())
-            n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
+            n_dropped = 0
         else:
             disp = permute(routing, cfg.n_experts, capacity)
             if fused_path_usable(cfg.backend, x_TD, cfg.d_model * cfg.d_expert):  # gather → experts → combine
@@ -92,6 +120,12 @@ class MoE(nn.Module):
             n_dropped = disp.n_dropped
 
         return self._add_shared(y_TD, x_TD).view(shape), self._aux(routing, n_dropped, T, shape)
+
+    def _aux(self, routing, n_dropped: Tensor | int, T: int, shape: torch.Size) -> MoEAux:
+        """The losses and statistics: now under grad, else deferred to their first read (`MoEAux`)."""
+        if torch.is_grad_enabled():
+            return self._compute_aux(routing, n_dropped, T, shape)
+        return MoEAux.deferred(lambda: self._compute_aux(routing, n_dropped, T, shape), T)
 
     def _flatten(self, x: Tensor) -> Tensor:
         """x [..., D] → x_TD [T, D], after checking the width."""
@@ -110,7 +144,7 @@ class MoE(nn.Module):
             shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
         return y_TD + shared_TD
 
-    def _aux(self, routing, n_dropped: Tensor, T: int, shape: torch.Size) -> MoEAux:
+    def _compute_aux(self, routing, n_dropped: Tensor | int, T: int, shape: torch.Size) -> MoEAux:
         cfg = self.cfg
         losses: dict[str, Tensor] = {}
         load = balance.expert_counts(routing.expert_idx, cfg.n_experts)
@@ -121,7 +155,7 @@ class MoE(nn.Module):
                 seq_len = shape[-2] if len(shape) >= 3 else T
                 losses["seq_aux"] = cfg.seq_aux_loss_coef * balance.seq_aux_loss(
                     routing.probs, routing.topk_idx, seq_len)
-            dropped = n_dropped.float() / routing.expert_idx.numel()
+            dropped = torch.as_tensor(n_dropped, device=load.device).float() / routing.expert_idx.numel()
         else:  # expert choice: a token no expert picked is "dropped"
             picked = torch.zeros(T, dtype=torch.bool, device=load.device)
             picked[routing.token_idx] = True

@@ -112,11 +112,15 @@ class Router(nn.Module):
         if cfg.n_groups > 1:
             select_TE = _group_mask(select_TE, cfg, top2_sum=cfg.router == "sigmoid")
         topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(1, topk_idx_TK)
-        if cfg.norm_topk_prob and cfg.router != "switch":
-            weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
-        weight_TK = weight_TK * cfg.route_scale
-        token_idx = torch.arange(T, device=x_TD.device).repeat(cfg.top_k)  # rank-major
+        if cfg.norm_topk_prob and cfg.router == "topk_softmax":  # p_i / Σ_chosen p_j = softmax over the chosen
+            weight_TK = torch.softmax(logits_TE.gather(1, topk_idx_TK), dim=-1)  # logits (2 ops, not 4)
+        else:
+            weight_TK = scores_TE.gather(1, topk_idx_TK)
+            if cfg.norm_topk_prob and cfg.router != "switch":
+                weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).add_(1e-20)
+        if cfg.route_scale != 1.0:
+            weight_TK = weight_TK * cfg.route_scale
+        token_idx = torch.arange(T * cfg.top_k, device=x_TD.device) % T  # rank-major: a = r·T + t
         return Routing(
             token_idx=token_idx,
             expert_idx=topk_idx_TK.t().reshape(-1),
