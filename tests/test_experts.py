@@ -7,8 +7,10 @@ import torch
 
 from moelab.experts import (
     FUSED_MIN_EXPERT_SIZE,
+    INFERENCE_GROUPED_MAX_ROWS,
     _GroupedMM,
     _padded_rows,
+    compute_path,
     decode_ffn,
     fast_linear,
     fused_path_usable,
@@ -243,18 +245,35 @@ def test_moe_auto_takes_the_fused_path_and_matches_the_reference(name, dtype, mo
     assert calls == [1]
 
 
+def test_compute_path_takes_grouped_mm_for_small_inference_batches_only():
+    w_in, w_out = torch.zeros(4, 512, 512), torch.zeros(4, 256, 512)  # d·f = FUSED_MIN_EXPERT_SIZE
+    x = torch.zeros(3, 512)
+    small, large = INFERENCE_GROUPED_MAX_ROWS, INFERENCE_GROUPED_MAX_ROWS + 1
+    assert compute_path("auto", x, small, w_in, w_out) == "fused"  # grad enabled: always fused
+    with torch.no_grad():
+        grouped = "grouped_mm" if grouped_mm_available("cpu", torch.float32) else "fused"
+        assert compute_path("auto", x, small, w_in, w_out) == grouped
+        assert compute_path("auto", x, large, w_in, w_out) == "fused"
+        assert compute_path("auto", x.double(), small, w_in.double(), w_out.double()) == "fused"  # no fp64 kernel
+        assert compute_path("loop", x, small, w_in, w_out) == "loop"
+        assert compute_path("auto", x, small, w_in[:, :8], w_out[:, :, :8]) == "auto"  # small experts: loop
+
+
+@pytest.mark.parametrize("grouped_max_rows", [0, None])
 @pytest.mark.parametrize("threshold", [0, None])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("name", MOE_CONFIGS)
-def test_moe_inference_paths_match_the_reference(name, dtype, threshold, monkeypatch):
-    """Under no_grad the auto backend skips autograd (T > 1; fused or loop path) or decodes a single token
-    directly (`decode_ffn`, token-choice routers): outputs and statistics equal the reference and the
-    grad path."""
+def test_moe_inference_paths_match_the_reference(name, dtype, threshold, grouped_max_rows, monkeypatch):
+    """Under no_grad the auto backend skips autograd (T > 1; fused, grouped_mm or loop path) or decodes a
+    single token directly (`decode_ffn`, token-choice routers): outputs and statistics equal the
+    reference and the grad path."""
     from moelab import experts
     from reference import moe_reference
 
     if threshold is not None:
         monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", threshold)
+    if grouped_max_rows is not None:
+        monkeypatch.setattr(experts, "INFERENCE_GROUPED_MAX_ROWS", grouped_max_rows)
     moe, ref = _auto_moe_and_reference(name, dtype, seed=1)
     decoded = []
     monkeypatch.setattr(experts, "decode_ffn", lambda *a: decoded.append(1) or decode_ffn(*a))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moelab import balance
 from moelab.config import MoEConfig
 from moelab.dispatch import combine, permute, token_choice_capacity
-from moelab.experts import Experts, FeedForward, cpu_auto, fused_path_usable
+from moelab.experts import Experts, FeedForward, cpu_auto
 from moelab.routing import Router
 
 
@@ -112,10 +112,11 @@ class MoE(nn.Module):
             n_dropped = 0
         else:
             disp = permute(routing, cfg.n_experts, capacity)
-            if fused_path_usable(cfg.backend, x_TD, cfg.d_model * cfg.d_expert):  # gather → experts → combine
+            path = self.experts.path(x_TD, disp.token_idx.numel())
+            if path == "fused":  # gather → experts → combine, one expert segment at a time
                 y_TD = self.experts.routed(x_TD, disp.token_idx, disp.weight, disp.counts)
             else:
-                out_AD = self.experts(x_TD[disp.token_idx], disp.counts)
+                out_AD = self.experts(x_TD[disp.token_idx], disp.counts, path)
                 y_TD = combine(out_AD, disp, T)
             n_dropped = disp.n_dropped
 
