@@ -40,7 +40,8 @@ class MoEAux:
     A forward under `torch.no_grad()` returns these *deferred*: they are computed from the routing
     the first time one of them is read (the same values), so inference, which never reads them, does
     not pay the ~15 small ops per layer they cost (a decode step of one token is made of small ops).
-    A forward with grad enabled computes them at once, so the losses always carry their graph.
+    A forward with grad enabled computes them at once, so the losses always carry their graph. Until
+    read (or dropped), a deferred MoEAux keeps its Routing alive (probs and logits [T, E] float32).
     """
 
     def __init__(self, losses: dict[str, Tensor] | None = None, load: Tensor | None = None,
