@@ -33,8 +33,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
+from moelab.config import TrainConfig
 from moelab.parallel import ParallelContext
 from moelab.parallel.expert import comm_stats
+from moelab.train import make_optimizer
 
 
 def _free_port() -> int:
@@ -58,7 +60,7 @@ def _rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     ctx = ParallelContext(rank, world, None, owns_group=world > 1)
     torch.manual_seed(0)
     model = ctx.wrap(MoETransformer(_model_cfg(args)))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = make_optimizer(model, TrainConfig(lr=1e-3))  # the training loop's AdamW (fused where torch has it)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for step in range(args.warmup + args.steps):

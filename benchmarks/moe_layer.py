@@ -21,7 +21,7 @@ Candidates per cell (dtype, E, k, T, mode):
   expert, route scale 2.5), against a dense twin of width k·f + f.
 
 Decode sizes (T = 1, 8) time forward only, each call from a cold cache (a 128 MiB buffer is
-overwritten before it, untimed): in a model's decode step every layer's weights come from memory, since
+read before it, untimed): in a model's decode step every layer's weights come from memory, since
 the model exceeds the cache, whereas a single layer called in a loop would keep a dense twin of 12 MiB
 in this machine's 32 MiB L3 and time compute instead of weight reads. At T = 8 a batch touches more
 distinct experts than k, so the layer must read more weight bytes than its twin; the decode table
@@ -54,7 +54,7 @@ D_MODEL, D_EXPERT = 1024, 512
 TARGETS = {("fwd+bwd", 8): 1.15, ("fwd+bwd", 64): 1.15, ("fwd+bwd", 256): 1.35}  # (mode, E) at T = 4096
 DECODE_TARGET_T1 = 1.2
 DECODE_MAX_T = 64  # token counts up to this are decode sizes: forward only, the bytes table
-EVICT_BYTES = 4 * 32 * 2**20  # overwritten before each decode-size call: 4x this machine's 32 MiB L3
+EVICT_BYTES = 4 * 32 * 2**20  # read before each decode-size call: 4x this machine's 32 MiB L3
 HF_IMPLS = ("grouped_mm", "eager", "batched_mm")
 
 
@@ -141,7 +141,7 @@ def available_memory() -> int:
 def make_runner(module: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: bool, inner: int = 1,
                 evict: torch.Tensor | None = None):
     """A closure running `inner` forwards (no grad) or forward+backwards; returns the mean seconds one
-    took. With `evict`, that buffer is overwritten before each call, outside the timed region, so the
+    took. With `evict`, that buffer is read before each call, outside the timed region, so the
     call reads its weights from memory (a decode step of a model whose layers exceed the cache)."""
     params = [p for p in module.parameters() if p.requires_grad]
 
@@ -152,7 +152,7 @@ def make_runner(module: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: b
         elapsed = 0.0
         for _ in range(inner):
             if evict is not None:
-                evict.add_(1)
+                evict.sum()  # read, not written: no dirty lines to write back inside the timed call
             t0 = time.perf_counter()
             if backward:
                 out = module(x)

@@ -261,7 +261,7 @@ def test_compute_path_takes_grouped_mm_for_small_inference_batches_only():
 
 @pytest.mark.parametrize("grouped_max_rows", [0, None])
 @pytest.mark.parametrize("threshold", [0, None])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", MOE_CONFIGS)
 def test_moe_inference_paths_match_the_reference(name, dtype, threshold, grouped_max_rows, monkeypatch):
     """Under no_grad the auto backend skips autograd (T > 1; fused, grouped_mm or loop path) or decodes a
@@ -275,13 +275,22 @@ def test_moe_inference_paths_match_the_reference(name, dtype, threshold, grouped
     if grouped_max_rows is not None:
         monkeypatch.setattr(experts, "INFERENCE_GROUPED_MAX_ROWS", grouped_max_rows)
     moe, ref = _auto_moe_and_reference(name, dtype, seed=1)
-    decoded = []
+    decoded, taken = [], []
     monkeypatch.setattr(experts, "decode_ffn", lambda *a: decoded.append(1) or decode_ffn(*a))
-    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=3e-2, rtol=3e-2)
+    monkeypatch.setattr(experts, "routed_ffn", lambda *a: taken.append("fused") or routed_ffn(*a))
+    for backend, fn in list(experts._BACKENDS.items()):
+        monkeypatch.setitem(experts._BACKENDS, backend, lambda *a, b=backend, fn=fn: taken.append(b) or fn(*a))
+    grouped = grouped_mm_available("cpu", dtype) and grouped_max_rows is None
+    expected = "loop" if threshold is None else "grouped_mm" if grouped else "fused"
+    tol = {torch.float64: dict(atol=1e-12, rtol=1e-12), torch.float32: dict(atol=1e-5, rtol=1e-5)}.get(
+        dtype, dict(atol=3e-2, rtol=3e-2))
     for shape in [(1, 8), (1, 1, 8), (3, 8), (2, 4, 8)]:
         x = torch.randn(*shape, dtype=dtype)
+        taken.clear()
         with torch.no_grad():
             y, aux = moe(x)
+        single = x.numel() == 8 and name != "expert_choice"  # decoded directly
+        assert taken == ([] if single else [expected]), (shape, taken)
         y_ref, _ = moe_reference(ref, x.double())
         torch.testing.assert_close(y.double(), y_ref, **tol)
         _, aux_grad = moe(x)  # grad enabled: the autograd path

@@ -59,6 +59,10 @@ def test_causal_and_loss_matches_cross_entropy(name):
     torch.testing.assert_close(out.loss.double(), manual)
     assert len(out.aux) == sum(model.cfg.is_moe_layer(i) for i in range(model.cfg.n_layers))
     torch.testing.assert_close(out.aux_loss, sum(a.total_loss for a in out.aux))
+    with torch.no_grad():  # inference: the layers' statistics stay deferred until read, then equal
+        quiet = model(ids, targets=ids)
+    assert all("deferred" in repr(a) for a in quiet.aux)
+    torch.testing.assert_close(quiet.aux_loss, out.aux_loss.detach())
 
 
 def test_rope_rotates_pairs_by_position_angle():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -209,3 +211,46 @@ def test_aux_under_no_grad_is_computed_on_first_read_with_the_same_values(name, 
     for key, value in eager.losses.items():
         torch.testing.assert_close(deferred.losses[key], value.detach(), atol=1e-12, rtol=1e-12)
     assert not deferred.total_loss.requires_grad and calls == [1]
+    with torch.no_grad():
+        _, unread = moe(x)
+    assert "deferred" in repr(unread)
+    revived = pickle.loads(pickle.dumps(unread))  # pickling computes the values first
+    torch.testing.assert_close(revived.load, eager.load)
+
+
+@pytest.mark.parametrize("path", ["fused", "grouped_mm", "loop", "decode"])
+def test_cpu_autocast_runs_the_experts_in_bfloat16_and_matches_float32(path, monkeypatch):
+    """Training or evaluating with `TrainConfig(dtype="bfloat16")` wraps float32 layers in CPU autocast:
+    every expert path runs in bfloat16 (the router stays float32) and agrees with the float32 layer."""
+    from moelab import experts
+
+    if path == "grouped_mm" and not grouped_mm_available("cpu", torch.bfloat16):
+        pytest.skip("this torch build has no grouped_mm on the CPU")
+    monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", 10**9 if path == "loop" else 0)
+    monkeypatch.setattr(experts, "INFERENCE_GROUPED_MAX_ROWS", 10**9 if path == "grouped_mm" else 0)
+    taken = []
+    for name in ("routed_ffn", "decode_ffn"):
+        real = getattr(experts, name)
+        monkeypatch.setattr(experts, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    moe = make("mixtral", "auto", torch.float32)
+    x = torch.randn(1 if path == "decode" else 6, D)
+    grad = path in ("fused", "loop")
+    with torch.set_grad_enabled(grad):
+        y_ref, _ = moe(x)
+        if grad:
+            y_ref.sum().backward()
+            grads_ref = [p.grad.clone() for p in moe.parameters()]
+            moe.zero_grad()
+        taken.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = moe(x)
+    assert y.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert moe.router(x).logits.dtype == torch.float32  # router math stays float32
+    assert taken == {"fused": ["routed_ffn"], "decode": ["decode_ffn"]}.get(path, [])
+    torch.testing.assert_close(y.float(), y_ref, atol=5e-2, rtol=5e-2)
+    if grad:
+        y.float().sum().backward()
+        for p, g_ref in zip(moe.parameters(), grads_ref):
+            assert p.grad.dtype == torch.float32
+            torch.testing.assert_close(p.grad, g_ref, atol=1e-1, rtol=5e-2)

@@ -142,7 +142,7 @@ _BACKENDS = {"loop": _ffn_loop, "padded": _ffn_padded, "grouped_mm": _ffn_groupe
 def resolve_backend(backend: str, x_AD: Tensor, w_in: Tensor, w_out: Tensor) -> str:
     """The backend that will run: "auto" picks grouped_mm where the build and shapes allow it."""
     usable = grouped_mm_available(x_AD.device.type, x_AD.dtype) and _grouped_mm_shapes_ok(x_AD, w_in, w_out)
-    if backend == "auto":  # on the CPU the loop is as fast or faster at every size measured (see above)
+    if backend == "auto":  # on the CPU the loop is as fast or faster in training (inference: compute_path)
         return "grouped_mm" if usable and x_AD.device.type != "cpu" else "loop"
     if backend == "grouped_mm" and not usable:
         raise ValueError(
@@ -419,6 +419,14 @@ def routed_ffn(x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor
 FUSED_MIN_EXPERT_SIZE = 512 * 256
 
 
+def autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype an autocast region would run x's matmuls in (x float32 inside one), else None."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
 def cpu_auto(backend: str, x_TD: Tensor) -> bool:
     """Backend "auto" on the CPU (elsewhere host-side segment sizes would cost a device sync per layer,
     so "auto" keeps grouped_mm there)."""
@@ -433,10 +441,11 @@ def fused_path_usable(backend: str, x_TD: Tensor, expert_size: int) -> bool:
 
 # Inference (no_grad) batches of few assignments — a decode step of a batch, a short prompt — run faster
 # as one grouped_mm over all segments than on the fused path, which pays ~10 small ops per expert.
-# Measured, no_grad, cold cache, ms per call (fused / grouped_mm / loop): bfloat16 E = 64, k = 8:
-# T = 8 14.8/12.5/13.3, T = 128 41.3/32.0/35.0, T = 1024 96.1/90.4/89.5, T = 4096 395/512/453;
-# E = 8, k = 2, T = 4096 98.0/102.8/98.0; float32 E = 64, k = 8, T = 16 33.8/30.2/30.7;
-# E = 8, k = 2, T = 4096 170/226/210. Up to this many assignments (A = T·k) inference takes grouped_mm.
+# Measured, no_grad, cold cache, ms per call (fused / grouped_mm / loop), A = T·k assignments:
+# bfloat16 E = 64, k = 8: A = 64 14.8/12.5/13.3, A = 1024 41.3/32.0/35.0, A = 8192 96.1/90.4/89.5,
+# A = 32768 395/512/453; E = 8, k = 2, A = 8192 98.0/102.8/98.0; float32 E = 64, k = 8, A = 128
+# 33.8/30.2/30.7; E = 8, k = 2, A = 8192 170/226/210. At A = 8192 grouped_mm wins or loses by ~5 %
+# depending on E and dtype (float32 large experts: fused by 25 %), so the cut is below that.
 INFERENCE_GROUPED_MAX_ROWS = 4096
 
 
@@ -466,19 +475,32 @@ class Experts(nn.Module):
         nn.init.normal_(self.w_in, std=0.02)
         nn.init.normal_(self.w_out, std=0.02)
 
-    def forward(self, x_AD: Tensor, counts: Tensor, backend: str | None = None) -> Tensor:
+    def weights(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(w_in, w_out), cast to `dtype` when given (autocast: differentiable, like nn.Linear's cast)."""
+        if dtype is None:
+            return self.w_in, self.w_out
+        return self.w_in.to(dtype), self.w_out.to(dtype)
+
+    def forward(self, x_AD: Tensor, counts: Tensor, backend: str | None = None,
+                dtype: torch.dtype | None = None) -> Tensor:
         """Rows already in expert order → expert outputs [A, D] (unweighted); `backend` overrides the
         configured one."""
-        return grouped_ffn(x_AD, counts, self.w_in, self.w_out, self.activation, backend or self.backend)
+        return grouped_ffn(x_AD, counts, *self.weights(dtype), self.activation, backend or self.backend)
 
     def path(self, x_TD: Tensor, n_assign: int) -> str:
         """`compute_path` for this layer's weights."""
         return compute_path(self.backend, x_TD, n_assign, self.w_in, self.w_out)
 
-    def routed(self, x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor) -> Tensor:
+    def routed(self, x_TD: Tensor, token_idx: Tensor, weight_A: Tensor, counts: Tensor,
+               dtype: torch.dtype | None = None) -> Tensor:
         """Tokens [T, D] and expert-ordered assignments → the weighted, combined output y [T, D]."""
-        return routed_ffn(x_TD, token_idx, weight_A, counts, self.w_in, self.w_out, self.activation)
+        return routed_ffn(x_TD, token_idx, weight_A, counts, *self.weights(dtype), self.activation)
 
-    def decode(self, x_1D: Tensor, experts: list[int], weights: list[float]) -> Tensor:
+    def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
+               dtype: torch.dtype | None = None) -> Tensor:
         """One token [1, D] through its chosen experts with their weights (inference) → y [1, D]."""
-        return decode_ffn(x_1D, experts, weights, self.w_in, self.w_out, self.activation)
+        w_in, w_out = self.weights(dtype) if dtype is None else (self.w_in[experts].to(dtype),
+                                                                  self.w_out[experts].to(dtype))
+        if dtype is not None:  # only the chosen experts cast, now indexed 0..k-1
+            experts = list(range(len(experts)))
+        return decode_ffn(x_1D, experts, weights, w_in, w_out, self.activation)

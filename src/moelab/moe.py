@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from moelab import balance
 from moelab.config import MoEConfig
 from moelab.dispatch import combine, permute, token_choice_capacity
-from moelab.experts import Experts, FeedForward, cpu_auto
+from moelab.experts import Experts, FeedForward, autocast_dtype, cpu_auto
 from moelab.routing import Router
 
 
@@ -41,7 +41,9 @@ class MoEAux:
     the first time one of them is read (the same values), so inference, which never reads them, does
     not pay the ~15 small ops per layer they cost (a decode step of one token is made of small ops).
     A forward with grad enabled computes them at once, so the losses always carry their graph. Until
-    read (or dropped), a deferred MoEAux keeps its Routing alive (probs and logits [T, E] float32).
+    read, pickled or dropped, a deferred MoEAux keeps its layer's Routing (probs and logits [T, E]) and
+    the layer alive. `ExpertParallelMoE` never defers: its statistics are collectives, which every rank
+    must run in the same order.
     """
 
     def __init__(self, losses: dict[str, Tensor] | None = None, load: Tensor | None = None,
@@ -57,6 +59,10 @@ class MoEAux:
         aux = cls(n_tokens=n_tokens)
         aux._compute = compute
         return aux
+
+    def __getstate__(self) -> dict:
+        self._get(0)  # compute deferred values first: the closure cannot be pickled
+        return self.__dict__.copy()
 
     def _get(self, i: int):
         if self._compute is not None:
@@ -104,22 +110,12 @@ class MoE(nn.Module):
             return x.clone(), MoEAux(load=x.new_zeros(cfg.n_experts, dtype=torch.float32), n_tokens=0)
 
         routing = self.router(x_TD)
-        capacity = None
-        if cfg.capacity_factor is not None and cfg.router != "expert_choice":
-            capacity = token_choice_capacity(cfg.capacity_factor, T, cfg.top_k, cfg.n_experts)
-        if T == 1 and routing.topk_idx is not None and not torch.is_grad_enabled() \
-                and cpu_auto(cfg.backend, x_TD):  # a decode step: nothing to sort or drop
-            y_TD = self.experts.decode(x_TD, routing.topk_idx[0].tolist(), routing.weight.tolist())
-            n_dropped = 0
-        else:
-            disp = permute(routing, cfg.n_experts, capacity)
-            path = self.experts.path(x_TD, disp.token_idx.numel())
-            if path == "fused":  # gather → experts → combine, one expert segment at a time
-                y_TD = self.experts.routed(x_TD, disp.token_idx, disp.weight, disp.counts)
-            else:
-                out_AD = self.experts(x_TD[disp.token_idx], disp.counts, path)
-                y_TD = combine(out_AD, disp, T)
-            n_dropped = disp.n_dropped
+        cast = autocast_dtype(x_TD)
+        if cast is None:
+            y_TD, n_dropped = self._routed(x_TD, routing)
+        else:  # in an autocast region the experts run in its dtype, weights cast as nn.Linear's would be
+            with torch.autocast(x_TD.device.type, enabled=False):
+                y_TD, n_dropped = self._routed(x_TD.to(cast), routing, cast)
 
         return self._add_shared(y_TD, x_TD).view(shape), self._aux(routing, n_dropped, T, shape)
 
@@ -128,6 +124,24 @@ class MoE(nn.Module):
         if torch.is_grad_enabled():
             return self._compute_aux(routing, n_dropped, T, shape)
         return MoEAux.deferred(lambda: self._compute_aux(routing, n_dropped, T, shape), T)
+
+    def _routed(self, x_TD: Tensor, routing, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | int]:
+        """The routed experts' combined output y [T, D] and the number of assignments dropped;
+        `dtype`: cast the expert weights to it (autocast)."""
+        cfg, T = self.cfg, x_TD.shape[0]
+        if T == 1 and routing.topk_idx is not None and not torch.is_grad_enabled() \
+                and cpu_auto(cfg.backend, x_TD):  # a decode step: nothing to sort or drop
+            return self.experts.decode(x_TD, routing.topk_idx[0].tolist(), routing.weight.tolist(), dtype), 0
+        capacity = None
+        if cfg.capacity_factor is not None and cfg.router != "expert_choice":
+            capacity = token_choice_capacity(cfg.capacity_factor, T, cfg.top_k, cfg.n_experts)
+        disp = permute(routing, cfg.n_experts, capacity)
+        path = self.experts.path(x_TD, disp.token_idx.numel())
+        if path == "fused":  # gather → experts → combine, one expert segment at a time
+            y_TD = self.experts.routed(x_TD, disp.token_idx, disp.weight, disp.counts, dtype)
+        else:
+            y_TD = combine(self.experts(x_TD[disp.token_idx], disp.counts, path, dtype), disp, T)
+        return y_TD, disp.n_dropped
 
     def _flatten(self, x: Tensor) -> Tensor:
         """x [..., D] → x_TD [T, D], after checking the width."""

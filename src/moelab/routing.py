@@ -106,7 +106,11 @@ class Router(nn.Module):
         T = x_TD.shape[0]
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32 at least, whatever comes in
         linear = fast_linear if torch.is_grad_enabled() or T * cfg.n_experts >= ROUTER_ONEDNN_MIN else F.linear
-        logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
+        if torch.is_autocast_enabled(x_TD.device.type):  # router math stays float32 under autocast too
+            with torch.autocast(x_TD.device.type, enabled=False):
+                logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
+        else:
+            logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
         if cfg.router == "sigmoid":
