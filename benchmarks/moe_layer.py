@@ -4,7 +4,7 @@ The dense twin is a SwiGLU FFN with the MoE layer's *active* size: hidden width 
 experts' width where the layer has them), `moelab.experts.FeedForward` on torch's ordinary path.
 Ratio = time / dense twin's time, so 1.0 means the layer costs exactly its active parameters.
 
-Every candidate runs in one process on the same input, interleaved (one run of each in turn), repeated;
+Every candidate runs in one process on the same input, interleaved (one run of each, in a shuffled order), repeated;
 the table shows medians. Only ratios measured side by side mean anything on a shared, noisy machine.
 
 Candidates per cell (dtype, E, k, T, mode):
@@ -39,6 +39,7 @@ import gc
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -171,13 +172,19 @@ def make_runner(module: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: b
 
 
 def interleaved_medians(runners: dict, reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per candidate; each repetition runs every candidate once, in a fresh random order
+    (seeded), so that no candidate always follows the same one (what the previous candidate freed or
+    left in the caches shifts a fixed order's ratios by up to ~15 % here)."""
     for _ in range(warmup):
         for run in runners.values():
             run()
+    order = random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(reps):
-        for name, run in runners.items():
-            times[name].append(run())
+        names = list(runners)
+        order.shuffle(names)
+        for name in names:
+            times[name].append(runners[name]())
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
