@@ -173,8 +173,8 @@ def make_runner(module: nn.Module, x: torch.Tensor, g: torch.Tensor, backward: b
 
 def interleaved_medians(runners: dict, reps: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per candidate; each repetition runs every candidate once, in a fresh random order
-    (seeded), so that no candidate always follows the same one (what the previous candidate freed or
-    left in the caches shifts a fixed order's ratios by up to ~15 % here)."""
+    (seeded), so that no candidate always follows the same one: in a fixed order, what one candidate
+    freed or left in the caches lands on the same neighbour every time."""
     for _ in range(warmup):
         for run in runners.values():
             run()
