@@ -499,8 +499,7 @@ class Experts(nn.Module):
     def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
                dtype: torch.dtype | None = None) -> Tensor:
         """One token [1, D] through its chosen experts with their weights (inference) → y [1, D]."""
-        w_in, w_out = self.weights(dtype) if dtype is None else (self.w_in[experts].to(dtype),
-                                                                  self.w_out[experts].to(dtype))
-        if dtype is not None:  # only the chosen experts cast, now indexed 0..k-1
-            experts = list(range(len(experts)))
+        w_in, w_out = self.w_in, self.w_out
+        if dtype is not None:  # autocast: cast only the chosen experts, now indexed 0..k-1
+            w_in, w_out, experts = w_in[experts].to(dtype), w_out[experts].to(dtype), list(range(len(experts)))
         return decode_ffn(x_1D, experts, weights, w_in, w_out, self.activation)

@@ -27,6 +27,7 @@ choices, ...), so that capacity dropping keeps first choices before second ones 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -106,10 +107,9 @@ class Router(nn.Module):
         T = x_TD.shape[0]
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32 at least, whatever comes in
         linear = fast_linear if torch.is_grad_enabled() or T * cfg.n_experts >= ROUTER_ONEDNN_MIN else F.linear
-        if torch.is_autocast_enabled(x_TD.device.type):  # router math stays float32 under autocast too
-            with torch.autocast(x_TD.device.type, enabled=False):
-                logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
-        else:
+        device = x_TD.device.type
+        no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+        with no_autocast:  # router math stays float32 under autocast too
             logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
