@@ -14,7 +14,9 @@ Candidates per cell (dtype, E, k, T, mode):
   ordinary twin is that comparison.
 - moelab: `moelab.MoE` (router "topk_softmax", backend "auto"), aux losses included in fwd+bwd.
 - transformers (when installed): MixtralSparseMoeBlock, Qwen3MoeSparseMoeBlock and DeepseekV3MoE built
-  from their modeling modules with a config of the same sizes. Each experts implementation
+  from their modeling modules with a config of the same sizes, holding the moelab layer's weights (so
+  both route every token to the same experts; the notes give how far their outputs are from moelab's,
+  ~1e-6 relative in float32 — a whole-layer check against transformers). Each experts implementation
   ("grouped_mm", "eager", "batched_mm") is screened with one timed run; the best joins the
   interleaved timing and the table names it. DeepSeek-V3 always has a shared expert (here one, width f):
   it is compared, with moelab configured the same way (sigmoid router, selection bias, one shared
@@ -76,8 +78,9 @@ class DenseTwinSameKernel(nn.Module):
         return fast_linear(activate(h, self.twin.activation), self.twin.w_out.weight).view(x.shape)
 
 
-def hf_block(model: str, E: int, k: int, impl: str):
-    """A transformers sparse MoE block of our sizes, weights ~ N(0, 0.02), experts implementation `impl`."""
+def hf_block(model: str, E: int, k: int, impl: str, twin: MoE):
+    """A transformers sparse MoE block of our sizes holding the weights of the moelab layer `twin`
+    (`copy_weights`), experts implementation `impl`."""
     if model == "Mixtral":
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock as Block
@@ -96,10 +99,25 @@ def hf_block(model: str, E: int, k: int, impl: str):
                                routed_scaling_factor=2.5, norm_topk_prob=True)
     cfg._experts_implementation = impl
     block = Block(cfg)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0.0, 0.02)
+    copy_weights(twin, block)
     return block
+
+
+@torch.no_grad()
+def copy_weights(layer: MoE, block: nn.Module) -> None:
+    """Give a transformers block the moelab layer's weights, so both route every token to the same
+    experts: at decode sizes the time depends on how many distinct experts a batch touches, and two
+    independently drawn routers touch different numbers (measured at T = 8: 42 vs 40 of 64 experts)."""
+    block.gate.weight.copy_(layer.router.weight)
+    block.experts.gate_up_proj.copy_(layer.experts.w_in.transpose(1, 2))  # [E, 2f, D]: gate rows, then up
+    block.experts.down_proj.copy_(layer.experts.w_out.transpose(1, 2))  # [E, D, f]
+    if hasattr(block.gate, "e_score_correction_bias"):
+        block.gate.e_score_correction_bias.copy_(layer.router.bias)
+    if layer.shared is not None:
+        gate, up = layer.shared.w_in.weight.chunk(2, dim=0)
+        block.shared_experts.gate_proj.weight.copy_(gate)
+        block.shared_experts.up_proj.weight.copy_(up)
+        block.shared_experts.down_proj.weight.copy_(layer.shared.w_out.weight)
 
 
 def moelab_layer(E: int, k: int, deepseek: bool) -> MoE:
@@ -237,7 +255,8 @@ def run_cell(dtype: torch.dtype, E: int, k: int, T: int, mode: str, args, hf_ok:
 
     if hf_ok:
         for model in args.hf_models:
-            best = screen_hf(model, args.hf_impls, dtype, E, k, T, mode, x, g, inner, evict, cell)
+            twin = modules["moelab-DS" if model == "DeepSeek-V3" else "moelab"]
+            best = screen_hf(model, twin, args.hf_impls, dtype, E, k, T, mode, x, g, inner, evict, cell)
             if best is not None:
                 modules[model] = best
 
@@ -249,8 +268,9 @@ def run_cell(dtype: torch.dtype, E: int, k: int, T: int, mode: str, args, hf_ok:
     return cell
 
 
-def screen_hf(model: str, impls: list[str], dtype, E, k, T, mode, x, g, inner, evict, cell: Cell):
-    """Time each experts implementation once (after a warm-up run); keep the fastest block."""
+def screen_hf(model: str, twin: MoE, impls: list[str], dtype, E, k, T, mode, x, g, inner, evict, cell: Cell):
+    """Time each experts implementation once (after a warm-up run); keep the fastest block, and note how
+    far its output is from the moelab layer `twin` whose weights it holds."""
     backward = mode == "fwd+bwd"
     best, best_t, tried = None, math.inf, []
     for impl in impls:
@@ -259,7 +279,7 @@ def screen_hf(model: str, impls: list[str], dtype, E, k, T, mode, x, g, inner, e
             cell.notes.append(f"{model} {impl}: skipped ({reason})")
             continue
         try:
-            block = hf_block(model, E, k, impl).to(dtype).train(backward)
+            block = hf_block(model, E, k, impl, twin).to(dtype).train(backward)
             run = make_runner(block, x, g, backward, inner, evict)
             t_warm = run()
             t = t_warm if t_warm > 3 * best_t else min(t_warm, run())  # clearly slower: one run settles it
@@ -274,6 +294,11 @@ def screen_hf(model: str, impls: list[str], dtype, E, k, T, mode, x, g, inner, e
         gc.collect()
     if tried:
         cell.notes.append(f"{model} screening: " + ", ".join(tried))
+    if best is not None:
+        with torch.no_grad():
+            ref, out = twin(x)[0].float(), best(x).float()
+        cell.notes.append(f"{model}: output vs moelab's, max |diff| / max |y| = "
+                          f"{float((out - ref).abs().max() / ref.abs().max()):.1e} (same weights)")
     return best
 
 
