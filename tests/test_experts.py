@@ -292,6 +292,8 @@ def test_moe_inference_paths_match_the_reference(name, dtype, threshold, grouped
         single = x.numel() == 8 and name != "expert_choice"  # decoded directly
         assert taken == ([] if single else [expected]), (shape, taken)
         y_ref, _ = moe_reference(ref, x.double())
+        if dtype == torch.bfloat16:  # bf16 rounds each stage to ~0.4 % of its magnitude (outputs reach ~20)
+            tol = dict(atol=2e-2 * y_ref.detach().abs().max().item(), rtol=3e-2)
         torch.testing.assert_close(y.double(), y_ref, **tol)
         _, aux_grad = moe(x)  # grad enabled: the autograd path
         torch.testing.assert_close(aux.load, aux_grad.load)

@@ -311,7 +311,8 @@ class MoETransformer(nn.Module):
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (bf16 logits)
+            loss = F.cross_entropy(wide.view(-1, logits.shape[-1]), targets.reshape(-1))
         return ModelOutput(logits=logits, loss=loss, aux=auxes)
 
     @torch.no_grad()
