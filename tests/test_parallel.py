@@ -68,6 +68,7 @@ def _worker(rank: int, world: int, port: int, fn, args, timeout_s: float) -> Non
                             timeout=timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank destroys its group while a peer may still be inside a collective
     finally:
         dist.destroy_process_group()
 

@@ -145,7 +145,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     """
     ctx = setup_from_env(cfg.expert_parallel)
     try:
-        return _train(model_cfg, cfg, Path(run_dir), data_path, resume, progress, data, desc, ctx)
+        result = _train(model_cfg, cfg, Path(run_dir), data_path, resume, progress, data, desc, ctx)
+        ctx.barrier()  # no rank tears its group down while a peer may still be inside a collective
+        return result
     except RuntimeError as e:
         if not ctx.distributed:
             raise
