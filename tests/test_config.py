@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moelab import ModelConfig, MoEConfig
+from moelab.config import TrainConfig
 
 BAD_MOE = [
     (dict(top_k=9, n_experts=8), "top_k=9.*n_experts"),
@@ -65,3 +66,14 @@ def test_dense_twin_has_the_active_width():
     twin = cfg.dense_twin()
     assert twin.moe is None and twin.d_ff == 2 * 64 + 64
     assert not any(twin.is_moe_layer(i) for i in range(twin.n_layers))
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(device="gpu"), r"device='gpu' is invalid: allowed 'cpu', 'cuda' or 'cuda:N'"),
+    (dict(device="cuda:x"), r"device='cuda:x'"),
+    (dict(device="cuda", expert_parallel=2, batch_size=2), r"device='cuda' .* expert_parallel > 1"),
+])
+def test_bad_train_device_names_the_field(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        TrainConfig(**kwargs)
+    assert TrainConfig(device="cuda:1").device == "cuda:1"  # valid on any machine; presence is checked by train

@@ -123,6 +123,13 @@ def test_bad_input_is_a_clear_error_and_nothing_is_lost(tmp_path):
     res = run_cli([*CLI_TINY, "--steps", "2", "--seq-len", "999", "--out", str(tmp_path / "c")])
     assert res.returncode == 2 and "seq_len=999" in res.stderr and "max_seq_len" in res.stderr
 
+    res = run_cli([*CLI_TINY, "--steps", "2", "--device", "tpu", "--out", str(tmp_path / "d")])
+    assert res.returncode == 2 and "device='tpu'" in res.stderr and "'cuda:N'" in res.stderr
+    absent = f"cuda:{torch.cuda.device_count()}"  # one past the last CUDA device: absent on any machine
+    res = run_cli([*CLI_TINY, "--steps", "2", "--device", absent, "--out", str(tmp_path / "e")])
+    assert res.returncode == 2 and f"device='{absent}'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()  # refused before writing anything
+
     run = tmp_path / "run"
     assert run_cli([*CLI_TINY, "--steps", "4", "--out", str(run)]).returncode == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -134,12 +141,29 @@ def test_bad_input_is_a_clear_error_and_nothing_is_lost(tmp_path):
     assert after == before  # nothing on disk changed
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_cpu(tmp_path):
+    """The same run on the GPU and on the CPU: same data, same initialisation, the same losses to float32
+    rounding (a run whose batches or model stayed on the wrong device would raise)."""
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=4, eval_batches=2, log_every=1,
+                      max_corpus_bytes=150_000)
+    runs = {dev: train(TINY, cfg.replace(device=dev), tmp_path / dev, progress=False) for dev in ("cpu", "cuda")}
+    losses = {dev: [json.loads(x)["loss"] for x in (tmp_path / dev / "metrics.jsonl").read_text().splitlines()]
+              for dev in runs}
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=1e-3)
+    assert runs["cuda"].final_val_loss == pytest.approx(runs["cpu"].final_val_loss, rel=1e-3)
+
+
 def test_generate_cli_and_tampered_checkpoint(tmp_path):
     run = tmp_path / "run"
     assert run_cli([*CLI_TINY, "--steps", "3", "--out", str(run)]).returncode == 0
     gen = subprocess.run([sys.executable, "-m", "moelab", "generate", str(run), "--prompt", "import ",
                           "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0 and gen.stdout.startswith("import ")
+    for device in ("tpu", f"cuda:{torch.cuda.device_count()}"):  # not a device; a device this machine lacks
+        gen = subprocess.run([sys.executable, "-m", "moelab", "generate", str(run), "--device", device],
+                             capture_output=True, text=True, timeout=300)
+        assert gen.returncode == 2 and f"device='{device}'" in gen.stderr and "Traceback" not in gen.stderr
     weights = next((run / "checkpoints").iterdir()) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     gen = subprocess.run([sys.executable, "-m", "moelab", "generate", str(run), "--prompt", "x"],

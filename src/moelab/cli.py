@@ -85,7 +85,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from moelab.generate import generate_text
 
     print(args.prompt + generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed))
+                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                      device=args.device))
     return 0
 
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.set_defaults(func=cmd_generate)
 
     from moelab import card

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ def _positive_int(name: str, value: Any) -> None:
 def _nonneg_number(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         _fail(name, value, "a number >= 0")
+
+
+def check_device_name(device: Any) -> None:
+    """A device moelab trains and generates on: "cpu", "cuda" or "cuda:N" (presence is checked at run time)."""
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        _fail("device", device, "'cpu', 'cuda' or 'cuda:N'")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -411,6 +418,8 @@ class TrainConfig(_JsonMixin):
         val_fraction: share of the token stream held out for validation.
         dtype: "float32" or "bfloat16" (autocast for the forward; weights and optimizer stay float32).
         threads: torch intra-op threads (0 = torch's default).
+        device: where the model, its optimizer state and the batches live: "cpu", "cuda" or "cuda:N"
+            (checkpoints are device-free; a run may resume on another device).
         expert_parallel: processes the routed experts are split over (launch that many with torchrun);
             batch_size stays the global batch, split evenly over them (moelab.parallel).
     """
@@ -435,6 +444,7 @@ class TrainConfig(_JsonMixin):
     val_fraction: float = 0.05
     dtype: str = "float32"
     threads: int = 0
+    device: str = "cpu"
     expert_parallel: int = 1
 
     def __post_init__(self) -> None:
@@ -457,6 +467,10 @@ class TrainConfig(_JsonMixin):
         if not 0 < self.val_fraction < 0.5:
             _fail("val_fraction", self.val_fraction, "a number in (0, 0.5)")
         _choice("dtype", self.dtype, ("float32", "bfloat16"))
+        check_device_name(self.device)
+        if self.device != "cpu" and self.expert_parallel > 1:
+            _fail("device", self.device, "'cpu' when expert_parallel > 1 (expert parallelism runs on gloo over "
+                  "CPU processes; NCCL is not supported yet)")
         if self.batch_size % self.expert_parallel:
             _fail("batch_size", self.batch_size, f"a multiple of expert_parallel={self.expert_parallel} (it is the "
                   "global batch, split evenly over the processes)")

@@ -59,12 +59,14 @@ def generate(model: MoETransformer, prompt_ids: list[int], max_new_tokens: int, 
 
 
 def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
-                  top_p: float = 0.95, seed: int | None = 0) -> str:
-    """Load a run's newest checkpoint and tokenizer.json and continue `prompt` (may be empty)."""
+                  top_p: float = 0.95, seed: int | None = 0, device: str = "cpu") -> str:
+    """Load a run's newest checkpoint and tokenizer.json onto `device` and continue `prompt` (may be empty)."""
     from moelab.data import load_tokenizer
-    from moelab.train import load_run
+    from moelab.train import check_device, load_run
 
+    check_device(device)
     model, _ = load_run(run_dir)
+    model.to(device)
     tok_path = Path(run_dir) / "tokenizer.json"
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path} not found: the run directory must hold the tokenizer it was trained with")

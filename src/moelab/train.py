@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab import checkpoint as ckpt_io
-from moelab.config import ModelConfig, TrainConfig
+from moelab.config import ModelConfig, TrainConfig, check_device_name
 from moelab.data import TokenData, prepare_data
 from moelab.model import MoETransformer
 from moelab.parallel import ParallelContext, setup_from_env
@@ -79,7 +79,7 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
     model.eval()
     total, n = 0.0, 0
     for x, y in data.iter_eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches):
-        x, y = x.tensor_split(ctx.world)[ctx.rank], y.tensor_split(ctx.world)[ctx.rank]
+        x, y = x.tensor_split(ctx.world)[ctx.rank].to(cfg.device), y.tensor_split(ctx.world)[ctx.rank].to(cfg.device)
         with _autocast(cfg):
             loss = model(x, targets=y).loss  # every rank runs the forward: its collectives need all ranks
         if x.numel():
@@ -90,7 +90,20 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
 
 
 def _autocast(cfg: TrainConfig):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+def check_device(device: str) -> None:
+    """Fail early, naming the field, when `device` is not a moelab device or not present on this machine."""
+    check_device_name(device)
+    if device == "cpu":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = torch.device(device).index or 0
+    if index >= count:
+        allowed = "'cpu'" + (f", 'cuda' or 'cuda:N' with N < {count}" if count else "")
+        raise ValueError(f"device={device!r} is invalid here: this torch build ({torch.__version__}) sees "
+                         f"{count} CUDA device(s); allowed: {allowed}")
 
 
 def _layer_stats(auxes_per_micro: list[list], model: MoETransformer) -> dict[str, Any]:
@@ -143,6 +156,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     writes metrics, checkpoints (in the single-process layout, so any N resumes them) and plots. A rank
     that dies makes the others raise within the collective timeout (MOELAB_DIST_TIMEOUT, 60 s).
     """
+    check_device(cfg.device)
     ctx = setup_from_env(cfg.expert_parallel)
     try:
         result = _train(model_cfg, cfg, Path(run_dir), data_path, resume, progress, data, desc, ctx)
@@ -209,7 +223,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data_path, r
     config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
     start, train_tokens, train_seconds = 0, 0, 0.0
     latest = _restore(run_dir, config, model) if resume else None
-    model = ctx.wrap(model)  # expert-parallel: keep this rank's expert slices
+    model = ctx.wrap(model).to(cfg.device)  # expert-parallel: keep this rank's expert slices
     optimizer = make_optimizer(model, cfg)
     if latest is not None:
         optim_state, trainer, rng = ckpt_io.read_training_state(latest)
@@ -237,8 +251,9 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data_path, r
             auxes, loss_sum, aux_sums = [], 0.0, {}
             for _ in range(cfg.grad_accum):
                 x, y = data.get_batch("train", cfg.batch_size, cfg.seq_len, gen)  # the global batch
+                x, y = ctx.shard(x).to(cfg.device, non_blocking=True), ctx.shard(y).to(cfg.device, non_blocking=True)
                 with _autocast(cfg):
-                    out = model(ctx.shard(x), targets=ctx.shard(y))
+                    out = model(x, targets=y)
                 ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
                 loss_sum += out.loss.item() / cfg.grad_accum
                 for a in out.aux:
