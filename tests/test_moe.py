@@ -155,6 +155,25 @@ def test_router_math_is_float32_for_bfloat16_input():
     assert y.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+def test_routing_values_read_first_under_no_grad_keep_their_graph(name):
+    """Routing computes probs (and the flat assignment lists) on first read; a first read inside
+    no_grad (as an entropy statistic does) must not strip the gradient a later loss needs."""
+    moe = make(name, "loop")
+    x = torch.randn(6, D, dtype=torch.float64)
+    grads = []
+    for read_first_without_grad in (False, True):
+        moe.router.weight.grad = None
+        routing = moe.router(x)
+        if read_first_without_grad:
+            with torch.no_grad():
+                routing.probs.sum(), routing.weight.sum()
+        ((routing.probs ** 2).sum() + routing.weight.sum()).backward()
+        grads.append(moe.router.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_freeze_router_and_losses_off():
     moe = make("mixtral", "loop", freeze_router=True, aux_loss_coef=0.0, z_loss_coef=0.0)
     assert not moe.router.weight.requires_grad

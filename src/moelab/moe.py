@@ -131,7 +131,7 @@ class MoE(nn.Module):
         cfg, T = self.cfg, x_TD.shape[0]
         if T == 1 and routing.topk_idx is not None and not torch.is_grad_enabled() \
                 and cpu_auto(cfg.backend, x_TD):  # a decode step: nothing to sort or drop
-            return self.experts.decode(x_TD, routing.topk_idx[0].tolist(), routing.weight.tolist(), dtype), 0
+            return self.experts.decode(x_TD, routing.topk_idx[0].tolist(), routing.topk_weight[0].tolist(), dtype), 0
         capacity = None
         if cfg.capacity_factor is not None and cfg.router != "expert_choice":
             capacity = token_choice_capacity(cfg.capacity_factor, T, cfg.top_k, cfg.n_experts)

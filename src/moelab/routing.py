@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,6 @@ from moelab.config import MoEConfig
 from moelab.experts import fast_linear
 
 
-@dataclass
 class Routing:
     """What a router decided for T tokens.
 
@@ -47,14 +45,40 @@ class Routing:
     probs [T, E] float32: per-token distribution over experts used by the balance losses and the
         entropy statistic (softmax probabilities; for sigmoid scores, the scores normalised to sum 1).
     topk_idx [T, K] long or None: each token's chosen experts (token-choice routers only).
+    topk_weight [T, K] float32 or None: their weights (token-choice routers only).
+
+    Any of token_idx, expert_idx, weight, probs may be given as a zero-argument function: it runs on
+    the first read. Token-choice routers hand over their [T, K] results this way (`token_choice`), so a
+    decode step, which reads only topk_idx and topk_weight, skips the ~6 ops that flatten them and
+    compute probs (each costs ~30 µs when the caches hold the last layer's weights, not torch's code).
     """
 
-    token_idx: Tensor
-    expert_idx: Tensor
-    weight: Tensor
-    logits: Tensor
-    probs: Tensor
-    topk_idx: Tensor | None
+    _LAZY = ("token_idx", "expert_idx", "weight", "probs")
+
+    def __init__(self, token_idx, expert_idx, weight, logits: Tensor, probs, topk_idx: Tensor | None = None,
+                 topk_weight: Tensor | None = None) -> None:
+        self._values = dict(zip(self._LAZY, (token_idx, expert_idx, weight, probs)))
+        self.logits, self.topk_idx, self.topk_weight = logits, topk_idx, topk_weight
+
+    @classmethod
+    def token_choice(cls, topk_idx_TK: Tensor, weight_TK: Tensor, logits_TE: Tensor, probs) -> Routing:
+        """Assignments in rank-major order (a = r·T + t) from each token's chosen experts and weights."""
+        T, K = topk_idx_TK.shape
+        return cls(lambda: torch.arange(T * K, device=topk_idx_TK.device) % T,
+                   lambda: topk_idx_TK.t().reshape(-1), lambda: weight_TK.t().reshape(-1),
+                   logits_TE, probs, topk_idx_TK, weight_TK)
+
+    def _get(self, name: str) -> Tensor:
+        value = self._values[name]
+        if callable(value):  # with grad enabled, so that the value is the one the forward would have
+            with torch.enable_grad():  # built (with its graph when the logits have one), whoever reads first
+                value = self._values[name] = value()
+        return value
+
+    token_idx = property(lambda self: self._get("token_idx"))
+    expert_idx = property(lambda self: self._get("expert_idx"))
+    weight = property(lambda self: self._get("weight"))
+    probs = property(lambda self: self._get("probs"))
 
 
 # The router's logits x·Wᵀ [T, E] have few columns. Forward and backward (training), oneDNN
@@ -113,36 +137,32 @@ class Router(nn.Module):
             logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
-        if cfg.router == "sigmoid":
-            scores_TE = torch.sigmoid(logits_TE)
-            probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
+        sigmoid = cfg.router == "sigmoid"
+        # softmax probabilities are needed now only when the weights come from them (not renormalised);
+        # else the balance losses and statistics compute them on first read
+        softmax_now = not sigmoid and not (cfg.norm_topk_prob and cfg.router == "topk_softmax")
+        scores_TE = torch.sigmoid(logits_TE) if sigmoid else torch.softmax(logits_TE, dim=-1) if softmax_now else None
+        if sigmoid:
+            probs = lambda: scores_TE / scores_TE.sum(-1, keepdim=True)  # noqa: E731
         else:
-            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
+            probs = scores_TE if softmax_now else lambda: torch.softmax(logits_TE, dim=-1)
         # selection: sigmoid scores + bias (DeepSeek-V3); for softmax the bias is added to the logits,
         # i.e. it scales the probabilities by exp(b) — scale-free, so one rate suits sharp and flat routers
-        select_TE = (scores_TE if cfg.router == "sigmoid" else logits_TE).detach()
+        select_TE = scores_TE if sigmoid else logits_TE  # topk's indices carry no gradient
         if cfg.expert_bias:
-            select_TE = select_TE + self.bias.to(select_TE.dtype)
+            select_TE = select_TE.detach() + self.bias.to(select_TE.dtype)
         if cfg.n_groups > 1:
-            select_TE = _group_mask(select_TE, cfg, top2_sum=cfg.router == "sigmoid")
+            select_TE = _group_mask(select_TE.detach(), cfg, top2_sum=sigmoid)
         topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
-        if cfg.norm_topk_prob and cfg.router == "topk_softmax":  # p_i / Σ_chosen p_j = softmax over the chosen
-            weight_TK = torch.softmax(logits_TE.gather(1, topk_idx_TK), dim=-1)  # logits (2 ops, not 4)
+        if not softmax_now and not sigmoid:  # p_i / Σ_chosen p_j = softmax over the chosen logits
+            weight_TK = torch.softmax(logits_TE.gather(1, topk_idx_TK), dim=-1)
         else:
             weight_TK = scores_TE.gather(1, topk_idx_TK)
             if cfg.norm_topk_prob and cfg.router != "switch":
                 weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).add_(1e-20)
         if cfg.route_scale != 1.0:
             weight_TK = weight_TK * cfg.route_scale
-        token_idx = torch.arange(T * cfg.top_k, device=x_TD.device) % T  # rank-major: a = r·T + t
-        return Routing(
-            token_idx=token_idx,
-            expert_idx=topk_idx_TK.t().reshape(-1),
-            weight=weight_TK.t().reshape(-1),
-            logits=logits_TE,
-            probs=probs_TE,
-            topk_idx=topk_idx_TK,
-        )
+        return Routing.token_choice(topk_idx_TK, weight_TK, logits_TE, probs)
 
     def _expert_choice(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape
