@@ -29,15 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moelab.experts import FeedForward, decode_ffn, onednn_matmul_available
+from moelab.experts import FeedForward, activate, decode_ffn, onednn_matmul_available
 
 D_MODEL, D_EXPERT = 1024, 512
 EVICT_BYTES = 4 * 32 * 2**20  # 4x this machine's 32 MiB L3
-
-
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 def candidates(dtype: torch.dtype, E: int, k: int) -> dict:
@@ -51,11 +46,11 @@ def candidates(dtype: torch.dtype, E: int, k: int) -> dict:
     weights = [1.0 / k] * k
 
     def linear_out_in(experts):
-        return sum(F.linear(_swiglu(F.linear(x, w_in_t[e])), w_out_t[e]) for e in experts)
+        return sum(F.linear(activate(F.linear(x, w_in_t[e]), "swiglu"), w_out_t[e]) for e in experts)
 
     def onednn_out_in(experts):
         lin = torch.ops.mkldnn._linear_pointwise
-        return sum(lin(_swiglu(lin(x, w_in_t[e], None, "none", [], "")), w_out_t[e], None, "none", [], "")
+        return sum(lin(activate(lin(x, w_in_t[e], None, "none", [], ""), "swiglu"), w_out_t[e], None, "none", [], "")
                    for e in experts)
 
     out = {

@@ -138,14 +138,16 @@ class Router(nn.Module):
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
         sigmoid = cfg.router == "sigmoid"
-        # softmax probabilities are needed now only when the weights come from them (not renormalised);
-        # else the balance losses and statistics compute them on first read
-        softmax_now = not sigmoid and not (cfg.norm_topk_prob and cfg.router == "topk_softmax")
-        scores_TE = torch.sigmoid(logits_TE) if sigmoid else torch.softmax(logits_TE, dim=-1) if softmax_now else None
+        # renormalised top-k softmax: p_i / Σ_chosen p_j = softmax over the chosen logits, so the full
+        # softmax is needed only by the balance losses and statistics, which compute it on first read
+        from_chosen_logits = cfg.router == "topk_softmax" and cfg.norm_topk_prob
         if sigmoid:
+            scores_TE = torch.sigmoid(logits_TE)
             probs = lambda: scores_TE / scores_TE.sum(-1, keepdim=True)  # noqa: E731
+        elif from_chosen_logits:
+            scores_TE, probs = None, lambda: torch.softmax(logits_TE, dim=-1)
         else:
-            probs = scores_TE if softmax_now else lambda: torch.softmax(logits_TE, dim=-1)
+            scores_TE = probs = torch.softmax(logits_TE, dim=-1)
         # selection: sigmoid scores + bias (DeepSeek-V3); for softmax the bias is added to the logits,
         # i.e. it scales the probabilities by exp(b) — scale-free, so one rate suits sharp and flat routers
         select_TE = scores_TE if sigmoid else logits_TE  # topk's indices carry no gradient
@@ -154,7 +156,7 @@ class Router(nn.Module):
         if cfg.n_groups > 1:
             select_TE = _group_mask(select_TE.detach(), cfg, top2_sum=sigmoid)
         topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1).indices
-        if not softmax_now and not sigmoid:  # p_i / Σ_chosen p_j = softmax over the chosen logits
+        if from_chosen_logits:
             weight_TK = torch.softmax(logits_TE.gather(1, topk_idx_TK), dim=-1)
         else:
             weight_TK = scores_TE.gather(1, topk_idx_TK)
