@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pydoc_data.topics
 from collections import Counter
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moelab import corpus as C
 from moelab import data as D
 from moelab.data import END_OF_TEXT, TokenData
 
@@ -27,7 +27,7 @@ UNUSUAL = ["", " ", "a", "hello world", "  leading and trailing  ", "héllo wör
 
 def _docs() -> list[str]:
     """A small mixed corpus: stdlib text plus unusual characters (some repeated so they get merges)."""
-    return list(D.default_corpus(max_bytes=40_000)) + UNUSUAL * 2
+    return list(C.default_corpus(max_bytes=40_000)) + UNUSUAL * 2
 
 
 @pytest.fixture(scope="module")
@@ -107,63 +107,6 @@ def test_transformers_loads_tokenizer_json(tmp_path, tok):
 def test_vocab_size_too_small():
     with pytest.raises(ValueError, match="vocab_size=100"):
         D.train_tokenizer(["abc"], 100)
-
-
-# ---------------------------------------------------------------------------------------------------- corpora
-def test_default_corpus_mixes_code_and_prose():
-    docs = list(D.default_corpus(max_bytes=60_000))
-    assert docs == list(D.default_corpus(max_bytes=60_000))
-    assert sum(len(d.encode()) for d in docs) <= 60_000
-    topics = set(pydoc_data.topics.topics.values())
-    prose = [d for d in docs if d in topics]
-    code = [d for d in docs if d not in topics]
-    assert prose and code
-    for src in code:  # every code document is a Python source file
-        compile(src, "<stdlib>", "exec")
-    # both kinds in each half, so the validation tail is not only one of them
-    half = len(docs) // 2
-    assert any(d in topics for d in docs[half:]) and any(d not in topics for d in docs[half:])
-
-
-def test_default_corpus_rejects_bad_cap():
-    with pytest.raises(ValueError, match="max_bytes=0"):
-        D.default_corpus(max_bytes=0)
-
-
-def test_read_corpus_recursive_sorted_text_only(tmp_path):
-    _write_corpus(tmp_path, {"b.txt": "second", "a/z.md": "first", "c/d/e.py": "x = 1\n", "bad.txt": b"ok \xff end",
-                             "img.png": b"\x89PNG\r\n\x1a\n\x00\x00", ".git/config": "hidden", "empty.txt": ""})
-    assert list(D.read_corpus(tmp_path)) == ["first", "second", "ok \ufffd end", "x = 1\n"]
-    assert list(D.read_corpus(tmp_path / "b.txt")) == ["second"]
-
-
-def test_read_corpus_cuts_long_files_at_line_ends(tmp_path, monkeypatch):
-    text = "".join(f"line {i} ü\r\n" for i in range(300))
-    _write_corpus(tmp_path, {"big.txt": text})
-    monkeypatch.setattr(D, "_MAX_DOC_CHARS", 100)
-    docs = list(D.read_corpus(tmp_path))
-    assert len(docs) > 10 and "".join(docs) == text
-    assert all(d.endswith("\r\n") for d in docs)
-
-
-def test_corpus_errors_name_the_path(tmp_path):
-    missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match="nope"):
-        D.read_corpus(missing)
-    with pytest.raises(FileNotFoundError, match="nope"):
-        D.prepare_data(missing, tmp_path / "out", VOCAB, quiet=True)
-    empty_dir = tmp_path / "empty_dir"
-    empty_dir.mkdir()
-    with pytest.raises(ValueError, match="empty_dir"):
-        D.read_corpus(empty_dir)
-    _write_corpus(tmp_path / "blank", {"a.txt": "", "b/c.txt": ""})
-    with pytest.raises(ValueError, match="blank.*empty"):
-        D.prepare_data(tmp_path / "blank", tmp_path / "out", VOCAB, quiet=True)
-    _write_corpus(tmp_path / "bin", {"x.bin": b"\x00\x01\x02"})
-    with pytest.raises(ValueError, match="bin"):
-        D.read_corpus(tmp_path / "bin")
-    with pytest.raises(ValueError, match="binary"):
-        D.read_corpus(tmp_path / "bin" / "x.bin")
 
 
 # ---------------------------------------------------------------------------------------------- token stream
@@ -294,7 +237,7 @@ def test_prepare_data_caches_and_detects_stale(tmp_path, monkeypatch):
     _write_corpus(corpus, {"one.txt": words * 40, "sub/two.txt": "def f(x):\n    return x * 2\n" * 60})
     tok, data = D.prepare_data(corpus, out, 300, val_fraction=0.1, quiet=True)
     assert (out / "tokenizer.json").is_file() and (out / "data" / "tokens.bin").is_file()
-    docs = list(D.read_corpus(corpus))
+    docs = list(C.read_corpus(corpus))
     assert np.array_equal(data.tokens, tok.encode(END_OF_TEXT + END_OF_TEXT.join(docs)).ids)
 
     real_train = D.train_tokenizer
@@ -310,7 +253,7 @@ def test_prepare_data_caches_and_detects_stale(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "train_tokenizer", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     (corpus / "sub" / "two.txt").write_text("class C:\n    pass\n" * 60)  # the corpus changed
     tok3, data3 = D.prepare_data(corpus, out, 300, val_fraction=0.1, quiet=True)
-    docs = list(D.read_corpus(corpus))
+    docs = list(C.read_corpus(corpus))
     assert calls and np.array_equal(data3.tokens, tok3.encode(END_OF_TEXT + END_OF_TEXT.join(docs)).ids)
 
     cases = [("tokenizer.json corrupt", lambda: (out / "tokenizer.json").write_text(json.dumps({"bad": 1})), 300),
@@ -328,7 +271,7 @@ def test_prepare_data_caches_and_detects_stale(tmp_path, monkeypatch):
 
 def test_prepare_data_default_corpus(tmp_path):
     tok, data = D.prepare_data(None, tmp_path, VOCAB, max_bytes=30_000, val_fraction=0.1, quiet=True)
-    docs = list(D.default_corpus(max_bytes=30_000))
+    docs = list(C.default_corpus(max_bytes=30_000))
     assert data.metadata["n_documents"] == len(docs)
     assert np.array_equal(data.tokens, tok.encode(END_OF_TEXT + END_OF_TEXT.join(docs)).ids)
     assert D.unigram_entropy(data.train) > 3.0  # a real text distribution, not a degenerate one

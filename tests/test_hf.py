@@ -270,7 +270,7 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
     from moelab.card import card_report
     from moelab.cli import main
     from moelab.generate import generate_text
-    from moelab.train import load_run
+    from moelab.rundir import load_run
 
     src = tmp_path / "src"
     src.mkdir()
@@ -348,8 +348,8 @@ def test_lazy_loading_peak_memory(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) >= 6
     tiny = _random_moelab(_moelab_configs()["mixtral"])
     hf.save(tiny, tmp_path / "again")
-    hf.save(tiny, tmp_path / "again", max_shard_bytes=1 << 14)  # re-save over a directory: no stale shards
-    hf.save(tiny, tmp_path / "again")
+    hf.save(tiny, tmp_path / "again", max_shard_bytes=1 << 14, overwrite=True)  # re-save: no stale shards
+    hf.save(tiny, tmp_path / "again", overwrite=True)
     assert [p.name for p in (tmp_path / "again").glob("*.safetensors")] == ["model.safetensors"]
     assert not (tmp_path / "again" / "model.safetensors.index.json").exists()
     out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path)], capture_output=True, text=True,

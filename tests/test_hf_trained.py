@@ -21,9 +21,10 @@ transformers = pytest.importorskip("transformers")
 from moelab import ModelConfig, MoEConfig, hf  # noqa: E402
 from moelab.cli import main  # noqa: E402
 from moelab.config import RopeScaling, TrainConfig  # noqa: E402
-from moelab.data import END_OF_TEXT, decode, encode, load_tokenizer  # noqa: E402
+from moelab.data import END_OF_TEXT, decode, encode, load_tokenizer, prompt_ids  # noqa: E402
 from moelab.generate import generate  # noqa: E402
-from moelab.train import load_run, train  # noqa: E402
+from moelab.rundir import load_run  # noqa: E402
+from moelab.train import train  # noqa: E402
 
 TEXT = """A mixture of experts replaces one feed-forward block with many smaller experts and a router.
 The router scores every token against every expert and sends it to the best few of them.
@@ -91,16 +92,18 @@ def test_trained_run_exports_with_same_logits_and_greedy_continuation(exported):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
     eot = tok.token_to_id(END_OF_TEXT)
-    assert hf_model.config.eos_token_id == eot and hf_model.config.bos_token_id is None
+    assert hf_model.config.eos_token_id == eot and hf_model.config.bos_token_id == eot
     gen_cfg = copy.deepcopy(hf_model.generation_config)  # greedy, 20 tokens whatever comes (moelab's
     gen_cfg.update(eos_token_id=None, pad_token_id=eot, max_new_tokens=20, do_sample=False)  # does not stop)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     seen: set[int] = set()
     for prompt in PROMPTS:
-        prompt_ids = [eot, *encode(tok, prompt)]  # as `moelab generate` starts a document
-        mine = generate(ours, prompt_ids, 20, temperature=0.0)
-        x = torch.tensor([prompt_ids])  # the explicit mask: generate would otherwise mask the pad id (= eot)
+        ids_for_prompt = prompt_ids(tok, prompt)  # as `moelab generate` starts a document: [eot] + prompt
+        assert ids_for_prompt[0] == eot and hf_tok(prompt)["input_ids"] == ids_for_prompt  # the same BOS rule
+        mine = generate(ours, ids_for_prompt, 20, temperature=0.0)
+        x = torch.tensor([ids_for_prompt])  # the explicit mask: generate would otherwise mask the pad id (= eot)
         theirs = hf_model.generate(x, attention_mask=torch.ones_like(x), generation_config=gen_cfg)
-        theirs = theirs[0, len(prompt_ids):].tolist()
+        theirs = theirs[0, len(ids_for_prompt):].tolist()
         assert theirs == mine, (prompt, decode(tok, mine), decode(tok, theirs))
         assert len(mine) == 20
         seen.update(mine)
@@ -117,9 +120,11 @@ def test_exported_tokenizer_encodes_like_the_run(exported):
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
     auto = transformers.AutoTokenizer.from_pretrained(out)
     assert auto.eos_token == END_OF_TEXT and auto.eos_token_id == ours.token_to_id(END_OF_TEXT)
+    assert auto.bos_token == END_OF_TEXT
     for text in [TEXT, "The router scores", "", "  two  spaces\tand a tab\n", f"a{END_OF_TEXT}b",
                  "ünïcödé ℵ∰ 🙂 \x00 — never in the corpus"]:
         ids = encode(ours, text)
-        assert theirs(text)["input_ids"] == ids, text
-        assert auto(text)["input_ids"] == ids, text
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert auto(text)["input_ids"] == theirs(text)["input_ids"] == prompt_ids(ours, text), text  # [eot] + ids
         assert theirs.decode(ids) == decode(ours, ids) == text

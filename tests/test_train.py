@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from moelab import ModelConfig, MoEConfig
+from moelab import ModelConfig, MoEConfig, MoETransformer
 from moelab.config import TrainConfig
 from moelab.data import prepare_data, unigram_entropy
 from moelab.generate import generate_text
-from moelab.train import load_run, lr_at, train
+from moelab.rundir import load_run
+from moelab.train import lr_at, train
 
 TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64,
                    moe=MoEConfig(d_model=64, d_expert=64, n_experts=4, top_k=2))
@@ -136,7 +139,7 @@ def test_bad_input_is_a_clear_error_and_nothing_is_lost(tmp_path):
     res = run_cli([*CLI_TINY, "--steps", "4", "--out", str(run)])  # same dir without --resume
     assert res.returncode == 2 and "--resume" in res.stderr
     res = run_cli([*CLI_TINY, "--steps", "8", "--out", str(run), "--resume", "--moe-n-experts", "8"])
-    assert res.returncode == 2 and "different" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "moe.n_experts: 4 -> 8" in res.stderr and "Traceback" not in res.stderr
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before  # nothing on disk changed
 
@@ -170,3 +173,86 @@ def test_generate_cli_and_tampered_checkpoint(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert gen.returncode == 2 and "truncated" in gen.stderr and "Traceback" not in gen.stderr
     torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------------- the step, against a hand-written one
+STEP_MODEL = ModelConfig(vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
+                         moe=MoEConfig(d_model=32, d_expert=32, n_experts=4, top_k=2, aux_loss_coef=0.05,
+                                       z_loss_coef=1e-2))
+
+
+@pytest.fixture(scope="module")
+def token_data(tmp_path_factory):
+    return prepare_data(None, tmp_path_factory.mktemp("data"), vocab_size=512, max_bytes=150_000, quiet=True)[1]
+
+
+def hand_training(model_cfg: ModelConfig, cfg: TrainConfig, data, steps: int) -> dict[str, torch.Tensor]:
+    """`steps` optimizer steps written out by hand: the batches drawn from the seeded sampler, the loss plus
+    the weighted aux losses averaged over micro-batches, global-norm clipping, the warm-up + cosine learning
+    rate, and AdamW (Loshchilov & Hutter 2019) in float64 with decay on matrices only."""
+    torch.manual_seed(cfg.seed)
+    model = MoETransformer(model_cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    params = dict(model.named_parameters())
+    state = {n: (torch.zeros_like(p, dtype=torch.float64), torch.zeros_like(p, dtype=torch.float64))
+             for n, p in params.items()}
+    master = {n: p.detach().double().clone() for n, p in params.items()}
+    for step in range(steps):
+        for _ in range(cfg.grad_accum):
+            x, y = data.get_batch("train", cfg.batch_size, cfg.seq_len, gen)
+            out = model(x, targets=y)
+            total = out.loss + sum(v for a in out.aux for v in a.losses.values())
+            (total / cfg.grad_accum).backward()
+        grads = {n: p.grad.double() for n, p in params.items()}
+        norm = math.sqrt(sum(float(g.square().sum()) for g in grads.values()))
+        coef = min(1.0, cfg.grad_clip / (norm + 1e-6))
+        if step < cfg.warmup_steps:
+            lr = cfg.lr * (step + 1) / cfg.warmup_steps
+        else:
+            progress = (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps)
+            lr = cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2)
+        t = step + 1
+        for n, p in params.items():
+            g = grads[n] * coef
+            m, v = state[n]
+            m.mul_(cfg.beta1).add_((1 - cfg.beta1) * g)
+            v.mul_(cfg.beta2).add_((1 - cfg.beta2) * g * g)
+            decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+            w = master[n] * (1 - lr * decay)
+            master[n] = w - lr * (m / (1 - cfg.beta1 ** t)) / ((v / (1 - cfg.beta2 ** t)).sqrt() + 1e-8)
+            with torch.no_grad():
+                p.copy_(master[n])
+            p.grad = None
+    return master
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_steps_equal_hand_written_steps(tmp_path, token_data, grad_accum):
+    """Three steps of `train` (warm-up, then cosine; clipping active) equal the hand-written ones; with
+    grad_accum = 2 each step is the mean over two micro-batches drawn in turn, as one step on the doubled
+    batch (the switch loss here is per micro-batch in both)."""
+    cfg = TrainConfig(steps=3, batch_size=4, seq_len=16, grad_accum=grad_accum, lr=3e-2, warmup_steps=1,
+                      min_lr_ratio=0.2, weight_decay=0.1, grad_clip=0.5, eval_every=3, eval_batches=1, log_every=1,
+                      seed=7)
+    threads = torch.get_num_threads()
+    result = train(STEP_MODEL, cfg, tmp_path / "run", data=token_data, progress=False)
+    torch.set_num_threads(threads)
+    expected = hand_training(STEP_MODEL, cfg, token_data, 3)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records] == pytest.approx([3e-2, 3e-2, 3e-2 * (0.2 + 0.8 * 0.5)])
+    assert records[0]["grad_norm"] > cfg.grad_clip  # clipping did something
+    for name, p in result.model.named_parameters():
+        torch.testing.assert_close(p.detach().double(), expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_resume_with_dropout_reproduces_the_uninterrupted_losses(tmp_path, token_data):
+    """Dropout draws from torch's RNG: a resumed run restores that state, so steps 4-6 draw the same masks."""
+    model_cfg = STEP_MODEL.replace(dropout=0.2)
+    cfg = TrainConfig(steps=6, batch_size=4, seq_len=16, warmup_steps=1, eval_every=6, eval_batches=1, log_every=1,
+                      save_every=3, keep_checkpoints=3)
+    train(model_cfg, cfg, tmp_path / "run", data=token_data, progress=False)
+    want = losses(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
+    torch.manual_seed(123)  # whatever state the process is in, the checkpoint's is restored
+    train(model_cfg, cfg, tmp_path / "run", resume=True, progress=False)
+    assert losses(tmp_path / "run") == want and len(want) == 6

@@ -6,68 +6,117 @@
     moelab generate RUN --prompt TEXT
     moelab card MODEL... [--json]     total/active parameters and what they cost
     moelab convert --from-hf DIR OUT | --to-hf RUN OUT
+
+Errors a user can cause (bad values, missing files, a run in use, a diverged run...) print one line,
+`moelab <command>: error: ...`, and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import sys
 from typing import Any
 
-from moelab.config import PRESETS, ModelConfig, MoEConfig, TrainConfig
+from moelab import __version__
+from moelab.config import PRESETS, ModelConfig, MoEConfig, TrainConfig, field_help, preset, with_overrides
 
 _SKIP = {ModelConfig: {"moe"}, MoEConfig: {"d_model"}, TrainConfig: set()}
 _PREFIX = {ModelConfig: "", MoEConfig: "moe-", TrainConfig: ""}
 _KEY_PREFIX = {ModelConfig: "", MoEConfig: "moe.", TrainConfig: ""}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
-def _parse_value(text: str, type_name: str) -> Any:
-    """Parse a flag value by the dataclass field's annotation ("int", "float | None", "bool", ...)."""
-    if "None" in type_name and text.lower() == "none":
-        return None
-    base = type_name.replace(" | None", "").strip()
-    if base == "bool":
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean (true/false)")
-    if base == "int":
-        return int(text)
-    if base == "float":
-        return float(text)
-    return text
+class _FieldType:
+    """argparse `type=` for a config field: parses by the field's annotation ("int", "float | None", ...);
+    a bad value becomes "argument --x: 'abc' is not an integer" (argparse prints the message as it is)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.optional = "None" in type_name
+        self.base = type_name.replace(" | None", "").strip()
+        self.__name__ = self.base  # argparse names the type in some messages
+
+    def __call__(self, text: str) -> Any:
+        if self.optional and text.lower() in ("none", "null"):
+            return None
+        try:
+            if self.base == "bool":
+                return {"1": True, "true": True, "yes": True, "on": True,
+                        "0": False, "false": False, "no": False, "off": False}[text.lower()]
+            if self.base == "int":
+                return int(text)
+            if self.base == "float":
+                return float(text)
+            if self.base == "RopeScaling":
+                value = json.loads(text)
+                if not isinstance(value, dict):
+                    raise ValueError
+                return value
+        except (KeyError, ValueError):
+            want = _TYPE_WORDS.get(self.base, "a JSON object such as '{\"factor\": 4, \"original_max_seq_len\": 256}'")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {want}{' (or none)' if self.optional else ''}") from None
+        return text
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, its help taken from the config class's docstring, with the default under
+    the tiny preset and the allowed values."""
+    tiny_model, tiny_train = preset("tiny")
+    defaults = {ModelConfig: tiny_model, MoEConfig: tiny_model.moe, TrainConfig: tiny_train}
     for cls in (ModelConfig, MoEConfig, TrainConfig):
-        group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
+        docs = field_help(cls)
+        group = parser.add_argument_group(
+            f"{cls.__name__} fields (default: the --preset's value; on --resume, the run's value)")
         for f in dataclasses.fields(cls):
-            if f.name in _SKIP[cls] or f.name in ("steps", "seed", "save_every"):
+            if f.name in _SKIP[cls]:
                 continue
-            type_name = str(f.type)
+            choices = f.metadata.get("choices")
+            default = getattr(defaults[cls], f.name)
+            shown = json.dumps(default.to_dict()) if hasattr(default, "to_dict") else default
+            help_text = docs.get(f.name, "").replace("%", "%%") + f" (default with --preset tiny: {shown}"
+            help_text += f"; allowed: {', '.join(choices)})" if choices else ")"
+            type_fn = _FieldType(str(f.type))
+            metavar = None if choices else "JSON" if type_fn.base == "RopeScaling" else type_fn.base.upper()
             group.add_argument(f"--{_PREFIX[cls]}{f.name.replace('_', '-')}", dest=f"cfg:{_KEY_PREFIX[cls]}{f.name}",
-                               type=lambda s, t=type_name: _parse_value(s, t), default=None, metavar=type_name.upper())
+                               type=type_fn, default=None, choices=choices, help=help_text, metavar=metavar)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-    for name in ("steps", "seed", "save_every"):
-        if getattr(args, name, None) is not None:
-            out[name] = getattr(args, name)
-    return out
+    """The config fields given on the command line (flags left out are None)."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+
+
+def _check_preset(name: str | None) -> None:
+    if name is None or name in PRESETS:
+        return
+    from moelab.accounting.presets import is_preset
+
+    hint = (f" ({name!r} is a published model's config for `moelab card {name}`, too large to train here: train "
+            "a small model of its shape with the field flags, e.g. --moe-n-experts / --moe-top-k)"
+            if is_preset(name) else "")
+    raise ValueError(f"--preset {name!r} is not a training preset: allowed {', '.join(sorted(PRESETS))}{hint}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from moelab.config import preset
+    from moelab.rundir import RunDir
     from moelab.train import train
 
-    model_cfg, train_cfg = preset(args.preset, **_overrides(args))
+    _check_preset(args.preset)
+    overrides = _overrides(args)
+    if args.resume and args.preset is None:  # flags not given keep the run's values
+        run = RunDir(args.out)
+        run.require_resumable()
+        saved = run.read_config()
+        model_cfg, train_cfg = with_overrides(ModelConfig.from_dict(saved["model"]),
+                                              TrainConfig.from_dict(saved["train"]), overrides)
+    else:
+        model_cfg, train_cfg = preset(args.preset or "tiny", **overrides)
     if args.dense:
         model_cfg = model_cfg.dense_twin()
-    result = train(model_cfg, train_cfg, args.out, data_path=args.data, resume=args.resume,
-                   progress=not args.quiet)
+    result = train(model_cfg, train_cfg, args.out, data_path=args.data, resume=args.resume, progress=not args.quiet,
+                   new_data=args.new_data, data_errors=args.data_errors)
     if result.is_main:
         print(f"run: {result.run_dir}  steps: {result.steps}  validation loss: {result.final_val_loss:.4f}  "
               f"training tokens/s: {result.tokens_per_s:,.0f}")
@@ -84,46 +133,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from moelab.generate import generate_text
 
-    print(args.prompt + generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                      device=args.device))
+    text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, seed=args.seed, device=args.device)
+    print(args.prompt + text)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moelab", description="Mixture-of-Experts transformers: build, train, "
-                                     "run, count and inspect them.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moelab import hf
 
-    p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them")
-    p.add_argument("--out", default="runs/demo", help="directory for both runs and the comparison (default runs/demo)")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per model (default: the preset's)")
-    p.add_argument("--data", default=None, help="text file or directory (default: the Python standard library)")
+    if args.from_hf:
+        out = hf.convert_from_hf(args.source, args.out, overwrite=args.overwrite)
+        print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
+    else:
+        out = hf.convert_to_hf(args.source, args.out, overwrite=args.overwrite)
+        print(f"Hugging Face model written to {out} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `moelab train: error: argument --d-model: 'abc' is not an integer (see
+    moelab train --help)`, exit status 2 (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moelab", description="Mixture-of-Experts transformers: build, train, "
+                                     "run, count and inspect them.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+
+    p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them", **fmt)
+    p.add_argument("--out", default="runs/demo", help="directory for both runs and the comparison")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="training preset")
+    p.add_argument("--steps", type=_FieldType("int | None"), default=None,
+                   help="optimizer steps per model (None: the preset's)")
+    p.add_argument("--data", default=None, help="text file or directory (None: the Python standard library)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train one model; writes metrics.jsonl, checkpoints and plots to --out")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--data", default=None, help="text file or directory (default: the Python standard library)")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p = sub.add_parser("train", help="train one model; writes metrics.jsonl, checkpoints and plots to --out",
+                       description="Train one model into a run directory. A new run never overwrites one; --resume "
+                       "continues the newest checkpoint with the run's own settings, tokenizer and data (flags given "
+                       "again must agree with the run, except the resumable ones: "
+                       f"{', '.join(TrainConfig.RESUMABLE)}). One process at a time writes a run (run.lock).")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"training preset: {', '.join(sorted(PRESETS))} (default: tiny; on --resume, the run's "
+                        "settings)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="text file or directory (default: the Python standard library; on --resume, the run's data)")
+    p.add_argument("--data-errors", default="strict", choices=["strict", "replace"],
+                   help="text that is not valid UTF-8: strict = refuse it, naming the file; replace = bad bytes "
+                        "become U+FFFD (default: strict)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (an error when there is none)")
+    p.add_argument("--new-data", action="store_true",
+                   help="with --resume and --data: continue training on other text, tokenized with the run's "
+                        "tokenizer (without it, text that differs from the run's is refused)")
     p.add_argument("--dense", action="store_true", help="train the dense twin (same active parameters)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained run (KV-cached decoding)")
+    p = sub.add_parser("generate", help="continue a prompt with a trained run (KV-cached decoding)",
+                       description="Continue a prompt with the newest checkpoint of a run. The prompt is encoded "
+                       "after the end-of-text token every training document starts with; prompt + new tokens must fit "
+                       "the model's max_seq_len. Generation stops early at an end-of-text token.", **fmt)
     p.add_argument("run", help="run directory (its newest checkpoint and tokenizer.json are used)")
     p.add_argument("--prompt", default="", help="text to continue (may be empty)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--max-new-tokens", type=_FieldType("int | None"), default=None,
+                   help="tokens to generate at most (None: up to 100, as many as the model's context leaves)")
+    p.add_argument("--temperature", type=_FieldType("float"), default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=_FieldType("float"), default=0.95, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=_FieldType("int"), default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_generate)
 
     from moelab import card
@@ -131,35 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("card", help="total and active parameters, FLOPs, memory and accelerators for models")
     card.add_arguments(p)
     p.set_defaults(func=card.run)
-    _add_convert(sub)
-    return parser
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"moelab {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-def cmd_convert(args: argparse.Namespace) -> int:
-    from moelab import hf
-
-    if args.from_hf:
-        out = hf.convert_from_hf(args.source, args.out)
-        print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
-    else:
-        out = hf.convert_to_hf(args.source, args.out)
-        print(f"Hugging Face model written to {out} (transformers.AutoModelForCausalLM.from_pretrained)")
-    return 0
-
-
-def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> moelab run directory")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--from-hf", dest="from_hf", action="store_true",
@@ -167,9 +227,37 @@ def _add_convert(sub) -> None:
                            "DeepSeek-V3); OUT becomes a moelab run directory")
     mode.add_argument("--to-hf", dest="to_hf", action="store_true",
                       help="SOURCE is a moelab run (newest checkpoint); OUT becomes a Hugging Face model directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty OUT, replacing the files the conversion writes (without it a "
+                        "non-empty OUT is refused)")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("out", metavar="OUT")
     p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moelab.rundir import RunLockedError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RunLockedError) as e:
+        if isinstance(e, BrokenPipeError):
+            return _closed_stdout()
+        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"moelab {args.command}: error: {what}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _closed_stdout() -> int:
+    """The reader of our output went away (`moelab card ... | head -1`): stop quietly, as `head` expects."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ BACKENDS = ("auto", "loop", "padded", "grouped_mm")
 ATTENTIONS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
 ROPE_SCALINGS = ("yarn",)
+DTYPES = ("float32", "bfloat16")
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
@@ -35,8 +37,8 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 def _nonneg_number(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
-        _fail(name, value, "a number >= 0")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+        _fail(name, value, "a finite number >= 0")
 
 
 def check_device_name(device: Any) -> None:
@@ -83,7 +85,9 @@ class _JsonMixin:
 class MoEConfig(_JsonMixin):
     """One MoE feed-forward layer: a router picks experts per token; only those experts run.
 
-    Fields (defaults are sized for a CPU run):
+    Defaults are sized for a CPU run.
+
+    Fields:
         d_model: width of the token vectors going in and out.
         d_expert: hidden width f of one routed expert (SwiGLU: gate+up [d, 2f], down [f, d]).
         n_experts: number of routed experts E.
@@ -127,7 +131,7 @@ class MoEConfig(_JsonMixin):
     n_shared: int = 0
     d_shared: int | None = None
     shared_gate: bool = False
-    router: str = "topk_softmax"
+    router: str = field(default="topk_softmax", metadata={"choices": ROUTERS})
     norm_topk_prob: bool = True
     route_scale: float = 1.0
     n_groups: int = 1
@@ -139,8 +143,8 @@ class MoEConfig(_JsonMixin):
     seq_aux_loss_coef: float = 0.0
     z_loss_coef: float = 1e-3
     freeze_router: bool = False
-    activation: str = "swiglu"
-    backend: str = "auto"
+    activation: str = field(default="swiglu", metadata={"choices": ACTIVATIONS})
+    backend: str = field(default="auto", metadata={"choices": BACKENDS})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -304,13 +308,13 @@ class ModelConfig(_JsonMixin):
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     qkv_bias: bool = False
-    activation: str = "swiglu"
-    qk_norm: str = "none"
+    activation: str = field(default="swiglu", metadata={"choices": ACTIVATIONS})
+    qk_norm: str = field(default="none", metadata={"choices": QK_NORMS})
     d_ff: int = 512
     n_dense_layers: int = 0
     moe_every: int = 1
     moe: MoEConfig | None = field(default_factory=MoEConfig)
-    attention: str = "gqa"
+    attention: str = field(default="gqa", metadata={"choices": ATTENTIONS})
     q_lora_rank: int | None = None
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
@@ -404,7 +408,7 @@ class TrainConfig(_JsonMixin):
     """How to train: optimisation, schedule, data and bookkeeping.
 
     Fields:
-        steps: optimizer steps.
+        steps: optimizer steps of the whole run (raise it on --resume to train longer).
         batch_size / seq_len: sequences per micro-batch and tokens per sequence.
         grad_accum: micro-batches per optimizer step (tokens per step = grad_accum·batch_size·seq_len).
         lr / min_lr_ratio / warmup_steps: linear warm-up to lr, then cosine decay to lr·min_lr_ratio.
@@ -413,6 +417,9 @@ class TrainConfig(_JsonMixin):
         eval_every / eval_batches: validation every n steps (and at the end) over this many batches.
         log_every: one metrics line per this many steps.
         save_every: checkpoint every n steps (0 = only at the end).
+        keep_checkpoints: newest checkpoints kept in the run directory; older ones are deleted after
+            each save (the newest one is never deleted, and a checkpoint is only written when every
+            weight is finite).
         seed: seeds the model init and the data sampler.
         max_corpus_bytes: cap on the default corpus (the Python standard library) size.
         val_fraction: share of the token stream held out for validation.
@@ -439,26 +446,38 @@ class TrainConfig(_JsonMixin):
     eval_batches: int = 8
     log_every: int = 10
     save_every: int = 0
+    keep_checkpoints: int = 2
     seed: int = 0
     max_corpus_bytes: int = 6_000_000
     val_fraction: float = 0.05
-    dtype: str = "float32"
+    dtype: str = field(default="float32", metadata={"choices": DTYPES})
     threads: int = 0
     device: str = "cpu"
     expert_parallel: int = 1
+
+    # Fields a resumed run may change: how long it runs, its learning-rate schedule and clipping (the way
+    # to recover from a loss spike), bookkeeping, and where/how it executes. Everything else (the batch,
+    # the data, AdamW's betas and decay, which live in the optimizer state) is fixed by the checkpoint.
+    RESUMABLE = ("steps", "lr", "min_lr_ratio", "warmup_steps", "grad_clip", "eval_every", "eval_batches",
+                 "log_every", "save_every", "keep_checkpoints", "dtype", "threads", "device", "expert_parallel")
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every",
-                     "max_corpus_bytes", "expert_parallel"):
+                     "keep_checkpoints", "max_corpus_bytes", "expert_parallel"):
             _positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "save_every", "seed", "threads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "an integer >= 0")
-        if not self.lr > 0:
-            _fail("lr", self.lr, "a number > 0")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                _fail(name, value, "an integer >= 0")
+        if not isinstance(self.lr, (int, float)) or isinstance(self.lr, bool) or not 0 < self.lr < math.inf:
+            _fail("lr", self.lr, "a finite number > 0")
+        for name in ("min_lr_ratio", "beta1", "beta2", "val_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                _fail(name, value, "a number")
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 _fail(name, getattr(self, name), "a number in [0, 1]")
@@ -466,7 +485,7 @@ class TrainConfig(_JsonMixin):
         _nonneg_number("grad_clip", self.grad_clip)
         if not 0 < self.val_fraction < 0.5:
             _fail("val_fraction", self.val_fraction, "a number in (0, 0.5)")
-        _choice("dtype", self.dtype, ("float32", "bfloat16"))
+        _choice("dtype", self.dtype, DTYPES)
         check_device_name(self.device)
         if self.device != "cpu" and self.expert_parallel > 1:
             _fail("device", self.device, "'cpu' when expert_parallel > 1 (expert parallelism runs on gloo over "
@@ -474,6 +493,18 @@ class TrainConfig(_JsonMixin):
         if self.batch_size % self.expert_parallel:
             _fail("batch_size", self.batch_size, f"a multiple of expert_parallel={self.expert_parallel} (it is the "
                   "global batch, split evenly over the processes)")
+
+    def resume_changes(self, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        """{field: (this run's value, new value)} for a resumed run; ValueError naming every field that
+        differs but may not change on resume (`RESUMABLE` lists those that may)."""
+        changed = {f.name: (getattr(self, f.name), getattr(new, f.name)) for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != getattr(new, f.name)}
+        fixed = {k: v for k, v in changed.items() if k not in self.RESUMABLE}
+        if fixed:
+            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
+            raise ValueError(f"cannot change {listed} on resume (fixed by the checkpoint; a resumed run may change "
+                             f"only {', '.join(self.RESUMABLE)}); start a new run with --out to change it")
+        return changed
 
 
 # Training presets are data: {"model": ModelConfig fields, "moe": MoEConfig fields, "train": TrainConfig fields}.
@@ -504,14 +535,22 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 def preset(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
-    """Configs of a named preset; `overrides` keys are "field" (model/train) or "moe.field"."""
+    """Configs of a named training preset; `overrides` keys are "field" (model/train) or "moe.field"."""
     if name not in PRESETS:
-        raise ValueError(f"preset={name!r} is unknown: allowed {', '.join(sorted(PRESETS))}")
+        raise ValueError(f"preset={name!r} is not a training preset: allowed {', '.join(sorted(PRESETS))}")
     p = PRESETS[name]
-    model_kw, moe_kw, train_kw = dict(p["model"]), dict(p["moe"]), dict(p["train"])
+    moe = MoEConfig(**{"d_model": p["model"].get("d_model", ModelConfig.d_model), **p["moe"]})
+    return with_overrides(ModelConfig(**p["model"], moe=moe), TrainConfig(**p["train"]), overrides)
+
+
+def with_overrides(model: ModelConfig, train: TrainConfig, overrides: dict[str, Any]) -> tuple[ModelConfig,
+                                                                                                 TrainConfig]:
+    """`model` and `train` with `overrides` applied: keys "field" (a ModelConfig or TrainConfig field) or
+    "moe.field" (a MoEConfig field; the MoE layer's d_model follows the model's)."""
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
     moe_fields = {f.name for f in dataclasses.fields(MoEConfig)}
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_kw, moe_kw, train_kw = {}, {}, {}
     for key, value in overrides.items():
         if key.startswith("moe.") and key[4:] in moe_fields:
             moe_kw[key[4:]] = value
@@ -522,6 +561,29 @@ def preset(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig]:
         else:
             raise ValueError(f"unknown setting {key!r}: allowed model fields {sorted(model_fields)}, "
                              f"'moe.<field>' for {sorted(moe_fields)}, train fields {sorted(train_fields)}")
-    moe_kw["d_model"] = model_kw.get("d_model", ModelConfig.d_model)
-    model = ModelConfig(**model_kw, moe=MoEConfig(**moe_kw))
-    return model, TrainConfig(**train_kw)
+    moe = model_kw.pop("moe", model.moe)
+    if moe_kw and moe is None:
+        raise ValueError(f"moe.{next(iter(moe_kw))} is set but the model is dense (moe=None)")
+    if moe is not None:
+        moe = moe.replace(**moe_kw, d_model=model_kw.get("d_model", model.d_model))
+    return model.replace(**model_kw, moe=moe), train.replace(**train_kw)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """{field: description} from the "Fields:" section of a config class's docstring (one entry per name;
+    a line "a / b: text" describes both a and b), so that the command line's help is the documentation."""
+    doc = (cls.__doc__ or "").split("Fields:", 1)
+    if len(doc) < 2:
+        return {}
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in doc[1].splitlines():
+        head = re.match(r"^ {8}([a-z_][a-z0-9_ /]*):\s(.*)$", line)
+        if head:
+            names = [n.strip() for n in head.group(1).split("/")]
+            for n in names:
+                out[n] = head.group(2).strip()
+        elif line.startswith(" " * 12) and names:
+            for n in names:
+                out[n] += " " + line.strip()
+    return out

@@ -1,8 +1,9 @@
-"""Corpora, the byte-level BPE tokenizer and token streams on disk: a GPT-2-style data pipeline.
+"""The byte-level BPE tokenizer and token streams on disk: a GPT-2-style data pipeline.
 
 BPE follows Sennrich et al. 2016 over bytes as in GPT-2 (Radford et al. 2019): every string, whatever its
 characters, encodes, and ``decode(encode(text)) == text``. The stream and sampler follow nanoGPT's flat
-``.bin`` memmap with random windows, plus a cache that detects when it is stale.
+``.bin`` memmap with random windows, plus a cache that detects when it is stale. The text comes from a
+`moelab.corpus.Corpus` (the default corpus or a user's files).
 
     documents (Iterator[str]) ──train_tokenizer──► OUT/tokenizer.json
     documents ──build_token_file──► OUT/data/tokens.bin (flat uint16/uint32) + OUT/data/tokens.json (metadata)
@@ -11,21 +12,21 @@ characters, encodes, and ``decode(encode(text)) == text``. The stream and sample
 Legend: B = batch size, S = sequence length, N = tokens in a split.
 
 Public API (``prepare_data`` is the one call the training loop makes):
-    default_corpus(max_bytes=None) -> Iterator[str]     the running Python's standard library (see below)
-    read_corpus(path) -> Iterator[str]                  a user's text file or directory (``--data PATH``)
     train_tokenizer(documents, vocab_size, path=None, quiet=True) -> tokenizers.Tokenizer
     load_tokenizer(path) -> Tokenizer;  encode(tokenizer, text) -> list[int];  decode(tokenizer, ids) -> str
+    tokenizer_sha256(tokenizer) -> str                  the identity of a tokenizer (its JSON form)
     build_token_file(documents, tokenizer, out_dir, val_fraction=0.05, quiet=False, extra_meta=None,
                      total_bytes=None) -> TokenData
     TokenData(cache_dir, val_fraction)  .train / .val memmaps, .get_batch, .iter_eval_batches, .metadata
-    prepare_data(data_path, out_dir, vocab_size, max_bytes=None, val_fraction=0.05, quiet=False)
+    prepare_data(corpus, out_dir, vocab_size, max_bytes=None, val_fraction=0.05, quiet=False, tokenizer=None)
         -> (Tokenizer, TokenData)
     unigram_entropy(tokens) -> float                    nats per token of the unigram distribution
 
 Stream layout: every document is preceded by ``END_OF_TEXT``: ``[eot] doc1 [eot] doc2 ...``, which equals
 ``encode(EOT + EOT.join(documents))``. A document containing the literal text ``<|endoftext|>`` gets the
 special id there too. Documents are tokenized in chunks of about a million characters, so neither all text
-nor all ids are ever held in memory.
+nor all ids are ever held in memory. Because every document starts after an end-of-text token, a prompt is
+encoded as ``[eot] + encode(prompt)`` to be continued as the start of a document (`moelab.generate`).
 
 Split: validation is the last ``val_fraction`` of the tokens (a contiguous tail, which may begin mid-document);
 train is everything before it. Nothing is shared between the two.
@@ -44,151 +45,21 @@ import hashlib
 import json
 import os
 import sys
-import sysconfig
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
+from moelab.corpus import Corpus
+
 END_OF_TEXT = "<|endoftext|>"
 FORMAT_VERSION = 1
 TOKENIZER_TRAIN_CHARS = 100_000_000  # the tokenizer learns its merges from the corpus's first ~100 M characters
-_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
-                        "encodings"})  # encodings/: mostly generated codec tables, not code people write
-_MAX_DOC_CHARS = 1 << 21  # a user file longer than this is cut at line ends into several documents
 _CHUNK_CHARS = 1 << 20  # text handed to one encode_batch call
-
-
-# ---------------------------------------------------------------------------------------------- corpora
-class _Doc(NamedTuple):
-    kind: str  # "prose" (a pydoc topic) or "code" (a stdlib .py file)
-    name: str  # topic key or path relative to the stdlib directory
-    size: int  # bytes (UTF-8)
-    path: Path | None
-
-
-def _stdlib_docs(max_bytes: int | None) -> list[_Doc]:
-    """Which stdlib documents the default corpus uses, in order (deterministic; stat only, no reading)."""
-    import pydoc_data.topics
-
-    root = Path(sysconfig.get_paths()["stdlib"])
-    topics = pydoc_data.topics.topics
-    prose = [_Doc("prose", k, len(topics[k].encode()), None) for k in sorted(topics)]
-    code = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-        for name in filenames:
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            if name.endswith(".py") and not name.startswith("_sysconfigdata") and rel != "pydoc_data/topics.py":
-                try:
-                    code.append(_Doc("code", rel, path.stat().st_size, path))
-                except OSError:  # a broken symlink
-                    continue
-    code.sort()
-    if max_bytes is not None:
-        prose = _fit(prose, max_bytes // 2)
-        # Spread the capped code sample over the whole library: fill the budget in the order of a hash of
-        # the path (a fixed pseudo-random order), then restore the sorted order.
-        by_hash = sorted(code, key=lambda d: hashlib.sha1(d.name.encode()).hexdigest())
-        code = sorted(_fit(by_hash, max_bytes - sum(d.size for d in prose)))
-    return _interleave(prose, code)
-
-
-def _fit(docs: list[_Doc], budget: int) -> list[_Doc]:
-    """The documents, in order, that fit in `budget` bytes (a document that does not fit is skipped)."""
-    out = []
-    for d in docs:
-        if 0 < d.size <= budget:
-            out.append(d)
-            budget -= d.size
-    return out
-
-
-def _interleave(a: list[_Doc], b: list[_Doc]) -> list[_Doc]:
-    """Merge two lists keeping each in order, so that each list's bytes are spread evenly over the result."""
-    total_a, total_b = max(1, sum(d.size for d in a)), max(1, sum(d.size for d in b))
-    out, i, j, done_a, done_b = [], 0, 0, 0, 0
-    while i < len(a) or j < len(b):
-        if j == len(b) or (i < len(a) and done_a * total_b <= done_b * total_a):
-            out.append(a[i])
-            done_a, i = done_a + a[i].size, i + 1
-        else:
-            out.append(b[j])
-            done_b, j = done_b + b[j].size, j + 1
-    return out
-
-
-def default_corpus(max_bytes: int | None = None) -> Iterator[str]:
-    """The running Python's standard library as documents: code and English prose, no download.
-
-    Code: every ``.py`` file under ``sysconfig.get_paths()["stdlib"]``, one document per file, sorted by
-    relative path. Skipped: site-packages, test directories, ``encodings/`` (generated codec tables),
-    ``_sysconfigdata*`` and ``pydoc_data/topics.py``. Prose: each ``pydoc_data.topics.topics`` entry (the
-    language reference text behind ``help()``), one document per topic, sorted by key. Both lists are merged
-    so that each one's bytes are spread evenly, so any prefix, and so the validation tail, has both kinds.
-
-    ``max_bytes`` caps the total UTF-8 size. Prose gets at most half the budget. Code fills the rest with a
-    fixed hash-ordered sample of files, so the sample covers the whole library. Files are never cut. The
-    selection is deterministic for a given Python installation.
-    """
-    if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes={max_bytes} must be a positive number of bytes (or None for no cap)")
-    return _read_stdlib(_stdlib_docs(max_bytes))
-
-
-def _read_stdlib(docs: list[_Doc]) -> Iterator[str]:
-    import pydoc_data.topics
-
-    for d in docs:
-        yield pydoc_data.topics.topics[d.name] if d.path is None else d.path.read_text("utf-8", errors="replace")
-
-
-def _text_files(path: Path) -> list[Path]:
-    """The text files of `path` (a file or a directory, recursively), sorted; raises if there are none."""
-    if not path.exists():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
-    if path.is_file():
-        if _looks_binary(path):
-            raise ValueError(f"data file {str(path)!r} looks binary (it contains NUL bytes); pass a text file")
-        files = [path]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _looks_binary(p)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            raise ValueError(f"data directory {str(path)!r} holds no text files (hidden and binary files are "
-                             "skipped)")
-    if sum(p.stat().st_size for p in files) == 0:
-        raise ValueError(f"the corpus at {str(path)!r} is empty: its {len(files)} text file(s) hold no text")
-    return files
-
-
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\0" in f.read(8192)
-
-
-def read_corpus(path: str | Path) -> Iterator[str]:
-    """A user's corpus as documents: one per text file of `path` (a file, or a directory searched recursively).
-
-    Files are sorted by path and read as UTF-8 with ``errors="replace"``, keeping newlines exactly as they
-    are. Hidden files and directories (a name starting with ".") and binary files (a NUL byte in the first
-    8 KiB) are skipped. A file longer than ~2 M characters is cut at line ends into several documents.
-    The path is checked right away: a missing path raises FileNotFoundError, and a path without text raises
-    ValueError. Both name the path.
-    """
-    return _read_files(_text_files(Path(path)))
-
-
-def _read_files(files: list[Path]) -> Iterator[str]:
-    for p in files:
-        with open(p, encoding="utf-8", errors="replace", newline="") as f:
-            while piece := f.read(_MAX_DOC_CHARS):
-                yield piece + f.readline()  # finish the line so that long files break at line ends
 
 
 # -------------------------------------------------------------------------------------------- tokenizer
@@ -230,12 +101,21 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The ids a text prompt is continued from: [END_OF_TEXT] + encode(prompt), the start of a document as
+    the training stream has it (every document follows an end-of-text token). Without that token in the
+    vocabulary (a foreign tokenizer), just encode(prompt)."""
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    return ([eot] if eot is not None else []) + encode(tokenizer, prompt)
+
+
 def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
     """Text of `ids`, keeping ``END_OF_TEXT``. It inverts `encode` exactly."""
     return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _tokenizer_sha256(tokenizer: Tokenizer) -> str:
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """SHA-256 of a tokenizer's JSON form: its identity (a run records it; resuming checks it)."""
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
 
@@ -301,7 +181,7 @@ def build_token_file(documents: Iterable[str], tokenizer: Tokenizer, out_dir: st
     os.replace(tmp, bin_path)
     meta = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "dtype": dtype.name, "n_tokens": n_tokens,
             "n_documents": n_docs, "n_bytes": n_bytes, "corpus_sha256": corpus_hash.hexdigest(),
-            "tokenizer_sha256": _tokenizer_sha256(tokenizer), **(extra_meta or {})}
+            "tokenizer_sha256": tokenizer_sha256(tokenizer), **(extra_meta or {})}
     meta["fingerprint"] = _fingerprint(meta["corpus_sha256"], meta["tokenizer_sha256"])
     _write_json(meta_path, meta)
     return TokenData(out_dir, val_fraction)
@@ -337,7 +217,7 @@ class TokenData:
         n_val = max(1, round(n * val_fraction))
         if n - n_val < 2:
             raise ValueError(f"the corpus has only {n} tokens, too few to split with val_fraction={val_fraction}")
-        self.val_fraction = val_fraction
+        self.val_fraction, self.cache_dir = val_fraction, cache_dir
         self.tokens = np.memmap(bin_path, dtype=dtype, mode="r", shape=(n,))
         self.train, self.val = self.tokens[: n - n_val], self.tokens[n - n_val:]
 
@@ -414,18 +294,6 @@ def unigram_entropy(tokens: np.ndarray | torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- one call
-def _corpus_sha256(documents: Iterable[str], quiet: bool) -> tuple[str, int]:
-    """The same corpus hash that `build_token_file` records, and the corpus size in bytes."""
-    h, n_bytes = hashlib.sha256(), 0
-    with tqdm(desc="reading corpus", unit="B", unit_scale=True, disable=quiet, file=sys.stderr) as bar:
-        for doc in documents:
-            raw = doc.encode("utf-8")
-            h.update(len(raw).to_bytes(8, "little") + raw)
-            n_bytes += len(raw)
-            bar.update(len(raw))
-    return h.hexdigest(), n_bytes
-
-
 def _take_chars(documents: Iterable[str], limit: int) -> Iterator[str]:
     total = 0
     for doc in documents:
@@ -435,55 +303,54 @@ def _take_chars(documents: Iterable[str], limit: int) -> Iterator[str]:
         total += len(doc)
 
 
-def _load_cache(cache_dir: Path, tok_path: Path, val_fraction: float, vocab_size: int,
-                corpus_sha: str) -> tuple[Tokenizer, TokenData] | str:
+def _load_cache(cache_dir: Path, tokenizer: Tokenizer | None, tok_path: Path, val_fraction: float,
+                vocab_size: int | None, corpus_sha: str) -> tuple[Tokenizer, TokenData] | str:
     """The cached tokenizer and token stream if they are current, else why not ("" when there is no cache)."""
     if not (cache_dir / "tokens.json").exists():
         return ""
     try:
         data = TokenData(cache_dir, val_fraction)
-        tokenizer = load_tokenizer(tok_path)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tok_path)
         meta = data.metadata
-        if meta.get("vocab_size_requested") != vocab_size:
+        if vocab_size is not None and meta.get("vocab_size_requested") != vocab_size:
             return f"vocab_size {meta.get('vocab_size_requested')} -> {vocab_size}"
-        if meta["fingerprint"] != _fingerprint(corpus_sha, _tokenizer_sha256(tokenizer)):
+        if meta["fingerprint"] != _fingerprint(corpus_sha, tokenizer_sha256(tokenizer)):
             return "the corpus or tokenizer.json changed"
     except Exception as e:  # a corrupt tokens.* or tokenizer.json (tokenizers raises a plain Exception)
         return f"unreadable: {e}"
     return tokenizer, data
 
 
-def prepare_data(data_path: str | Path | None, out_dir: str | Path, vocab_size: int, max_bytes: int | None = None,
-                 val_fraction: float = 0.05, quiet: bool = False) -> tuple[Tokenizer, TokenData]:
+def prepare_data(corpus: Corpus | str | Path | None, out_dir: str | Path, vocab_size: int,
+                 max_bytes: int | None = None, val_fraction: float = 0.05, quiet: bool = False,
+                 tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenData]:
     """Tokenizer and token stream for a run: reuse ``out_dir``'s cache if it is current, else rebuild it.
 
-    `data_path` None means `default_corpus(max_bytes)`. Otherwise it is `read_corpus(data_path)`, and
-    `max_bytes` does not apply (a user's corpus is used whole). Writes ``out_dir/tokenizer.json`` (trained on
-    the first ~100 M characters) and ``out_dir/data/tokens.{bin,json}``. The cache is reused only if the
-    corpus hash, the tokenizer.json hash and the requested vocab_size all match, and tokens.bin has the right
-    length.
+    `corpus`: a `Corpus`, or a data path (None = the default corpus capped at `max_bytes`; a user's corpus is
+    used whole). Writes ``out_dir/tokenizer.json`` (trained on the corpus's first ~100 M characters) and
+    ``out_dir/data/tokens.{bin,json}``. Given a `tokenizer`, it is used as it is: nothing is trained and
+    ``tokenizer.json`` is not written (a resumed run keeps its own). The cache is reused only if the corpus
+    hash, the tokenizer hash and the requested vocab_size all match, and tokens.bin has the right length.
     """
+    if not isinstance(corpus, Corpus):
+        corpus = Corpus(corpus, max_bytes)
     out_dir = Path(out_dir)
-    if data_path is None:
-        source = f"Python {sys.version.split()[0]} standard library, max_bytes={max_bytes}"
-        documents: Callable[[], Iterator[str]] = lambda: default_corpus(max_bytes)  # noqa: E731
-    else:
-        read_corpus(data_path)  # fail now on a missing or empty path
-        source = str(data_path)
-        documents = lambda: read_corpus(data_path)  # noqa: E731
-    corpus_sha, n_bytes = _corpus_sha256(documents(), quiet)
+    corpus_sha, n_bytes = corpus.fingerprint(quiet)
     if n_bytes == 0:
-        raise ValueError(f"the corpus ({source}) is empty")
+        raise ValueError(f"the corpus ({corpus.describe()}) is empty")
     tok_path, cache_dir = out_dir / "tokenizer.json", out_dir / "data"
-    cached = _load_cache(cache_dir, tok_path, val_fraction, vocab_size, corpus_sha)
+    cached = _load_cache(cache_dir, tokenizer, tok_path, val_fraction, None if tokenizer else vocab_size, corpus_sha)
     if not isinstance(cached, str):
         return cached
     if cached and not quiet:
         print(f"moelab.data: the cache in {cache_dir} is stale ({cached}); rebuilding it", file=sys.stderr)
     (cache_dir / "tokens.json").unlink(missing_ok=True)
-    tokenizer = train_tokenizer(_take_chars(documents(), TOKENIZER_TRAIN_CHARS), vocab_size, tok_path, quiet)
-    data = build_token_file(documents(), tokenizer, cache_dir, val_fraction, quiet,
-                            extra_meta={"source": source, "vocab_size_requested": vocab_size}, total_bytes=n_bytes)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(_take_chars(corpus.documents(), TOKENIZER_TRAIN_CHARS), vocab_size, tok_path,
+                                    quiet)
+    data = build_token_file(corpus.documents(), tokenizer, cache_dir, val_fraction, quiet,
+                            extra_meta={"source": corpus.describe(), "source_spec": corpus.source,
+                                        "vocab_size_requested": vocab_size}, total_bytes=n_bytes)
     if data.metadata["corpus_sha256"] != corpus_sha:
-        raise RuntimeError(f"the corpus ({source}) changed while it was being read; run again")
+        raise RuntimeError(f"the corpus ({corpus.describe()}) changed while it was being read; run again")
     return tokenizer, data

@@ -11,23 +11,14 @@ training tokens and against training seconds) and shows a short sample from each
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
+from moelab.accounting import count_params
 from moelab.config import preset
 from moelab.data import prepare_data
+from moelab.rundir import RunDir
 from moelab.train import train
-
-
-def _counts(model) -> tuple[int, int]:
-    """(total, active per token) parameters of a built model: routed experts count k of E."""
-    total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for moe in model.moe_layers():
-        per_expert = (moe.experts.w_in.numel() + moe.experts.w_out.numel()) // moe.cfg.n_experts
-        inactive += (moe.cfg.n_experts - moe.cfg.top_k) * per_expert
-    return total, total - inactive
 
 
 def run_demo(out: str | Path = "runs/demo", preset_name: str = "tiny", steps: int | None = None,
@@ -41,8 +32,7 @@ def run_demo(out: str | Path = "runs/demo", preset_name: str = "tiny", steps: in
     moe_cfg, train_cfg = preset(preset_name, **overrides)
     runs = {"moe": (out / "moe", moe_cfg), "dense": (out / "dense", moe_cfg.dense_twin())}
     for run_dir, _ in runs.values():
-        if (run_dir / "metrics.jsonl").exists():
-            raise FileExistsError(f"{run_dir} already holds a run; choose another --out (nothing was overwritten)")
+        RunDir(run_dir).require_new()
     out.mkdir(parents=True, exist_ok=True)
     print(f"moelab demo: preset {preset_name!r}, {train_cfg.steps} steps x "
           f"{train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum:,} tokens per model", flush=True)
@@ -51,11 +41,10 @@ def run_demo(out: str | Path = "runs/demo", preset_name: str = "tiny", steps: in
 
     rows: dict[str, dict[str, Any]] = {}
     for name, (run_dir, model_cfg) in runs.items():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(out / "tokenizer.json", run_dir / "tokenizer.json")
         result = train(model_cfg, train_cfg, run_dir, data=data, progress=progress, desc=f"{name:>5}")
-        total, active = _counts(result.model)
-        rows[name] = {"total_params": total, "active_params": active, "activation_ratio": active / total,
+        counts = count_params(model_cfg)
+        rows[name] = {"total_params": counts.total, "active_params": counts.active,
+                      "activation_ratio": counts.activation_ratio,
                       "tokens_per_s": result.tokens_per_s, "train_seconds": result.train_seconds,
                       "train_tokens": result.train_tokens, "val_loss": result.final_val_loss}
 

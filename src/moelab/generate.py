@@ -1,8 +1,15 @@
 """Autoregressive generation with a KV cache: greedy, temperature and nucleus (top-p) sampling.
 
 The prompt is run once through the model (prefill) filling the per-layer KV cache; each new token then
-costs one single-position forward. Top-p keeps the smallest set of most likely tokens whose
-probabilities sum to at least p (Holtzman et al. 2020).
+costs one single-position forward. Sampling draws from softmax(logits / temperature) restricted to the
+nucleus: the smallest set of most likely tokens whose probabilities sum to at least top_p (Holtzman et
+al. 2020), renormalised; temperature 0 is greedy (argmax).
+
+Bounds: the prompt and the new tokens must fit the model's context, len(prompt) + max_new_tokens <=
+max_seq_len, else ValueError naming both (nothing is cut silently). A text prompt is encoded as
+[<|endoftext|>] + tokens (`moelab.data.prompt_ids`): every training document starts after that token, so
+this asks for the start of a document; a model exported to Hugging Face does the same (its tokenizer
+prepends the token, `moelab.hf.save`), so both give the same tokens.
 
 Routers whose choice for a token depends on other tokens (capacity dropping, expert choice) make cached
 decoding differ from a full recompute; token-choice dropless routing does not.
@@ -10,6 +17,7 @@ decoding differ from a full recompute; token-choice dropless routing does not.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,61 +25,92 @@ from torch import Tensor
 
 from moelab.model import KVCache, MoETransformer
 
-END_OF_TEXT = "<|endoftext|>"
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """ValueError naming the argument when a generation setting is out of range."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: allowed an integer >= 0")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r} is invalid: allowed a finite number >= 0 (0 = greedy)")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
 
 
-def sample_next(logits_V: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """One token id from a logits row: greedy when temperature == 0, else temperature + top-p sampling."""
+def next_token_probs(logits_V: Tensor, temperature: float, top_p: float) -> Tensor:
+    """The distribution the next token is drawn from [V] (float32): one-hot on the argmax when temperature
+    is 0, else softmax(logits / temperature) restricted to the top-p nucleus and renormalised. A token is
+    in the nucleus when the probability mass of the tokens ranked before it is < top_p."""
+    if not torch.isfinite(logits_V).all():
+        raise ValueError("the model produced non-finite logits (NaN or inf): its weights are corrupt or diverged")
     if temperature == 0:
-        return int(logits_V.argmax())
+        return torch.zeros_like(logits_V, dtype=torch.float32).scatter_(0, logits_V.argmax().view(1), 1.0)
     probs = torch.softmax(logits_V.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p  # a token is kept if the mass before it is < p
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        probs /= probs.sum()
+    return probs
+
+
+def sample_next(logits_V: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token id drawn from `next_token_probs` (the argmax when temperature is 0)."""
+    probs = next_token_probs(logits_V, temperature, top_p)
+    if temperature == 0:
+        return int(probs.argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.no_grad()
 def generate(model: MoETransformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_id: int | None = None) -> list[int]:
-    """Continue `prompt_ids` (non-empty) by up to `max_new_tokens` tokens; returns only the new ids."""
+    """Continue `prompt_ids` (non-empty) by up to `max_new_tokens` tokens; returns only the new ids (fewer
+    when `stop_id` comes). ValueError when the prompt plus the new tokens exceed the model's max_seq_len."""
+    check_sampling(max_new_tokens, temperature, top_p)
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: pass at least one token (e.g. the end-of-text id)")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature={temperature} must be >= 0 and top_p={top_p} in (0, 1]")
-    model.eval()
     limit = model.cfg.max_seq_len
-    ids = prompt_ids[-limit:]  # keep the most recent context the model can hold
-    max_new_tokens = min(max_new_tokens, limit - len(ids))
+    if len(prompt_ids) + max_new_tokens > limit:
+        room = f"at most {limit - len(prompt_ids)} new tokens" if len(prompt_ids) < limit else "a shorter prompt"
+        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens={max_new_tokens} exceed the model's "
+                         f"max_seq_len={limit}: ask for {room}")
+    model.eval()
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache()
-    logits = model(torch.tensor([ids], device=device), cache=cache).logits[0, -1]
     new: list[int] = []
-    for _ in range(max_new_tokens):
+    if max_new_tokens == 0:
+        return new
+    logits = model(torch.tensor([prompt_ids], device=device), cache=cache).logits[0, -1]
+    for i in range(max_new_tokens):
         token = sample_next(logits.cpu(), temperature, top_p, gen)
         if stop_id is not None and token == stop_id:
             break
         new.append(token)
-        logits = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
+        if i + 1 < max_new_tokens:
+            logits = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
     return new
 
 
-def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 100, temperature: float = 0.8,
+def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.8,
                   top_p: float = 0.95, seed: int | None = 0, device: str = "cpu") -> str:
-    """Load a run's newest checkpoint and tokenizer.json onto `device` and continue `prompt` (may be empty)."""
-    from moelab.data import load_tokenizer
-    from moelab.train import check_device, load_run
+    """Load a run's newest checkpoint and tokenizer.json onto `device` and continue `prompt` (may be empty) by
+    `max_new_tokens` tokens at most (None: up to 100, as many as the model's context leaves)."""
+    from moelab.data import END_OF_TEXT, load_tokenizer, prompt_ids
+    from moelab.rundir import RunDir, load_run
+    from moelab.train import check_device
 
     check_device(device)
+    check_sampling(max_new_tokens or 0, temperature, top_p)
     model, _ = load_run(run_dir)
     model.to(device)
-    tok_path = Path(run_dir) / "tokenizer.json"
+    tok_path = RunDir(run_dir).tokenizer_path
     if not tok_path.exists():
         raise FileNotFoundError(f"{tok_path} not found: the run directory must hold the tokenizer it was trained with")
     tokenizer = load_tokenizer(tok_path)
-    eot = tokenizer.token_to_id(END_OF_TEXT)
-    ids = [eot] + tokenizer.encode(prompt).ids if eot is not None else tokenizer.encode(prompt).ids
-    new = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_id=eot)
+    ids = prompt_ids(tokenizer, prompt)
+    if max_new_tokens is None:
+        max_new_tokens = max(1, min(100, model.cfg.max_seq_len - len(ids)))
+    new = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   stop_id=tokenizer.token_to_id(END_OF_TEXT))
     return tokenizer.decode(new)

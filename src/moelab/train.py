@@ -2,12 +2,21 @@
 
 One optimizer step:
     for each micro-batch:  loss = (cross-entropy + Σ MoE aux losses) / grad_accum;  backward
-    clip the global gradient norm;  optimizer.step();  zero grads
+    clip the global gradient norm;  stop if the loss or the norm is not finite
+    optimizer.step();  zero grads
     model.update_expert_biases(load of each MoE layer in this step)   # aux-loss-free balancing
 Every `log_every` steps one JSON line goes to RUN/metrics.jsonl (loss, each aux loss, lr, tokens/s,
 per-layer expert load, max/mean load, dropped fraction, router entropy, expert bias); validation loss
 joins the line every `eval_every` steps. Checkpoints (moelab.checkpoint) hold everything needed to
 continue bit-for-bit: model, optimizer, step, torch RNG and the data sampler's generator state.
+
+A run directory (moelab.rundir) is written by one process at a time (its lock). A new run never
+overwrites one; `resume=True` continues the newest checkpoint with the run's own configuration, tokenizer
+and data: settings given again must equal the run's, except those `TrainConfig.RESUMABLE` lists (more
+steps, another learning rate, ...), which are applied, printed and recorded in metrics.jsonl; new text is
+refused unless `new_data=True` (the run's tokenizer is kept). A non-finite loss or gradient norm stops the
+run before the update with `TrainingDiverged`; a checkpoint is only written when every weight is finite,
+so the newest checkpoint is always a good one.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +35,19 @@ from tqdm.auto import tqdm
 
 from moelab import checkpoint as ckpt_io
 from moelab.config import ModelConfig, TrainConfig, check_device_name
+from moelab.corpus import Corpus
 from moelab.data import TokenData, prepare_data
+from moelab.metrics import layer_stats, parallel_stats, truncate_after
 from moelab.model import MoETransformer
 from moelab.parallel import ParallelContext, setup_from_env
 from moelab.parallel.expert import comm_stats
+from moelab.rundir import RunDir, RunLockedError, adopt_tokenizer, data_record, resume_data
 
 SINGLE_PROCESS = ParallelContext()
+
+
+class TrainingDiverged(ValueError):
+    """The loss or the gradient norm of a step is not finite (NaN or infinite): training stopped."""
 
 
 @dataclass
@@ -56,10 +72,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (embeddings, projections, experts, routers).
-
-    The fused implementation (one kernel over all parameters; measured 3.0 vs 9.8 ms per step for the
-    tiny MoE preset on 2 CPU threads) where torch has it for the parameters' device, else foreach."""
+    """AdamW with weight decay on matrices only (embeddings, projections, experts, routers); the fused
+    implementation (one kernel over all parameters) where torch has it for the parameters' device."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -106,50 +120,19 @@ def check_device(device: str) -> None:
                          f"{count} CUDA device(s); allowed: {allowed}")
 
 
-def _layer_stats(auxes_per_micro: list[list], model: MoETransformer) -> dict[str, Any]:
-    """Per-MoE-layer statistics of one optimizer step, summed/averaged over its micro-batches."""
-    if not auxes_per_micro or not auxes_per_micro[0]:
-        return {}
-    n_layers = len(auxes_per_micro[0])
-    loads = [sum(m[i].load for m in auxes_per_micro) for i in range(n_layers)]
-    out: dict[str, Any] = {
-        "expert_load": [(ld / ld.sum()).tolist() for ld in loads],
-        "max_mean_load": [(ld.max() / ld.mean()).item() for ld in loads],
-        "dropped_frac": [sum(m[i].dropped_frac.item() for m in auxes_per_micro) / len(auxes_per_micro)
-                         for i in range(n_layers)],
-        "router_entropy": [sum(m[i].router_entropy.item() for m in auxes_per_micro) / len(auxes_per_micro)
-                           for i in range(n_layers)],
-    }
-    if any(moe.cfg.expert_bias for moe in model.moe_layers()):
-        out["expert_bias"] = [moe.router.bias.tolist() for moe in model.moe_layers()]
-    return out
-
-
-def _check_run_dir(run_dir: Path, resume: bool) -> None:
-    existing = run_dir / "metrics.jsonl"
-    if not resume and (existing.exists() or ckpt_io.list_checkpoints(run_dir)):
-        raise FileExistsError(
-            f"{run_dir} already holds a run (metrics.jsonl or checkpoints); pass --resume to continue it or "
-            "choose another --out — nothing was overwritten")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only metric lines up to `last_step` (lines a killed run logged after its last checkpoint)."""
-    if not path.exists():
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in kept))
-    os.replace(tmp, path)
-
-
 def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_path: str | Path | None = None,
-          resume: bool = False, progress: bool = True, data: TokenData | None = None,
-          desc: str = "train") -> TrainResult:
+          resume: bool = False, progress: bool = True, data: TokenData | None = None, desc: str = "train",
+          new_data: bool = False, data_errors: str = "strict") -> TrainResult:
     """Train `model_cfg` with `cfg`, writing metrics, checkpoints, plots and tokenizer.json to `run_dir`.
 
     `data_path` None means the default corpus (the running Python's standard library); `data` lets a
-    caller reuse an already prepared token stream (the demo trains two models on the same tokens).
+    caller reuse an already prepared token stream (the demo trains two models on the same tokens);
+    `data_errors` "replace" reads text that is not valid UTF-8 with U+FFFD for its bad bytes.
+
+    `resume`: continue the newest checkpoint in `run_dir` (ValueError when there is none). `model_cfg`
+    must equal the run's; `cfg` may differ from the run's only in `TrainConfig.RESUMABLE` fields. Without
+    `data_path` the run's own data is used; a `data_path` whose text differs from the run's is refused
+    unless `new_data` (training continues on it, tokenized with the run's tokenizer).
 
     With `cfg.expert_parallel` = N > 1 every one of the N processes torchrun started calls this: the
     experts are split over them (moelab.parallel), each takes its share of the same global batch, rank 0
@@ -157,13 +140,22 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     that dies makes the others raise within the collective timeout (MOELAB_DIST_TIMEOUT, 60 s).
     """
     check_device(cfg.device)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
+    if new_data and not resume:
+        raise ValueError("new_data (--new-data) continues a run on other text: it needs resume (--resume)")
+    run = RunDir(run_dir)
+    _check_state(run, resume)  # before anything is written: a mistyped --out creates nothing
     ctx = setup_from_env(cfg.expert_parallel)
     try:
-        result = _train(model_cfg, cfg, Path(run_dir), data_path, resume, progress, data, desc, ctx)
+        with _locked(run, ctx):
+            _check_state(run, resume)  # again, now that no other process can write here
+            trainer = _Trainer(model_cfg, cfg, run, ctx, progress and ctx.is_main, desc)
+            result = trainer.run(resume, data_path, data, new_data, data_errors)
         ctx.barrier()  # no rank tears its group down while a peer may still be inside a collective
         return result
     except RuntimeError as e:
-        if not ctx.distributed:
+        if not ctx.distributed or isinstance(e, RunLockedError):
             raise
         raise RuntimeError(f"rank {ctx.rank} of {ctx.world}: an expert-parallel collective failed — another rank "
                            f"probably died or stopped answering (timeout MOELAB_DIST_TIMEOUT): {e}") from e
@@ -171,159 +163,254 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
         ctx.close()
 
 
-def _restore(run_dir: Path, config: dict[str, Any], model: MoETransformer) -> Path | None:
-    """Load the newest checkpoint's model weights (single-process layout); its path, or None."""
-    ckpts = ckpt_io.list_checkpoints(run_dir)
-    if not ckpts:
-        return None
-    latest = ckpts[-1]
-    ckpt_io.verify(latest)
-    if ckpt_io.read_config(latest)["model"] != config["model"]:
-        raise ckpt_io.CheckpointError(f"{latest}: the checkpoint was written with a different model config than "
-                                      "the one requested; resume with the same preset and overrides")
-    ckpt_io.load_model_state(model, latest, verified=True)
-    return latest
+def _check_state(run: RunDir, resume: bool) -> None:
+    if resume:
+        run.require_resumable()
+    else:
+        run.require_new()
 
 
-def _parallel_stats(ctx: ParallelContext, step_seconds: float, auxes: list) -> dict[str, Any]:
-    """The straggler view of one step, one entry per rank: step time, all-to-all time and its share,
-    rows sent to / received from other ranks, and each MoE layer's share of the load on each rank."""
-    per_rank = ctx.gather([step_seconds, comm_stats.seconds, comm_stats.rows_sent, comm_stats.rows_received])
-    loads = [sum(m[i].load for m in auxes) for i in range(len(auxes[0]))] if auxes and auxes[0] else []
-    return {"ep_step_s": [r[0] for r in per_rank], "ep_a2a_s": [r[1] for r in per_rank],
-            "ep_a2a_share": [r[1] / max(r[0], 1e-12) for r in per_rank],
-            "ep_rows_sent": [int(r[2]) for r in per_rank], "ep_rows_received": [int(r[3]) for r in per_rank],
-            "ep_load_per_rank": [(ld.view(ctx.world, -1).sum(1) / ld.sum()).tolist() for ld in loads]}
-
-
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data_path, resume: bool, progress: bool,
-           data: TokenData | None, desc: str, ctx: ParallelContext) -> TrainResult:
-    _check_run_dir(run_dir, resume)  # on every rank, before any rank writes
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    progress = progress and ctx.is_main
-    ctx.barrier()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        for turn in (True, False):  # rank 0 builds the tokenizer and token cache; the others then read it
-            if ctx.is_main == turn:
-                _, data = prepare_data(data_path, run_dir, vocab_size=model_cfg.vocab_size,
-                                       max_bytes=cfg.max_corpus_bytes, val_fraction=cfg.val_fraction,
-                                       quiet=not progress)
-            ctx.barrier()
-    if data.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer has {data.vocab_size} tokens but the model's vocab_size="
-                         f"{model_cfg.vocab_size}; raise vocab_size")
-
-    torch.manual_seed(cfg.seed)
-    model = MoETransformer(model_cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
-    start, train_tokens, train_seconds = 0, 0, 0.0
-    latest = _restore(run_dir, config, model) if resume else None
-    model = ctx.wrap(model).to(cfg.device)  # expert-parallel: keep this rank's expert slices
-    optimizer = make_optimizer(model, cfg)
-    if latest is not None:
-        optim_state, trainer, rng = ckpt_io.read_training_state(latest)
-        ctx.load_optimizer_state(optimizer, optim_state)
-        start, train_tokens, train_seconds = trainer["step"], trainer["train_tokens"], trainer["train_seconds"]
-        torch.set_rng_state(rng["torch"])
-        gen.set_state(rng["data"])
-    if ctx.is_main:
-        if resume:  # drop lines a killed run logged after its last checkpoint (all of them if it had none)
-            _truncate_metrics(run_dir / "metrics.jsonl", start)
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-
-    tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len  # global: all ranks together
-    val_loss = float("nan")
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, unit="step", dynamic_ncols=True)
-    window_t, window_tokens = 0.0, 0
-    model.train()
-    with open(run_dir / "metrics.jsonl", "a") if ctx.is_main else contextlib.nullcontext() as metrics:
-        for step in range(start, cfg.steps):
-            t0 = time.perf_counter()
-            comm_stats.reset()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            auxes, loss_sum, aux_sums = [], 0.0, {}
-            for _ in range(cfg.grad_accum):
-                x, y = data.get_batch("train", cfg.batch_size, cfg.seq_len, gen)  # the global batch
-                x, y = ctx.shard(x).to(cfg.device, non_blocking=True), ctx.shard(y).to(cfg.device, non_blocking=True)
-                with _autocast(cfg):
-                    out = model(x, targets=y)
-                ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
-                loss_sum += out.loss.item() / cfg.grad_accum
-                for a in out.aux:
-                    for k, v in a.losses.items():
-                        aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / cfg.grad_accum
-                auxes.append(out.aux)
-            grad_norm = ctx.clip_grads_(model, cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if auxes[0]:  # the loads are global under expert parallelism: every rank moves its biases alike
-                model.update_expert_biases([sum(m[i].load for m in auxes) for i in range(len(auxes[0]))])
-            dt = time.perf_counter() - t0
-            train_seconds += dt
-            train_tokens += tokens_per_step
-            window_t += dt
-            window_tokens += tokens_per_step
-            done = step + 1
-            record: dict[str, Any] | None = None
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                loss_sum = ctx.mean(loss_sum)  # each rank's loss is the mean over its share of the batch
-                aux_sums = {k: ctx.mean(v) for k, v in aux_sums.items()}
-                record = {"step": done, "loss": loss_sum, **{f"aux_{k}": v for k, v in aux_sums.items()},
-                          "lr": lr, "grad_norm": grad_norm, "tokens": train_tokens,
-                          "tokens_per_s": window_tokens / window_t, **_layer_stats(auxes, model)}
-                if ctx.distributed:
-                    record |= _parallel_stats(ctx, dt, auxes)
-                window_t, window_tokens = 0.0, 0
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                val_loss = evaluate(model, data, cfg, ctx)
-                record = record or {"step": done, "loss": ctx.mean(loss_sum), "tokens": train_tokens}
-                record["val_loss"] = val_loss
-            if record is not None and metrics is not None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
-                                tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
-            bar.update(1)
-            if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
-                model_state, optim_state = ctx.model_state(model), ctx.optimizer_state(optimizer)
-                if ctx.is_main:
-                    metrics.flush()
-                    ckpt_io.save_checkpoint(
-                        run_dir, done, model=model_state, optimizer=optim_state, config=config,
-                        trainer={"train_tokens": train_tokens, "train_seconds": train_seconds},
-                        rng={"torch": torch.get_rng_state(), "data": gen.get_state()})
-                ctx.barrier()
-    bar.close()
-    if start >= cfg.steps:  # resumed a finished run: report its final validation loss
-        val_loss = evaluate(model, data, cfg, ctx)
+@contextlib.contextmanager
+def _locked(run: RunDir, ctx: ParallelContext):
+    """Hold the run directory's lock (rank 0 takes it; every rank learns whether it could)."""
+    lock, error = None, None
     if ctx.is_main:
         try:
-            from moelab.analysis import plot_run
+            run.path.mkdir(parents=True, exist_ok=True)
+            lock = run.lock()
+            lock.acquire()
+        except (RunLockedError, OSError) as e:
+            error = e
+    if ctx.sum(1.0 if error is not None else 0.0):
+        raise error if error is not None else RunLockedError(f"rank 0 could not lock {run.path}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
-            plot_run(run_dir)
-        except ImportError:  # matplotlib missing: metrics.jsonl still holds everything
-            pass
-    return TrainResult(run_dir=run_dir, model=model, steps=cfg.steps, final_val_loss=val_loss,
-                       train_tokens=train_tokens, tokens_per_s=train_tokens / max(train_seconds, 1e-9),
-                       train_seconds=train_seconds, is_main=ctx.is_main)
+
+def _model_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'field: old -> new' for every ModelConfig field (nested: moe.field) that differs."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _model_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
-def load_run(run_dir: str | Path) -> tuple[MoETransformer, dict[str, Any]]:
-    """The newest checkpoint of a run as a model (eval mode) and its config dict; verified, no pickle."""
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    ckpts = ckpt_io.list_checkpoints(run_dir)
-    target = ckpts[-1] if ckpts else run_dir  # a run dir, or a checkpoint dir given directly
-    ckpt_io.verify(target)
-    config = ckpt_io.read_config(target)
-    model = MoETransformer(ModelConfig.from_dict(config["model"]))
-    ckpt_io.load_model_state(model, target, verified=True)
-    return model.eval(), config
+class _Trainer:
+    """One training run in a locked run directory: configuration, data, model, the loop, checkpoints."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, run: RunDir, ctx: ParallelContext,
+                 progress: bool, desc: str) -> None:
+        self.model_cfg, self.cfg, self.run_dir, self.ctx = model_cfg, cfg, run, ctx
+        self.progress, self.desc = progress, desc
+        self.saved: dict[str, Any] | None = None  # the run's config.json when resuming
+        self.resumed: dict[str, Any] | None = None  # what the first metrics line after a resume records
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def run(self, resume: bool, data_path, data: TokenData | None, new_data: bool, data_errors: str) -> TrainResult:
+        changes = self._check_resume() if resume else {}
+        self.data, record = self._data(resume, data_path, data, new_data, data_errors)
+        if self.data.vocab_size > self.model_cfg.vocab_size:
+            raise ValueError(f"the tokenizer has {self.data.vocab_size} tokens but the model's vocab_size="
+                             f"{self.model_cfg.vocab_size}; raise vocab_size")
+        self.config = {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(), "data": record}
+        start = self._build(resume)
+        if resume and self.ctx.is_main:
+            self._announce_resume(start, changes, record)
+        if self.ctx.is_main:
+            self.run_dir.write_config(self.config)
+        return self._loop(start)
+
+    def _check_resume(self) -> dict[str, tuple[Any, Any]]:
+        """The run's config against the requested one: the model must match; training settings may change
+        only where `TrainConfig.RESUMABLE` allows. Returns the changes."""
+        self.saved = self.run_dir.read_config()
+        latest = self.run_dir.latest_checkpoint()
+        weights_cfg = ckpt_io.read_config(latest)["model"]  # the config the weights were written with
+        diff = _model_changes(weights_cfg, self.model_cfg.to_dict())
+        if diff:
+            raise ValueError(f"the requested model differs from the run's ({latest.name}): {'; '.join(diff)} — a "
+                             "resumed run keeps its model; start a new run with --out to train another")
+        changes = TrainConfig.from_dict(self.saved["train"]).resume_changes(self.cfg)
+        step = json.loads((latest / "trainer.json").read_text())["step"]
+        if self.cfg.steps < step:
+            raise ValueError(f"steps={self.cfg.steps} is invalid on resume: the run is at step {step}; allowed "
+                             f"steps >= {step}")
+        return changes
+
+    def _data(self, resume: bool, data_path, data: TokenData | None, new_data: bool,
+              data_errors: str) -> tuple[TokenData, dict[str, Any]]:
+        """The token stream and the record config.json keeps of it (`moelab.rundir`)."""
+        cfg = self.cfg
+        if data is not None:  # prepared by the caller (the demo)
+            if self.ctx.is_main:
+                adopt_tokenizer(self.run_dir, data)
+            return data, data_record(data)
+
+        def prepare(corpus: Corpus, tokenizer=None) -> TokenData:
+            return self._in_turns(lambda: prepare_data(corpus, self.run_dir.path, self.model_cfg.vocab_size,
+                                                       val_fraction=cfg.val_fraction, quiet=not self.progress,
+                                                       tokenizer=tokenizer)[1])
+
+        corpus = None if data_path is None else Corpus(data_path, cfg.max_corpus_bytes, data_errors)
+        if not resume:
+            data = prepare(corpus or Corpus(None, cfg.max_corpus_bytes))
+            return data, data_record(data)
+        return resume_data(self.run_dir, (self.saved or {}).get("data") or {}, corpus, new_data, prepare,
+                           cfg.val_fraction, quiet=not self.progress)
+
+    def _in_turns(self, build):
+        """Rank 0 builds (tokenizer, token cache); the other ranks then read what it wrote."""
+        result = None
+        for turn in (True, False):
+            if self.ctx.is_main == turn:
+                result = build()
+            self.ctx.barrier()
+        return result
+
+    def _build(self, resume: bool) -> int:
+        """Model, optimizer, sampler, counters; restored from the newest checkpoint when resuming. Returns
+        the step to start from."""
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        model = MoETransformer(self.model_cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.train_tokens, self.train_seconds = 0, 0.0
+        latest = self.run_dir.latest_checkpoint() if resume else None
+        if latest is not None:
+            ckpt_io.verify(latest)
+            ckpt_io.load_model_state(model, latest, verified=True)
+        self.model = self.ctx.wrap(model).to(cfg.device)  # expert-parallel: keep this rank's expert slices
+        self.optimizer = make_optimizer(self.model, cfg)
+        if latest is None:
+            return 0
+        optim_state, trainer, rng = ckpt_io.read_training_state(latest)
+        self.ctx.load_optimizer_state(self.optimizer, optim_state)
+        self.train_tokens, self.train_seconds = trainer["train_tokens"], trainer["train_seconds"]
+        torch.set_rng_state(rng["torch"])
+        self.gen.set_state(rng["data"])
+        if self.ctx.is_main:  # drop lines a killed run logged after its last checkpoint
+            truncate_after(self.run_dir.metrics_path, trainer["step"])
+        return trainer["step"]
+
+    def _announce_resume(self, start: int, changes: dict[str, tuple[Any, Any]], record: dict[str, Any]) -> None:
+        self.resumed = {"from_step": start, "changed": {k: list(v) for k, v in changes.items()}}
+        saved = (self.saved or {}).get("data") or {}
+        if saved and record["corpus_sha256"] != saved.get("corpus_sha256"):
+            self.resumed["new_data"] = record["description"]
+        said = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()) or "no settings changed"
+        new = f"; continuing on new data: {record['description']}" if "new_data" in self.resumed else ""
+        print(f"moelab: resuming {self.run_dir.path} from step {start} ({said}){new}", file=sys.stderr)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def _loop(self, start: int) -> TrainResult:
+        cfg, ctx = self.cfg, self.ctx
+        val_loss = float("nan")
+        bar = tqdm(total=cfg.steps, initial=start, desc=self.desc, disable=not self.progress, unit="step",
+                   dynamic_ncols=True)
+        self.window_t, self.window_tokens = 0.0, 0
+        self.model.train()
+        with open(self.run_dir.metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics:
+            for step in range(start, cfg.steps):
+                record, dt, auxes = self._step(step)
+                done = step + 1
+                if done % cfg.eval_every == 0 or done == cfg.steps:
+                    val_loss = evaluate(self.model, self.data, cfg, ctx)
+                    record = record or {"step": done, "loss": ctx.mean(self.last_loss), "tokens": self.train_tokens}
+                    record["val_loss"] = val_loss
+                if record is not None and metrics is not None:
+                    if self.resumed is not None:
+                        record["resumed"], self.resumed = self.resumed, None
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
+                                    tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
+                bar.update(1)
+                if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
+                    self._save(done)
+        bar.close()
+        if start >= cfg.steps:  # resumed a finished run: report its final validation loss
+            val_loss = evaluate(self.model, self.data, cfg, ctx)
+        if ctx.is_main:
+            try:
+                from moelab.analysis import plot_run
+
+                plot_run(self.run_dir.path)
+            except ImportError:  # matplotlib missing: metrics.jsonl still holds everything
+                pass
+        return TrainResult(run_dir=self.run_dir.path, model=self.model, steps=cfg.steps, final_val_loss=val_loss,
+                           train_tokens=self.train_tokens,
+                           tokens_per_s=self.train_tokens / max(self.train_seconds, 1e-9),
+                           train_seconds=self.train_seconds, is_main=ctx.is_main)
+
+    def _step(self, step: int) -> tuple[dict[str, Any] | None, float, list]:
+        """One optimizer step; the metrics record when this step is logged."""
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        t0 = time.perf_counter()
+        comm_stats.reset()
+        lr = lr_at(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        auxes, loss_sum, aux_sums = [], 0.0, {}
+        for _ in range(cfg.grad_accum):
+            x, y = self.data.get_batch("train", cfg.batch_size, cfg.seq_len, self.gen)  # the global batch
+            x, y = ctx.shard(x).to(cfg.device, non_blocking=True), ctx.shard(y).to(cfg.device, non_blocking=True)
+            with _autocast(cfg):
+                out = model(x, targets=y)
+            ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
+            loss_sum += out.loss.item() / cfg.grad_accum
+            for a in out.aux:
+                for k, v in a.losses.items():
+                    aux_sums[k] = aux_sums.get(k, 0.0) + v.item() / cfg.grad_accum
+            auxes.append(out.aux)
+        grad_norm = ctx.clip_grads_(model, cfg.grad_clip or float("inf"))
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):  # the norm is global: every rank stops
+            self.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"loss {loss_sum}, gradient norm {grad_norm}: not finite")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if auxes[0]:  # the loads are global under expert parallelism: every rank moves its biases alike
+            model.update_expert_biases([sum(m[i].load for m in auxes) for i in range(len(auxes[0]))])
+        dt = time.perf_counter() - t0
+        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len  # global: all ranks together
+        self.train_seconds += dt
+        self.train_tokens += tokens
+        self.window_t += dt
+        self.window_tokens += tokens
+        self.last_loss = loss_sum  # this rank's: the mean over its share of the batch
+        done = step + 1
+        if done % cfg.log_every and done != cfg.steps:
+            return None, dt, auxes
+        record = {"step": done, "loss": ctx.mean(loss_sum), **{f"aux_{k}": ctx.mean(v) for k, v in aux_sums.items()},
+                  "lr": lr, "grad_norm": grad_norm, "tokens": self.train_tokens,
+                  "tokens_per_s": self.window_tokens / self.window_t, **layer_stats(auxes, model)}
+        if ctx.distributed:
+            record |= parallel_stats(ctx, dt, auxes)
+        self.window_t, self.window_tokens = 0.0, 0
+        return record, dt, auxes
+
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
+        latest = self.run_dir.latest_checkpoint()
+        advice = (f"the newest checkpoint, {latest.name}, is intact: resume with a lower --lr" if latest else
+                  f"no checkpoint was written: start a new run (another --out, or delete {self.run_dir.path}) with a "
+                  "lower --lr")
+        return TrainingDiverged(f"step {step}: {what} — training stopped before this step's update; {advice}")
+
+    def _save(self, step: int) -> None:
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise self._diverged(step, "a weight is not finite")
+        model_state, optim_state = self.ctx.model_state(self.model), self.ctx.optimizer_state(self.optimizer)
+        if self.ctx.is_main:
+            ckpt_io.save_checkpoint(
+                self.run_dir.path, step, model=model_state, optimizer=optim_state, config=self.config,
+                trainer={"train_tokens": self.train_tokens, "train_seconds": self.train_seconds},
+                rng={"torch": torch.get_rng_state(), "data": self.gen.get_state()}, keep=self.cfg.keep_checkpoints)
+        self.ctx.barrier()

@@ -14,16 +14,15 @@ Architectures and their tensor tables live in `moelab.hf.adapters`; see docs/HF.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from moelab.config import ModelConfig, TrainConfig
+from moelab.config import ModelConfig
 from moelab.hf.adapters import ADAPTERS, Adapter, Entry, HFConfig, adapter_for, adapter_matching
+from moelab.hf.convert import convert_from_hf, convert_to_hf
+from moelab.hf.export import save
 from moelab.model import MoETransformer, model_rope_tables
 
 __all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "ADAPTERS", "adapter_matching"]
@@ -88,17 +87,6 @@ def _place(dst: torch.Tensor, e: Entry, t: torch.Tensor) -> None:
     (dst if e.index is None else dst[e.index]).copy_(t)
 
 
-def _extract(src: torch.Tensor, e: Entry) -> torch.Tensor:
-    t = src if e.index is None else src[e.index]
-    if e.transpose is not None:
-        t = t.transpose(*e.transpose)
-    if e.perm is not None:
-        t = t[torch.argsort(torch.tensor(e.perm))]
-    if e.scale != 1.0:
-        t = t * e.scale
-    return t.detach().to("cpu").contiguous().clone()
-
-
 def _ignorable(name: str, cfg: ModelConfig) -> bool:
     """Tensors a loader may skip: multi-token-prediction layers past num_hidden_layers (DeepSeek-V3), and
     rotary tables some exporters store."""
@@ -155,109 +143,3 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETransfo
             assert name.endswith("router.bias"), f"no Hugging Face tensor fills {name}"
             t.data.zero_()
     return model.eval()
-
-
-def save(model: MoETransformer, out: str | Path, tokenizer_json: str | Path | None = None,
-         max_shard_bytes: int = 2 << 30) -> Path:
-    """Write `model` as a Hugging Face checkpoint directory that `AutoModelForCausalLM.from_pretrained` loads.
-
-    The architecture is the one the model's config matches (ValueError listing, per architecture, why
-    none does). Weights are written per expert (the layout of published checkpoints) in float32 (or the
-    model's dtype) as safetensors, sharded with an index above `max_shard_bytes`; `tokenizer_json` is copied
-    to `out/tokenizer.json`. When that tokenizer has moelab's end-of-text token, it becomes `eos_token_id`
-    (where `moelab generate` stops) and `tokenizer_config.json` names it; bos/pad ids are null, never the
-    architecture's defaults (which would be ordinary tokens of a moelab vocabulary).
-    """
-    cfg = model.cfg
-    adapter = adapter_matching(cfg)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("model*.safetensors"), out / "model.safetensors.index.json"]:
-        stale.unlink(missing_ok=True)  # weights of an earlier save would be read with the new config
-    hf_cfg = adapter.config_to_hf(cfg)
-    eos = _end_of_text(tokenizer_json)
-    hf_cfg |= {"bos_token_id": None, "eos_token_id": None if eos is None else eos[1], "pad_token_id": None}
-    dtype = next(model.parameters()).dtype
-    hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
-    state = model.state_dict()
-    entries = [e for e in adapter.entries(cfg) if not e.covers]
-    shards: list[list[Entry]] = [[]]
-    size = 0
-    for e in entries:
-        n = state[e.target].element_size()
-        for d in e.hf_shape:
-            n *= d
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += n
-    names = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    weight_map, total = {}, 0
-    for shard, fname in zip(shards, names, strict=True):
-        tensors = {e.hf_name: _extract(state[e.target], e) for e in shard}
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in tensors})
-        del tensors
-    if len(shards) > 1:
-        (out / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-    if tokenizer_json is not None:
-        shutil.copyfile(tokenizer_json, out / "tokenizer.json")
-        (out / "tokenizer_config.json").unlink(missing_ok=True)  # an earlier one would describe another tokenizer
-        if eos is not None:
-            (out / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos[0],
-                 "model_max_length": cfg.max_seq_len}, indent=2) + "\n")
-    return out
-
-
-def _end_of_text(tokenizer_json: str | Path | None) -> tuple[str, int] | None:
-    """(token, id) of moelab's end-of-text special token in a tokenizer.json, or None."""
-    from moelab.data import END_OF_TEXT
-
-    if tokenizer_json is None:
-        return None
-    added = json.loads(Path(tokenizer_json).read_text()).get("added_tokens") or []
-    return next(((t["content"], t["id"]) for t in added if t.get("content") == END_OF_TEXT and t.get("special")), None)
-
-
-def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
-    """A Hugging Face checkpoint → a moelab run directory (`moelab generate` / `moelab card` read it).
-
-    Writes `config.json` ({"model": ..., "train": defaults}), a step-0 checkpoint (moelab.checkpoint:
-    safetensors + JSON, sha256 manifest) and copies `tokenizer.json` when the source has one.
-    """
-    from moelab import checkpoint as ckpt_io
-
-    hf_dir, run = Path(hf_dir), Path(out_run_dir)
-    if run.exists() and any(run.iterdir()):
-        raise FileExistsError(f"{run} exists and is not empty; choose another output directory — nothing was written")
-    model = load(hf_dir, dtype)
-    config = {"model": model.cfg.to_dict(), "train": TrainConfig().to_dict()}
-    run.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.AdamW(model.parameters())  # no state until a step: nothing allocated
-    ckpt_io.save_checkpoint(run, 0, model=model, optimizer=optimizer, config=config,
-                            trainer={"train_tokens": 0, "train_seconds": 0.0, "converted_from": str(hf_dir)},
-                            rng={"torch": torch.get_rng_state(), "data": torch.Generator().get_state()})
-    (run / "config.json").write_text(json.dumps(config, indent=2))
-    if (hf_dir / "tokenizer.json").is_file():
-        shutil.copyfile(hf_dir / "tokenizer.json", run / "tokenizer.json")
-    return run
-
-
-def convert_to_hf(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 2 << 30) -> Path:
-    """A moelab run (its newest checkpoint) or checkpoint directory → a Hugging Face model directory."""
-    from moelab.train import load_run
-
-    model, _ = load_run(run_dir)
-    tok = Path(run_dir) / "tokenizer.json"
-    return save(model, out_dir, tokenizer_json=tok if tok.is_file() else None, max_shard_bytes=max_shard_bytes)
-
-
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json a moelab config would be exported with (ValueError when no architecture fits)."""
-    return adapter_matching(cfg).config_to_hf(cfg)

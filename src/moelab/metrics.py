@@ -1,0 +1,57 @@
+"""Training metrics: the per-step statistics of MoE layers and the run's metrics.jsonl.
+
+metrics.jsonl holds one JSON object per logged step with at least "step" and "loss"; plots are made from
+it (`moelab.analysis`), so any run can be re-plotted. A resumed run first drops the lines a killed process
+logged after its last checkpoint (`truncate_after`), so the file reads as one uninterrupted run; the first
+line it then logs carries a "resumed" entry (the step it resumed from and the settings it changed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from moelab.parallel.expert import comm_stats
+
+
+def layer_stats(auxes_per_micro: list[list], model) -> dict[str, Any]:
+    """Per-MoE-layer statistics of one optimizer step, summed/averaged over its micro-batches: expert load
+    share, max/mean load, dropped fraction, router entropy, and the selection biases when the model has them."""
+    if not auxes_per_micro or not auxes_per_micro[0]:
+        return {}
+    n_layers, n_micro = len(auxes_per_micro[0]), len(auxes_per_micro)
+    loads = [sum(m[i].load for m in auxes_per_micro) for i in range(n_layers)]
+    out: dict[str, Any] = {
+        "expert_load": [(ld / ld.sum()).tolist() for ld in loads],
+        "max_mean_load": [(ld.max() / ld.mean()).item() for ld in loads],
+        "dropped_frac": [sum(float(m[i].dropped_frac) for m in auxes_per_micro) / n_micro for i in range(n_layers)],
+        "router_entropy": [sum(float(m[i].router_entropy) for m in auxes_per_micro) / n_micro
+                           for i in range(n_layers)],
+    }
+    moes = model.moe_layers()
+    if any(moe.cfg.expert_bias for moe in moes):
+        out["expert_bias"] = [moe.router.bias.tolist() for moe in moes]
+    return out
+
+
+def truncate_after(path: Path, last_step: int) -> None:
+    """Keep only the lines of `path` up to `last_step` (lines a killed run logged after its last checkpoint)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
+def parallel_stats(ctx, step_seconds: float, auxes: list) -> dict[str, Any]:
+    """The straggler view of one step, one entry per rank: step time, all-to-all time and its share,
+    rows sent to / received from other ranks, and each MoE layer's share of the load on each rank."""
+    per_rank = ctx.gather([step_seconds, comm_stats.seconds, comm_stats.rows_sent, comm_stats.rows_received])
+    loads = [sum(m[i].load for m in auxes) for i in range(len(auxes[0]))] if auxes and auxes[0] else []
+    return {"ep_step_s": [r[0] for r in per_rank], "ep_a2a_s": [r[1] for r in per_rank],
+            "ep_a2a_share": [r[1] / max(r[0], 1e-12) for r in per_rank],
+            "ep_rows_sent": [int(r[2]) for r in per_rank], "ep_rows_received": [int(r[3]) for r in per_rank],
+            "ep_load_per_rank": [(ld.view(ctx.world, -1).sum(1) / ld.sum()).tolist() for ld in loads]}

@@ -1,0 +1,99 @@
+"""Generation: the sampling distribution against a hand computation, seeded draws against it, cached decoding
+of several new tokens against a full recompute, the bounds, and the errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moelab import ModelConfig, MoEConfig, MoETransformer
+from moelab.generate import generate, next_token_probs, sample_next
+from moelab.model import KVCache
+
+LOGITS = [2.0, 1.0, 0.5, -1.0, 0.0]
+
+
+def hand_probs(logits: list[float], temperature: float, top_p: float) -> list[float]:
+    """softmax(logits / T), then keep the most likely tokens until the mass before a token reaches top_p."""
+    e = [math.exp(v / temperature) for v in logits]
+    p = [v / sum(e) for v in e]
+    order = sorted(range(len(p)), key=lambda i: -p[i])
+    kept, before = set(), 0.0
+    for i in order:
+        if before < top_p:
+            kept.add(i)
+        before += p[i]
+    total = sum(p[i] for i in kept)
+    return [p[i] / total if i in kept else 0.0 for i in range(len(p))]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.5, 1.0), (0.5, 0.8), (2.0, 0.6), (1.0, 0.3)])
+def test_distribution_matches_a_hand_computation(temperature, top_p):
+    got = next_token_probs(torch.tensor(LOGITS), temperature, top_p)
+    assert got.tolist() == pytest.approx(hand_probs(LOGITS, temperature, top_p), abs=1e-6)
+
+
+def test_seeded_draws_follow_the_distribution():
+    probs = hand_probs(LOGITS, 0.7, 0.9)
+    gen = torch.Generator().manual_seed(0)
+    n = 20_000
+    counts = [0] * len(LOGITS)
+    for _ in range(n):
+        counts[sample_next(torch.tensor(LOGITS), 0.7, 0.9, gen)] += 1
+    for c, p in zip(counts, probs):
+        assert abs(c / n - p) <= 4 * math.sqrt(p * (1 - p) / n) + 1e-12, (counts, probs)  # 4 sigma; 0 stays 0
+
+
+def test_greedy_and_non_finite_logits():
+    assert sample_next(torch.tensor(LOGITS), 0.0, 0.5, None) == 0
+    assert next_token_probs(torch.tensor(LOGITS), 0.0, 1.0).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="non-finite logits"):
+            sample_next(torch.tensor([0.0, bad]), 1.0, 1.0, None)
+
+
+CONFIGS = {
+    "gqa": ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
+                       moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2)),
+    "mla": ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, attention="mla", kv_lora_rank=16,
+                       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=24,
+                       moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, router="sigmoid")),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_several_new_tokens_after_a_cache_are_causally_masked(name):
+    """A chunk of 4 tokens fed after 5 cached ones gives the logits a full recompute gives: each new token
+    sees the cache and the new tokens before it, never the ones after."""
+    torch.manual_seed(0)
+    model = MoETransformer(CONFIGS[name]).double().eval()
+    ids = torch.randint(0, 61, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache()
+        model(ids[:, :5], cache=cache)
+        chunk = model(ids[:, 5:9], cache=cache).logits
+        rest = model(ids[:, 9:], cache=cache).logits
+    torch.testing.assert_close(chunk, full[:, 5:9], atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(rest, full[:, 9:], atol=1e-12, rtol=1e-10)
+
+
+def test_bounds_are_errors_not_silent_cuts():
+    torch.manual_seed(0)
+    model = MoETransformer(CONFIGS["gqa"]).eval()  # max_seq_len 24
+    assert len(generate(model, [1] * 20, 4)) == 4  # exactly fills the context
+    assert generate(model, [1, 2], 0) == []
+    with pytest.raises(ValueError, match=r"prompt \(20 tokens\) \+ max_new_tokens=5 exceed .*=24.*at most 4"):
+        generate(model, [1] * 20, 5)
+    with pytest.raises(ValueError, match=r"prompt \(24 tokens\).*max_seq_len=24.*shorter prompt"):
+        generate(model, [1] * 24, 1)
+    for kwargs, match in [(dict(max_new_tokens=-1), "max_new_tokens=-1"),
+                          (dict(max_new_tokens=3, temperature=float("nan")), "temperature=nan"),
+                          (dict(max_new_tokens=3, temperature=-1.0), "temperature=-1.0"),
+                          (dict(max_new_tokens=3, top_p=0.0), "top_p=0.0")]:
+        with pytest.raises(ValueError, match=match):
+            generate(model, [1, 2], **kwargs)
+    with pytest.raises(ValueError, match="prompt_ids is empty"):
+        generate(model, [], 3)
