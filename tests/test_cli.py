@@ -211,8 +211,8 @@ def test_generate_bounds_and_errors(run, tmp_path):
     one_line_error(moelab("generate", run, "--max-new-tokens", "-1"), "max_new_tokens=-1")
     one_line_error(moelab("generate", run, "--temperature", "nan"), "temperature=nan")
     one_line_error(moelab("generate", tmp_path), "not a moelab run")
-    (tmp_path / "config.json").write_text('{"model_type": "mixtral"}')
-    one_line_error(moelab("generate", tmp_path), "Hugging Face model directory", "convert --from-hf")
+    (tmp_path / "config.json").write_text('{"model_type": "mixtral"}')  # read as a Hugging Face directory
+    one_line_error(moelab("generate", tmp_path), "config.json", "hidden_size", "missing")
 
 
 # 8. operating-system errors and a closed pipe are one line (or silence), never a traceback

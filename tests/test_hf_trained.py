@@ -128,3 +128,28 @@ def test_exported_tokenizer_encodes_like_the_run(exported):
         assert auto(text, add_special_tokens=False)["input_ids"] == ids, text
         assert auto(text)["input_ids"] == theirs(text)["input_ids"] == prompt_ids(ours, text), text  # [eot] + ids
         assert theirs.decode(ids) == decode(ours, ids) == text
+
+
+def test_eval_of_run_and_export_equals_transformers_on_the_same_tokens(exported, tmp_path, capsys):
+    """`moelab eval` on the exported directory and on the run gives the loss transformers computes itself over
+    the same token windows (its own tokenizer, [eos] + text, consecutive windows of 24 + 1 tokens)."""
+    _, run, out = exported
+    text = TEXT[:400] + "\nA sentence the corpus never had, to be predicted badly.\n"
+    (tmp_path / "held.txt").write_text(text)
+    results = {}
+    for name, path in (("export", out), ("run", run)):
+        assert main(["eval", str(path), "--data", str(tmp_path / "held.txt"), "--seq-len", "24", "--json"]) == 0
+        results[name] = json.loads(capsys.readouterr().out)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = [hf_model.config.eos_token_id] + hf_tok(text, add_special_tokens=False)["input_ids"]
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, 24):
+            window = torch.tensor([ids[s:s + 25]])
+            logits = hf_model(window[:, :-1]).logits[0]
+            total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
+            n += window.shape[1] - 1
+    for r in results.values():
+        assert r["tokens"] == n and r["bytes"] == len(text.encode())
+        assert r["loss"] == pytest.approx(total / n, abs=1e-5)

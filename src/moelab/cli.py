@@ -3,7 +3,8 @@
     moelab demo                       MoE vs its dense twin on the default corpus, in minutes
     moelab train --preset tiny ...    train one model (every config field is a flag: --d-model,
                                       --moe-n-experts, --lr, ...; --dense trains the dense twin)
-    moelab generate RUN --prompt TEXT
+    moelab generate PATH --prompt TEXT   a run or a Hugging Face directory
+    moelab eval PATH --data TEXT      loss, perplexity and bits per byte on held-out text
     moelab card MODEL... [--json]     total/active parameters and what they cost
     moelab convert --from-hf DIR OUT | --to-hf RUN OUT
 
@@ -139,6 +140,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moelab.corpus import Corpus
+    from moelab.evaluation import evaluate_text
+    from moelab.models import load_model
+
+    loaded = load_model(args.path)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
+    result = evaluate_text(loaded.model, loaded.tokenizer, Corpus(args.data, errors=args.data_errors).documents(),
+                           loaded.stop_id, seq_len=args.seq_len, batch_size=args.batch_size,
+                           max_tokens=args.max_tokens, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps({"path": str(args.path), "data": str(args.data), **result.to_dict()}, indent=2))
+    else:
+        print(f"{args.path} on {args.data}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.4g}, "
+              f"{result.bits_per_byte:.4f} bits/byte ({result.tokens:,} tokens, {result.bytes:,} bytes, "
+              f"{result.documents} documents, windows of {result.seq_len})")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from moelab import hf
 
@@ -213,6 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_FieldType("int"), default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run or Hugging Face model on text",
+                       description="Evaluate a model on held-out text: every document after the model's separator "
+                       "token, in consecutive windows; prints cross-entropy (nats/token), perplexity and bits per "
+                       "byte.", **fmt)
+    p.add_argument("path", help="a moelab run directory or a Hugging Face model directory")
+    p.add_argument("--data", required=True, help="text file or directory to evaluate on")
+    p.add_argument("--data-errors", default="strict", choices=["strict", "replace"],
+                   help="text that is not valid UTF-8: refuse it, or replace bad bytes with U+FFFD")
+    p.add_argument("--seq-len", type=_FieldType("int | None"), default=None,
+                   help="tokens per window (None: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=_FieldType("int"), default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=_FieldType("int | None"), default=None,
+                   help="stop adding documents once this many tokens are reached (None: all the text)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
 
     from moelab import card
 

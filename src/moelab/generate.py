@@ -92,25 +92,23 @@ def generate(model: MoETransformer, prompt_ids: list[int], max_new_tokens: int, 
     return new
 
 
-def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.8,
+def generate_text(path: str | Path, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.8,
                   top_p: float = 0.95, seed: int | None = 0, device: str = "cpu") -> str:
-    """Load a run's newest checkpoint and tokenizer.json onto `device` and continue `prompt` (may be empty) by
-    `max_new_tokens` tokens at most (None: up to 100, as many as the model's context leaves)."""
-    from moelab.data import END_OF_TEXT, load_tokenizer, prompt_ids
-    from moelab.rundir import RunDir, load_run
+    """Continue `prompt` (may be empty) with a moelab run's newest checkpoint or a Hugging Face directory
+    (`moelab.models.load_model`), on `device`, by `max_new_tokens` tokens at most (None: up to 100, as many
+    as the model's context leaves); generation stops at the model's end-of-text token."""
+    from moelab.models import load_model
     from moelab.train import check_device
 
     check_device(device)
     check_sampling(max_new_tokens or 0, temperature, top_p)
-    model, _ = load_run(run_dir)
-    model.to(device)
-    tok_path = RunDir(run_dir).tokenizer_path
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{tok_path} not found: the run directory must hold the tokenizer it was trained with")
-    tokenizer = load_tokenizer(tok_path)
-    ids = prompt_ids(tokenizer, prompt)
+    loaded = load_model(path)
+    loaded.model.to(device)
+    ids = loaded.prompt_ids(prompt)
+    if not ids:
+        raise ValueError(f"the prompt is empty and {path}'s tokenizer adds no start token: give a prompt")
     if max_new_tokens is None:
-        max_new_tokens = max(1, min(100, model.cfg.max_seq_len - len(ids)))
-    new = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                   stop_id=tokenizer.token_to_id(END_OF_TEXT))
-    return tokenizer.decode(new)
+        max_new_tokens = max(1, min(100, loaded.model.cfg.max_seq_len - len(ids)))
+    new = generate(loaded.model, ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   stop_id=loaded.stop_id)
+    return loaded.tokenizer.decode(new, skip_special_tokens=False)
