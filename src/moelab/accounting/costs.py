@@ -124,10 +124,6 @@ class MemoryPlan:
     usable_fraction: float
     accelerators: int
 
-    @property
-    def total_bytes(self) -> float:
-        return self.weight_bytes + self.kv_bytes
-
 
 def accelerators_needed(spec: ModelSpec, precision: str, accelerator_bytes: float, batch: int = 1,
                         context: int = 4096, kv_bytes: float = 2.0, usable_fraction: float = 1.0,

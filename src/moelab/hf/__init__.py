@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -257,7 +256,3 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int
     tok = Path(run_dir) / "tokenizer.json"
     return save(model, out_dir, tokenizer_json=tok if tok.is_file() else None, max_shard_bytes=max_shard_bytes)
 
-
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """The config.json a moelab config would be exported with (ValueError when no architecture fits)."""
-    return adapter_matching(cfg).config_to_hf(cfg)

@@ -314,10 +314,6 @@ def ffn_entries(p: str, b: str, D: int, S: int) -> list[Entry]:
             Entry(p + "down_proj.weight", (D, S), b + "w_out.weight")]
 
 
-def _is_alias(e: Entry) -> bool:
-    return bool(e.covers)
-
-
 class Mixtral(Adapter):
     model_type, architecture = "mixtral", "MixtralForCausalLM"
     expert_names = ("w1", "w3", "w2")
