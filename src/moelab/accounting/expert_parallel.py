@@ -40,7 +40,7 @@ from math import comb
 from typing import Any
 
 from moelab.accounting.costs import bytes_per_param, serving_params
-from moelab.accounting.spec import Experts, ModelSpec
+from moelab.accounting.spec import ExpertBank, ModelSpec
 
 DEFAULT_LINK_BANDWIDTH = 50e9  # bytes/s: one 400 Gb/s InfiniBand NDR NIC per GPU, the IB figure of DeepSeek-V3 §3.2.2
 
@@ -198,7 +198,7 @@ class ExpertParallelPlan:
         }
 
 
-def _banks(spec: ModelSpec) -> list[Experts]:
+def _banks(spec: ModelSpec) -> list[ExpertBank]:
     return [layer.ffn.experts for layer in spec.layers if layer.ffn.experts is not None]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.accounting.hf_fields import REQUIRED, Fields, read_config_json, sub_fields
-from moelab.accounting.spec import AttentionSpec, Experts, FFNSpec, LayerSpec, ModelSpec, swiglu_params
+from moelab.accounting.spec import AttentionSpec, ExpertBank, FFNSpec, LayerSpec, ModelSpec, swiglu_params
 from moelab.config import ModelConfig
 
 # -- building blocks ---------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ def _mixtral_like(f: Fields, name: str) -> ModelSpec:
     bias = False if mt == "mixtral" else f.bool("attention_bias", False)
     window = f.opt_int("sliding_window", None) if mt in ("mixtral", "phimoe") else None
     layer_norm = 4 * d if mt == "phimoe" else 2 * d  # PhiMoE: LayerNorm with bias
-    experts = Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d)
+    experts = ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d)
     layers = [LayerSpec(gqa(d, heads, kv, hd, qkv_bias=bias, o_bias=bias, window=window), FFNSpec(experts=experts),
                         layer_norm) for _ in range(n_layers)]
     head_bias = f.bool("lm_head_bias", False) if mt == "phimoe" else False
@@ -184,7 +184,7 @@ def _qwen_moe(f: Fields, name: str) -> ModelSpec:
     for i, w in enumerate(windows):
         att = dataclasses.replace(attention, window=w)
         if i not in mlp_only and n_e > 0 and (i + 1) % step == 0:
-            ffn = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d),
+            ffn = FFNSpec(experts=ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d),
                           shared=shared)
         else:
             ffn = FFNSpec(dense=swiglu_params(d, ff))
@@ -198,7 +198,7 @@ def _olmoe(f: Fields, name: str) -> ModelSpec:
     kv, hd = f.kv_heads_or_mha(heads), f.head_dim(d, heads)
     bias = f.bool("attention_bias", False)
     n_e, k, f_e = f.int("num_experts"), f.int("num_experts_per_tok"), f.int("intermediate_size")
-    experts = Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d)
+    experts = ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d)
     layers = [LayerSpec(gqa(d, heads, kv, hd, qkv_bias=bias, o_bias=bias, qk_norm="full"), FFNSpec(experts=experts),
                         2 * d) for _ in range(n_layers)]
     return _spec(f, name, d, layers, tie_default=False)
@@ -227,7 +227,7 @@ def _deepseek(f: Fields, name: str) -> ModelSpec:
         return swiglu_params(d, width) + (2 * width + d if mlp_bias else 0)
 
     n_group, topk_group = _routing_groups(f)
-    moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d,
+    moe = FFNSpec(experts=ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d,
                                   n_groups=n_group, topk_groups=topk_group),
                   shared=mlp(n_shared * f_e) if n_shared else 0)
     layers = [LayerSpec(attention, moe if i >= first_dense and i % freq == 0 else FFNSpec(dense=mlp(ff)), 2 * d)
@@ -258,7 +258,7 @@ def _glm4_moe(f: Fields, name: str) -> ModelSpec:
     attention = gqa(d, heads, kv, hd, qkv_bias=f.bool("attention_bias", False),
                     qk_norm="head" if f.bool("use_qk_norm", False) else "none")
     n_group, topk_group = _routing_groups(f)
-    moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d,
+    moe = FFNSpec(experts=ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d,
                                   n_groups=n_group, topk_groups=topk_group),
                   shared=swiglu_params(d, n_shared * f_e))
     layers = [LayerSpec(attention, moe if i >= first_dense else FFNSpec(dense=swiglu_params(d, ff)), 2 * d)
@@ -279,7 +279,7 @@ def _dbrx(f: Fields, name: str) -> ModelSpec:
         raise f.error(f"d_model={d} is not divisible by n_heads={heads}")
     hd = d // heads
     f_e, n_e, k = ffn.int("ffn_hidden_size"), ffn.int("moe_num_experts"), ffn.int("moe_top_k")
-    experts = Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d)
+    experts = ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d)
     layers = [LayerSpec(gqa(d, heads, kv, hd), FFNSpec(experts=experts), 2 * d) for _ in range(n_layers)]
     f.defaults_used += attn.defaults_used + ffn.defaults_used
     return _spec(f, name, d, layers, tie_default=False)
@@ -295,7 +295,7 @@ def _gpt_oss(f: Fields, name: str) -> ModelSpec:
     window = f.int("sliding_window", 128)
     windows = _windows(f, n_layers, lambda i: "sliding_attention" if (i + 1) % 2 else "full_attention", window)
     expert = d * 2 * f_e + 2 * f_e + f_e * d + d  # gate_up [d, 2f] + bias, down [f, d] + bias
-    experts = Experts(n=n_e, top_k=k, params_each=expert, router=n_e * d + n_e)
+    experts = ExpertBank(n=n_e, top_k=k, params_each=expert, router=n_e * d + n_e)
     layers = [LayerSpec(gqa(d, heads, kv, hd, qkv_bias=bias, o_bias=bias, sinks=True, window=w),
                         FFNSpec(experts=experts), 2 * d) for w in windows]
     return _spec(f, name, d, layers, tie_default=False)
@@ -336,7 +336,7 @@ def _llama4_text(f: Fields, name: str) -> ModelSpec:
         raise f.error(f"field 'no_rope_layers' must list num_hidden_layers={n_layers} values")
     chunk = f.opt_int("attention_chunk_size", 8192)
     windows = _windows(f, n_layers, lambda i: "chunked_attention" if no_rope[i] else "full_attention", chunk)
-    moe = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d),
+    moe = FFNSpec(experts=ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d),
                   shared=swiglu_params(d, f_e))
     dense = FFNSpec(dense=swiglu_params(d, ff))
     layers = [LayerSpec(gqa(d, heads, kv, hd, qkv_bias=bias, o_bias=bias, window=w),
@@ -372,20 +372,21 @@ def _jetmoe(f: Fields, name: str) -> ModelSpec:
     width = kv * c
     attention = AttentionSpec(params=d * 2 * width + d, norms=0, n_heads=k * kv, qk_head_dim=c, v_head_dim=c,
                               kv_cache_width=2 * width, kind="moa",
-                              experts=Experts(n=n_e, top_k=k, params_each=2 * d * width, router=n_e * d))
-    ffn = FFNSpec(experts=Experts(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d), fixed=d)
+                              experts=ExpertBank(n=n_e, top_k=k, params_each=2 * d * width, router=n_e * d))
+    ffn = FFNSpec(experts=ExpertBank(n=n_e, top_k=k, params_each=swiglu_params(d, f_e), router=n_e * d), fixed=d)
     layers = [LayerSpec(attention, ffn, 2 * d) for _ in range(n_layers)]
     return _spec(f, name, d, layers, tie_default=True)
 
 
-ADAPTERS: dict[str, Callable[[Fields, str], ModelSpec]] = {
+# model_type -> the function that builds its ModelSpec (parameter layout) from the config
+SPEC_BUILDERS: dict[str, Callable[[Fields, str], ModelSpec]] = {
     "mixtral": _mixtral_like, "phimoe": _mixtral_like, "granitemoe": _mixtral_like,
     "qwen2_moe": _qwen_moe, "qwen3_moe": _qwen_moe, "olmoe": _olmoe,
     "deepseek_v2": _deepseek, "deepseek_v3": _deepseek, "kimi_k2": _deepseek,
     "dbrx": _dbrx, "gpt_oss": _gpt_oss, "llama4": _llama4, "llama4_text": _llama4, "glm4_moe": _glm4_moe,
     "jetmoe": _jetmoe, "llama": _dense, "mistral": _dense, "qwen2": _dense, "qwen3": _dense,
 }
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(ADAPTERS))
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(SPEC_BUILDERS))
 
 
 def spec_from_dict(data: dict[str, Any], name: str | None = None, where: str = "config") -> ModelSpec:
@@ -408,11 +409,11 @@ def spec_from_dict(data: dict[str, Any], name: str | None = None, where: str = "
     if model_type is None:
         raise ValueError(f"{where}: field 'model_type' is missing; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if model_type not in ADAPTERS:
+    if model_type not in SPEC_BUILDERS:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     label = name or data.get("_name_or_path") or model_type
-    return ADAPTERS[model_type](Fields(data, where, model_type), str(label))
+    return SPEC_BUILDERS[model_type](Fields(data, where, model_type), str(label))
 
 
 def spec_from_path(path: str | Path) -> ModelSpec:

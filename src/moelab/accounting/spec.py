@@ -21,7 +21,7 @@ from moelab.config import ModelConfig
 
 
 @dataclass(frozen=True)
-class Experts:
+class ExpertBank:
     """A bank of `n` routed experts of which `top_k` run per token.
 
     params_each: parameters of one expert (its matrices and biases).
@@ -71,7 +71,7 @@ class AttentionSpec:
     v_head_dim: int
     kv_cache_width: int
     window: int | None = None
-    experts: Experts | None = None
+    experts: ExpertBank | None = None
     kind: str = "gqa"
 
 
@@ -87,7 +87,7 @@ class FFNSpec:
     """
 
     dense: int = 0
-    experts: Experts | None = None
+    experts: ExpertBank | None = None
     shared: int = 0
     fixed: int = 0
 
@@ -182,7 +182,7 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
             f, w = moe.d_expert, moe.shared_width
             per_matrix_pair = 3 if moe.activation == "swiglu" else 2  # SwiGLU: gate, up, down
             ffn = FFNSpec(
-                experts=Experts(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f,
+                experts=ExpertBank(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f,
                                 router=moe.n_experts * d, n_groups=moe.n_groups, topk_groups=moe.topk_groups),
                 shared=per_matrix_pair * d * w + (d if moe.shared_gate else 0))
         else:

@@ -22,10 +22,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moelab.config import ModelConfig, TrainConfig
-from moelab.hf.adapters import ADAPTERS, Adapter, Entry, HFConfig, adapter_for, adapter_matching
+from moelab.hf.adapters import CHECKPOINT_ADAPTERS, Adapter, Entry, HFConfig, adapter_for, adapter_matching
 from moelab.model import MoETransformer, model_rope_tables
 
-__all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "ADAPTERS", "adapter_matching"]
+__all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "CHECKPOINT_ADAPTERS",
+           "adapter_matching"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -568,22 +568,24 @@ class DeepseekV3(Adapter):
                 "attention_bias": False, "num_nextn_predict_layers": 0}
 
 
-ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV3())}
+# model_type -> the adapter that maps its config.json and tensors to moelab's (load and save)
+CHECKPOINT_ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(),
+                                                                     DeepseekV3())}
 
 
 def adapter_for(c: HFConfig) -> Adapter:
     """The adapter of a config.json's `model_type`, or ValueError naming it and the supported ones."""
     model_type = c.data.get("model_type")
-    if model_type not in ADAPTERS:
+    if model_type not in CHECKPOINT_ADAPTERS:
         raise ValueError(f"{c.source}: model_type={model_type!r} is not supported by moelab.hf: allowed "
-                         + ", ".join(repr(k) for k in ADAPTERS))
-    return ADAPTERS[model_type]
+                         + ", ".join(repr(k) for k in CHECKPOINT_ADAPTERS))
+    return CHECKPOINT_ADAPTERS[model_type]
 
 
 def adapter_matching(cfg: ModelConfig) -> Adapter:
     """The architecture a moelab config can be exported as, or ValueError listing why none fits."""
     reasons = []
-    for a in ADAPTERS.values():
+    for a in CHECKPOINT_ADAPTERS.values():
         why = a.mismatch(cfg)
         if why is None:
             return a
