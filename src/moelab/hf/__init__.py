@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from moelab.config import ModelConfig, TrainConfig
-from moelab.hf.adapters import CHECKPOINT_ADAPTERS, Adapter, Entry, HFConfig, adapter_for, adapter_matching
+from moelab.hf.adapters import CHECKPOINT_ADAPTERS, Adapter, Entry, adapter_for, adapter_matching
+from moelab.hf_config import HFConfig, load_json
 from moelab.model import MoETransformer, model_rope_tables
 
 __all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "CHECKPOINT_ADAPTERS",
@@ -32,15 +33,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def read_hf_config(path: str | Path) -> tuple[HFConfig, Adapter, ModelConfig]:
-    """config.json of a Hugging Face model directory → (raw fields, adapter, moelab ModelConfig)."""
+    """config.json of a Hugging Face model directory → (its reader, adapter, moelab ModelConfig)."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: pass a Hugging Face model directory holding config.json")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    c = HFConfig(data, str(file))
+    c = HFConfig(load_json(file), str(file))
     adapter = adapter_for(c)
     return c, adapter, adapter.config_from_hf(c)
 
