@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -252,6 +253,81 @@ def test_no_weights_and_pickles_refused(mixtral_dir, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         hf.load(tmp_path)
+
+
+def test_truncated_or_corrupt_weights_name_the_file(mixtral_dir, tmp_path, capsys):
+    """A truncated (or otherwise unreadable) safetensors file is a ValueError naming it; convert writes nothing."""
+    from moelab.cli import main
+
+    (tmp_path / "src").mkdir()
+    src = _copy_with(mixtral_dir, tmp_path / "src")
+    weights = src / "model.safetensors"
+    whole = weights.read_bytes()
+    for broken in (whole[: len(whole) // 2], whole[:6], b"\xff" * 64):
+        weights.write_bytes(broken)
+        with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file")):
+            hf.load(src)
+    assert main(["convert", "--from-hf", str(src), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+# -- config.json fields: null, absent and zero as transformers reads them ---------------------------------
+
+
+def _save_with(model, path, **config):
+    """save_pretrained, then overwrite fields of config.json (None writes an explicit null, ... deletes)."""
+    model.save_pretrained(path)
+    data = json.loads((path / "config.json").read_text())
+    data.update(config)
+    data = {k: v for k, v in data.items() if v is not ...}
+    (path / "config.json").write_text(json.dumps(data))
+    return path
+
+
+def test_null_kv_heads_means_multi_head_attention(tmp_path):
+    """"num_key_value_heads": null is num_attention_heads (transformers' OLMoE/Llama/DeepSeek configs map it so)."""
+    cfg = transformers.OlmoeConfig(**{**COMMON, "num_key_value_heads": None}, intermediate_size=16, num_experts=4,
+                                   num_experts_per_tok=2)
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ours = hf.load(_save_with(model, tmp_path, num_key_value_heads=None))
+    assert ours.cfg.n_kv_heads == 4
+    _assert_same(model, ours)
+
+
+def test_zero_shared_experts_and_explicit_head_dim(tmp_path):
+    """n_shared_experts = 0 (transformers stores empty shared-expert tensors) and a Qwen2-MoE head_dim that is
+    not hidden // heads load with transformers' logits."""
+    cfg = _hf_config("deepseek_v3")
+    cfg.n_shared_experts = 0
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ours = hf.load(_save_with(model, tmp_path / "deepseek"))
+    assert ours.cfg.moe.n_shared == 0
+    _assert_same(model, ours)
+    cfg = _hf_config("qwen2_moe")
+    cfg.head_dim = 16  # 2 x hidden_size // num_attention_heads
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ours = hf.load(_save_with(model, tmp_path / "qwen"))
+    assert ours.cfg.head_width == 16
+    _assert_same(model, ours)
+
+
+@pytest.mark.parametrize(("arch", "config", "match"), [
+    ("deepseek_v3", {"q_lora_rank": ...}, "required field 'q_lora_rank' is missing"),  # transformers: rank 1536
+    ("deepseek_v3", {"routed_scaling_factor": ...}, "required field 'routed_scaling_factor' is missing"),
+    ("deepseek_v3", {"n_group": ...}, "required field 'n_group' is missing"),
+    ("deepseek_v3", {"n_shared_experts": None}, "field 'n_shared_experts'=None is invalid: allowed an integer >= 0"),
+    ("deepseek_v3", {"topk_group": 5}, "field 'topk_group'=5 is invalid: allowed an integer <= n_group"),
+    ("qwen2_moe", {"decoder_sparse_step": 0}, "field 'decoder_sparse_step'=0 is invalid: allowed an integer >= 1"),
+    ("qwen2_moe", {"num_experts_per_tok": 5}, "'num_experts_per_tok'=5 is invalid: .* <= the number of experts"),
+    ("mixtral", {"num_key_value_heads": 3}, "'num_key_value_heads'=3 is invalid: allowed a divisor of"),
+    ("mixtral", {"hidden_size": 10**400}, r"'hidden_size'=1000.* is invalid: allowed an integer >= 1 and <= 2147"),
+])
+def test_fields_transformers_would_default_or_refuse(arch, config, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        hf.load(_save_with(_tiny_hf(arch), tmp_path, **config))
 
 
 # -- run directories, CLI, tokenizer ---------------------------------------------------------------------
