@@ -61,6 +61,14 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _shown(v: Any) -> str:
+    """A value for an error message: huge integers as their order of magnitude, long reprs cut."""
+    if _is_int(v) and abs(v).bit_length() > 64:
+        return f"{'-' if v < 0 else ''}~1e{int(abs(v).bit_length() * math.log10(2))}"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class HFConfig:
     """Typed reading of one config dict (or a nested sub-configuration) under the rule above.
 
@@ -113,7 +121,7 @@ class HFConfig:
         allowed = f"an integer >= {minimum} and <= {maximum}"
         value, given = self._read(name, default, null, allowed)
         if given and not (_is_int(value) and minimum <= value <= maximum):
-            raise self.error(f"field {name!r}={value!r} is invalid: allowed {allowed}")
+            raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed {allowed}")
         return value
 
     def opt_int(self, name: str, default: Any = REQUIRED, *, minimum: int = 1) -> int | None:
@@ -124,20 +132,20 @@ class HFConfig:
         value, given = self._read(name, default, null, "a finite number")
         if given:
             if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-                raise self.error(f"field {name!r}={value!r} is invalid: allowed a finite number")
+                raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed a finite number")
             return float(value)
         return value
 
     def bool(self, name: str, default: Any = REQUIRED, *, null: Any = REFUSED) -> bool:
         value, given = self._read(name, default, null, "true or false")
         if given and not isinstance(value, bool):
-            raise self.error(f"field {name!r}={value!r} is invalid: allowed true or false")
+            raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed true or false")
         return value
 
     def int_list(self, name: str, default: Any = REQUIRED, *, null: Any = REFUSED) -> list[int]:
         value, given = self._read(name, default, null, "a list of integers")
         if given and not (isinstance(value, list) and all(_is_int(v) for v in value)):
-            raise self.error(f"field {name!r}={value!r} is invalid: allowed a list of integers")
+            raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed a list of integers")
         return value
 
     def str_list(self, name: str, length: int, allowed: tuple[str, ...]) -> list[str] | None:
@@ -161,7 +169,7 @@ class HFConfig:
         """Refuse an option moelab does not implement: ValueError unless `ok(value)` (`default` when absent)."""
         value = self.raw(name, default)
         if not ok(value):
-            raise self.error(f"field {name!r}={value!r} is not supported by moelab: allowed {allowed}")
+            raise self.error(f"field {name!r}={_shown(value)} is not supported by moelab: allowed {allowed}")
 
     def notes(self) -> tuple[str, ...]:
         if not self.defaults_used:
@@ -173,7 +181,7 @@ def load_json(file: Path) -> dict[str, Any]:
     """A JSON object from `file`; ValueError naming the file when it is unreadable, not JSON or not an object."""
     try:
         data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer of more digits than Python converts
         raise ValueError(f"{file}: not valid JSON ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: cannot be read ({e})") from None
