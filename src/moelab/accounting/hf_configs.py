@@ -20,23 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moelab import hf_arch
 from moelab.accounting.spec import AttentionSpec, ExpertBank, FFNSpec, LayerSpec, ModelSpec, swiglu_params
 from moelab.config import ModelConfig
-from moelab.hf_arch import (
-    DEEPSEEK,
-    DENSE,
-    LLAMA4,
-    attention_biases,
-    head_dim,
-    kv_heads,
-    layer_windows,
-    mla_widths,
-    moe_layers,
-    qk_norm,
-    routed_experts,
-    routing_groups,
-    shared_experts,
-)
 from moelab.hf_config import HFConfig, load_json
 
 # -- building blocks ---------------------------------------------------------------------------------
@@ -70,7 +56,7 @@ def mla(c: HFConfig, d: int, heads: int, *, bias: bool) -> AttentionSpec:
     kv: d×(r_kv+rope) → RMSNorm(r_kv) → r_kv×H·(nope+v); o: H·v×d. bias (attention_bias) adds biases
     to the two down-projections and o. The cache holds r_kv + rope per token (eq. 9-10: c_KV and k_R).
     """
-    r_q, r_kv, nope, rope, v = mla_widths(c)
+    r_q, r_kv, nope, rope, v = hf_arch.mla_widths(c)
     qk = nope + rope
     if r_q is None:
         q, q_norm = d * heads * qk, 0
@@ -91,13 +77,13 @@ def _mlp(c: HFConfig, d: int, width: int) -> int:
 def _moe_ffn(c: HFConfig, d: int) -> FFNSpec:
     """An MoE block: routed experts and their router (E×d), plus shared experts (Qwen2-MoE's sigmoid
     gate d×1 too). gpt-oss experts carry biases (gate_up [d, 2f] + 2f, down [f, d] + d), its router too."""
-    n, k, f = routed_experts(c)
-    n_groups, topk_groups = routing_groups(c, n)
+    n, k, f = hf_arch.routed_experts(c)
+    n_groups, topk_groups = hf_arch.routing_groups(c, n)
     if c.model_type == "gpt_oss":
         each, router = d * 2 * f + 2 * f + f * d + d, n * d + n
     else:
         each, router = swiglu_params(d, f), n * d
-    count, width = shared_experts(c)
+    count, width = hf_arch.shared_experts(c)
     shared = _mlp(c, d, count * width) + (d if c.model_type == "qwen2_moe" else 0)
     return FFNSpec(experts=ExpertBank(n=n, top_k=k, params_each=each, router=router, n_groups=n_groups,
                                       topk_groups=topk_groups), shared=shared)
@@ -127,19 +113,19 @@ def _decoder(c: HFConfig, name: str) -> ModelSpec:
     """
     mt = c.model_type
     d, n_layers, heads = c.int("hidden_size"), c.int("num_hidden_layers"), c.int("num_attention_heads")
-    if mt in DEEPSEEK:
+    if mt in hf_arch.DEEPSEEK:
         attention = mla(c, d, heads, bias=c.bool("attention_bias", False))
     else:
-        qkv_bias, o_bias = attention_biases(c)
-        attention = gqa(d, heads, kv_heads(c, heads), head_dim(c, d, heads), qkv_bias=qkv_bias, o_bias=o_bias,
-                        qk_norm=qk_norm(c), sinks=mt == "gpt_oss")
-    is_moe = moe_layers(c, n_layers)
-    moe = None if mt in DENSE else _moe_ffn(c, d)
-    dense = None if all(is_moe) else FFNSpec(dense=_mlp(c, d, c.int("intermediate_size_mlp" if mt in LLAMA4
+        qkv_bias, o_bias = hf_arch.attention_biases(c)
+        attention = gqa(d, heads, hf_arch.kv_heads(c, heads), hf_arch.head_dim(c, d, heads), qkv_bias=qkv_bias,
+                        o_bias=o_bias, qk_norm=hf_arch.qk_norm(c), sinks=mt == "gpt_oss")
+    is_moe = hf_arch.moe_layers(c, n_layers)
+    moe = None if mt in hf_arch.DENSE else _moe_ffn(c, d)
+    dense = None if all(is_moe) else FFNSpec(dense=_mlp(c, d, c.int("intermediate_size_mlp" if mt in hf_arch.LLAMA4
                                                                     else "intermediate_size")))
     norms = 4 * d if mt == "phimoe" else 2 * d
     layers = [LayerSpec(dataclasses.replace(attention, window=w), moe if m else dense, norms)
-              for w, m in zip(layer_windows(c, n_layers), is_moe, strict=True)]
+              for w, m in zip(hf_arch.layer_windows(c, n_layers), is_moe, strict=True)]
     mtp: dict[str, Any] = {}
     if mt in ("deepseek_v3", "kimi_k2", "glm4_moe"):
         n_mtp = c.int("num_nextn_predict_layers", 1, minimum=0)
@@ -155,7 +141,7 @@ def _dbrx(c: HFConfig, name: str) -> ModelSpec:
     kv = c.sub("attn_config").int("kv_n_heads")
     if d % heads:
         raise c.error(f"d_model={d} is not divisible by n_heads={heads}")
-    n, k, f = routed_experts(c)
+    n, k, f = hf_arch.routed_experts(c)
     experts = ExpertBank(n=n, top_k=k, params_each=swiglu_params(d, f), router=n * d)
     layers = [LayerSpec(gqa(d, heads, kv, d // heads), FFNSpec(experts=experts), 2 * d) for _ in range(n_layers)]
     return _spec(c, name, d, layers, tie_default=False)
@@ -196,7 +182,7 @@ def _jetmoe(c: HFConfig, name: str) -> ModelSpec:
     """
     d, n_layers = c.int("hidden_size"), c.int("num_hidden_layers")
     kv, width = c.int("num_key_value_heads"), c.int("kv_channels")
-    n, k, f = routed_experts(c)
+    n, k, f = hf_arch.routed_experts(c)
     attention = AttentionSpec(params=d * 2 * kv * width + d, norms=0, n_heads=k * kv, qk_head_dim=width,
                               v_head_dim=width, kv_cache_width=2 * kv * width, kind="moa",
                               experts=ExpertBank(n=n, top_k=k, params_each=2 * d * kv * width, router=n * d))

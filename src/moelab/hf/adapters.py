@@ -31,21 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from moelab import hf_arch
 from moelab.config import ModelConfig, MoEConfig
-from moelab.hf_arch import (
-    attention_biases,
-    head_dim,
-    kv_heads,
-    layer_windows,
-    mla_widths,
-    moe_layers,
-    qk_norm,
-    rope_scaling,
-    rope_theta,
-    routed_experts,
-    routing_groups,
-    shared_experts,
-)
 from moelab.hf_config import HFConfig
 
 
@@ -77,7 +64,7 @@ def _silu(c: HFConfig) -> None:
 
 def _max_len(c: HFConfig, n_layers: int) -> int:
     """max_position_embeddings, capped at the narrowest attention window: within it, attention is exact."""
-    return min([c.int("max_position_embeddings"), *(w for w in layer_windows(c, n_layers) if w)])
+    return min([c.int("max_position_embeddings"), *(w for w in hf_arch.layer_windows(c, n_layers) if w)])
 
 
 def _rope_params(cfg: ModelConfig) -> dict[str, Any]:
@@ -98,7 +85,7 @@ def _rope_params(cfg: ModelConfig) -> dict[str, Any]:
 def _moe_layout(c: HFConfig, n_layers: int) -> tuple[int, int]:
     """(n_dense_layers, moe_every) giving exactly the architecture's MoE layers (`hf_arch.moe_layers`), or
     ValueError: moelab places MoE layers as "the first n dense, then every k-th"."""
-    moe = [i for i, is_moe in enumerate(moe_layers(c, n_layers)) if is_moe]
+    moe = [i for i, is_moe in enumerate(hf_arch.moe_layers(c, n_layers)) if is_moe]
     if not moe:
         raise c.error("no layer is MoE (mlp_only_layers / decoder_sparse_step / first_k_dense_replace leave "
                       "none); moelab.hf loads Mixture-of-Experts models")
@@ -124,20 +111,20 @@ class Adapter:
         """The moelab config of a config.json: what every architecture shares is read here (its meaning
         per model_type from `moelab.hf_arch`), the rest by `moe_fields` and `attention_fields`."""
         _silu(c)
-        qkv_bias, o_bias = attention_biases(c)
+        qkv_bias, o_bias = hf_arch.attention_biases(c)
         if o_bias:
             raise c.error("field 'attention_bias'=True is not supported by moelab: allowed false (attention "
                           "biases other than Qwen2's q/k/v are not implemented)")
         D, H, n_layers = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
         n_dense, every = _moe_layout(c, n_layers)
-        n, k, f = routed_experts(c)
+        n, k, f = hf_arch.routed_experts(c)
         moe = MoEConfig(d_model=D, d_expert=f, n_experts=n, top_k=k, z_loss_coef=0.0, **self.moe_fields(c, n))
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=n_layers, n_heads=H,
-                           max_seq_len=_max_len(c, n_layers), rope_theta=rope_theta(c), rope_scaling=rope_scaling(c),
-                           norm_eps=c.float("rms_norm_eps", self.norm_eps),
-                           tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=qkv_bias, qk_norm=qk_norm(c),
-                           d_ff=c.int("intermediate_size"), n_dense_layers=n_dense, moe_every=every, moe=moe,
-                           **self.attention_fields(c, D, H))
+                           max_seq_len=_max_len(c, n_layers), rope_theta=hf_arch.rope_theta(c),
+                           rope_scaling=hf_arch.rope_scaling(c), norm_eps=c.float("rms_norm_eps", self.norm_eps),
+                           tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=qkv_bias,
+                           qk_norm=hf_arch.qk_norm(c), d_ff=c.int("intermediate_size"), n_dense_layers=n_dense,
+                           moe_every=every, moe=moe, **self.attention_fields(c, D, H))
 
     def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
         """MoEConfig fields besides the expert shape: a softmax router, its aux-loss coefficient."""
@@ -146,7 +133,7 @@ class Adapter:
 
     def attention_fields(self, c: HFConfig, D: int, H: int) -> dict[str, Any]:
         """ModelConfig fields of grouped-query attention."""
-        return {"n_kv_heads": kv_heads(c, H), "head_dim": head_dim(c, D, H)}
+        return {"n_kv_heads": hf_arch.kv_heads(c, H), "head_dim": hf_arch.head_dim(c, D, H)}
 
     def mismatch(self, cfg: ModelConfig) -> str | None:
         """Why this moelab config cannot be written as this architecture (None = it can)."""
@@ -300,7 +287,7 @@ class Qwen2Moe(_Qwen):
         """One shared expert of shared_expert_intermediate_size behind a sigmoid gate."""
         c.require("shared_expert_intermediate_size", lambda v: v != 0, "an integer >= 1 (moelab's Qwen2-MoE "
                   "has its shared expert)")
-        _, width = shared_experts(c)
+        _, width = hf_arch.shared_experts(c)
         return {**super().moe_fields(c, n_experts), "n_shared": 1, "d_shared": width, "shared_gate": True}
 
     def moe_entries(self, cfg: ModelConfig, p: str, b: str) -> list[Entry]:
@@ -381,15 +368,15 @@ class DeepseekV3(Adapter):
 
     def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
         """Sigmoid router with a score-correction bias, group-limited routing, routed scaling, shared experts."""
-        n_groups, topk_groups = routing_groups(c, n_experts)
-        return {"n_shared": shared_experts(c)[0], "router": "sigmoid", "norm_topk_prob": c.bool("norm_topk_prob", True),
-                "route_scale": c.float("routed_scaling_factor"), "n_groups": n_groups, "topk_groups": topk_groups,
-                "expert_bias": True, "aux_loss_coef": 0.0}
+        n_groups, topk_groups = hf_arch.routing_groups(c, n_experts)
+        return {"n_shared": hf_arch.shared_experts(c)[0], "router": "sigmoid", "expert_bias": True,
+                "norm_topk_prob": c.bool("norm_topk_prob", True), "route_scale": c.float("routed_scaling_factor"),
+                "n_groups": n_groups, "topk_groups": topk_groups, "aux_loss_coef": 0.0}
 
     def attention_fields(self, c: HFConfig, D: int, H: int) -> dict[str, Any]:
         """Multi-head latent attention (`num_key_value_heads`, unused by MLA, may only restate the heads)."""
         c.require("num_key_value_heads", lambda v: v in (None, H), f"equal to num_attention_heads ({H}) for MLA")
-        w = mla_widths(c)
+        w = hf_arch.mla_widths(c)
         return {"n_kv_heads": H, "attention": "mla", "q_lora_rank": w.q_lora_rank, "kv_lora_rank": w.kv_lora_rank,
                 "qk_nope_head_dim": w.qk_nope_head_dim, "qk_rope_head_dim": w.qk_rope_head_dim,
                 "v_head_dim": w.v_head_dim}
