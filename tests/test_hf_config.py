@@ -21,7 +21,8 @@ def test_absent_size_is_required_and_an_absent_flag_takes_its_default_recorded()
     assert c.bool("tie_word_embeddings", False) is False
     assert c.int("moe_layer_freq", 1) == 1
     assert c.defaults_used == ["tie_word_embeddings=False", "moe_layer_freq=1"]
-    assert c.notes() == ("transformers defaults used for absent fields: tie_word_embeddings=False, moe_layer_freq=1",)
+    assert c.notes() == ("transformers defaults used for absent (or null) fields: tie_word_embeddings=False, "
+                         "moe_layer_freq=1",)
 
 
 def test_null_is_not_absent():

@@ -64,7 +64,7 @@ def head_dim(c: HFConfig, hidden: int, heads: int) -> int:
     value = c.raw("head_dim")
     if value is None or (value == 0 and c.model_type in _HEAD_DIM_OR):
         if hidden % heads:
-            raise c.error(f"head_dim is absent and hidden_size={hidden} is not divisible by "
+            raise c.error(f"head_dim is absent or null and hidden_size={hidden} is not divisible by "
                           f"num_attention_heads={heads}")
         c.record("head_dim", f"hidden_size//num_attention_heads={hidden // heads}")
         return hidden // heads

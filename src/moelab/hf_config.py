@@ -74,8 +74,9 @@ class HFConfig:
 
     data: the parsed JSON object; where: the file (or preset) it came from, for messages;
     model_type: the architecture whose aliases apply (default: data["model_type"]).
-    defaults_used: "field=value" for every absent field a default (or derivation) filled in; a
-    sub-configuration (`sub`) shares its parent's list.
+    defaults_used: "field=value" for every absent field a default filled in, and every field derived
+    from others (`moelab.hf_arch`: head_dim, a null num_key_value_heads); a sub-configuration (`sub`)
+    shares its parent's list.
     """
 
     def __init__(self, data: dict[str, Any], where: str = "config.json", model_type: str | None = None,
@@ -174,7 +175,7 @@ class HFConfig:
     def notes(self) -> tuple[str, ...]:
         if not self.defaults_used:
             return ()
-        return ("transformers defaults used for absent fields: " + ", ".join(self.defaults_used),)
+        return ("transformers defaults used for absent (or null) fields: " + ", ".join(self.defaults_used),)
 
 
 def load_json(file: Path) -> dict[str, Any]:
