@@ -172,6 +172,19 @@ def test_export_loads_in_transformers(arch, tmp_path):
     torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-6, rtol=0)
 
 
+def test_export_head_dim_other_than_width_over_heads(tmp_path):
+    """config.json carries head_dim, which transformers' Qwen2-MoE reads when present (OLMoE's export refuses
+    it: transformers sizes OLMoE's q/k norms by hidden_size whatever head_dim is)."""
+    cfg = _moelab_configs()["qwen2_moe"]
+    ours = _random_moelab(cfg.replace(head_dim=16))  # d_model // n_heads = 8
+    hf.save(ours, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf_model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
+    _assert_same(hf_model, ours)
+    with pytest.raises(ValueError, match="olmoe: head_dim must be d_model // n_heads"):
+        hf.save(MoETransformer(_moelab_configs()["olmoe"].replace(head_dim=16)), tmp_path / "olmoe")
+
+
 def test_export_refuses_unmatched_config():
     cfg = preset("tiny-deepseek", vocab_size=V, d_model=32, max_seq_len=64)[0]  # GQA with a sigmoid router
     with pytest.raises(ValueError, match="no Hugging Face architecture matches.*deepseek_v3: attention must be 'mla'"):
@@ -323,6 +336,7 @@ def test_zero_shared_experts_and_explicit_head_dim(tmp_path):
     ("qwen2_moe", {"decoder_sparse_step": 0}, "field 'decoder_sparse_step'=0 is invalid: allowed an integer >= 1"),
     ("qwen2_moe", {"num_experts_per_tok": 5}, "'num_experts_per_tok'=5 is invalid: .* <= the number of experts"),
     ("mixtral", {"num_key_value_heads": 3}, "'num_key_value_heads'=3 is invalid: allowed a divisor of"),
+    ("olmoe", {"head_dim": 16}, r"'head_dim'=16 is invalid: allowed hidden_size // num_attention_heads \(8\)"),
     ("mixtral", {"hidden_size": 10**400}, r"'hidden_size'=~1e400 is invalid: allowed an integer >= 1 and <= 2147"),
 ])
 def test_fields_transformers_would_default_or_refuse(arch, config, match, tmp_path):

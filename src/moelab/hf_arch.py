@@ -58,7 +58,8 @@ def head_dim(c: HFConfig, hidden: int, heads: int) -> int:
     """Width of one attention head. Absent or null: hidden_size // num_attention_heads (transformers'
     `getattr(config, "head_dim", hidden // heads)`; Mixtral and Mistral also for 0, as their
     `head_dim or hidden // heads` reads it) — except where the class's default is a size (Qwen3,
-    gpt-oss, Llama 4), which require it."""
+    gpt-oss, Llama 4), which require it. OLMoE allows only hidden // heads (its q/k norms have widths
+    hidden_size and hidden // heads · kv heads whatever head_dim is)."""
     if c.model_type in _HEAD_DIM_REQUIRED:
         return c.int("head_dim")
     value = c.raw("head_dim")
@@ -68,7 +69,11 @@ def head_dim(c: HFConfig, hidden: int, heads: int) -> int:
                           f"num_attention_heads={heads}")
         c.record("head_dim", f"hidden_size//num_attention_heads={hidden // heads}")
         return hidden // heads
-    return c.int("head_dim")
+    width = c.int("head_dim")
+    if c.model_type == "olmoe" and width * heads != hidden:  # its q/k norms are sized by hidden_size
+        raise c.error(f"field 'head_dim'={width} is invalid: allowed hidden_size // num_attention_heads "
+                      f"({hidden // heads}): OLMoE's q/k norms are sized for that width")
+    return width
 
 
 def attention_biases(c: HFConfig) -> tuple[bool, bool]:

@@ -159,7 +159,7 @@ class Adapter:
         return {
             "architectures": [self.architecture], "model_type": self.model_type,
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_width,
             "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
             "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
             "num_experts_per_tok": cfg.moe.top_k, "dtype": "float32", **_rope_params(cfg),
@@ -260,7 +260,7 @@ class Mixtral(Adapter):
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**self._base_hf(cfg), "intermediate_size": cfg.moe.d_expert, "num_local_experts": cfg.moe.n_experts,
-                "head_dim": cfg.head_width, "sliding_window": None, "router_jitter_noise": 0.0}
+                "sliding_window": None, "router_jitter_noise": 0.0}
 
 
 class _Qwen(Adapter):
@@ -322,7 +322,7 @@ class Qwen3Moe(_Qwen):
         return next((why for ok, why in checks if not ok), None)
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
-        return {**self._qwen_hf(cfg), "head_dim": cfg.head_width, "attention_bias": False}
+        return {**self._qwen_hf(cfg), "attention_bias": False}
 
 
 class Olmoe(Adapter):
@@ -341,8 +341,9 @@ class Olmoe(Adapter):
                   (cfg.qk_norm == "full", "qk_norm must be 'full'"),
                   (not cfg.qkv_bias, "qkv_bias must be False"),
                   (m.router == "topk_softmax", "router must be 'topk_softmax'"),
-                  (m.n_shared == 0, "n_shared must be 0"), (cfg.head_dim in (None, cfg.d_model // cfg.n_heads),
-                                                             "head_dim must be d_model // n_heads"),
+                  (m.n_shared == 0, "n_shared must be 0"),
+                  (cfg.head_width == cfg.d_model // cfg.n_heads, "head_dim must be d_model // n_heads (OLMoE sizes "
+                                                                  "its q/k norms by hidden_size)"),
                   (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
                   (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
         return next((why for ok, why in checks if not ok), None)
