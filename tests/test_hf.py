@@ -571,6 +571,8 @@ def test_deepseek_v3_published_rope_scaling_maps_to_yarn(mixtral_dir, tmp_path):
     ({"rope_type": "yarn", "factor": 0.5}, r"rope_scaling.factor=0.5 is invalid: allowed a number >= 1"),
     ({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1, "beta_slow": 4}, r"rope_scaling.beta_fast=1.0"),
     ({"rope_type": "default", "partial_rotary_factor": 0.5}, r"'partial_rotary_factor'=0.5 is not supported"),
+    ({"rope_type": "yarn", "factor": 10**400}, r"'rope_parameters' \(YaRN\) is invalid: int too large"),
+    ({"rope_theta": 10**400}, r"'rope_theta'=~1e400 is invalid: allowed a finite number > 0"),
 ])
 def test_unsupported_rope_scalings_are_refused(mixtral_dir, tmp_path, rope, match):
     _copy_with(mixtral_dir, tmp_path, config={"rope_parameters": {"rope_theta": 1e4, **rope}})

@@ -62,6 +62,7 @@ def test_upper_bounds(field, limit):
 @pytest.mark.parametrize("read,value,allowed", [
     ("int", True, "an integer"), ("int", 2.0, "an integer"), ("int", "8", "an integer"),
     ("float", float("nan"), "a finite number"), ("float", float("inf"), "a finite number"),
+    pytest.param("float", 10**400, "a finite number", id="float-1e400"),
     ("float", True, "a finite number"), ("bool", 1, "true or false"), ("int_list", [1, "2"], "a list of integers"),
 ])
 def test_wrong_types_are_named(read, value, allowed):

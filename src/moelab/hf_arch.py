@@ -10,12 +10,11 @@ rule exists once (no torch here).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from moelab.config import RopeScaling
-from moelab.hf_config import REQUIRED, HFConfig
+from moelab.hf_config import REQUIRED, HFConfig, is_finite_number, shown
 
 DENSE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 QWEN = frozenset({"qwen2", "qwen3", "qwen2_moe", "qwen3_moe"})
@@ -264,7 +263,7 @@ def _rope(c: HFConfig) -> tuple[str, dict[str, Any]]:
         v = c.raw(name)
         if v:
             if not isinstance(v, dict) or any(isinstance(x, dict) for x in v.values()):
-                raise c.error(f"field {name!r}={v!r} is not supported by moelab: allowed one object of RoPE "
+                raise c.error(f"field {name!r}={shown(v)} is not supported by moelab: allowed one object of RoPE "
                               "parameters (not one per layer type)")
             return name, v
     return "rope_parameters", {}
@@ -276,8 +275,8 @@ def rope_theta(c: HFConfig) -> float:
     theta = params.get("rope_theta", c.raw("rope_theta"))
     if theta is None:
         raise c.error("field 'rope_parameters.rope_theta' (or 'rope_theta') is missing")
-    if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and 0 < theta < math.inf):
-        raise c.error(f"field 'rope_theta'={theta!r} is invalid: allowed a finite number > 0")
+    if not (is_finite_number(theta) and theta > 0):
+        raise c.error(f"field 'rope_theta'={shown(theta)} is invalid: allowed a finite number > 0")
     return float(theta)
 
 
@@ -316,5 +315,5 @@ def rope_scaling(c: HFConfig) -> RopeScaling | None:
                            beta_fast=num(p.get("beta_fast") or 32.0), beta_slow=num(p.get("beta_slow") or 1.0),
                            mscale=num(p.get("mscale")), mscale_all_dim=num(p.get("mscale_all_dim")),
                            attention_factor=num(p.get("attention_factor")), truncate=p.get("truncate", True))
-    except (ValueError, TypeError, ZeroDivisionError) as e:
+    except (ValueError, TypeError, ArithmeticError) as e:  # ArithmeticError: division by zero, float overflow
         raise c.error(f"field '{name}' (YaRN) is invalid: {e}") from None

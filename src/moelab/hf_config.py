@@ -61,7 +61,17 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _shown(v: Any) -> str:
+def is_finite_number(v: Any) -> bool:
+    """An int or float (not a bool) that converts to a finite float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond the float range
+        return False
+
+
+def shown(v: Any) -> str:
     """A value for an error message: huge integers as their order of magnitude, long reprs cut."""
     if _is_int(v) and abs(v).bit_length() > 64:
         return f"{'-' if v < 0 else ''}~1e{int(abs(v).bit_length() * math.log10(2))}"
@@ -122,7 +132,7 @@ class HFConfig:
         allowed = f"an integer >= {minimum} and <= {maximum}"
         value, given = self._read(name, default, null, allowed)
         if given and not (_is_int(value) and minimum <= value <= maximum):
-            raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed {allowed}")
+            raise self.error(f"field {name!r}={shown(value)} is invalid: allowed {allowed}")
         return value
 
     def opt_int(self, name: str, default: Any = REQUIRED, *, minimum: int = 1) -> int | None:
@@ -132,21 +142,21 @@ class HFConfig:
     def float(self, name: str, default: Any = REQUIRED, *, null: Any = REFUSED) -> float:
         value, given = self._read(name, default, null, "a finite number")
         if given:
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-                raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed a finite number")
+            if not is_finite_number(value):
+                raise self.error(f"field {name!r}={shown(value)} is invalid: allowed a finite number")
             return float(value)
         return value
 
     def bool(self, name: str, default: Any = REQUIRED, *, null: Any = REFUSED) -> bool:
         value, given = self._read(name, default, null, "true or false")
         if given and not isinstance(value, bool):
-            raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed true or false")
+            raise self.error(f"field {name!r}={shown(value)} is invalid: allowed true or false")
         return value
 
     def int_list(self, name: str, default: Any = REQUIRED, *, null: Any = REFUSED) -> list[int]:
         value, given = self._read(name, default, null, "a list of integers")
         if given and not (isinstance(value, list) and all(_is_int(v) for v in value)):
-            raise self.error(f"field {name!r}={_shown(value)} is invalid: allowed a list of integers")
+            raise self.error(f"field {name!r}={shown(value)} is invalid: allowed a list of integers")
         return value
 
     def str_list(self, name: str, length: int, allowed: tuple[str, ...]) -> list[str] | None:
@@ -170,7 +180,7 @@ class HFConfig:
         """Refuse an option moelab does not implement: ValueError unless `ok(value)` (`default` when absent)."""
         value = self.raw(name, default)
         if not ok(value):
-            raise self.error(f"field {name!r}={_shown(value)} is not supported by moelab: allowed {allowed}")
+            raise self.error(f"field {name!r}={shown(value)} is not supported by moelab: allowed {allowed}")
 
     def notes(self) -> tuple[str, ...]:
         if not self.defaults_used:
