@@ -24,6 +24,11 @@ def test_unknown_model_type_lists_the_supported_ones():
     assert all(t in msg for t in SUPPORTED_MODEL_TYPES)
 
 
+def test_model_type_of_the_wrong_type():
+    with pytest.raises(ValueError, match=r"model_type \['mixtral'\] is not supported"):
+        count_params({**mixtral(), "model_type": ["mixtral"]})
+
+
 def test_missing_model_type():
     cfg = mixtral()
     del cfg["model_type"]

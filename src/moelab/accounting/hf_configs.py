@@ -221,7 +221,7 @@ def spec_from_dict(data: dict[str, Any], name: str | None = None, where: str = "
     if model_type is None:
         raise ValueError(f"{where}: field 'model_type' is missing; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if model_type not in SPEC_BUILDERS:
+    if not isinstance(model_type, str) or model_type not in SPEC_BUILDERS:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     label = name or data.get("_name_or_path") or model_type

@@ -445,7 +445,7 @@ CHECKPOINT_ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), 
 def adapter_for(c: HFConfig) -> Adapter:
     """The adapter of a config.json's `model_type`, or ValueError naming it and the supported ones."""
     model_type = c.data.get("model_type")
-    if model_type not in CHECKPOINT_ADAPTERS:
+    if not isinstance(model_type, str) or model_type not in CHECKPOINT_ADAPTERS:
         raise ValueError(f"{c.where}: model_type={model_type!r} is not supported by moelab.hf: allowed "
                          + ", ".join(repr(k) for k in CHECKPOINT_ADAPTERS))
     return CHECKPOINT_ADAPTERS[model_type]
