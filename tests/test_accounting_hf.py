@@ -67,6 +67,18 @@ CASES = {
     "jetmoe": (T.JetMoeConfig, dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                     num_key_value_heads=2, kv_channels=16, vocab_size=101, num_local_experts=4,
                                     num_experts_per_tok=2)),
+    # null / zero as transformers reads them: a null num_key_value_heads is multi-head attention; zero shared
+    # experts are zero-width FFNs (with mlp_bias their down projection keeps its bias)
+    "qwen2_kv_null": (T.Qwen2Config, dict(BASE, num_key_value_heads=None)),
+    "deepseek_v3_no_shared": (T.DeepseekV3Config, dict(BASE, moe_intermediate_size=32, n_routed_experts=4,
+                                                       n_shared_experts=0, num_experts_per_tok=2,
+                                                       first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16,
+                                                       qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=12,
+                                                       n_group=2, topk_group=1, routed_scaling_factor=1.0)),
+    "deepseek_v2_no_shared_mlp_bias": (T.DeepseekV2Config, dict(BASE, moe_intermediate_size=32, n_routed_experts=4,
+                                                                n_shared_experts=0, num_experts_per_tok=2,
+                                                                q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=0,
+                                                                qk_rope_head_dim=4, v_head_dim=12, mlp_bias=True)),
     "llama": (T.LlamaConfig, dict(BASE, attention_bias=True, mlp_bias=True)),
     "llama_mha": (T.LlamaConfig, {k: v for k, v in BASE.items() if k != "num_key_value_heads"}),
     "qwen2": (T.Qwen2Config, dict(BASE)),

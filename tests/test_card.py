@@ -81,6 +81,26 @@ def test_cli_errors_are_clear(tmp_path):
     assert out.returncode == 2 and "invalid choice" in out.stderr
 
 
+def test_training_presets_are_counted_too():
+    """`moelab card tiny` counts the ModelConfig that `moelab train --preset tiny` builds."""
+    from moelab.config import preset
+
+    out = cli("tiny", "tiny-deepseek", "--json")
+    assert out.returncode == 0, out.stderr
+    for r, name in zip(json.loads(out.stdout), ["tiny", "tiny-deepseek"], strict=True):
+        c = count_params(preset(name)[0])
+        assert (r["name"], r["model_type"]) == (name, "moelab")
+        assert (r["total_params"], r["active_params"]) == (c.total, c.active)
+        assert r["published"] is None
+
+
+def test_unknown_name_lists_both_kinds_of_preset():
+    out = cli("no-such-model")
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1
+    assert "'no-such-model' is neither" in out.stderr and "deepseek-v3" in out.stderr
+    assert "training presets: small, tiny, tiny-deepseek" in out.stderr
+
+
 def test_run_options_change_the_costs(capsys):
     assert card.run(parse("deepseek-v3", "--json", "--precision", "fp8", "--accelerator-memory", "141",
                           "--batch", "32", "--context", "8192", "--bandwidth", "4.8")) == 0

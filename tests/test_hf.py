@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -171,6 +172,19 @@ def test_export_loads_in_transformers(arch, tmp_path):
     torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-6, rtol=0)
 
 
+def test_export_head_dim_other_than_width_over_heads(tmp_path):
+    """config.json carries head_dim, which transformers' Qwen2-MoE reads when present (OLMoE's export refuses
+    it: transformers sizes OLMoE's q/k norms by hidden_size whatever head_dim is)."""
+    cfg = _moelab_configs()["qwen2_moe"]
+    ours = _random_moelab(cfg.replace(head_dim=16))  # d_model // n_heads = 8
+    hf.save(ours, tmp_path)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert hf_model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
+    _assert_same(hf_model, ours)
+    with pytest.raises(ValueError, match="olmoe: head_dim must be d_model // n_heads"):
+        hf.save(MoETransformer(_moelab_configs()["olmoe"].replace(head_dim=16)), tmp_path / "olmoe")
+
+
 def test_export_refuses_unmatched_config():
     cfg = preset("tiny-deepseek", vocab_size=V, d_model=32, max_seq_len=64)[0]  # GQA with a sigmoid router
     with pytest.raises(ValueError, match="no Hugging Face architecture matches.*deepseek_v3: attention must be 'mla'"):
@@ -252,6 +266,82 @@ def test_no_weights_and_pickles_refused(mixtral_dir, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         hf.load(tmp_path)
+
+
+def test_truncated_or_corrupt_weights_name_the_file(mixtral_dir, tmp_path, capsys):
+    """A truncated (or otherwise unreadable) safetensors file is a ValueError naming it; convert writes nothing."""
+    from moelab.cli import main
+
+    (tmp_path / "src").mkdir()
+    src = _copy_with(mixtral_dir, tmp_path / "src")
+    weights = src / "model.safetensors"
+    whole = weights.read_bytes()
+    for broken in (whole[: len(whole) // 2], whole[:6], b"\xff" * 64):
+        weights.write_bytes(broken)
+        with pytest.raises(ValueError, match=re.escape(f"{weights}: not a readable safetensors file")):
+            hf.load(src)
+    assert main(["convert", "--from-hf", str(src), str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+# -- config.json fields: null, absent and zero as transformers reads them ---------------------------------
+
+
+def _save_with(model, path, **config):
+    """save_pretrained, then overwrite fields of config.json (None writes an explicit null, ... deletes)."""
+    model.save_pretrained(path)
+    data = json.loads((path / "config.json").read_text())
+    data.update(config)
+    data = {k: v for k, v in data.items() if v is not ...}
+    (path / "config.json").write_text(json.dumps(data))
+    return path
+
+
+def test_null_kv_heads_means_multi_head_attention(tmp_path):
+    """"num_key_value_heads": null is num_attention_heads (transformers' OLMoE/Llama/DeepSeek configs map it so)."""
+    cfg = transformers.OlmoeConfig(**{**COMMON, "num_key_value_heads": None}, intermediate_size=16, num_experts=4,
+                                   num_experts_per_tok=2)
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ours = hf.load(_save_with(model, tmp_path, num_key_value_heads=None))
+    assert ours.cfg.n_kv_heads == 4
+    _assert_same(model, ours)
+
+
+def test_zero_shared_experts_and_explicit_head_dim(tmp_path):
+    """n_shared_experts = 0 (transformers stores empty shared-expert tensors) and a Qwen2-MoE head_dim that is
+    not hidden // heads load with transformers' logits."""
+    cfg = _hf_config("deepseek_v3")
+    cfg.n_shared_experts = 0
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ours = hf.load(_save_with(model, tmp_path / "deepseek"))
+    assert ours.cfg.moe.n_shared == 0
+    _assert_same(model, ours)
+    cfg = _hf_config("qwen2_moe")
+    cfg.head_dim = 16  # 2 x hidden_size // num_attention_heads
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ours = hf.load(_save_with(model, tmp_path / "qwen"))
+    assert ours.cfg.head_width == 16
+    _assert_same(model, ours)
+
+
+@pytest.mark.parametrize(("arch", "config", "match"), [
+    ("deepseek_v3", {"q_lora_rank": ...}, "required field 'q_lora_rank' is missing"),  # transformers: rank 1536
+    ("deepseek_v3", {"routed_scaling_factor": ...}, "required field 'routed_scaling_factor' is missing"),
+    ("deepseek_v3", {"n_group": ...}, "required field 'n_group' is missing"),
+    ("deepseek_v3", {"n_shared_experts": None}, "field 'n_shared_experts'=None is invalid: allowed an integer >= 0"),
+    ("deepseek_v3", {"topk_group": 5}, "field 'topk_group'=5 is invalid: allowed an integer <= n_group"),
+    ("qwen2_moe", {"decoder_sparse_step": 0}, "field 'decoder_sparse_step'=0 is invalid: allowed an integer >= 1"),
+    ("qwen2_moe", {"num_experts_per_tok": 5}, "'num_experts_per_tok'=5 is invalid: .* <= the number of experts"),
+    ("mixtral", {"num_key_value_heads": 3}, "'num_key_value_heads'=3 is invalid: allowed a divisor of"),
+    ("olmoe", {"head_dim": 16}, r"'head_dim'=16 is invalid: allowed hidden_size // num_attention_heads \(8\)"),
+    ("mixtral", {"hidden_size": 10**400}, r"'hidden_size'=~1e400 is invalid: allowed an integer >= 1 and <= 2147"),
+])
+def test_fields_transformers_would_default_or_refuse(arch, config, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        hf.load(_save_with(_tiny_hf(arch), tmp_path, **config))
 
 
 # -- run directories, CLI, tokenizer ---------------------------------------------------------------------
@@ -481,6 +571,8 @@ def test_deepseek_v3_published_rope_scaling_maps_to_yarn(mixtral_dir, tmp_path):
     ({"rope_type": "yarn", "factor": 0.5}, r"rope_scaling.factor=0.5 is invalid: allowed a number >= 1"),
     ({"rope_type": "yarn", "factor": 2.0, "beta_fast": 1, "beta_slow": 4}, r"rope_scaling.beta_fast=1.0"),
     ({"rope_type": "default", "partial_rotary_factor": 0.5}, r"'partial_rotary_factor'=0.5 is not supported"),
+    ({"rope_type": "yarn", "factor": 10**400}, r"'rope_parameters' \(YaRN\) is invalid: int too large"),
+    ({"rope_theta": 10**400}, r"'rope_theta'=~1e400 is invalid: allowed a finite number > 0"),
 ])
 def test_unsupported_rope_scalings_are_refused(mixtral_dir, tmp_path, rope, match):
     _copy_with(mixtral_dir, tmp_path, config={"rope_parameters": {"rope_theta": 1e4, **rope}})

@@ -1,6 +1,7 @@
 """`moelab card`: the two numbers of an MoE model (total and active parameters) and what they cost.
 
     moelab card mixtral-8x7b                       one model (a preset name, config.json or directory)
+    moelab card tiny                               a training preset (the model `moelab train --preset` builds)
     moelab card mixtral-8x7b deepseek-v3 dbrx      side by side
     moelab card deepseek-v3 --json                 machine-readable, one object per model
     moelab card qwen3-30b-a3b --precision int4 --accelerator-memory 24 --batch 8 --context 32768
@@ -39,6 +40,7 @@ from moelab.accounting import (
     weight_bytes,
 )
 from moelab.accounting import presets as _presets
+from moelab.config import PRESETS
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TABLE_BATCHES = (1, 8, 64, 512)
@@ -104,10 +106,11 @@ def _published(source: str | Path | Any) -> dict[str, Any] | None:
 def card_report(source: Any, settings: CardSettings = CardSettings()) -> dict[str, Any]:
     """Everything `moelab card` shows for one model, as a JSON-able dict.
 
-    source: anything `moelab.accounting.count_params` accepts (preset name, config.json path, model
-    directory, HF config dict, ModelConfig). Keys: the parameter counts of `ParamCount.to_dict()`
-    (`total_params`, `active_params`, `active_params_no_input_embedding`, `active_params_no_embeddings`,
-    `activation_ratio`, breakdowns, MTP/vision), `published` (presets only), `costs`, and
+    source: anything `moelab.accounting.count_params` accepts (preset or training preset name,
+    config.json path, model directory, HF config dict, ModelConfig). Keys: the parameter counts of
+    `ParamCount.to_dict()` (`total_params`, `active_params`, `active_params_no_input_embedding`,
+    `active_params_no_embeddings`, `activation_ratio`, breakdowns, MTP/vision), `published` (presets
+    only), `costs`, and
     `expert_parallel` (`ExpertParallelPlan.to_dict()` plus `weights_fit_accelerator`; None unless
     `settings.expert_parallel` is set).
     """
@@ -357,8 +360,8 @@ def plot_decode(reports: list[dict[str, Any]], path: str | Path) -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL",
-                        help="preset name (" + ", ".join(_presets.list_presets()) + "), a config.json, "
-                             "or a model/run directory")
+                        help="preset name (" + ", ".join(_presets.list_presets()) + "), training preset name ("
+                             + ", ".join(sorted(PRESETS)) + "), a config.json, or a model/run directory")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model (a JSON list)")
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS),
                         help="weight precision (int4: 4 bits + a 2-byte scale per 128 weights); default bf16")

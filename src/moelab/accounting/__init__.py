@@ -9,9 +9,10 @@ preset name:
   between ranks and the weights per rank (expert_parallel.py).
 
 Modules: spec.py (the `ModelSpec` every number is computed from, and moelab's own layout),
-hf_configs.py (one adapter per Hugging Face `model_type`), hf_fields.py (typed reading of a
-config.json, errors that name the field), presets.py (shipped configs),
-counts.py, costs.py, expert_parallel.py. Rendering lives in `moelab.card`.
+hf_configs.py (Hugging Face config → ModelSpec, per `model_type`; it reads configs with
+`moelab.hf_config` and takes their per-architecture meaning from `moelab.hf_arch`, both shared with
+`moelab.hf`), presets.py (shipped configs), counts.py, costs.py, expert_parallel.py. Rendering lives
+in `moelab.card`.
 """
 
 from moelab.accounting.costs import (

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 from moelab.accounting.counts import count_spec
-from moelab.accounting.spec import Experts, ModelSpec
+from moelab.accounting.spec import ExpertBank, ModelSpec
 
 PRECISIONS: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int4": 0.5}
 
@@ -124,10 +124,6 @@ class MemoryPlan:
     usable_fraction: float
     accelerators: int
 
-    @property
-    def total_bytes(self) -> float:
-        return self.weight_bytes + self.kv_bytes
-
 
 def accelerators_needed(spec: ModelSpec, precision: str, accelerator_bytes: float, batch: int = 1,
                         context: int = 4096, kv_bytes: float = 2.0, usable_fraction: float = 1.0,
@@ -177,7 +173,7 @@ class DecodeStep:
     tokens_per_s: float
 
 
-def _banks(spec: ModelSpec) -> list[Experts]:
+def _banks(spec: ModelSpec) -> list[ExpertBank]:
     banks = []
     for layer in spec.layers:
         if layer.ffn.experts is not None:

@@ -120,8 +120,9 @@ def to_spec(source: ModelConfig | ModelSpec | dict[str, Any] | str | Path) -> Mo
     """Normalise anything `count_params` accepts to a `ModelSpec`.
 
     source: a moelab `ModelConfig`; a `ModelSpec`; a dict holding a Hugging Face config (or a moelab
-    `ModelConfig.to_dict()`); a path to a `config.json` or to a directory holding one; or the name of a
-    preset shipped in `moelab/presets/` (see `list_presets()`).
+    `ModelConfig.to_dict()`); a path to a `config.json` or to a directory holding one; the name of a
+    preset shipped in `moelab/presets/` (see `list_presets()`); or the name of a training preset
+    (`moelab.config.PRESETS`).
     """
     from moelab.accounting import hf_configs, presets
 
@@ -135,11 +136,9 @@ def to_spec(source: ModelConfig | ModelSpec | dict[str, Any] | str | Path) -> Mo
         path = Path(source)
         if path.exists():
             return hf_configs.spec_from_path(path)
-        if isinstance(source, str) and presets.is_preset(source):
-            return presets.load_preset_spec(source)
-        raise ValueError(
-            f"{str(source)!r} is neither an existing config.json / model directory nor a preset name; "
-            f"presets: {', '.join(presets.list_presets())}")
+        if isinstance(source, Path):
+            raise ValueError(f"{source}: no such config.json or model directory")
+        return presets.spec_of_name(source)
     raise ValueError(
         f"cannot count parameters of a {type(source).__name__}: pass a ModelConfig, a config dict, "
         "a path to config.json or a model directory, or a preset name")
@@ -149,7 +148,8 @@ def count_params(source: ModelConfig | ModelSpec | dict[str, Any] | str | Path) 
     """Total and active parameters of a model, with a breakdown.
 
     source: a moelab `ModelConfig`, a Hugging Face config dict, a path to `config.json` or a model
-    directory, or a preset name (e.g. "mixtral-8x7b"). Raises ValueError naming the problem for an
-    unknown `model_type`, a missing or malformed field, or an unreadable file.
+    directory, or a preset name ("mixtral-8x7b", or a training preset such as "tiny"). Raises ValueError
+    naming the problem for an unknown `model_type`, a missing, malformed or out-of-range field, or an
+    unreadable file.
     """
     return count_spec(to_spec(source))

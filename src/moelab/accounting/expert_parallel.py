@@ -35,23 +35,18 @@ imbalance, capacity and dropped tokens, hierarchical (node, then NVLink) forward
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fractions import Fraction
-from math import comb
 from typing import Any
 
 from moelab.accounting.costs import bytes_per_param, serving_params
-from moelab.accounting.spec import Experts, ModelSpec
+from moelab.accounting.spec import ExpertBank, ModelSpec
+from moelab.hf_arch import EXPERT_FIELDS
 
 DEFAULT_LINK_BANDWIDTH = 50e9  # bytes/s: one 400 Gb/s InfiniBand NDR NIC per GPU, the IB figure of DeepSeek-V3 §3.2.2
 
 # model_type -> the config field holding E, for error messages
 EXPERT_COUNT_FIELDS: dict[str, str] = {
-    "moelab": "moe.n_experts", "mixtral": "num_local_experts", "phimoe": "num_local_experts",
-    "granitemoe": "num_local_experts", "gpt_oss": "num_local_experts", "jetmoe": "num_local_experts",
-    "llama4": "text_config.num_local_experts", "llama4_text": "num_local_experts", "qwen2_moe": "num_experts",
-    "qwen3_moe": "num_experts", "olmoe": "num_experts", "deepseek_v2": "n_routed_experts",
-    "deepseek_v3": "n_routed_experts", "kimi_k2": "n_routed_experts", "glm4_moe": "n_routed_experts",
-    "dbrx": "ffn_config.moe_num_experts",
+    **{model_type: count for model_type, (count, _) in EXPERT_FIELDS.items()},
+    "moelab": "moe.n_experts", "llama4": "text_config.num_local_experts", "dbrx": "ffn_config.moe_num_experts",
 }
 
 
@@ -93,14 +88,18 @@ def remote_ranks(n_experts: int, top_k: int, ranks: int) -> float:
     R = (N−1)·(1 − C(E−m, k)/C(E, k)), m = E/N.
 
     A given other rank holds m experts; all k chosen experts avoid them with the hypergeometric
-    probability C(E−m, k)/C(E, k); summing over the N−1 other ranks gives R (computed in exact
-    fractions). R = k·(N−1)/N when m = 1; R <= min(k, N−1).
+    probability C(E−m, k)/C(E, k) = Π_{i<k} (E−m−i)/(E−i) = Π_{i<m} (E−k−i)/(E−i), a product of
+    min(m, k) factors (not the binomials themselves, which have ~E/3 digits at E = 2^20, k = E/2);
+    summing over the N−1 other ranks gives R. R = k·(N−1)/N when m = 1; R <= min(k, N−1).
     """
     _check_ranks(n_experts, ranks)
     k = _check_top_k(n_experts, top_k)
     m = n_experts // ranks
-    missed = Fraction(comb(n_experts - m, k), comb(n_experts, k))
-    return float((ranks - 1) * (1 - missed))
+    other = k if m <= k else m  # the product runs over the smaller of m and k
+    missed = 1.0
+    for i in range(min(m, k)):
+        missed *= max(n_experts - other - i, 0) / (n_experts - i)
+    return (ranks - 1) * (1 - missed)
 
 
 def max_remote_ranks(n_experts: int, top_k: int, ranks: int, n_groups: int, topk_groups: int) -> int:
@@ -198,7 +197,7 @@ class ExpertParallelPlan:
         }
 
 
-def _banks(spec: ModelSpec) -> list[Experts]:
+def _banks(spec: ModelSpec) -> list[ExpertBank]:
     return [layer.ffn.experts for layer in spec.layers if layer.ffn.experts is not None]
 
 
@@ -232,11 +231,15 @@ def expert_parallel_plan(spec: ModelSpec, ranks: int, tokens: int = 1, activatio
     notes = []
     group_bounds = []
     assignment_copies, rank_copies = [], []
+    per_bank = {bank: (remote_assignments(bank.n, bank.top_k, ranks), remote_ranks(bank.n, bank.top_k, ranks),
+                       max_remote_ranks(bank.n, bank.top_k, ranks, bank.n_groups, bank.topk_groups)
+                       if bank.n_groups > 1 else None) for bank in set(banks)}  # once per distinct bank
     for bank in banks:
-        assignment_copies.append(remote_assignments(bank.n, bank.top_k, ranks))
-        rank_copies.append(remote_ranks(bank.n, bank.top_k, ranks))
-        if bank.n_groups > 1:
-            group_bounds.append(max_remote_ranks(bank.n, bank.top_k, ranks, bank.n_groups, bank.topk_groups))
+        per_assignment, per_rank, group_bound = per_bank[bank]
+        assignment_copies.append(per_assignment)
+        rank_copies.append(per_rank)
+        if group_bound is not None:
+            group_bounds.append(group_bound)
 
     def traffic(copies: list[float]) -> Traffic:
         per_token = sum((2 * c * d * b for c in copies), 0.0)

@@ -2,7 +2,8 @@
 
 Each `<name>.json` holds the model's Hugging Face config (its public hyperparameters) and one extra
 key, `_moelab`, with where the config comes from and the vendor's published parameter figures (used
-by `moelab card` to show computed vs published, and by the tests).
+by `moelab card` to show computed vs published, and by the tests). `spec_of_name` also accepts the
+names of moelab's training presets (`moelab.config.PRESETS`: the models `moelab train --preset` builds).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 from importlib import resources
 from typing import Any
 
-from moelab.accounting.spec import ModelSpec
+from moelab.accounting.spec import ModelSpec, spec_from_model_config
+from moelab.config import PRESETS, preset
 
 
 def _files() -> dict[str, Any]:
@@ -56,3 +58,15 @@ def load_preset_spec(name: str) -> ModelSpec:
     from moelab.accounting.hf_configs import spec_from_dict
 
     return spec_from_dict(load_preset(name), name=_normalise(name), where=f"preset {_normalise(name)!r}")
+
+
+def spec_of_name(name: str) -> ModelSpec:
+    """The ModelSpec of a shipped preset (a Hugging Face config) or of a training preset (the
+    `ModelConfig` that `moelab.config.preset(name)` builds); ValueError listing both kinds otherwise."""
+    if is_preset(name):
+        return load_preset_spec(name)
+    if name in PRESETS:
+        return spec_from_model_config(preset(name)[0], name=name)
+    raise ValueError(f"{name!r} is neither an existing config.json / model directory nor a preset name; presets: "
+                     f"{', '.join(list_presets())} (Hugging Face configs); training presets: "
+                     f"{', '.join(sorted(PRESETS))} (moelab models, as `moelab train --preset` builds them)")

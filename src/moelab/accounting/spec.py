@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moelab.config import ModelConfig
+from moelab.hf_config import MAX_EXPERTS, MAX_INT, MAX_LAYERS
 
 
 @dataclass(frozen=True)
-class Experts:
+class ExpertBank:
     """A bank of `n` routed experts of which `top_k` run per token.
 
     params_each: parameters of one expert (its matrices and biases).
@@ -71,7 +72,7 @@ class AttentionSpec:
     v_head_dim: int
     kv_cache_width: int
     window: int | None = None
-    experts: Experts | None = None
+    experts: ExpertBank | None = None
     kind: str = "gqa"
 
 
@@ -87,7 +88,7 @@ class FFNSpec:
     """
 
     dense: int = 0
-    experts: Experts | None = None
+    experts: ExpertBank | None = None
     shared: int = 0
     fixed: int = 0
 
@@ -153,7 +154,10 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
     wq d×H·(nope+rope) without q_lora_rank; wkv_a d×(r_kv + rope); kv_a_norm r_kv;
     wkv_b r_kv×H·(nope+v); wo H·v×d.
     Plus the embedding V×d, the head V×d unless tied, and a final RMSNorm d.
+    Integer fields beyond the bounds of `moelab.hf_config` (n_layers <= MAX_LAYERS, moe.n_experts <=
+    MAX_EXPERTS, others <= MAX_INT) are a ValueError, as for a Hugging Face config.
     """
+    _check_bounds(cfg)
     d, H = cfg.d_model, cfg.n_heads
     if cfg.attention == "mla":
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
@@ -182,7 +186,7 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
             f, w = moe.d_expert, moe.shared_width
             per_matrix_pair = 3 if moe.activation == "swiglu" else 2  # SwiGLU: gate, up, down
             ffn = FFNSpec(
-                experts=Experts(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f,
+                experts=ExpertBank(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f,
                                 router=moe.n_experts * d, n_groups=moe.n_groups, topk_groups=moe.topk_groups),
                 shared=per_matrix_pair * d * w + (d if moe.shared_gate else 0))
         else:
@@ -192,3 +196,11 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
         name=name, model_type="moelab", vocab_size=cfg.vocab_size, d_model=d,
         input_embedding=cfg.vocab_size * d, output_head=0 if cfg.tie_embeddings else cfg.vocab_size * d,
         tied=cfg.tie_embeddings, final_norm=d, layers=tuple(layers))
+
+
+def _check_bounds(cfg: ModelConfig) -> None:
+    fields = {**cfg.to_dict(), **{f"moe.{k}": v for k, v in (cfg.moe.to_dict() if cfg.moe else {}).items()}}
+    for name, value in fields.items():
+        limit = MAX_LAYERS if name == "n_layers" else MAX_EXPERTS if name == "moe.n_experts" else MAX_INT
+        if isinstance(value, int) and value > limit:
+            raise ValueError(f"{name}={value} is invalid: allowed an integer <= {limit} (moelab.accounting's bound)")

@@ -13,33 +13,31 @@ Architectures and their tensor tables live in `moelab.hf.adapters`; see docs/HF.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from moelab.config import ModelConfig
-from moelab.hf.adapters import ADAPTERS, Adapter, Entry, HFConfig, adapter_for, adapter_matching
+from moelab.hf.adapters import CHECKPOINT_ADAPTERS, Adapter, Entry, adapter_for, adapter_matching
 from moelab.hf.convert import convert_from_hf, convert_to_hf
 from moelab.hf.export import save
+from moelab.hf_config import HFConfig, load_json
 from moelab.model import MoETransformer, model_rope_tables
 
-__all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "ADAPTERS", "adapter_matching"]
+__all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "CHECKPOINT_ADAPTERS",
+           "adapter_matching"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_hf_config(path: str | Path) -> tuple[HFConfig, Adapter, ModelConfig]:
-    """config.json of a Hugging Face model directory → (raw fields, adapter, moelab ModelConfig)."""
+    """config.json of a Hugging Face model directory → (its reader, adapter, moelab ModelConfig)."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: pass a Hugging Face model directory holding config.json")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    c = HFConfig(data, str(file))
+    c = HFConfig(load_json(file), str(file))
     adapter = adapter_for(c)
     return c, adapter, adapter.config_from_hf(c)
 
@@ -48,7 +46,7 @@ def _weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: from model.safetensors.index.json, or model.safetensors."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = load_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: field 'weight_map' is missing or not an object")
         files = [path / name for name in dict.fromkeys(weight_map.values())]
@@ -96,6 +94,28 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
     return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= cfg.n_layers
 
 
+def _load_tensor(f: Any, file: Path, name: str, by_name: dict[str, Entry], state: dict[str, torch.Tensor],
+                 cfg: ModelConfig, model_type: str) -> tuple[str, ...]:
+    """Copy tensor `name` of the open safetensors file `f` into its place in `state` and return the
+    canonical tensor names it fills, or skip it (return ()) when the loader may: `_ignorable`, or empty
+    (transformers stores zero-width shared experts for n_shared_experts = 0). ValueError naming the
+    tensor when it is unexpected or of the wrong shape."""
+    shape = tuple(f.get_slice(name).get_shape())
+    e = by_name.get(name)
+    if e is None:
+        if _ignorable(name, cfg) or 0 in shape:
+            return ()
+        hint = (" (quantized checkpoints are not supported; use a bf16/fp32 one)"
+                if "scale" in name.rsplit(".", 1)[-1] else "")
+        raise ValueError(f"{file.name}: unexpected tensor {name!r}: not part of a {model_type} model with this "
+                         f"config.json{hint}")
+    if shape != e.hf_shape:
+        raise ValueError(f"{file.name}: tensor {name!r} has shape {shape}, but config.json implies {e.hf_shape} "
+                         "(config and weights disagree)")
+    _place(state[e.target].data, e, f.get_tensor(name))
+    return e.covers or (name,)
+
+
 @torch.no_grad()
 def load(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETransformer:
     """A Hugging Face MoE checkpoint directory → MoETransformer (eval mode).
@@ -117,22 +137,12 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETransfo
     state = model.state_dict(keep_vars=True)
     covered: set[str] = set()
     for file in _weight_files(path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                e = by_name.get(name)
-                if e is None:
-                    if _ignorable(name, cfg):
-                        continue
-                    hint = (" (quantized checkpoints are not supported; use a bf16/fp32 one)"
-                            if "scale" in name.rsplit(".", 1)[-1] else "")
-                    raise ValueError(f"{file.name}: unexpected tensor {name!r}: not part of a {adapter.model_type} "
-                                     f"model with this config.json{hint}")
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != e.hf_shape:
-                    raise ValueError(f"{file.name}: tensor {name!r} has shape {shape}, but config.json implies "
-                                     f"{e.hf_shape} (config and weights disagree)")
-                _place(state[e.target].data, e, f.get_tensor(name))
-                covered.update(e.covers or (name,))
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    covered.update(_load_tensor(f, file, name, by_name, state, cfg, adapter.model_type))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
     missing = [e.hf_name for e in entries if not e.covers and e.hf_name not in covered]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

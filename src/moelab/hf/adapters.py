@@ -19,17 +19,21 @@ Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE (per-head
 routing, shared experts, dense first layers; interleaved RoPE handled by permuting weight rows). Any of them
 may carry YaRN rope scaling (`rope_scaling` / `rope_parameters` with rope_type "yarn" → `RopeScaling`); other
 scalings are refused.
+
+config.json is read with `moelab.hf_config.HFConfig` (its docstring holds the rule for absent, null and
+zero fields) and what its fields mean per model_type — MoE layers, KV heads, head width, biases, windows,
+experts, routing groups, MLA widths, RoPE — comes from `moelab.hf_arch`, which `moelab.accounting` uses
+to count the same architectures: an adapter adds only what moelab's ModelConfig needs besides.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moelab.config import ModelConfig, MoEConfig, RopeScaling
-
-_MISSING = object()
+from moelab import hf_arch
+from moelab.config import ModelConfig, MoEConfig
+from moelab.hf_config import HFConfig
 
 
 @dataclass(frozen=True)
@@ -54,124 +58,13 @@ class Entry:
     scale: float = 1.0  # moelab value = HF value / scale (folds a route_scale into w_out on export)
 
 
-class HFConfig:
-    """Typed reading of a config.json dict; errors name the field."""
-
-    def __init__(self, data: dict[str, Any], source: str = "config.json") -> None:
-        self.data, self.source = data, source
-
-    # transformers writes some fields under the name of its attribute_map (e.g. num_local_experts)
-    ALIASES = {"num_experts": ("num_local_experts",), "num_local_experts": ("num_experts",),
-               "n_routed_experts": ("num_local_experts",)}
-
-    def get(self, name: str, default: Any = _MISSING) -> Any:
-        for key in (name, *self.ALIASES.get(name, ())):
-            if key in self.data and self.data[key] is not None:
-                return self.data[key]
-        if default is _MISSING:
-            raise ValueError(f"{self.source}: field {name!r} is missing (needed for model_type="
-                             f"{self.data.get('model_type')!r})")
-        return default
-
-    def int(self, name: str, default: Any = _MISSING) -> int:
-        v = self.get(name, default)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{self.source}: field {name!r}={v!r} is invalid: allowed an integer >= 0")
-        return v
-
-    def float(self, name: str, default: Any = _MISSING) -> float:
-        v = self.get(name, default)
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise ValueError(f"{self.source}: field {name!r}={v!r} is invalid: allowed a number")
-        return float(v)
-
-    def bool(self, name: str, default: Any = _MISSING) -> bool:
-        v = self.get(name, default)
-        if not isinstance(v, bool):
-            raise ValueError(f"{self.source}: field {name!r}={v!r} is invalid: allowed true or false")
-        return v
-
-    def require(self, name: str, ok: Callable[[Any], bool], allowed: str, default: Any = None) -> None:
-        v = self.data.get(name, default)
-        if not ok(v):
-            raise ValueError(f"{self.source}: field {name!r}={v!r} is not supported by moelab: allowed {allowed}")
-
-    # keys a YaRN rope_parameters / rope_scaling dict may hold (transformers' _validate_yarn_rope_parameters)
-    YARN_KEYS = frozenset({"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings",
-                           "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate",
-                           "partial_rotary_factor"})
-
-    def _rope(self) -> tuple[str, dict[str, Any]]:
-        """(field name, dict) of the RoPE parameters: `rope_scaling` (older configs; it wins, as in
-        transformers) or `rope_parameters` (transformers 5)."""
-        for name in ("rope_scaling", "rope_parameters"):
-            v = self.data.get(name)
-            if v:
-                if not isinstance(v, dict) or any(isinstance(x, dict) for x in v.values()):
-                    raise ValueError(f"{self.source}: field {name!r}={v!r} is not supported by moelab: allowed one "
-                                     "object of RoPE parameters (not one per layer type)")
-                return name, v
-        return "rope_parameters", {}
-
-    def rope_theta(self) -> float:
-        """RoPE base from `rope_parameters` (transformers 5) or `rope_theta` (older)."""
-        _, params = self._rope()
-        theta = params.get("rope_theta", self.data.get("rope_theta"))
-        if theta is None:
-            raise ValueError(f"{self.source}: field 'rope_parameters.rope_theta' (or 'rope_theta') is missing")
-        return float(theta)
-
-    def rope_scaling(self) -> RopeScaling | None:
-        """None for plain RoPE, a `RopeScaling` for YaRN (read as transformers reads it: beta_fast/beta_slow
-        default 32/1, factor defaults to max_position_embeddings / original_max_position_embeddings, and
-        original_max_position_embeddings to max_position_embeddings); ValueError for any other scaling."""
-        name, p = self._rope()
-        type_key = "rope_type" if "rope_type" in p else "type"
-        rope_type = p.get(type_key, "default")
-        partial = p.get("partial_rotary_factor", self.data.get("partial_rotary_factor"))
-        if partial not in (None, 1, 1.0):
-            raise ValueError(f"{self.source}: field 'partial_rotary_factor'={partial!r} is not supported by moelab: "
-                             "allowed 1.0 (RoPE over the whole rotary head)")
-        if rope_type == "default":
-            return None
-        if rope_type != "yarn":
-            raise ValueError(f"{self.source}: field '{name}.{type_key}'={rope_type!r} is not supported by moelab: "
-                             "allowed 'default' (plain RoPE) or 'yarn' (YaRN); linear, dynamic, llama3 and longrope "
-                             "scalings are not implemented")
-        unknown = sorted(set(p) - self.YARN_KEYS)
-        if unknown:
-            raise ValueError(f"{self.source}: field '{name}' has key(s) {unknown} that moelab's YaRN does not "
-                             f"implement: allowed {sorted(self.YARN_KEYS)}")
-        if "factor" not in p:
-            raise ValueError(f"{self.source}: field '{name}.factor' is missing (required for YaRN)")
-        max_pos = self.int("max_position_embeddings")
-        original = p.get("original_max_position_embeddings", self.data.get("original_max_position_embeddings",
-                                                                             max_pos))
-
-        def num(v: Any) -> Any:  # ints as floats; anything else is left for RopeScaling.validate to name
-            return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
-
-        try:
-            factor = p["factor"] if p["factor"] is not None else max_pos / original
-            return RopeScaling(factor=num(factor), original_max_seq_len=original,
-                               beta_fast=num(p.get("beta_fast") or 32.0), beta_slow=num(p.get("beta_slow") or 1.0),
-                               mscale=num(p.get("mscale")), mscale_all_dim=num(p.get("mscale_all_dim")),
-                               attention_factor=num(p.get("attention_factor")), truncate=p.get("truncate", True))
-        except (ValueError, TypeError, ZeroDivisionError) as e:
-            raise ValueError(f"{self.source}: field '{name}' (YaRN) is invalid: {e}") from None
-
-
 def _silu(c: HFConfig) -> None:
     c.require("hidden_act", lambda v: v in (None, "silu", "swish"), "'silu' (SwiGLU experts)")
 
 
-def _max_len(c: HFConfig) -> int:
-    """max_position_embeddings, capped at the sliding window: within the window, attention is exact."""
-    n = c.int("max_position_embeddings")
-    window = c.data.get("sliding_window")
-    if window and c.data.get("use_sliding_window", True) and window < n:
-        n = window
-    return n
+def _max_len(c: HFConfig, n_layers: int) -> int:
+    """max_position_embeddings, capped at the narrowest attention window: within it, attention is exact."""
+    return min([c.int("max_position_embeddings"), *(w for w in hf_arch.layer_windows(c, n_layers) if w)])
 
 
 def _rope_params(cfg: ModelConfig) -> dict[str, Any]:
@@ -189,17 +82,19 @@ def _rope_params(cfg: ModelConfig) -> dict[str, Any]:
     return {"rope_parameters": p}
 
 
-def _moe_layout(n_layers: int, moe_layers: list[int], source: str) -> tuple[int, int]:
-    """(n_dense_layers, moe_every) reproducing exactly this set of MoE layers, or ValueError."""
-    if not moe_layers:
-        raise ValueError(f"{source}: no MoE layer (mlp_only_layers / decoder_sparse_step leave none); "
-                         "moelab.hf loads Mixture-of-Experts models")
-    first = moe_layers[0]
+def _moe_layout(c: HFConfig, n_layers: int) -> tuple[int, int]:
+    """(n_dense_layers, moe_every) giving exactly the architecture's MoE layers (`hf_arch.moe_layers`), or
+    ValueError: moelab places MoE layers as "the first n dense, then every k-th"."""
+    moe = [i for i, is_moe in enumerate(hf_arch.moe_layers(c, n_layers)) if is_moe]
+    if not moe:
+        raise c.error("no layer is MoE (mlp_only_layers / decoder_sparse_step / first_k_dense_replace leave "
+                      "none); moelab.hf loads Mixture-of-Experts models")
+    first = moe[0]
     for every in range(1, n_layers + 1):
-        if [i for i in range(first, n_layers) if (i - first) % every == 0] == moe_layers:
+        if [i for i in range(first, n_layers) if (i - first) % every == 0] == moe:
             return first, every
-    raise ValueError(f"{source}: MoE layers {moe_layers} (from mlp_only_layers / decoder_sparse_step) are not "
-                     "'the first n dense, then every k-th' — moelab cannot represent this layout")
+    raise c.error(f"MoE layers {moe} (from mlp_only_layers / decoder_sparse_step) are not 'the first n dense, "
+                  "then every k-th' — moelab cannot represent this layout")
 
 
 class Adapter:
@@ -209,10 +104,36 @@ class Adapter:
     architecture = ""
     expert_names = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     moe_prefix = "mlp"
+    norm_eps = 1e-6  # transformers' default rms_norm_eps for this architecture
 
     # -- config ------------------------------------------------------------------------------------
     def config_from_hf(self, c: HFConfig) -> ModelConfig:
-        raise NotImplementedError
+        """The moelab config of a config.json: what every architecture shares is read here (its meaning
+        per model_type from `moelab.hf_arch`), the rest by `moe_fields` and `attention_fields`."""
+        _silu(c)
+        qkv_bias, o_bias = hf_arch.attention_biases(c)
+        if o_bias:
+            raise c.error("field 'attention_bias'=True is not supported by moelab: allowed false (attention "
+                          "biases other than Qwen2's q/k/v are not implemented)")
+        D, H, n_layers = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
+        n_dense, every = _moe_layout(c, n_layers)
+        n, k, f = hf_arch.routed_experts(c)
+        moe = MoEConfig(d_model=D, d_expert=f, n_experts=n, top_k=k, z_loss_coef=0.0, **self.moe_fields(c, n))
+        return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=n_layers, n_heads=H,
+                           max_seq_len=_max_len(c, n_layers), rope_theta=hf_arch.rope_theta(c),
+                           rope_scaling=hf_arch.rope_scaling(c), norm_eps=c.float("rms_norm_eps", self.norm_eps),
+                           tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=qkv_bias,
+                           qk_norm=hf_arch.qk_norm(c), d_ff=c.int("intermediate_size"), n_dense_layers=n_dense,
+                           moe_every=every, moe=moe, **self.attention_fields(c, D, H))
+
+    def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
+        """MoEConfig fields besides the expert shape: a softmax router, its aux-loss coefficient."""
+        return {"norm_topk_prob": c.bool("norm_topk_prob", False),
+                "aux_loss_coef": c.float("router_aux_loss_coef", 0.0)}
+
+    def attention_fields(self, c: HFConfig, D: int, H: int) -> dict[str, Any]:
+        """ModelConfig fields of grouped-query attention."""
+        return {"n_kv_heads": hf_arch.kv_heads(c, H), "head_dim": hf_arch.head_dim(c, D, H)}
 
     def mismatch(self, cfg: ModelConfig) -> str | None:
         """Why this moelab config cannot be written as this architecture (None = it can)."""
@@ -238,7 +159,7 @@ class Adapter:
         return {
             "architectures": [self.architecture], "model_type": self.model_type,
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_width,
             "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
             "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
             "num_experts_per_tok": cfg.moe.top_k, "dtype": "float32", **_rope_params(cfg),
@@ -314,27 +235,15 @@ def ffn_entries(p: str, b: str, D: int, S: int) -> list[Entry]:
             Entry(p + "down_proj.weight", (D, S), b + "w_out.weight")]
 
 
-def _is_alias(e: Entry) -> bool:
-    return bool(e.covers)
-
-
 class Mixtral(Adapter):
     model_type, architecture = "mixtral", "MixtralForCausalLM"
     expert_names = ("w1", "w3", "w2")
     moe_prefix = "block_sparse_moe"
+    norm_eps = 1e-5
 
-    def config_from_hf(self, c: HFConfig) -> ModelConfig:
-        _silu(c)
-        D = c.int("hidden_size")
-        moe = MoEConfig(d_model=D, d_expert=c.int("intermediate_size"), n_experts=c.int("num_local_experts"),
-                        top_k=c.int("num_experts_per_tok"), router="topk_softmax", norm_topk_prob=True,
-                        aux_loss_coef=c.float("router_aux_loss_coef", 0.0), z_loss_coef=0.0)
-        return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
-                           n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
-                           head_dim=c.get("head_dim", None), max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
-                           rope_scaling=c.rope_scaling(),
-                           norm_eps=c.float("rms_norm_eps", 1e-5),
-                           tie_embeddings=c.bool("tie_word_embeddings", False), d_ff=moe.d_expert, moe=moe)
+    def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
+        """Mixtral always renormalises the top-k probabilities (no norm_topk_prob field)."""
+        return {"norm_topk_prob": True, "aux_loss_coef": c.float("router_aux_loss_coef", 0.0)}
 
     def mismatch(self, cfg: ModelConfig) -> str | None:
         if (why := self._common_mismatch(cfg)) is not None:
@@ -351,18 +260,11 @@ class Mixtral(Adapter):
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**self._base_hf(cfg), "intermediate_size": cfg.moe.d_expert, "num_local_experts": cfg.moe.n_experts,
-                "head_dim": cfg.head_width, "sliding_window": None, "router_jitter_noise": 0.0}
+                "sliding_window": None, "router_jitter_noise": 0.0}
 
 
 class _Qwen(Adapter):
-    """Shared parts of Qwen2-MoE and Qwen3-MoE: sparse-step / mlp-only layer layout, dense d_ff."""
-
-    def _layout(self, c: HFConfig) -> tuple[int, int]:
-        n = c.int("num_hidden_layers")
-        only = c.get("mlp_only_layers", []) or []
-        step = c.int("decoder_sparse_step", 1) or 1
-        moe = [i for i in range(n) if i not in only and (i + 1) % step == 0] if c.int("num_experts") > 0 else []
-        return _moe_layout(n, moe, c.source)
+    """Shared parts of Qwen2-MoE and Qwen3-MoE (their layer layout is `hf_arch.moe_layers`)."""
 
     def _qwen_mismatch(self, cfg: ModelConfig) -> str | None:
         m = cfg.moe
@@ -381,21 +283,12 @@ class _Qwen(Adapter):
 class Qwen2Moe(_Qwen):
     model_type, architecture = "qwen2_moe", "Qwen2MoeForCausalLM"
 
-    def config_from_hf(self, c: HFConfig) -> ModelConfig:
-        _silu(c)
-        D = c.int("hidden_size")
-        n_dense, every = self._layout(c)
-        shared = c.int("shared_expert_intermediate_size")
-        moe = MoEConfig(d_model=D, d_expert=c.int("moe_intermediate_size"), n_experts=c.int("num_experts"),
-                        top_k=c.int("num_experts_per_tok"), n_shared=1 if shared else 0, d_shared=shared or None,
-                        shared_gate=bool(shared), norm_topk_prob=c.bool("norm_topk_prob", False),
-                        aux_loss_coef=c.float("router_aux_loss_coef", 0.0), z_loss_coef=0.0)
-        return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
-                           n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
-                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
-                           rope_scaling=c.rope_scaling(), norm_eps=c.float("rms_norm_eps", 1e-6),
-                           tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=c.bool("qkv_bias", True),
-                           d_ff=c.int("intermediate_size"), n_dense_layers=n_dense, moe_every=every, moe=moe)
+    def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
+        """One shared expert of shared_expert_intermediate_size behind a sigmoid gate."""
+        c.require("shared_expert_intermediate_size", lambda v: v != 0, "an integer >= 1 (moelab's Qwen2-MoE "
+                  "has its shared expert)")
+        _, width = hf_arch.shared_experts(c)
+        return {**super().moe_fields(c, n_experts), "n_shared": 1, "d_shared": width, "shared_gate": True}
 
     def moe_entries(self, cfg: ModelConfig, p: str, b: str) -> list[Entry]:
         out = super().moe_entries(cfg, p, b)
@@ -421,22 +314,6 @@ class Qwen2Moe(_Qwen):
 class Qwen3Moe(_Qwen):
     model_type, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
 
-    def config_from_hf(self, c: HFConfig) -> ModelConfig:
-        _silu(c)
-        c.require("attention_bias", lambda v: not v, "false (biases on q/k/v/o are not implemented)")
-        D = c.int("hidden_size")
-        n_dense, every = self._layout(c)
-        moe = MoEConfig(d_model=D, d_expert=c.int("moe_intermediate_size"), n_experts=c.int("num_experts"),
-                        top_k=c.int("num_experts_per_tok"), norm_topk_prob=c.bool("norm_topk_prob", False),
-                        aux_loss_coef=c.float("router_aux_loss_coef", 0.0), z_loss_coef=0.0)
-        return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
-                           n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
-                           head_dim=c.get("head_dim", None), max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
-                           rope_scaling=c.rope_scaling(),
-                           norm_eps=c.float("rms_norm_eps", 1e-6), qk_norm="head",
-                           tie_embeddings=c.bool("tie_word_embeddings", False),
-                           d_ff=c.int("intermediate_size"), n_dense_layers=n_dense, moe_every=every, moe=moe)
-
     def mismatch(self, cfg: ModelConfig) -> str | None:
         if (why := self._common_mismatch(cfg) or self._qwen_mismatch(cfg)) is not None:
             return why
@@ -445,26 +322,16 @@ class Qwen3Moe(_Qwen):
         return next((why for ok, why in checks if not ok), None)
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
-        return {**self._qwen_hf(cfg), "head_dim": cfg.head_width, "attention_bias": False}
+        return {**self._qwen_hf(cfg), "attention_bias": False}
 
 
 class Olmoe(Adapter):
     model_type, architecture = "olmoe", "OlmoeForCausalLM"
+    norm_eps = 1e-5
 
     def config_from_hf(self, c: HFConfig) -> ModelConfig:
-        _silu(c)
-        c.require("attention_bias", lambda v: not v, "false (biases on q/k/v/o are not implemented)")
         c.require("clip_qkv", lambda v: v is None, "null (q/k/v clipping is not implemented)")
-        D = c.int("hidden_size")
-        moe = MoEConfig(d_model=D, d_expert=c.int("intermediate_size"), n_experts=c.int("num_experts"),
-                        top_k=c.int("num_experts_per_tok"), norm_topk_prob=c.bool("norm_topk_prob", False),
-                        aux_loss_coef=c.float("router_aux_loss_coef", 0.0), z_loss_coef=0.0)
-        return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=c.int("num_hidden_layers"),
-                           n_heads=c.int("num_attention_heads"), n_kv_heads=c.int("num_key_value_heads"),
-                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
-                           rope_scaling=c.rope_scaling(), norm_eps=c.float("rms_norm_eps", 1e-5),
-                           qk_norm="full", tie_embeddings=c.bool("tie_word_embeddings", False),
-                           d_ff=moe.d_expert, moe=moe)
+        return super().config_from_hf(c)
 
     def mismatch(self, cfg: ModelConfig) -> str | None:
         if (why := self._common_mismatch(cfg)) is not None:
@@ -474,8 +341,9 @@ class Olmoe(Adapter):
                   (cfg.qk_norm == "full", "qk_norm must be 'full'"),
                   (not cfg.qkv_bias, "qkv_bias must be False"),
                   (m.router == "topk_softmax", "router must be 'topk_softmax'"),
-                  (m.n_shared == 0, "n_shared must be 0"), (cfg.head_dim in (None, cfg.d_model // cfg.n_heads),
-                                                             "head_dim must be d_model // n_heads"),
+                  (m.n_shared == 0, "n_shared must be 0"),
+                  (cfg.head_width == cfg.d_model // cfg.n_heads, "head_dim must be d_model // n_heads (OLMoE sizes "
+                                                                  "its q/k norms by hidden_size)"),
                   (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
                   (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
         return next((why for ok, why in checks if not ok), None)
@@ -494,33 +362,30 @@ class DeepseekV3(Adapter):
     model_type, architecture = "deepseek_v3", "DeepseekV3ForCausalLM"
 
     def config_from_hf(self, c: HFConfig) -> ModelConfig:
-        _silu(c)
-        c.require("attention_bias", lambda v: not v, "false (MLA projection biases are not implemented)")
         c.require("topk_method", lambda v: v in (None, "noaux_tc"), "'noaux_tc' (sigmoid + score-correction bias)")
         c.require("scoring_func", lambda v: v in (None, "sigmoid"), "'sigmoid'")
         c.require("moe_layer_freq", lambda v: v in (None, 1), "1")
-        D, H = c.int("hidden_size"), c.int("num_attention_heads")
+        return super().config_from_hf(c)
+
+    def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
+        """Sigmoid router with a score-correction bias, group-limited routing, routed scaling, shared experts."""
+        n_groups, topk_groups = hf_arch.routing_groups(c, n_experts)
+        return {"n_shared": hf_arch.shared_experts(c)[0], "router": "sigmoid", "expert_bias": True,
+                "norm_topk_prob": c.bool("norm_topk_prob", True), "route_scale": c.float("routed_scaling_factor"),
+                "n_groups": n_groups, "topk_groups": topk_groups, "aux_loss_coef": 0.0}
+
+    def attention_fields(self, c: HFConfig, D: int, H: int) -> dict[str, Any]:
+        """Multi-head latent attention (`num_key_value_heads`, unused by MLA, may only restate the heads)."""
         c.require("num_key_value_heads", lambda v: v in (None, H), f"equal to num_attention_heads ({H}) for MLA")
-        n_shared = c.int("n_shared_experts", 0)
-        moe = MoEConfig(d_model=D, d_expert=c.int("moe_intermediate_size"), n_experts=c.int("n_routed_experts"),
-                        top_k=c.int("num_experts_per_tok"), n_shared=n_shared, router="sigmoid",
-                        norm_topk_prob=c.bool("norm_topk_prob", True),
-                        route_scale=c.float("routed_scaling_factor", 1.0), n_groups=c.int("n_group", 1),
-                        topk_groups=c.int("topk_group", 1), expert_bias=True, aux_loss_coef=0.0, z_loss_coef=0.0)
-        n_layers = c.int("num_hidden_layers")
-        return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=n_layers, n_heads=H, n_kv_heads=H,
-                           max_seq_len=_max_len(c), rope_theta=c.rope_theta(),
-                           rope_scaling=c.rope_scaling(), norm_eps=c.float("rms_norm_eps", 1e-6),
-                           tie_embeddings=c.bool("tie_word_embeddings", False), d_ff=c.int("intermediate_size"),
-                           n_dense_layers=min(c.int("first_k_dense_replace", 0), n_layers), moe=moe, attention="mla",
-                           q_lora_rank=c.get("q_lora_rank", None), kv_lora_rank=c.int("kv_lora_rank"),
-                           qk_nope_head_dim=c.int("qk_nope_head_dim"), qk_rope_head_dim=c.int("qk_rope_head_dim"),
-                           v_head_dim=c.int("v_head_dim"))
+        w = hf_arch.mla_widths(c)
+        return {"n_kv_heads": H, "attention": "mla", "q_lora_rank": w.q_lora_rank, "kv_lora_rank": w.kv_lora_rank,
+                "qk_nope_head_dim": w.qk_nope_head_dim, "qk_rope_head_dim": w.qk_rope_head_dim,
+                "v_head_dim": w.v_head_dim}
 
     def attention_entries(self, cfg: ModelConfig, p: str, b: str, c: HFConfig | None) -> list[Entry]:
         D, H, R = cfg.d_model, cfg.n_heads, cfg.qk_rope_head_dim
         qk, r_kv = cfg.qk_nope_head_dim + R, cfg.kv_lora_rank
-        interleave = c is not None and c.bool("rope_interleave", True)
+        interleave = c is not None and c.bool("rope_interleave", True, null=False)  # null: not interleaved
         q_perm = kv_perm = None
         if interleave:  # rotary rows of each head (q) and the shared rotary key (kv_a) → rotate-half order
             rot = _deinterleave(R)
@@ -572,22 +437,24 @@ class DeepseekV3(Adapter):
                 "attention_bias": False, "num_nextn_predict_layers": 0}
 
 
-ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(), DeepseekV3())}
+# model_type -> the adapter that maps its config.json and tensors to moelab's (load and save)
+CHECKPOINT_ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(),
+                                                                     DeepseekV3())}
 
 
 def adapter_for(c: HFConfig) -> Adapter:
     """The adapter of a config.json's `model_type`, or ValueError naming it and the supported ones."""
     model_type = c.data.get("model_type")
-    if model_type not in ADAPTERS:
-        raise ValueError(f"{c.source}: model_type={model_type!r} is not supported by moelab.hf: allowed "
-                         + ", ".join(repr(k) for k in ADAPTERS))
-    return ADAPTERS[model_type]
+    if not isinstance(model_type, str) or model_type not in CHECKPOINT_ADAPTERS:
+        raise ValueError(f"{c.where}: model_type={model_type!r} is not supported by moelab.hf: allowed "
+                         + ", ".join(repr(k) for k in CHECKPOINT_ADAPTERS))
+    return CHECKPOINT_ADAPTERS[model_type]
 
 
 def adapter_matching(cfg: ModelConfig) -> Adapter:
     """The architecture a moelab config can be exported as, or ValueError listing why none fits."""
     reasons = []
-    for a in ADAPTERS.values():
+    for a in CHECKPOINT_ADAPTERS.values():
         why = a.mismatch(cfg)
         if why is None:
             return a
