@@ -38,19 +38,11 @@ class LoadedModel:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
 
-def is_hf_dir(path: Path) -> bool:
-    """A directory holding a Hugging Face config.json (one with `model_type`)."""
-    try:
-        return isinstance(json.loads((path / "config.json").read_text()).get("model_type"), str)
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load_model(path: str | Path, **hf_options: Any) -> LoadedModel:
     """The model (eval mode) and tokenizer of a moelab run or a Hugging Face directory; `hf_options` go to
     `moelab.hf.load` (e.g. dtype). ValueError / FileNotFoundError naming the path otherwise."""
     from moelab.data import load_tokenizer
-    from moelab.rundir import TOKENIZER, RunDir, load_run
+    from moelab.rundir import TOKENIZER, RunDir, is_hf_dir, load_run
 
     path = Path(path)
     if not path.exists():

@@ -300,7 +300,7 @@ def load_run(path: str | Path):
     target = path if (path / "manifest.json").is_file() else RunDir(path).latest_checkpoint()
     if target is None:
         hint = (" — it looks like a Hugging Face model directory (config.json with model_type): convert it with "
-                f"`moelab convert --from-hf {path} RUN`" if _is_hf_dir(path) else "")
+                f"`moelab convert --from-hf {path} RUN`" if is_hf_dir(path) else "")
         raise ValueError(f"{path} is not a moelab run: it holds no checkpoint (checkpoints/step_*, written by "
                          f"`moelab train` or `moelab convert --from-hf`){hint}")
     ckpt_io.verify(target)
@@ -310,8 +310,9 @@ def load_run(path: str | Path):
     return model.eval(), config
 
 
-def _is_hf_dir(path: Path) -> bool:
+def is_hf_dir(path: Path) -> bool:
+    """A directory holding a Hugging Face config.json (one with a `model_type` string)."""
     try:
-        return "model_type" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+        return isinstance(json.loads((path / "config.json").read_text()).get("model_type"), str)
+    except (OSError, ValueError, AttributeError):
         return False
