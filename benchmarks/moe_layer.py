@@ -58,7 +58,8 @@ import torch
 from torch import nn
 
 from moelab import MoE, MoEConfig
-from moelab.experts import FeedForward, activate, fast_linear, onednn_matmul_available
+from moelab.experts import FeedForward
+from moelab.kernels import activate, fast_linear, onednn_matmul_available
 
 D_MODEL, D_EXPERT = 1024, 512
 TARGETS = {("fwd+bwd", 8): 1.15, ("fwd+bwd", 64): 1.15, ("fwd+bwd", 256): 1.35}  # (mode, E) at T = 4096
@@ -75,7 +76,7 @@ HF_IMPLS = ("grouped_mm", "eager", "batched_mm")
 
 class DenseTwinSameKernel(nn.Module):
     """The dense twin's weights, computed with the experts' float32 matmul kernel (oneDNN), forward and
-    backward (`moelab.experts.fast_linear`)."""
+    backward (`moelab.kernels.fast_linear`)."""
 
     def __init__(self, twin: FeedForward) -> None:
         super().__init__()

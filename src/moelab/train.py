@@ -28,8 +28,7 @@ from moelab import checkpoint as ckpt_io
 from moelab.config import ModelConfig, TrainConfig, check_device_name
 from moelab.data import TokenData, prepare_data
 from moelab.model import MoETransformer
-from moelab.parallel import ParallelContext, setup_from_env
-from moelab.parallel.expert import comm_stats
+from moelab.parallel import ParallelContext, exchange_stats, setup_from_env
 
 SINGLE_PROCESS = ParallelContext()
 
@@ -185,10 +184,11 @@ def _restore(run_dir: Path, config: dict[str, Any], model: MoETransformer) -> Pa
     return latest
 
 
-def _parallel_stats(ctx: ParallelContext, step_seconds: float, auxes: list) -> dict[str, Any]:
+def _parallel_stats(ctx: ParallelContext, step_seconds: float, auxes: list, model: MoETransformer) -> dict[str, Any]:
     """The straggler view of one step, one entry per rank: step time, all-to-all time and its share,
     rows sent to / received from other ranks, and each MoE layer's share of the load on each rank."""
-    per_rank = ctx.gather([step_seconds, comm_stats.seconds, comm_stats.rows_sent, comm_stats.rows_received])
+    a2a = exchange_stats(model)
+    per_rank = ctx.gather([step_seconds, a2a.seconds, a2a.rows_sent, a2a.rows_received])
     loads = [sum(m[i].load for m in auxes) for i in range(len(auxes[0]))] if auxes and auxes[0] else []
     return {"ep_step_s": [r[0] for r in per_rank], "ep_a2a_s": [r[1] for r in per_rank],
             "ep_a2a_share": [r[1] / max(r[0], 1e-12) for r in per_rank],
@@ -244,7 +244,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data_path, r
     with open(run_dir / "metrics.jsonl", "a") if ctx.is_main else contextlib.nullcontext() as metrics:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            comm_stats.reset()
+            exchange_stats(model, reset=True)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -279,7 +279,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: Path, data_path, r
                           "lr": lr, "grad_norm": grad_norm, "tokens": train_tokens,
                           "tokens_per_s": window_tokens / window_t, **_layer_stats(auxes, model)}
                 if ctx.distributed:
-                    record |= _parallel_stats(ctx, dt, auxes)
+                    record |= _parallel_stats(ctx, dt, auxes, model)
                 window_t, window_tokens = 0.0, 0
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 val_loss = evaluate(model, data, cfg, ctx)
