@@ -64,7 +64,7 @@ def touched_by_one_token(model: MoETransformer, token: int = 5) -> tuple[int, li
             experts_used[module] = int((args[1] > 0).sum())
 
     # the MoE layer reaches its experts either through Experts.forward (rows, counts) or, on the fused
-    # CPU path, through kernels.routed_ffn (tokens, token_idx, weight, counts, the store's w_in, ...):
+    # CPU path, through fused.routed_ffn (tokens, token_idx, weight, counts, the store's w_in, ...):
     # record both
     banks_by_weight = {id(m.w_in): m for m in model.modules() if isinstance(m, Experts)}
     original_routed = paths.routed_ffn

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moelab import fused
+from moelab.fused import _padded_rows, routed_ffn
 from moelab.kernels import (
     _GroupedMM,
-    _padded_rows,
     activate,
     activate_backward,
     fast_linear,
     grouped_ffn,
     grouped_mm_available,
     matmul_fn,
-    routed_ffn,
 )
 from moelab.policy import grouped_backend
 
@@ -116,6 +116,31 @@ def routed_case(counts, activation, dtype, seed=0, T=6, D=16, I=16):
     return x, token_idx, weight, torch.tensor(counts), w_in, w_out
 
 
+@pytest.fixture(params=["workers", "calling thread"])
+def threads(request, monkeypatch):
+    """The fused FFN on its single-threaded workers (when torch runs ≥ 2 threads) and in the calling thread."""
+    if request.param == "calling thread":
+        monkeypatch.setattr(fused, "_workers", lambda n: None)
+    return request.param
+
+
+def test_fused_workers_are_single_threaded_and_leave_the_thread_count_alone():
+    import threading
+
+    n = max(2, torch.get_num_threads())
+    before = torch.get_num_threads()
+    pool = fused._workers(n)
+    assert pool is not None  # this torch build gives each thread its own count
+    assert set(pool.map(lambda _: torch.get_num_threads(), range(4 * n))) == {1}
+    torch.set_num_threads(before)  # (n may differ from the count this process runs)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == before and seen == [before]
+    assert fused._workers(1) is None
+
+
 ROUTED_DTYPES = [(torch.float64, {}), (torch.float32, dict(atol=2e-4, rtol=2e-4)),
                  (torch.bfloat16, dict(atol=0.1, rtol=0.05))]
 
@@ -123,7 +148,7 @@ ROUTED_DTYPES = [(torch.float64, {}), (torch.float32, dict(atol=2e-4, rtol=2e-4)
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 4, 0], [6, 6, 6, 6], [0, 0, 0, 0], [1]])
 @pytest.mark.parametrize("dtype,tol", ROUTED_DTYPES)
-def test_routed_ffn_matches_reference(dtype, tol, counts, activation):
+def test_routed_ffn_matches_reference(dtype, tol, counts, activation, threads):
     x, token_idx, weight, counts_t, w_in, w_out = routed_case(counts, activation, dtype)
     y = routed_ffn(x, token_idx, weight, counts_t, w_in, w_out, activation)
     assert y.dtype == dtype and y.shape == x.shape
@@ -141,7 +166,7 @@ def test_routed_ffn_matches_reference(dtype, tol, counts, activation):
 
 
 @pytest.mark.parametrize("dtype,tol", ROUTED_DTYPES[:2])
-def test_routed_ffn_pads_row_counts_exactly(dtype, tol):
+def test_routed_ffn_pads_row_counts_exactly(dtype, tol, threads):
     """Counts above 16 are padded to a bucket with weight-0 copies of the last token; nothing changes."""
     counts = [33, 0, 70, 1, 17]  # 33 -> 34 and 70 -> 72 rows
     assert [_padded_rows(n) for n in counts] == [34, 0, 72, 1, 17]
@@ -158,7 +183,7 @@ def test_routed_ffn_pads_row_counts_exactly(dtype, tol):
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_routed_ffn_gradcheck(activation):
+def test_routed_ffn_gradcheck(activation, threads):
     x, token_idx, weight, counts, w_in, w_out = routed_case([2, 0, 3], activation, torch.float64, T=4, D=3, I=2)
     weight = weight.detach().double().requires_grad_()
     assert torch.autograd.gradcheck(

@@ -8,7 +8,8 @@ import torch
 
 from moelab import MoE, MoEConfig, kernels, paths, policy
 from moelab.experts import Experts, ExpertStore
-from moelab.kernels import decode_ffn, grouped_mm_available, routed_ffn
+from moelab.fused import routed_ffn
+from moelab.kernels import decode_ffn, grouped_mm_available
 from moelab.policy import DECODE, FUSED, GROUPED, INFERENCE_GROUPED_MAX_ROWS, choose_path
 from reference import moe_reference
 

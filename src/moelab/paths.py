@@ -7,7 +7,7 @@ the number of assignments dropped by capacity:
     y_TD, n_dropped = path(layer, x_TD, routing, dtype)
 
 - `DecodePath`: one token (inference): its k experts straight from the store, no sort or scatter.
-- `FusedPath`: permute, then `kernels.routed_ffn` — gather, FFN and scatter-add one expert segment at
+- `FusedPath`: permute, then `fused.routed_ffn` — gather, FFN and scatter-add one expert segment at
   a time (stacked dense weights).
 - `GroupedPath(backend)`: permute → the store's grouped compute over the rows in expert order (the
   kernel "loop", "padded" or "grouped_mm"; a store without stacked weights runs its experts one at a
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from moelab.config import MoEConfig
 from moelab.dispatch import combine, permute, token_choice_capacity
-from moelab.kernels import routed_ffn
+from moelab.fused import routed_ffn
 from moelab.routing import Routing
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class DecodePath(Path):
 
 
 class FusedPath(Path):
-    """permute → `kernels.routed_ffn`: nothing [A, D] wide is materialised (stacked dense stores)."""
+    """permute → `fused.routed_ffn`: nothing [A, D] wide is materialised (stacked dense stores)."""
 
     name = "fused"
 
