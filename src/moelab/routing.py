@@ -7,9 +7,10 @@ Every router returns the same `Routing`, so dispatch and expert compute never kn
 Legend: T = tokens, D = model width, E = routed experts, K = experts per token, A = assignments.
 
 Routers
-- "topk_softmax": p = softmax(x·Wᵀ); the top-k of p (optionally of p + bias for selection, optionally
-  group-limited); weights p_i, renormalised over the k when `norm_topk_prob` (Mixtral; Jiang et al.
-  2024) or not (OLMoE, Qwen `norm_topk_prob=False`).
+- "topk_softmax": p = softmax(z), z = x·Wᵀ; the top-k of p, i.e. of z (with `expert_bias`, of z + b:
+  the bias scales p by exp(b) for selection only; optionally group-limited); weights p_i from the
+  unbiased p, renormalised over the k when `norm_topk_prob` (Mixtral; Jiang et al. 2024) or not (OLMoE,
+  Qwen `norm_topk_prob=False`).
 - "switch": top-1 of the softmax with weight p_i (never renormalised — the router would get no
   gradient); used with a capacity factor (Switch Transformer, Fedus et al. 2021).
 - "sigmoid": s = sigmoid(x·Wᵀ); selection on s + b (b: per-expert bias, selection only), optionally
