@@ -272,7 +272,7 @@ def run_cell(dtype: torch.dtype, E: int, k: int, T: int, mode: str, args, hf_ok:
         modules["moelab-DS"] = mod(moelab_layer(E, k, deepseek=True))
 
     with torch.no_grad():  # distinct experts this batch touches (routing is what the layer computed)
-        cell.touched = int((modules["moelab"](x)[1].load > 0).sum())
+        cell.touched = int((modules["moelab"](x, stats=True)[1].load > 0).sum())
 
     if hf_ok:
         for model in args.hf_models:

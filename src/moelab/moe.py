@@ -47,7 +47,8 @@ class MoEAux:
     n_tokens: T, the number of tokens routed.
     topk_idx [T, K]: each token's chosen experts (token-choice routers; None for expert choice).
     load, dropped_frac, router_entropy and topk_idx are None when the statistics were not computed.
-    Under expert parallelism load, dropped_frac, router_entropy and n_tokens are over all ranks.
+    Under expert parallelism load, dropped_frac, router_entropy and n_tokens are over all ranks (their
+    reduction is a collective: every rank must compute statistics alike); topk_idx is this rank's.
     """
 
     losses: dict[str, Tensor] = field(default_factory=dict)
