@@ -68,8 +68,9 @@ class DecodePath(Path):
     name = "decode"
 
     def __call__(self, layer, x_TD, routing, dtype):
-        experts, weights = routing.topk_idx.tolist()[0], routing.topk_weight.tolist()[0]  # no row select:
-        return layer.experts.decode(x_TD, experts, weights, dtype), 0  # each op costs at decode
+        # host lists, not row selects: at decode every tensor op counts
+        experts, weights = routing.topk_idx.tolist()[0], routing.topk_weight.tolist()[0]
+        return layer.experts.decode(x_TD, experts, weights, dtype), 0
 
 
 class FusedPath(Path):
