@@ -5,8 +5,8 @@ hand-written backward, on single-threaded workers that each take a share of the 
 Nothing A × D wide is materialised: every temporary is one expert's size, so it comes back from the
 allocator's free lists instead of costing fresh pages. The per-expert ops are small; run as parallel
 regions of torch's intra-op threads, each waits for all of its threads, and on a busy CPU one of them
-is often descheduled. So the experts are split into contiguous groups of about equal rows, one per
-worker thread; a worker runs its ops on one thread from start to finish, into its own y (and dx), and
+is often descheduled. So the experts are split into groups of about equal rows, one per worker
+thread; a worker runs its ops on one thread from start to finish, into its own y (and dx), and
 the workers meet once per call (docs/BENCHMARKS.md, "Oversubscription"). Where a torch build cannot
 give a thread its own thread count, or torch runs one thread, the segments run in the calling thread.
 
@@ -33,9 +33,10 @@ _ONEDNN_WGRAD_MIN_ROWS = 256
 
 
 class Segment(NamedTuple):
-    """One expert's rows: expert e, padded row count n, token indices [n], weights [n, 1], the number
-    of real (unpadded) rows, and where they start in the assignment list."""
+    """One expert's rows: its index i among the segments, expert e, padded row count n, token indices
+    [n], weights [n, 1], the number of real (unpadded) rows, and where they start in the assignments."""
 
+    i: int
     e: int
     n: int
     idx: Tensor
@@ -68,7 +69,7 @@ def _segments(sizes: list[int], token_idx: Tensor, weight_A: Tensor) -> list[Seg
             if pad:
                 idx = torch.cat((idx, idx[-1:].expand(pad)))
                 w = torch.cat((w, w.new_zeros(pad, 1)))
-            out.append(Segment(e, rows + pad, idx, w, rows, start))
+            out.append(Segment(len(out), e, rows + pad, idx, w, rows, start))
         start += rows
     return out
 
@@ -132,12 +133,14 @@ def _workers(n: int) -> ThreadPoolExecutor | None:
 
 
 def _parts(segments: list[Segment], n: int) -> list[list[Segment]]:
-    """At most n contiguous groups of segments with about equal rows each."""
+    """At most n groups of segments with about equal rows each: the largest segment first, each to the
+    group with the fewest rows so far."""
     parts: list[list[Segment]] = [[] for _ in range(n)]
-    total, done = max(1, sum(s.n for s in segments)), 0
-    for s in segments:
-        parts[min(n - 1, done * n // total)].append(s)
-        done += s.n
+    rows = [0] * n
+    for s in sorted(segments, key=lambda s: -s.n):
+        j = rows.index(min(rows))
+        parts[j].append(s)
+        rows[j] += s.n
     return [p for p in parts if p]
 
 
@@ -173,29 +176,31 @@ def _sum_into_first(parts: list[Tensor]) -> Tensor:
 # --------------------------------------------------------------------------------- forward, backward
 
 def _forward_part(part: list[Segment], x_TD: Tensor, w_in: Tensor, w_out: Tensor, activation: str,
-                  y_TD: Tensor, h_saved: list[Tensor] | None) -> None:
+                  y_TD: Tensor, h_saved: list[Tensor | None] | None) -> None:
     for s in part:
         mm = matmul_fn(x_TD.device.type, x_TD.dtype, s.n)
         h = mm(F.embedding(s.idx, x_TD), w_in[s.e])  # [n, H]; embedding = the fastest row gather here
         _add_rows(y_TD, s.idx, mm(activate(h, activation).mul_(s.w), w_out[s.e]), s.rows)
         if h_saved is not None:
-            h_saved.append(h)
+            h_saved[s.i] = h
 
 
 def _routed_forward(x_TD: Tensor, weight_A: Tensor, w_in: Tensor, w_out: Tensor, token_idx: Tensor,
                     sizes: list[int], activation: str, keep_h: bool) -> tuple[Tensor, list[Tensor]]:
-    """y [T, D] and, with `keep_h`, every segment's pre-activation h (for the backward)."""
-    parts = _split(_segments(sizes, token_idx, weight_A))
+    """y [T, D] and, with `keep_h`, every segment's pre-activation h in segment order (for the backward)."""
+    segments = _segments(sizes, token_idx, weight_A)
+    parts = _split(segments)
     ys = [x_TD.new_zeros(x_TD.shape) for _ in parts] or [x_TD.new_zeros(x_TD.shape)]
-    hs: list[list[Tensor] | None] = [[] if keep_h else None for _ in parts]
-    _run(_forward_part, [(p, x_TD, w_in, w_out, activation, y, h) for p, y, h in zip(parts, ys, hs)])
-    return _sum_into_first(ys), [h for part in hs if part for h in part]
+    h_saved = [None] * len(segments) if keep_h else None
+    _run(_forward_part, [(p, x_TD, w_in, w_out, activation, y, h_saved) for p, y in zip(parts, ys)])
+    return _sum_into_first(ys), h_saved or []
 
 
 def _backward_part(part: list[Segment], h_saved: list[Tensor], x_TD: Tensor, dy_TD: Tensor, w_in: Tensor,
                    w_out: Tensor, activation: str, dx_TD: Tensor | None, dw_A: Tensor | None,
                    dw_in: Tensor | None, dw_out: Tensor | None) -> None:
-    for s, h in zip(part, h_saved):
+    for s in part:
+        h = h_saved[s.i]
         mm = matmul_fn(dy_TD.device.type, dy_TD.dtype, s.n)
         dy = F.embedding(s.idx, dy_TD)  # [n, D]
         dz = mm(dy, w_out[s.e].t())  # [n, I]
@@ -244,12 +249,8 @@ class _RoutedFFN(torch.autograd.Function):
                          for w, need in ((w_in, need_win), (w_out, need_wout)))
         parts = _split(_segments(sizes, token_idx, weight_A))
         dxs = [torch.zeros_like(x_TD) if need_x else None for _ in parts] or [torch.zeros_like(x_TD)]
-        calls, first = [], 0
-        for part, dx in zip(parts, dxs):
-            hs = h_saved[first:first + len(part)]
-            calls.append((part, hs, x_TD, dy_TD, w_in, w_out, ctx.activation, dx, dw_A, dw_in, dw_out))
-            first += len(part)
-        _run(_backward_part, calls)
+        _run(_backward_part, [(part, h_saved, x_TD, dy_TD, w_in, w_out, ctx.activation, dx, dw_A, dw_in, dw_out)
+                              for part, dx in zip(parts, dxs)])
         return _sum_into_first(dxs) if need_x else None, dw_A, dw_in, dw_out, None, None, None
 
 
