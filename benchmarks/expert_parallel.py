@@ -34,8 +34,7 @@ import torch.multiprocessing as mp
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
 from moelab.config import TrainConfig
-from moelab.parallel import ParallelContext
-from moelab.parallel.expert import comm_stats
+from moelab.parallel import ParallelContext, exchange_stats
 from moelab.train import make_optimizer
 
 
@@ -65,7 +64,7 @@ def _rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
     rows = []
     for step in range(args.warmup + args.steps):
         ids = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen)  # the global batch
-        comm_stats.reset()
+        exchange_stats(model, reset=True)
         t0 = time.perf_counter()
         out = model(ctx.shard(ids[:, :-1]), targets=ctx.shard(ids[:, 1:]))
         (out.loss + out.aux_loss).backward()
@@ -76,8 +75,8 @@ def _rank_main(rank: int, world: int, port: int, args, out_path: str) -> None:
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
         if step >= args.warmup:
-            rows.append([t3 - t0, t1 - t0, comm_stats.seconds, t2 - t1, t3 - t2, comm_stats.rows_sent,
-                         comm_stats.rows_received])
+            a2a = exchange_stats(model)
+            rows.append([t3 - t0, t1 - t0, a2a.seconds, t2 - t1, t3 - t2, a2a.rows_sent, a2a.rows_received])
     mine = [statistics.median(col) for col in zip(*rows)]
     per_rank = ctx.gather(mine)
     if rank == 0:

@@ -23,11 +23,15 @@ def expert_ffn(x_d, w_in_dh, w_out_fd, activation):
 
 def route_token(logits_e, cfg, bias=None):
     """One token's chosen experts (selected by sorting Python floats) and their weights (torch
-    scalars, so gradients flow to the router as in the real layer)."""
+    scalars, so gradients flow to the router as in the real layer).
+
+    Selection is on sigmoid scores + bias (DeepSeek-V3) or, for the softmax routers, on logits + bias
+    (the bias scales the probabilities by exp(b)); the weights come from the unbiased scores."""
     E = logits_e.shape[0]
     scores_t = torch.sigmoid(logits_e) if cfg.router == "sigmoid" else torch.softmax(logits_e, dim=0)
-    scores = [float(v) for v in scores_t.detach()]
-    sel = [s + (float(bias[i]) if bias is not None and cfg.expert_bias else 0.0) for i, s in enumerate(scores)]
+    ranked = scores_t if cfg.router == "sigmoid" else logits_e
+    sel = [float(v) + (float(bias[i]) if bias is not None and cfg.expert_bias else 0.0)
+           for i, v in enumerate(ranked.detach())]
     allowed = set(range(E))
     if cfg.n_groups > 1:
         size = E // cfg.n_groups

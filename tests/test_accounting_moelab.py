@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from moelab import ModelConfig, MoEConfig  # noqa: E402
+from moelab import ModelConfig, MoEConfig, paths  # noqa: E402
 from moelab.accounting import count_params  # noqa: E402
 from moelab.experts import Experts  # noqa: E402
 from moelab.model import MoETransformer  # noqa: E402
@@ -64,20 +64,23 @@ def touched_by_one_token(model: MoETransformer, token: int = 5) -> tuple[int, li
             experts_used[module] = int((args[1] > 0).sum())
 
     # the MoE layer reaches its experts either through Experts.forward (rows, counts) or, on the fused
-    # CPU path, through Experts.routed (tokens, token_idx, weight, counts): record both
-    original_routed = Experts.routed
+    # CPU path, through fused.routed_ffn (tokens, token_idx, weight, counts, the store's w_in, ...):
+    # record both
+    banks_by_weight = {id(m.w_in): m for m in model.modules() if isinstance(m, Experts)}
+    original_routed = paths.routed_ffn
 
-    def routed(self, x_TD, token_idx, weight_A, counts):
-        ran.append(self)
-        experts_used[self] = int((counts > 0).sum())
-        return original_routed(self, x_TD, token_idx, weight_A, counts)
+    def routed(x_TD, token_idx, weight_A, counts, w_in, *rest):
+        module = banks_by_weight[id(w_in)]
+        ran.append(module)
+        experts_used[module] = int((counts > 0).sum())
+        return original_routed(x_TD, token_idx, weight_A, counts, w_in, *rest)
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
-    Experts.routed = routed
+    paths.routed_ffn = routed
     try:
         out = model(torch.tensor([[token]]))
     finally:
-        Experts.routed = original_routed
+        paths.routed_ffn = original_routed
         for h in handles:
             h.remove()
     touched, seen = 0, set()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moelab import MoE, MoEConfig
-from moelab.balance import router_entropy, seq_aux_loss, switch_loss, update_expert_bias, z_loss
+from moelab.balance import expert_counts, router_entropy, seq_aux_loss, switch_loss, update_expert_bias, z_loss
 
 
 @pytest.mark.parametrize("E,k", [(4, 1), (8, 2), (16, 4)])
@@ -16,10 +16,11 @@ def test_switch_loss_is_one_when_uniform_and_E_when_collapsed(E, k):
     T = 4 * E
     uniform_probs = torch.full((T, E), 1.0 / E)
     balanced_idx = torch.arange(T * k) % E  # every expert gets the same number of assignments
-    assert switch_loss(uniform_probs, balanced_idx).item() == pytest.approx(1.0)
+    assert switch_loss(uniform_probs, expert_counts(balanced_idx, E)).item() == pytest.approx(1.0)
     collapsed_probs = torch.zeros(T, E)
     collapsed_probs[:, 0] = 1.0
-    assert switch_loss(collapsed_probs, torch.zeros(T * k, dtype=torch.long)).item() == pytest.approx(E)
+    collapsed_idx = torch.zeros(T * k, dtype=torch.long)
+    assert switch_loss(collapsed_probs, expert_counts(collapsed_idx, E)).item() == pytest.approx(E)
 
 
 def test_switch_loss_matches_a_loop():
@@ -30,7 +31,7 @@ def test_switch_loss_matches_a_loop():
     f = [sum(1 for i in idx.tolist() if i == e) / (T * k) for e in range(E)]
     P = [sum(probs[t, e].item() for t in range(T)) / T for e in range(E)]
     expected = E * sum(fe * pe for fe, pe in zip(f, P))
-    assert switch_loss(probs, idx).item() == pytest.approx(expected, rel=1e-6)
+    assert switch_loss(probs, expert_counts(idx, E)).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_seq_aux_loss_matches_a_loop_and_is_one_when_uniform():
@@ -87,7 +88,7 @@ def test_bias_update_moves_a_skewed_stream_toward_uniform(router, rate):
         if step == 0:
             first = aux.load
         last = aux.load
-        moe.update_bias(aux.load)
+        moe.update_expert_bias(aux.load)
     assert imbalance(first) > 3.0  # the stream really is skewed
     assert imbalance(last) < 1.5, f"load still skewed: {last.tolist()}"
     assert imbalance(last) < imbalance(first) / 2
@@ -96,5 +97,5 @@ def test_bias_update_moves_a_skewed_stream_toward_uniform(router, rate):
 
 def test_bias_update_is_a_noop_without_expert_bias():
     moe = MoE(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=1))
-    moe.update_bias(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+    moe.update_expert_bias(torch.tensor([10.0, 0.0, 0.0, 0.0]))
     assert torch.all(moe.router.bias == 0)

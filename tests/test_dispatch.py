@@ -10,8 +10,8 @@ from moelab.routing import Routing
 
 def routing_of(token_idx, expert_idx, weight, E):
     T = max(token_idx) + 1
-    return Routing(torch.tensor(token_idx), torch.tensor(expert_idx), torch.tensor(weight, dtype=torch.float64),
-                   torch.zeros(T, E), torch.full((T, E), 1.0 / E), None)
+    chosen = (torch.tensor(token_idx), torch.tensor(expert_idx), torch.tensor(weight, dtype=torch.float64))
+    return Routing(torch.zeros(T, E), torch.full((T, E), 1.0 / E), chosen=chosen)
 
 
 def test_permute_sorts_stably_and_counts():

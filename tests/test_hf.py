@@ -376,7 +376,7 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
     assert report["total_params"] == sum(p.numel() for p in hf_model.parameters())
     # routing statistics of the converted model: per-layer expert load = transformers' router top-k counts
     with torch.no_grad():
-        aux = model(_ids()).aux
+        aux = model(_ids(), stats=True).aux  # routing statistics under no_grad: asked for
         router_logits = hf_model(_ids(), output_router_logits=True).router_logits
     assert len(aux) == len(router_logits) == 2
     for a, logits in zip(aux, router_logits):

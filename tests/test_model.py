@@ -60,10 +60,12 @@ def test_causal_and_loss_matches_cross_entropy(name):
     torch.testing.assert_close(out.loss, manual)
     assert len(out.aux) == sum(model.cfg.is_moe_layer(i) for i in range(model.cfg.n_layers))
     torch.testing.assert_close(out.aux_loss, sum(a.total_loss for a in out.aux))
-    with torch.no_grad():  # inference: the layers' statistics stay deferred until read, then equal
-        quiet = model(ids, targets=ids)
-    assert all("deferred" in repr(a) for a in quiet.aux)
-    torch.testing.assert_close(quiet.aux_loss, out.aux_loss.detach())
+    with torch.no_grad():  # inference computes the layers' statistics only when asked; then they are equal
+        quiet, asked = model(ids, targets=ids), model(ids, targets=ids, stats=True)
+    assert all(a.load is None for a in quiet.aux) and quiet.aux_loss == 0
+    torch.testing.assert_close(asked.aux_loss, out.aux_loss.detach())
+    for a, b in zip(asked.aux, out.aux, strict=True):
+        torch.testing.assert_close(a.load, b.load)
 
 
 def test_rope_rotates_pairs_by_position_angle():
@@ -89,6 +91,41 @@ def test_too_long_sequence_is_a_clear_error():
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         model(torch.zeros(33, dtype=torch.long))
+
+
+def test_bad_token_ids_are_a_clear_error():
+    model = build("gqa_dense_first")
+    with pytest.raises(ValueError, match=r"ids in \[0, 97\]: allowed 0 <= id < vocab_size=97"):
+        model(torch.tensor([[0, 5, 97]]))
+    with pytest.raises(ValueError, match=r"ids in \[-1, 5\]: allowed 0 <= id < vocab_size=97"):
+        model(torch.tensor([[-1, 5]]))
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (2, 0)])
+def test_zero_tokens_give_empty_logits(shape):
+    model = build("mla_sigmoid")
+    ids = torch.zeros(shape, dtype=torch.long)
+    out = model(ids, targets=ids)
+    assert out.logits.shape == (*shape, 97) and out.loss.isnan()  # the mean over no tokens
+    with torch.no_grad():
+        assert model(ids).logits.shape == (*shape, 97)
+
+
+def test_weights_are_initialised_once_with_the_residual_std_on_projections_into_the_stream():
+    cfg = CONFIGS["every_other_full_qknorm"].replace(d_model=128, d_ff=256, moe=MOE.replace(d_model=128, d_expert=128))
+    torch.manual_seed(0)
+    model = MoETransformer(cfg)
+    resid = 0.02 / math.sqrt(2 * cfg.n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.all(p == 1), name
+        elif name.endswith(".bias"):
+            assert torch.all(p == 0), name
+        else:
+            into_stream = name.endswith(("wo.weight", "w_out.weight", "experts.w_out"))
+            assert p.std().item() == pytest.approx(resid if into_stream else 0.02, rel=0.15), name
 
 
 def test_update_expert_biases_reaches_every_moe_layer():

@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moelab import MoE, MoEAux, MoEConfig
-from moelab.experts import grouped_mm_available
+from moelab.kernels import grouped_mm_available
 from reference import moe_reference
 
-D, F_ = 8, 8  # tiny widths, 16-byte aligned so grouped_mm can run in float32
+D, I = 8, 8  # tiny widths, 16-byte aligned so grouped_mm can run in float32
 
 CONFIGS = {
     "mixtral": dict(router="topk_softmax", n_experts=4, top_k=2),
@@ -23,6 +23,7 @@ CONFIGS = {
     "deepseek_v3": dict(router="sigmoid", n_experts=8, top_k=2, n_groups=4, topk_groups=2, route_scale=2.5,
                         expert_bias=True, n_shared=1, seq_aux_loss_coef=1e-3),
     "softmax_groups": dict(router="topk_softmax", n_experts=8, top_k=3, n_groups=4, topk_groups=2),
+    "softmax_bias": dict(router="topk_softmax", n_experts=8, top_k=2, expert_bias=True, n_groups=4, topk_groups=2),
     "expert_choice": dict(router="expert_choice", n_experts=4, top_k=2, capacity_factor=1.0),
     "qwen2_shared_gate": dict(router="topk_softmax", n_experts=4, top_k=2, n_shared=2, shared_gate=True,
                               norm_topk_prob=False),
@@ -31,14 +32,14 @@ CONFIGS = {
 BACKENDS = ["loop", "padded", "grouped_mm"]
 
 
-def make(name: str, backend: str, dtype=torch.float64, seed: int = 0, **over) -> MoE:
+def make(name: str, backend: str, dtype=torch.float64, seed: int = 0, bias_std: float = 0.1, **over) -> MoE:
     torch.manual_seed(seed)
-    kw = dict(d_model=D, d_expert=F_, backend=backend) | CONFIGS[name] | over
+    kw = dict(d_model=D, d_expert=I, backend=backend) | CONFIGS[name] | over
     moe = MoE(MoEConfig(**kw)).to(dtype)
     with torch.no_grad():  # larger weights than the LM init so that outputs and gradients are O(1)
         for p in moe.parameters():
             p.normal_(0, 0.5)
-        moe.router.bias.normal_(0, 0.1)
+        moe.router.bias.normal_(0, bias_std)
     return moe
 
 
@@ -117,7 +118,7 @@ def test_property_shapes_and_edge_cases(lead, seq, n_experts, data):
     if router == "expert_choice" and cf is None:
         cf = 1.0
     torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
-    moe = MoE(MoEConfig(d_model=D, d_expert=F_, n_experts=n_experts, top_k=top_k, router=router,
+    moe = MoE(MoEConfig(d_model=D, d_expert=I, n_experts=n_experts, top_k=top_k, router=router,
                         capacity_factor=cf, backend=backend, n_shared=data.draw(st.integers(0, 1)))).double()
     x = torch.randn(*lead, seq, D, dtype=torch.float64)
     y, aux = moe(x)
@@ -150,15 +151,15 @@ def test_wrong_input_width_is_a_clear_error():
 def test_router_math_is_float32_for_bfloat16_input():
     moe = make("mixtral", "loop", torch.bfloat16)
     routing = moe.router(torch.randn(5, D, dtype=torch.bfloat16))
-    assert routing.logits.dtype == torch.float32 and routing.weight.dtype == torch.float32
+    assert routing.logits.dtype == torch.float32 and routing.topk_weight.dtype == torch.float32
     y, _ = moe(torch.randn(5, D, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
 def test_routing_values_read_first_under_no_grad_keep_their_graph(name):
-    """Routing computes probs (and the flat assignment lists) on first read; a first read inside
-    no_grad (as an entropy statistic does) must not strip the gradient a later loss needs."""
+    """The flat assignment lists are built from the [T, K] choices on each call; a first call inside
+    no_grad (as a statistic might make) must not strip the gradient a later loss needs."""
     moe = make(name, "loop")
     x = torch.randn(6, D, dtype=torch.float64)
     grads = []
@@ -167,11 +168,48 @@ def test_routing_values_read_first_under_no_grad_keep_their_graph(name):
         routing = moe.router(x)
         if read_first_without_grad:
             with torch.no_grad():
-                routing.probs.sum(), routing.weight.sum()
-        ((routing.probs ** 2).sum() + routing.weight.sum()).backward()
+                routing.probs.sum(), routing.assignments()[2].sum()
+        ((routing.probs ** 2).sum() + routing.assignments()[2].sum()).backward()
         grads.append(moe.router.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_softmax_expert_bias_selects_on_logits_and_weights_from_unbiased_probabilities(norm_topk_prob):
+    """A bias comparable to the logits changes which experts are chosen (checked), and the layer still
+    equals the reference: selection on logits + bias, weights from the unbiased softmax."""
+    top_k = 2
+    moe = make("mixtral", "loop", expert_bias=True, norm_topk_prob=norm_topk_prob, bias_std=1.5, seed=3)
+    x = torch.randn(12, D, dtype=torch.float64, requires_grad=True)
+    unbiased = moe.router.weight.detach().matmul(x.detach().t()).t().topk(top_k, dim=-1).indices
+    assert not torch.equal(moe.router(x).topk_idx, unbiased)  # the bias moved some choices
+    y, _ = moe(x)
+    x_ref = x.detach().requires_grad_()
+    y_ref, _ = moe_reference(moe, x_ref)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-10, rtol=1e-10)
+
+
+def test_input_dtype_other_than_the_layers_is_a_clear_error():
+    moe = make("mixtral", "auto", torch.float32)
+    for dtype in (torch.float64, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"MoE input dtype {dtype} differs from the layer's dtype torch.float32"):
+            moe(torch.randn(3, D, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inside autocast a float32 layer takes any input
+        assert moe(torch.randn(3, D, dtype=torch.bfloat16))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("stats", [None, True])
+def test_zero_tokens_give_an_empty_output(stats):
+    moe = make("deepseek_v3", "auto")
+    x = torch.randn(2, 0, D, dtype=torch.float64, requires_grad=True)
+    y, aux = moe(x, stats=stats)
+    assert y.shape == x.shape and aux.n_tokens == 0 and aux.losses == {}
+    assert aux.load.shape == (8,) and aux.load.sum() == 0 and aux.dropped_frac == 0 and aux.router_entropy == 0
 
 
 def test_freeze_router_and_losses_off():
@@ -209,31 +247,39 @@ def test_backends_agree_in_float32_on_a_larger_batch():
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "switch_capacity", "expert_choice"])
-def test_aux_under_no_grad_is_computed_on_first_read_with_the_same_values(name, monkeypatch):
-    """Inference never reads MoEAux, so a no_grad forward defers it; read, it equals the grad path's."""
+def test_statistics_rule_grad_or_asked(name, monkeypatch):
+    """Statistics are computed with grad enabled or when asked (`stats=True`), with the same values under
+    no_grad as with grad; an inference forward that does not ask computes none of them."""
     from moelab import balance
 
     moe = make(name, "loop", z_loss_coef=1e-2, aux_loss_coef=1e-2)
     x = torch.randn(2, 5, D, dtype=torch.float64)
-    _, eager = moe(x)  # grad enabled: computed at once, with the graph
-    assert eager.total_loss.requires_grad
+    _, eager = moe(x)  # grad enabled: computed, with the graph
+    assert eager.total_loss.requires_grad and eager.load is not None
     calls = []
     real = balance.router_entropy
     monkeypatch.setattr(balance, "router_entropy", lambda p: calls.append(1) or real(p))
     with torch.no_grad():
-        _, deferred = moe(x)
-    assert calls == [] and "deferred" in repr(deferred) and deferred.n_tokens == 10
-    for field in ("load", "dropped_frac", "router_entropy"):
-        torch.testing.assert_close(getattr(deferred, field), getattr(eager, field), atol=1e-12, rtol=1e-12)
-    assert calls == [1]  # computed once, on the first read
-    assert set(deferred.losses) == set(eager.losses)
-    for key, value in eager.losses.items():
-        torch.testing.assert_close(deferred.losses[key], value.detach(), atol=1e-12, rtol=1e-12)
-    assert not deferred.total_loss.requires_grad and calls == [1]
+        y_quiet, quiet = moe(x)
+    assert calls == [] and quiet.n_tokens == 10 and quiet.losses == {} and quiet.total_loss == 0.0
+    assert quiet.load is None and quiet.dropped_frac is None and quiet.router_entropy is None
     with torch.no_grad():
-        _, unread = moe(x)
-    assert "deferred" in repr(unread)
-    revived = pickle.loads(pickle.dumps(unread))  # pickling computes the values first
+        y_asked, asked = moe(x, stats=True)
+    assert calls == [1] and asked.n_tokens == 10
+    torch.testing.assert_close(y_asked, y_quiet)
+    for field in ("load", "dropped_frac", "router_entropy"):
+        torch.testing.assert_close(getattr(asked, field), getattr(eager, field), atol=1e-12, rtol=1e-12)
+    if name == "expert_choice":
+        assert asked.topk_idx is None
+    else:
+        assert asked.topk_idx.shape == (10, moe.cfg.top_k)
+    assert set(asked.losses) == set(eager.losses)
+    for key, value in eager.losses.items():
+        torch.testing.assert_close(asked.losses[key], value.detach(), atol=1e-12, rtol=1e-12)
+    assert not asked.total_loss.requires_grad
+    _, declined = moe(x, stats=False)  # grad enabled, but not asked: none
+    assert declined.load is None and declined.losses == {}
+    revived = pickle.loads(pickle.dumps(asked))
     torch.testing.assert_close(revived.load, eager.load)
 
 
@@ -241,16 +287,16 @@ def test_aux_under_no_grad_is_computed_on_first_read_with_the_same_values(name, 
 def test_cpu_autocast_runs_the_experts_in_bfloat16_and_matches_float32(path, monkeypatch):
     """Training or evaluating with `TrainConfig(dtype="bfloat16")` wraps float32 layers in CPU autocast:
     every expert path runs in bfloat16 (the router stays float32) and agrees with the float32 layer."""
-    from moelab import experts
+    from moelab import experts, paths, policy
 
     if path == "grouped_mm" and not grouped_mm_available("cpu", torch.bfloat16):
         pytest.skip("this torch build has no grouped_mm on the CPU")
-    monkeypatch.setattr(experts, "FUSED_MIN_EXPERT_SIZE", 10**9 if path == "loop" else 0)
-    monkeypatch.setattr(experts, "INFERENCE_GROUPED_MAX_ROWS", 10**9 if path == "grouped_mm" else 0)
+    monkeypatch.setattr(policy, "FUSED_MIN_EXPERT_SIZE", 10**9 if path == "loop" else 0)
+    monkeypatch.setattr(policy, "INFERENCE_GROUPED_MAX_ROWS", 10**9 if path == "grouped_mm" else 0)
     taken = []
-    for name in ("routed_ffn", "decode_ffn"):
-        real = getattr(experts, name)
-        monkeypatch.setattr(experts, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    for module, name in ((paths, "routed_ffn"), (experts, "decode_ffn")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
     moe = make("mixtral", "auto", torch.float32)
     x = torch.randn(1 if path == "decode" else 6, D)
     grad = path in ("fused", "loop")

@@ -30,9 +30,10 @@ import torch.multiprocessing as mp
 from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
 from moelab.config import TrainConfig
 from moelab.parallel import (
-    ExpertParallelMoE,
+    AllToAllPath,
     apply_expert_parallel,
     clip_grad_norm_,
+    exchange_stats,
     gather_expert_state,
     setup_from_env,
     shard_batch,
@@ -41,7 +42,7 @@ from moelab.parallel import (
 )
 from moelab.train import train
 
-D, F_ = 8, 8
+D, I = 8, 8
 
 LAYER_CONFIGS = {
     "topk": dict(router="topk_softmax", top_k=2),
@@ -95,7 +96,7 @@ def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
 
 def make_moe(name: str, n_experts: int, seed: int = 0, starve: bool = False) -> MoE:
     torch.manual_seed(seed)
-    kw = dict(d_model=D, d_expert=F_, n_experts=n_experts, z_loss_coef=1e-3) | LAYER_CONFIGS[name]
+    kw = dict(d_model=D, d_expert=I, n_experts=n_experts, z_loss_coef=1e-3) | LAYER_CONFIGS[name]
     if starve:  # selection only among the first half of the experts: the upper ranks receive no rows
         kw |= dict(expert_bias=True)
     moe = MoE(MoEConfig(**kw)).double()
@@ -111,8 +112,9 @@ def make_moe(name: str, n_experts: int, seed: int = 0, starve: bool = False) -> 
 
 def _layer_check(rank: int, world: int, name: str, n_experts: int, B: int, S: int, starve: bool) -> None:
     ref = make_moe(name, n_experts, starve=starve)
-    ep = ExpertParallelMoE(copy.deepcopy(ref))
-    assert ep.experts.w_in.shape[0] == n_experts // world
+    ep = apply_expert_parallel(copy.deepcopy(ref))
+    assert isinstance(ep.path, AllToAllPath) and ep.experts.w_in.shape[0] == n_experts // world
+    assert apply_expert_parallel(ep) is ep and ep.experts.w_in.shape[0] == n_experts // world  # applied once
     gen = torch.Generator().manual_seed(1)
     x_all = torch.randn(world * B, S, D, generator=gen, dtype=torch.float64)
     proj = torch.randn(D, generator=gen, dtype=torch.float64)
@@ -147,10 +149,15 @@ def _layer_check(rank: int, world: int, name: str, n_experts: int, B: int, S: in
             continue
         want = p_ref.grad[rank * El:(rank + 1) * El] if pname.startswith("experts.") else p_ref.grad
         close(p.grad, want, f"{tag} grad {pname}")
+    a2a = exchange_stats(ep, reset=True)  # this forward's and backward's exchanges
+    assert a2a.calls == 5 and exchange_stats(ep).calls == 0  # counts, rows out and back, and their backward
+    sent = torch.tensor([a2a.rows_sent, a2a.rows_received], dtype=torch.float64)
+    dist.all_reduce(sent)
+    assert sent[0] == sent[1]  # every row that leaves a rank arrives at another
     if starve:
         assert not aux.load[n_experts // 2:].any()
         if rank >= world // 2:
-            assert ep.experts.last_exchange["rows_received"] == 0
+            assert a2a.rows_received == 0
             assert not ep.experts.w_in.grad.any()
 
 
@@ -261,15 +268,13 @@ def _model_suite(rank: int, world: int) -> None:
 
 
 def _errors_check(rank: int, world: int) -> None:
-    with pytest.raises(ValueError, match=r"n_experts=6 is not divisible .* world size 4"):
-        if world == 4:
-            apply_expert_parallel(MoETransformer(model_cfg(n_experts=6)))
-        else:
-            raise ValueError("n_experts=6 is not divisible by the expert-parallel world size 4")
+    n_experts = {2: 7, 4: 6}[world]  # not divisible by the world size
+    with pytest.raises(ValueError, match=rf"n_experts={n_experts} is not divisible .* world size {world}"):
+        apply_expert_parallel(MoETransformer(model_cfg(n_experts=n_experts)))
     with pytest.raises(ValueError, match=rf"expert_parallel=3 does not match .* {world}"):
         apply_expert_parallel(MoETransformer(model_cfg()), expert_parallel=3)
     with pytest.raises(ValueError, match="expert_choice"):
-        apply_expert_parallel(MoE(MoEConfig(d_model=D, d_expert=F_, router="expert_choice", capacity_factor=1.0)))
+        apply_expert_parallel(MoE(MoEConfig(d_model=D, d_expert=I, router="expert_choice", capacity_factor=1.0)))
     with pytest.raises(ValueError, match="batch_size=3 is not divisible"):
         shard_batch(torch.zeros(3, 2), rank, world)
 
@@ -306,7 +311,7 @@ def test_setup_from_env_errors(monkeypatch):
 
 
 def _dead_rank(rank: int, world: int, result_path: str) -> None:
-    moe = ExpertParallelMoE(make_moe("topk", 4))
+    moe = apply_expert_parallel(make_moe("topk", 4))
     x = torch.randn(3, D, dtype=torch.float64)
     moe(x)  # one step together
     if rank == 1:

@@ -28,10 +28,12 @@ def expert_counts(expert_idx: Tensor, n_experts: int) -> Tensor:
     return torch.bincount(expert_idx, minlength=n_experts).float()
 
 
-def switch_loss(probs_TE: Tensor, expert_idx: Tensor) -> Tensor:
-    """E · Σᵢ fᵢ · Pᵢ (Fedus et al. 2021). `expert_idx` holds all T·K routed choices."""
+def switch_loss(probs_TE: Tensor, load_E: Tensor) -> Tensor:
+    """E · Σᵢ fᵢ · Pᵢ (Fedus et al. 2021) with fᵢ = loadᵢ / Σⱼ loadⱼ, the fraction of the routed choices
+    that went to expert i (`expert_counts`; under expert parallelism the load summed over the ranks, so
+    fᵢ is global), and Pᵢ the mean probability of expert i over the T tokens of `probs_TE`."""
     E = probs_TE.shape[-1]
-    f_E = expert_counts(expert_idx, E) / expert_idx.numel()
+    f_E = (load_E / load_E.sum()).to(probs_TE.dtype)
     P_E = probs_TE.mean(dim=0)
     return E * (f_E * P_E).sum()
 

@@ -38,7 +38,7 @@ def token_choice_capacity(capacity_factor: float, n_tokens: int, top_k: int, n_e
 
 def permute(routing: Routing, n_experts: int, capacity: int | None) -> Dispatch:
     """Sort assignments by expert; drop those beyond `capacity` per expert (None = dropless)."""
-    expert_idx = routing.expert_idx
+    token_idx, expert_idx, weight = routing.assignments()
     order = torch.sort(expert_idx, stable=True).indices
     counts = torch.bincount(expert_idx, minlength=n_experts)
     n_dropped = torch.zeros((), dtype=torch.long, device=expert_idx.device)
@@ -51,8 +51,8 @@ def permute(routing: Routing, n_experts: int, capacity: int | None) -> Dispatch:
         n_dropped = (counts - kept).sum()
         counts = kept
     return Dispatch(
-        token_idx=routing.token_idx[order],
-        weight=routing.weight[order],
+        token_idx=token_idx[order],
+        weight=weight[order],
         counts=counts,
         n_dropped=n_dropped,
     )

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moelab.parallel.expert import comm_stats
+from moelab.parallel import exchange_stats
 
 
 def layer_stats(auxes_per_micro: list[list], model) -> dict[str, Any]:
@@ -46,10 +46,11 @@ def truncate_after(path: Path, last_step: int) -> None:
     os.replace(tmp, path)
 
 
-def parallel_stats(ctx, step_seconds: float, auxes: list) -> dict[str, Any]:
+def parallel_stats(ctx, step_seconds: float, auxes: list, model) -> dict[str, Any]:
     """The straggler view of one step, one entry per rank: step time, all-to-all time and its share,
     rows sent to / received from other ranks, and each MoE layer's share of the load on each rank."""
-    per_rank = ctx.gather([step_seconds, comm_stats.seconds, comm_stats.rows_sent, comm_stats.rows_received])
+    a2a = exchange_stats(model)
+    per_rank = ctx.gather([step_seconds, a2a.seconds, a2a.rows_sent, a2a.rows_received])
     loads = [sum(m[i].load for m in auxes) for i in range(len(auxes[0]))] if auxes and auxes[0] else []
     return {"ep_step_s": [r[0] for r in per_rank], "ep_a2a_s": [r[1] for r in per_rank],
             "ep_a2a_share": [r[1] / max(r[0], 1e-12) for r in per_rank],

@@ -21,8 +21,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import ModelConfig, RopeScaling
-from moelab.experts import FeedForward
+from moelab.experts import INIT_STD, FeedForward
 from moelab.moe import MoE, MoEAux
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """The initial std of projections into the residual stream: INIT_STD / sqrt(2·n_layers) (GPT-2,
+    Radford et al. 2019); every other weight is drawn from N(0, INIT_STD), biases zero, norms one."""
+    return INIT_STD / math.sqrt(2 * cfg.n_layers)
+
+
+def _init_linear(linear: nn.Linear, std: float = INIT_STD) -> nn.Linear:
+    nn.init.normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+    return linear
 
 
 class RMSNorm(nn.Module):
@@ -145,10 +158,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_width
         D = cfg.d_model
-        self.wq = nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.wo = nn.Linear(self.n_heads * self.hd, D, bias=False)
+        self.wq = _init_linear(nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias))
+        self.wk = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
+        self.wv = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
+        self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=False), residual_std(cfg))
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
@@ -170,7 +183,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = _attend(q, k, v, start)
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
 class MLAttention(nn.Module):
@@ -190,15 +203,15 @@ class MLAttention(nn.Module):
         self.kv_rank = cfg.kv_lora_rank
         qk = self.nope + self.rope
         if cfg.q_lora_rank is None:
-            self.wq = nn.Linear(D, H * qk, bias=False)
+            self.wq = _init_linear(nn.Linear(D, H * qk, bias=False))
         else:
-            self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
+            self.wq_a = _init_linear(nn.Linear(D, cfg.q_lora_rank, bias=False))
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
-        self.wkv_a = nn.Linear(D, self.kv_rank + self.rope, bias=False)
+            self.wq_b = _init_linear(nn.Linear(cfg.q_lora_rank, H * qk, bias=False))
+        self.wkv_a = _init_linear(nn.Linear(D, self.kv_rank + self.rope, bias=False))
         self.kv_a_norm = RMSNorm(self.kv_rank, cfg.norm_eps)
-        self.wkv_b = nn.Linear(self.kv_rank, H * (self.nope + self.vd), bias=False)
-        self.wo = nn.Linear(H * self.vd, D, bias=False)
+        self.wkv_b = _init_linear(nn.Linear(self.kv_rank, H * (self.nope + self.vd), bias=False))
+        self.wo = _init_linear(nn.Linear(H * self.vd, D, bias=False), residual_std(cfg))
         self.scale = qk ** -0.5
         s = cfg.rope_scaling
         if s is not None and s.mscale_all_dim:  # DeepSeek-V2/V3 YaRN: softmax scale × mscale(factor, all_dim)²
@@ -218,7 +231,7 @@ class MLAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         out = _attend(q, k, v, start, scale=self.scale)
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
 class Block(nn.Module):
@@ -230,14 +243,16 @@ class Block(nn.Module):
         self.attn = MLAttention(cfg, layer) if cfg.attention == "mla" else Attention(cfg, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer)
-        self.ffn = MoE(cfg.moe) if self.is_moe else FeedForward(cfg.d_model, cfg.d_ff, cfg.activation)
+        std = residual_std(cfg)
+        self.ffn = MoE(cfg.moe, std) if self.is_moe else FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, std)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
+                stats: bool | None = None):
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start))
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, aux = self.ffn(h)
+            y, aux = self.ffn(h, stats)
         else:
             y, aux = self.ffn(h), None
         return x + self.dropout(y), aux
@@ -245,17 +260,14 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    """logits [B, S, V]; loss: mean next-token cross-entropy when targets were given; aux: one MoEAux
-    per MoE layer; aux_loss: the sum of their weighted auxiliary losses (add it to `loss` to train),
-    summed when read, so that inference, which never reads it, leaves the MoEAux deferred."""
+    """logits [B, S, V]; loss: mean next-token cross-entropy when targets were given (NaN for zero
+    tokens); aux_loss: the sum of the MoE layers' weighted auxiliary losses (add it to `loss` to
+    train; zero when the statistics were not computed, see `moelab.moe`); aux: one MoEAux per MoE layer."""
 
     logits: Tensor
     loss: Tensor | None = None
+    aux_loss: Tensor | None = None
     aux: list[MoEAux] = field(default_factory=list)
-
-    @property
-    def aux_loss(self) -> Tensor:
-        return sum((a.total_loss for a in self.aux), self.logits.new_zeros((), dtype=torch.float32))
 
 
 class MoETransformer(nn.Module):
@@ -266,35 +278,22 @@ class MoETransformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=INIT_STD)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else _init_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
         cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2·n_layers)
-        (GPT-2, Radford et al. 2019); biases zero; norms one."""
-        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            if name.endswith(".bias"):
-                nn.init.zeros_(p)
-            elif name.endswith(("wo.weight", "w_out.weight", "experts.w_out")):
-                nn.init.normal_(p, std=resid_std)
-            else:
-                nn.init.normal_(p, std=0.02)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if b.is_moe]
 
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, cache: KVCache | None = None,
-                start: int | None = None) -> ModelOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+                start: int | None = None, stats: bool | None = None) -> ModelOutput:
+        """input_ids [B, S] (zero tokens give empty logits) → ModelOutput; `stats`: compute the MoE
+        layers' statistics (None: when grad is enabled; True also under no_grad, for routing analytics)."""
+        self._check_ids(input_ids)
         B, S = input_ids.shape
         start = (cache.length if cache is not None else 0) if start is None else start
         if start + S > self.cfg.max_seq_len:
@@ -304,7 +303,7 @@ class MoETransformer(nn.Module):
         x = self.embed(input_ids)
         auxes: list[MoEAux] = []
         for block in self.blocks:
-            x, aux = block(x, cos, sin, cache, start)
+            x, aux = block(x, cos, sin, cache, start, stats)
             if aux is not None:
                 auxes.append(aux)
         x = self.norm(x)
@@ -313,14 +312,28 @@ class MoETransformer(nn.Module):
         if targets is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (bf16 logits)
             loss = F.cross_entropy(wide.view(-1, logits.shape[-1]), targets.reshape(-1))
-        return ModelOutput(logits=logits, loss=loss, aux=auxes)
+        aux_loss = sum((a.total_loss for a in auxes), logits.new_zeros((), dtype=torch.float32))
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux=auxes)
+
+    def _check_ids(self, input_ids: Tensor) -> None:
+        """[batch, seq] integer ids in [0, vocab_size): one min/max read (a host sync on a GPU)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq]; got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise ValueError(f"input_ids must be integer token ids (torch.long or torch.int32); got {input_ids.dtype}")
+        if input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                raise ValueError(f"input_ids hold ids in [{lo}, {hi}]: allowed 0 <= id < vocab_size="
+                                 f"{self.cfg.vocab_size}")
 
     @torch.no_grad()
     def update_expert_biases(self, loads: list[Tensor]) -> None:
         """Auxiliary-loss-free balancing for every MoE layer, after optimizer.step(): `loads[i]` is the
         per-expert load of MoE layer i observed in that step (summed over micro-batches)."""
         for moe, load in zip(self.moe_layers(), loads, strict=True):
-            moe.update_bias(load)
+            moe.update_expert_bias(load)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

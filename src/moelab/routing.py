@@ -7,9 +7,10 @@ Every router returns the same `Routing`, so dispatch and expert compute never kn
 Legend: T = tokens, D = model width, E = routed experts, K = experts per token, A = assignments.
 
 Routers
-- "topk_softmax": p = softmax(x·Wᵀ); the top-k of p (optionally of p + bias for selection, optionally
-  group-limited); weights p_i, renormalised over the k when `norm_topk_prob` (Mixtral; Jiang et al.
-  2024) or not (OLMoE, Qwen `norm_topk_prob=False`).
+- "topk_softmax": p = softmax(z), z = x·Wᵀ; the top-k of p, i.e. of z (with `expert_bias`, of z + b:
+  the bias scales p by exp(b) for selection only; optionally group-limited); weights p_i from the
+  unbiased p, renormalised over the k when `norm_topk_prob` (Mixtral; Jiang et al. 2024) or not (OLMoE,
+  Qwen `norm_topk_prob=False`).
 - "switch": top-1 of the softmax with weight p_i (never renormalised — the router would get no
   gradient); used with a capacity factor (Switch Transformer, Fedus et al. 2021).
 - "sigmoid": s = sigmoid(x·Wᵀ); selection on s + b (b: per-expert bias, selection only), optionally
@@ -28,64 +29,60 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config import MoEConfig
-from moelab.experts import fast_linear
+from moelab.experts import INIT_STD
+from moelab.kernels import fast_linear
 
 
+@dataclass(frozen=True)
 class Routing:
     """What a router decided for T tokens.
 
-    token_idx [A] long, expert_idx [A] long, weight [A] float32: the assignments.
-    logits [T, E] float32: raw router logits (for the z-loss).
-    probs [T, E] float32: per-token distribution over experts used by the balance losses and the
+    logits [T, E]: raw router logits (float32 at least; for the z-loss).
+    probs [T, E] or None: the per-token distribution over experts used by the balance losses and the
         entropy statistic (softmax probabilities; for sigmoid scores, the scores normalised to sum 1).
-    topk_idx [T, K] long or None: each token's chosen experts (token-choice routers only).
-    topk_weight [T, K] float32 or None: their weights (token-choice routers only).
+        The router computes it when asked (`Router.forward(x, with_probs=True)`) or when it is a
+        by-product of routing; a decode step does not ask.
+    topk_idx [T, K] long, topk_weight [T, K]: each token's chosen experts and their weights (token-choice
+        routers); None for expert choice.
+    chosen: (token_idx, expert_idx, weight) [A], grouped by expert (expert choice only).
 
-    Any of token_idx, expert_idx, weight, probs may be given as a zero-argument function: it runs on
-    the first read. Token-choice routers hand over their [T, K] results this way (`token_choice`), so a
-    decode step, which reads only topk_idx and topk_weight, skips the ~6 ops that flatten them and
-    compute probs (each costs ~30 µs when the caches hold the last layer's weights, not torch's code).
+    `assignments()` gives the flat lists for every router.
     """
 
-    _LAZY = ("token_idx", "expert_idx", "weight", "probs")
+    logits: Tensor
+    probs: Tensor | None
+    topk_idx: Tensor | None = None
+    topk_weight: Tensor | None = None
+    chosen: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def __init__(self, token_idx, expert_idx, weight, logits: Tensor, probs, topk_idx: Tensor | None = None,
-                 topk_weight: Tensor | None = None) -> None:
-        self._values = dict(zip(self._LAZY, (token_idx, expert_idx, weight, probs)))
-        self.logits, self.topk_idx, self.topk_weight = logits, topk_idx, topk_weight
+    @property
+    def n_assignments(self) -> int:
+        return self.topk_idx.numel() if self.topk_idx is not None else self.chosen[0].numel()
 
-    @classmethod
-    def token_choice(cls, topk_idx_TK: Tensor, weight_TK: Tensor, logits_TE: Tensor, probs) -> Routing:
-        """Assignments in rank-major order (a = r·T + t) from each token's chosen experts and weights."""
-        T, K = topk_idx_TK.shape
-        return cls(lambda: torch.arange(T * K, device=topk_idx_TK.device) % T,
-                   lambda: topk_idx_TK.t().reshape(-1), lambda: weight_TK.t().reshape(-1),
-                   logits_TE, probs, topk_idx_TK, weight_TK)
+    def assignments(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(token_idx [A] long, expert_idx [A] long, weight [A]); token choice in rank-major order
+        (a = r·T + t: all first choices, then all second choices, ...), built on each call."""
+        if self.topk_idx is None:
+            return self.chosen
+        T, K = self.topk_idx.shape
+        token_idx = torch.arange(T * K, device=self.topk_idx.device) % T
+        return token_idx, self.topk_idx.t().reshape(-1), self.topk_weight.t().reshape(-1)
 
-    def _get(self, name: str) -> Tensor:
-        value = self._values[name]
-        if callable(value):  # with grad enabled, so that the value is the one the forward would have
-            with torch.enable_grad():  # built (with its graph when the logits have one), whoever reads first
-                value = self._values[name] = value()
-        return value
-
-    token_idx = property(lambda self: self._get("token_idx"))
-    expert_idx = property(lambda self: self._get("expert_idx"))
-    weight = property(lambda self: self._get("weight"))
-    probs = property(lambda self: self._get("probs"))
+    def expert_idx(self) -> Tensor:
+        """Every assignment's expert [A], in no particular order (for counting loads)."""
+        return self.topk_idx.reshape(-1) if self.topk_idx is not None else self.chosen[1]
 
 
-# The router's logits x·Wᵀ [T, E] have few columns. Forward and backward (training), oneDNN
-# (`fast_linear`) is faster at every size measured (float32, D = 1024, ms: T = 1024, E = 8 1.40 vs
-# 1.51 for F.linear; T = 4096, E = 8 5.3 vs 8.3; E = 256 38.3 vs 44.2); a forward alone (inference) is
-# faster on F.linear's BLAS below T·E = 2¹⁸ (µs: T = 8, E = 8 52 vs 182; T = 512, E = 64 545 vs 716;
-# T = 4096, E = 8 3159 vs 4079) and slower above (T = 4096, E = 64 4970 vs 3791).
+# The router's logits x·Wᵀ [T, E] have few columns: forward and backward (training), oneDNN
+# (`fast_linear`) is the faster kernel at every size measured; a forward alone (inference) is faster on
+# F.linear's BLAS below T·E = ROUTER_ONEDNN_MIN (docs/BENCHMARKS.md, "Router kernel").
 ROUTER_ONEDNN_MIN = 2**18
 
 
@@ -123,10 +120,12 @@ class Router(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.02)
+        nn.init.normal_(self.weight, std=INIT_STD)
         self.bias.zero_()
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def forward(self, x_TD: Tensor, with_probs: bool = True) -> Routing:
+        """Route T tokens; `with_probs=False` skips the full distribution where routing does not need it
+        (the layer asks for it only when it computes its statistics: see `moelab.moe`)."""
         cfg = self.cfg
         T = x_TD.shape[0]
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32 at least, whatever comes in
@@ -139,15 +138,19 @@ class Router(nn.Module):
             return self._expert_choice(logits_TE)
         sigmoid = cfg.router == "sigmoid"
         # renormalised top-k softmax: p_i / Σ_chosen p_j = softmax over the chosen logits, so the full
-        # softmax is needed only by the balance losses and statistics, which compute it on first read
+        # softmax is needed only by the balance losses and statistics
         from_chosen_logits = cfg.router == "topk_softmax" and cfg.norm_topk_prob
+        probs_TE = None
         if sigmoid:
             scores_TE = torch.sigmoid(logits_TE)
-            probs = lambda: scores_TE / scores_TE.sum(-1, keepdim=True)  # noqa: E731
+            if with_probs:
+                probs_TE = scores_TE / scores_TE.sum(-1, keepdim=True)
         elif from_chosen_logits:
-            scores_TE, probs = None, lambda: torch.softmax(logits_TE, dim=-1)
+            scores_TE = None
+            if with_probs:
+                probs_TE = torch.softmax(logits_TE, dim=-1)
         else:
-            scores_TE = probs = torch.softmax(logits_TE, dim=-1)
+            scores_TE = probs_TE = torch.softmax(logits_TE, dim=-1)
         # selection: sigmoid scores + bias (DeepSeek-V3); for softmax the bias is added to the logits,
         # i.e. it scales the probabilities by exp(b) — scale-free, so one rate suits sharp and flat routers
         select_TE = scores_TE if sigmoid else logits_TE  # topk's indices carry no gradient
@@ -164,7 +167,7 @@ class Router(nn.Module):
                 weight_TK = weight_TK / weight_TK.sum(-1, keepdim=True).add_(1e-20)
         if cfg.route_scale != 1.0:
             weight_TK = weight_TK * cfg.route_scale
-        return Routing.token_choice(topk_idx_TK, weight_TK, logits_TE, probs)
+        return Routing(logits_TE, probs_TE, topk_idx_TK, weight_TK)
 
     def _expert_choice(self, logits_TE: Tensor) -> Routing:
         T, E = logits_TE.shape
@@ -174,11 +177,5 @@ class Router(nn.Module):
         weight_TE, token_TE = torch.sort(probs_TE, dim=0, descending=True, stable=True)
         weight_CE, token_CE = weight_TE[:c], token_TE[:c]
         expert_idx = torch.arange(E, device=logits_TE.device).repeat_interleave(c)
-        return Routing(
-            token_idx=token_CE.t().reshape(-1),
-            expert_idx=expert_idx,
-            weight=weight_CE.t().reshape(-1) * self.cfg.route_scale,
-            logits=logits_TE,
-            probs=probs_TE,
-            topk_idx=None,
-        )
+        chosen = (token_CE.t().reshape(-1), expert_idx, weight_CE.t().reshape(-1) * self.cfg.route_scale)
+        return Routing(logits_TE, probs_TE, chosen=chosen)

@@ -39,8 +39,7 @@ from moelab.corpus import Corpus
 from moelab.data import TokenData, prepare_data
 from moelab.metrics import layer_stats, parallel_stats, truncate_after
 from moelab.model import MoETransformer
-from moelab.parallel import ParallelContext, setup_from_env
-from moelab.parallel.expert import comm_stats
+from moelab.parallel import ParallelContext, exchange_stats, setup_from_env
 from moelab.rundir import RunDir, RunLockedError, adopt_tokenizer, data_record, resume_data
 
 SINGLE_PROCESS = ParallelContext()
@@ -355,7 +354,7 @@ class _Trainer:
         """One optimizer step; the metrics record when this step is logged."""
         cfg, ctx, model = self.cfg, self.ctx, self.model
         t0 = time.perf_counter()
-        comm_stats.reset()
+        exchange_stats(model, reset=True)
         lr = lr_at(step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -393,7 +392,7 @@ class _Trainer:
                   "lr": lr, "grad_norm": grad_norm, "tokens": self.train_tokens,
                   "tokens_per_s": self.window_tokens / self.window_t, **layer_stats(auxes, model)}
         if ctx.distributed:
-            record |= parallel_stats(ctx, dt, auxes)
+            record |= parallel_stats(ctx, dt, auxes, model)
         self.window_t, self.window_tokens = 0.0, 0
         return record, dt, auxes
 

@@ -2,19 +2,22 @@
 ranks, tokens exchanged with all-to-all, everything else data-parallel. See docs/PARALLEL.md.
 
     ctx = setup_from_env(expert_parallel=N)          # torchrun sets RANK / WORLD_SIZE / MASTER_*
-    model = apply_expert_parallel(MoETransformer(cfg))   # same seed on every rank
+    model = apply_expert_parallel(MoETransformer(cfg))   # same seed on every rank; installs the all-to-all path
     out = model(shard_batch(x, ctx.rank, ctx.world), targets=shard_batch(y, ctx.rank, ctx.world))
     (out.loss + out.aux_loss).backward()
     sync_gradients(model); clip_grad_norm_(model, 1.0); optimizer.step()
+    stats = exchange_stats(model, reset=True)        # all-to-all seconds and rows since the last reset
     full = gather_expert_state(model)                # single-process layout, for checkpoints
     model.load_state_dict(shard_expert_state(full, ctx.rank, ctx.world))
 """
 
 from moelab.parallel.expert import (
-    ExpertParallelExperts,
-    ExpertParallelMoE,
+    AllToAllPath,
+    ExchangeStats,
     all_to_all_rows,
     apply_expert_parallel,
+    exchange_stats,
+    expert_parallel_layers,
     global_capacity_permute,
 )
 from moelab.parallel.runtime import (
@@ -29,7 +32,8 @@ from moelab.parallel.runtime import (
 )
 
 __all__ = [
-    "ExpertParallelExperts", "ExpertParallelMoE", "ParallelContext", "all_to_all_rows", "apply_expert_parallel",
-    "clip_grad_norm_", "gather_expert_state", "global_capacity_permute", "is_expert_param", "setup_from_env",
-    "shard_batch", "shard_expert_state", "sync_gradients",
+    "AllToAllPath", "ExchangeStats", "ParallelContext", "all_to_all_rows", "apply_expert_parallel",
+    "clip_grad_norm_", "exchange_stats", "expert_parallel_layers", "gather_expert_state",
+    "global_capacity_permute", "is_expert_param", "setup_from_env", "shard_batch", "shard_expert_state",
+    "sync_gradients",
 ]

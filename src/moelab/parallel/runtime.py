@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.parallel.expert import ExpertParallelExperts, apply_expert_parallel
+from moelab.parallel.expert import apply_expert_parallel, expert_parallel_layers
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -213,10 +213,6 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> Tensor:
     return total
 
 
-def _expert_layers(model: nn.Module) -> dict[str, ExpertParallelExperts]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
-
-
 def _is_expert_key(key: str) -> bool:
     return key in ("experts.w_in", "experts.w_out") or key.endswith((".experts.w_in", ".experts.w_out"))
 
@@ -227,12 +223,12 @@ def gather_expert_state(model: nn.Module) -> dict[str, Tensor]:
     ranks into the full stacked [E, ...] tensor (collective: call on every rank; each gets the full
     dict). Other tensors are replicated and taken from this rank."""
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    for prefix, layer in _expert_layers(model).items():
-        for name in ("w_in", "w_out"):
+    for prefix, path in expert_parallel_layers(model).items():
+        for name in ("experts.w_in", "experts.w_out"):
             key = f"{prefix}.{name}" if prefix else name
             local = state[key].contiguous()
-            parts = [torch.empty_like(local) for _ in range(layer.world)]
-            dist.all_gather(parts, local, group=layer.group)
+            parts = [torch.empty_like(local) for _ in range(path.world)]
+            dist.all_gather(parts, local, group=path.group)
             state[key] = torch.cat(parts)
     return state
 
