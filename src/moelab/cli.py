@@ -5,6 +5,7 @@
                                       --moe-n-experts, --lr, ...; --dense trains the dense twin)
     moelab generate PATH --prompt TEXT   a run or a Hugging Face directory
     moelab eval PATH --data TEXT      loss, perplexity and bits per byte on held-out text
+    moelab routing PATH --out DIR     what the experts do: routing.json, figures, report.html
     moelab card MODEL... [--json]     total/active parameters and what they cost
     moelab convert --from-hf DIR OUT | --to-hf RUN OUT
 
@@ -160,6 +161,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routing(args: argparse.Namespace) -> int:
+    from moelab.corpus import Corpus, default_corpus_tail
+    from moelab.models import load_model
+    from moelab.routing_report import collect_routing, routing_report, write_report
+
+    loaded = load_model(args.path)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
+    if args.data:
+        sources = []
+        for spec in args.data:
+            path, _, label = spec.partition("=")
+            sources.append((label or os.path.basename(os.path.normpath(path)), Corpus(path).documents()))
+    else:  # the default corpus's held-out tail, code and prose apart
+        sources = [(kind, default_corpus_tail(kind, TrainConfig().max_corpus_bytes)) for kind in ("code", "prose")]
+    record = collect_routing(loaded.model, loaded.tokenizer, sources, loaded.stop_id, tokens=args.tokens,
+                             seq_len=args.seq_len, progress=not args.quiet)
+    report = routing_report(record, decode=loaded.tokenizer.id_to_token)
+    report["model"] = str(args.path)
+    page = write_report(report, args.out, title=f"routing of {args.path}")
+    for e in report["layers"]:
+        print(f"layer {e['layer']:>3}: load entropy {e['entropy']:.3f}  dead {e['dead_experts']:>3}/"
+              f"{report['n_experts']}  max/mean {e['max_violation']:.2f}  "
+              f"NMI(label) {e['specialisation']['normalised_mutual_information']:.3f}")
+    print(f"{args.out}/routing.json and {page} written ({report['tokens']:,} tokens)")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from moelab import hf
 
@@ -251,6 +280,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("routing", help="what a model's experts do on text: load, balance, specialisation, "
+                       "prefetch predictability, batch economics (routing.json, PNGs, report.html)",
+                       description="Route held-out text through a run or a Hugging Face model and write "
+                       "DIR/routing.json, PNG figures and a self-contained DIR/report.html (schema: docs/ROUTING.md).",
+                       **fmt)
+    p.add_argument("path", help="a moelab run directory or a Hugging Face model directory")
+    p.add_argument("--data", action="append", metavar="PATH[=LABEL]",
+                   help="labelled text (repeat for several: e.g. --data src/=code --data docs/=prose); default: the "
+                        "default corpus's held-out tail, labelled code and prose")
+    p.add_argument("--tokens", type=_FieldType("int"), default=4096, help="tokens routed per label")
+    p.add_argument("--seq-len", type=_FieldType("int"), default=256, help="tokens per sequence (at most max_seq_len)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_routing)
 
     from moelab import card
 
