@@ -107,12 +107,13 @@ def test_report_renders_in_headless_chromium(tok, tmp_path):
     rec = collect_routing(model, tok, [("a", A_TEXT)], separator=None, tokens=64, seq_len=16)
     page = write_report(routing_report(rec), tmp_path)
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace(
-        "</body>", "<script>window.onload=()=>{const i=[...document.images];document.title="
-        "i.length+':'+i.filter(x=>x.complete&&x.naturalWidth>0).length;}</script></body>"))
+    probe.write_text(page.read_text().replace(  # decode() rejects an image the browser cannot fully decode
+        "</body>", "<script>window.onload=()=>Promise.all([...document.images].map(i=>i.decode().then(()=>1,()=>0)))"
+        ".then(r=>{document.title=r.length+':'+r.reduce((a,b)=>a+b,0);});</script></body>"))
     out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                           "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-                          "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+                          "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)
     title = re.search(r"<title>(\d+):(\d+)</title>", out.stdout)
     assert title and int(title.group(1)) >= 5 and title.group(1) == title.group(2), out.stdout[-500:]
 
