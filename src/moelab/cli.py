@@ -125,10 +125,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` (a ModelConfig/TrainConfig field, or moe.FIELD) → (key, value parsed by the field's type)."""
+    key, sep, value = text.partition("=")
+    cls, name = (MoEConfig, key[4:]) if key.startswith("moe.") else (None, key)
+    fields = {f.name: f for c in ((cls,) if cls else (ModelConfig, TrainConfig)) for f in dataclasses.fields(c)}
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a config field (e.g. lr=0.01, "
+                                         "moe.n_experts=64); see moelab train --help for the fields")
+    return key, _FieldType(str(fields[name].type))(value)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    overrides = dict(args.set or [])
+    if args.experiment == "balancing":
+        from moelab.balancing import run_balancing
+
+        run_balancing(args.out or "runs/balancing", preset_name=args.preset, steps=args.steps, data_path=args.data,
+                      progress=not args.quiet, overrides=overrides)
+        return 0
     from moelab.demo import run_demo
 
-    run_demo(args.out, preset_name=args.preset, steps=args.steps, data_path=args.data, progress=not args.quiet)
+    if overrides:
+        raise ValueError("--set applies to --experiment balancing; the MoE-vs-dense demo runs its preset")
+    run_demo(args.out or "runs/demo", preset_name=args.preset, steps=args.steps, data_path=args.data,
+             progress=not args.quiet)
     return 0
 
 
@@ -217,12 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them", **fmt)
-    p.add_argument("--out", default="runs/demo", help="directory for both runs and the comparison")
+    p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them",
+                       description="Experiments on the default corpus: moe-vs-dense (default) trains a tiny MoE and "
+                       "its dense twin (same active parameters) on the same tokens; balancing trains the MoE three "
+                       "times — no balancing, the Switch auxiliary loss, the auxiliary-loss-free bias — and compares "
+                       "their expert load and validation loss.", **fmt)
+    p.add_argument("--experiment", default="moe-vs-dense", choices=["moe-vs-dense", "balancing"],
+                   help="which experiment")
+    p.add_argument("--out", default=None, help="directory for the runs and the comparison (None: runs/demo or "
+                   "runs/balancing)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="training preset")
     p.add_argument("--steps", type=_FieldType("int | None"), default=None,
                    help="optimizer steps per model (None: the preset's)")
     p.add_argument("--data", default=None, help="text file or directory (None: the Python standard library)")
+    p.add_argument("--set", action="append", type=_setting, metavar="FIELD=VALUE",
+                   help="balancing only: a setting for all its runs, e.g. --set moe.n_experts=64 --set lr=0.01")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
