@@ -33,9 +33,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.config import TrainConfig
 from moelab.parallel import ParallelContext, exchange_stats
 from moelab.train import make_optimizer
+from moelab.train_config import TrainConfig
 
 
 def _free_port() -> int:

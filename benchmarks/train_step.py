@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from moelab.config import preset
 from moelab.generate import generate
 from moelab.model import MoETransformer
 from moelab.train import make_optimizer
+from moelab.train_config import preset
 
 
 def train_step_seconds(model, opt, x) -> float:

@@ -83,7 +83,7 @@ def test_cli_errors_are_clear(tmp_path):
 
 def test_training_presets_are_counted_too():
     """`moelab card tiny` counts the ModelConfig that `moelab train --preset tiny` builds."""
-    from moelab.config import preset
+    from moelab.train_config import preset
 
     out = cli("tiny", "tiny-deepseek", "--json")
     assert out.returncode == 0, out.stderr

@@ -19,9 +19,10 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 from moelab import hf  # noqa: E402
-from moelab.config import ModelConfig, MoEConfig, RopeScaling, preset  # noqa: E402
+from moelab.config import ModelConfig, MoEConfig, RopeScaling  # noqa: E402
 from moelab.generate import generate  # noqa: E402
 from moelab.model import MoETransformer, rope_inv_freq, yarn_attention_factor  # noqa: E402
+from moelab.train_config import preset  # noqa: E402
 
 V = 97
 COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

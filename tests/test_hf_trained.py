@@ -20,11 +20,12 @@ transformers = pytest.importorskip("transformers")
 
 from moelab import ModelConfig, MoEConfig, hf  # noqa: E402
 from moelab.cli import main  # noqa: E402
-from moelab.config import RopeScaling, TrainConfig  # noqa: E402
+from moelab.config import RopeScaling  # noqa: E402
 from moelab.data import END_OF_TEXT, decode, encode, load_tokenizer, prompt_ids  # noqa: E402
 from moelab.generate import generate  # noqa: E402
 from moelab.rundir import load_run  # noqa: E402
 from moelab.train import train  # noqa: E402
+from moelab.train_config import TrainConfig  # noqa: E402
 
 TEXT = """A mixture of experts replaces one feed-forward block with many smaller experts and a router.
 The router scores every token against every expert and sends it to the best few of them.

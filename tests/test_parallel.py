@@ -28,7 +28,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
-from moelab.config import TrainConfig
 from moelab.parallel import (
     AllToAllPath,
     apply_expert_parallel,
@@ -41,6 +40,7 @@ from moelab.parallel import (
     sync_gradients,
 )
 from moelab.train import train
+from moelab.train_config import TrainConfig
 
 D, I = 8, 8
 

@@ -18,10 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moelab.config import preset
 from moelab.data import prepare_data
 from moelab.rundir import RunDir
 from moelab.train import train
+from moelab.train_config import preset
 
 METHODS = ("none", "switch", "bias")
 

@@ -40,7 +40,7 @@ from moelab.accounting import (
     weight_bytes,
 )
 from moelab.accounting import presets as _presets
-from moelab.config import PRESETS
+from moelab.train_config import PRESETS
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TABLE_BATCHES = (1, 8, 64, 512)

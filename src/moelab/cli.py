@@ -23,7 +23,8 @@ import sys
 from typing import Any
 
 from moelab import __version__
-from moelab.config import PRESETS, ModelConfig, MoEConfig, TrainConfig, field_help, preset, with_overrides
+from moelab.config import ModelConfig, MoEConfig, field_help
+from moelab.train_config import PRESETS, TrainConfig, preset, with_overrides
 
 _SKIP = {ModelConfig: {"moe"}, MoEConfig: {"d_model"}, TrainConfig: set()}
 _PREFIX = {ModelConfig: "", MoEConfig: "moe-", TrainConfig: ""}

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from moelab.accounting import count_params
-from moelab.config import preset
 from moelab.data import prepare_data
 from moelab.rundir import RunDir
 from moelab.train import train
+from moelab.train_config import preset
 
 
 def run_demo(out: str | Path = "runs/demo", preset_name: str = "tiny", steps: int | None = None,

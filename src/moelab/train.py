@@ -34,13 +34,14 @@ import torch
 from tqdm.auto import tqdm
 
 from moelab import checkpoint as ckpt_io
-from moelab.config import ModelConfig, TrainConfig, check_device_name
+from moelab.config import ModelConfig
 from moelab.corpus import Corpus
 from moelab.data import TokenData, prepare_data
 from moelab.metrics import TensorBoardLog, layer_stats, parallel_stats, truncate_after
 from moelab.model import MoETransformer
 from moelab.parallel import ParallelContext, exchange_stats, setup_from_env
 from moelab.rundir import RunDir, RunLockedError, adopt_tokenizer, data_record, resume_data
+from moelab.train_config import TrainConfig, check_device_name
 
 SINGLE_PROCESS = ParallelContext()
 

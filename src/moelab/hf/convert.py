@@ -23,9 +23,9 @@ def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dt
     and tokenizer), under the run's lock.
     """
     from moelab import checkpoint as ckpt_io
-    from moelab.config import TrainConfig
     from moelab.hf import load
     from moelab.rundir import DATA_DIR, METRICS, TOKENIZER, RunDir
+    from moelab.train_config import TrainConfig
 
     hf_dir, run = Path(hf_dir), RunDir(out_run_dir)
     check_output_dir(run.path, overwrite)
