@@ -136,3 +136,19 @@ def test_docs_table_lists_every_preset_with_current_numbers():
         row = next((line for line in doc.splitlines() if re.match(rf"\|\s*{re.escape(name)}\s*\|", line)), None)
         assert row is not None, f"docs/CARD.md has no row for {name}"
         assert fmt_params(total) in row and fmt_params(active) in row, (name, row)
+
+
+def test_accounting_and_card_import_without_torch():
+    """moelab.accounting, moelab.card, moelab.config and moelab.train_config need no torch (a machine that only
+    sizes models): import them with torch made unimportable."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from moelab.accounting import count_params\n"
+            "from moelab.card import card_report\n"
+            "from moelab.train_config import TrainConfig, preset\n"
+            "assert count_params('mixtral-8x7b').total > 4e10 and card_report('tiny')['total_params'] > 0\n"
+            "print('ok')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
