@@ -48,3 +48,15 @@ def test_cli_set_is_parsed_by_field_type():
     res = subprocess.run([sys.executable, "-m", "moelab", "demo", "--set", "nope=1"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "FIELD=VALUE" in res.stderr
+
+
+def test_set_moves_the_switch_coefficient_and_the_bias_rate_only(tmp_path):
+    run_balancing(tmp_path / "bal", steps=2, progress=False, methods=("switch", "bias"),
+                  overrides={**SMALL, "moe.aux_loss_coef": 0.05, "moe.bias_update_rate": 0.02})
+    moe = {m: json.loads((tmp_path / "bal" / m / "config.json").read_text())["model"]["moe"]
+           for m in ("switch", "bias")}
+    assert (moe["switch"]["aux_loss_coef"], moe["switch"]["expert_bias"]) == (0.05, False)
+    assert (moe["bias"]["aux_loss_coef"], moe["bias"]["bias_update_rate"]) == (0.0, 0.02)
+    assert not (tmp_path / "bal" / "none").exists()
+    with pytest.raises(ValueError, match="moe.expert_bias is what the balancing experiment varies"):
+        run_balancing(tmp_path / "b2", steps=2, progress=False, overrides={**SMALL, "moe.expert_bias": True})

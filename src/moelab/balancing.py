@@ -54,19 +54,30 @@ def curves(run_dir: Path, n_experts: int) -> dict[str, list]:
 
 def run_balancing(out: str | Path = "runs/balancing", preset_name: str = "tiny", steps: int | None = None,
                   data_path: str | Path | None = None, progress: bool = True, aux_coef: float = 0.01,
-                  bias_rate: float = 1e-3, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                  bias_rate: float = 1e-3, overrides: dict[str, Any] | None = None,
+                  methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Train the preset's MoE once per balancing method on the same tokens; print, plot and return the
-    comparison. `overrides`: further settings for all three runs (e.g. {"moe.n_experts": 64, "lr": 1e-2})."""
+    comparison. `overrides`: further settings for all runs (e.g. {"moe.n_experts": 64, "lr": 1e-2}); in them
+    "moe.aux_loss_coef" sets the switch run's α and "moe.bias_update_rate" the bias run's γ."""
     out = Path(out)
     base = dict(overrides or {})
+    aux_coef = base.pop("moe.aux_loss_coef", aux_coef)
+    bias_rate = base.pop("moe.bias_update_rate", bias_rate)
+    for field in ("moe.expert_bias", "moe.seq_aux_loss_coef"):
+        if field in base:
+            raise ValueError(f"{field} is what the balancing experiment varies; it cannot be set (use "
+                             "moe.aux_loss_coef for the switch run's coefficient, moe.bias_update_rate for the bias "
+                             "run's rate)")
+    for m in methods:
+        method_overrides(m, aux_coef, bias_rate)  # a named error for an unknown method
     if steps is not None:
         base["steps"] = steps
     base.setdefault("eval_every", max(1, (steps or preset(preset_name)[1].steps) // 8))
     base.setdefault("log_every", max(1, base["eval_every"] // 5))
-    configs = {m: preset(preset_name, **base, **method_overrides(m, aux_coef, bias_rate)) for m in METHODS}
-    for m in METHODS:
+    configs = {m: preset(preset_name, **base, **method_overrides(m, aux_coef, bias_rate)) for m in methods}
+    for m in methods:
         RunDir(out / m).require_new()
-    model_cfg, train_cfg = configs["none"]
+    model_cfg, train_cfg = configs[methods[0]]
     E, k = model_cfg.moe.n_experts, model_cfg.moe.top_k
     out.mkdir(parents=True, exist_ok=True)
     print(f"moelab demo --experiment balancing: preset {preset_name!r}, E={E}, k={k}, {train_cfg.steps} steps x "
@@ -76,7 +87,7 @@ def run_balancing(out: str | Path = "runs/balancing", preset_name: str = "tiny",
     results: dict[str, Any] = {"preset": preset_name, "n_experts": E, "top_k": k, "steps": train_cfg.steps,
                                "aux_coef": aux_coef, "bias_rate": bias_rate,
                                "overrides": {key: v for key, v in base.items()}, "runs": {}}
-    for m in METHODS:
+    for m in methods:
         mc, tc = configs[m]
         train(mc, tc, out / m, data=data, progress=progress, desc=f"{m:>6}")
         results["runs"][m] = curves(out / m, E)

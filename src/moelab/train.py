@@ -336,7 +336,8 @@ class _Trainer:
                     metrics.flush()
                     if board is not None:
                         board.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
+                    val = f"{val_loss:.3f}" if math.isfinite(val_loss) else "-"
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", val=val,
                                     tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
                 bar.update(1)
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
