@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ import torch.nn.functional as F
 from moelab import ModelConfig, MoEConfig, MoETransformer
 from moelab.data import train_tokenizer
 from moelab.evaluation import evaluate_text, evaluate_tokens, token_stream
+from tiny_run import moelab, train_tiny_run
 
 CFG = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
                   moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2))
@@ -56,16 +55,10 @@ def test_perplexity_and_bits_per_byte_by_hand(model_and_tok):
 
 
 def test_cli_on_a_trained_run(tmp_path):
-    run = tmp_path / "run"
-    train = [sys.executable, "-m", "moelab", "train", "--preset", "tiny", "--d-model", "32", "--n-heads", "2",
-             "--n-kv-heads", "2", "--n-layers", "1", "--d-ff", "64", "--moe-d-expert", "32", "--moe-n-experts", "4",
-             "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--max-corpus-bytes", "100000",
-             "--steps", "3", "--eval-batches", "1", "--threads", "1", "--quiet", "--out", str(run)]
-    assert subprocess.run(train, capture_output=True, timeout=300).returncode == 0
+    run = train_tiny_run(tmp_path / "run", n_layers=1)
     text = tmp_path / "held_out.txt"
     text.write_text("import os\nprint(os.getcwd())\n" * 20)
-    res = subprocess.run([sys.executable, "-m", "moelab", "eval", str(run), "--data", str(text), "--json"],
-                         capture_output=True, text=True, timeout=300)
+    res = moelab("eval", run, "--data", text, "--json")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["tokens"] > 20 and out["bytes"] == len(text.read_bytes()) and 0 < out["loss"] < 10

@@ -9,7 +9,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch
 from moelab import ModelConfig, MoEConfig, MoETransformer
 from moelab.data import train_tokenizer
 from moelab.routing_report import collect_routing, routing_report, write_report
+from tiny_run import moelab, train_tiny_run
 
 _rng = random.Random(0)
 A_TEXT = ["".join(_rng.choice("acegik") for _ in range(3000))]  # two labels with disjoint letters, so their
@@ -119,16 +119,10 @@ def test_report_renders_in_headless_chromium(tok, tmp_path):
 
 
 def test_cli_on_a_run(tmp_path):
-    run = tmp_path / "run"
-    train = [sys.executable, "-m", "moelab", "train", "--preset", "tiny", "--d-model", "32", "--n-heads", "2",
-             "--n-kv-heads", "2", "--n-layers", "2", "--d-ff", "64", "--moe-d-expert", "32", "--moe-n-experts", "4",
-             "--vocab-size", "300", "--batch-size", "4", "--seq-len", "32", "--max-corpus-bytes", "100000",
-             "--steps", "3", "--eval-batches", "1", "--threads", "1", "--quiet", "--out", str(run)]
-    assert subprocess.run(train, capture_output=True, timeout=300).returncode == 0
+    run = train_tiny_run(tmp_path / "run")
     (tmp_path / "x.txt").write_text("for i in range(10):\n    print(i)\n" * 40)
-    res = subprocess.run([sys.executable, "-m", "moelab", "routing", str(run), "--data", f"{tmp_path / 'x.txt'}=loops",
-                          "--tokens", "256", "--seq-len", "32", "--out", str(tmp_path / "rep"), "--quiet"],
-                         capture_output=True, text=True, timeout=300)
+    res = moelab("routing", run, "--data", f"{tmp_path / 'x.txt'}=loops", "--tokens", "256", "--seq-len", "32",
+                 "--out", tmp_path / "rep", "--quiet")
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "rep" / "routing.json").read_text())
     assert data["labels"] == ["loops"] and len(data["layers"]) == 2 and (tmp_path / "rep" / "report.html").exists()
