@@ -22,7 +22,8 @@ def test_three_runs_differ_only_in_balancing(tmp_path, capsys):
     moe = {m: c["model"]["moe"] for m, c in configs.items()}
     assert (moe["none"]["aux_loss_coef"], moe["none"]["expert_bias"]) == (0.0, False)
     assert (moe["switch"]["aux_loss_coef"], moe["switch"]["expert_bias"]) == (0.01, False)
-    assert (moe["bias"]["aux_loss_coef"], moe["bias"]["expert_bias"]) == (0.0, True)
+    assert (moe["bias"]["aux_loss_coef"], moe["bias"]["expert_bias"], moe["bias"]["bias_update_rate"]) == (0.0, True,
+                                                                                                   0.01)
     strip = lambda c: {**c["model"], "moe": {k: v for k, v in c["model"]["moe"].items()  # noqa: E731
                                              if k not in ("aux_loss_coef", "expert_bias", "bias_update_rate")}}
     assert strip(configs["none"]) == strip(configs["switch"]) == strip(configs["bias"])

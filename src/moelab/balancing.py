@@ -6,6 +6,10 @@ the same tokens, without balancing, with the Switch auxiliary loss, and with the
     bias     no auxiliary loss; a per-expert selection bias moved by γ·sign(mean load − loadᵢ) after every
              step (Wang et al. 2024, DeepSeek-V3), γ = bias_rate
 
+The bias rate defaults to 1e-2, ten times DeepSeek-V3's 1e-3: that value serves a training of ~10⁵ steps;
+in a few hundred steps a bias moving 1e-3 per step cannot catch up with the logit gaps a collapsing softmax
+router builds (measured: docs/BENCHMARKS.md, "Load balancing").
+
 Every other setting (and the z-loss) is the preset's, so the runs differ only in balancing. For each, the
 experiment reads the run's metrics.jsonl and reports over the steps the largest expert share of the load
 (1/E when uniform, 1/k when collapsed onto k experts), the experts that received no token in a step
@@ -54,7 +58,7 @@ def curves(run_dir: Path, n_experts: int) -> dict[str, list]:
 
 def run_balancing(out: str | Path = "runs/balancing", preset_name: str = "tiny", steps: int | None = None,
                   data_path: str | Path | None = None, progress: bool = True, aux_coef: float = 0.01,
-                  bias_rate: float = 1e-3, overrides: dict[str, Any] | None = None,
+                  bias_rate: float = 1e-2, overrides: dict[str, Any] | None = None,
                   methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Train the preset's MoE once per balancing method on the same tokens; print, plot and return the
     comparison. `overrides`: further settings for all runs (e.g. {"moe.n_experts": 64, "lr": 1e-2}); in them
