@@ -44,6 +44,10 @@ BAD_MODEL = [
     (dict(qk_norm="yes"), "qk_norm='yes'"),
     (dict(moe=MoEConfig(d_model=128)), "moe.d_model=128"),
     (dict(dropout=1.0), "dropout=1.0"),
+    (dict(embed_scale=0.0), "embed_scale=0.0 is invalid: allowed a finite number > 0"),
+    (dict(residual_scale=float("inf")), "residual_scale=inf"),
+    (dict(logits_scaling=-1.0), "logits_scaling=-1.0"),
+    (dict(attn_scale=True), "attn_scale=True is invalid: allowed a finite number > 0 or None"),
 ]
 
 
@@ -59,6 +63,17 @@ def test_json_round_trip_and_unknown_fields(tmp_path):
     assert ModelConfig.load_json(tmp_path / "c.json") == cfg
     with pytest.raises(ValueError, match="unknown field.*'n_expert'"):
         MoEConfig.from_dict({"n_expert": 4})
+
+
+def test_architecture_options_are_written_only_when_used():
+    """Fields only some architectures use (Granite's multipliers...) stay out of config.json at their defaults, so a
+    config that does not use them is written (and compared on resume) exactly as before they existed."""
+    plain = ModelConfig()
+    assert not {"embed_scale", "residual_scale", "logits_scaling", "attn_scale"} & set(plain.to_dict())
+    granite = plain.replace(embed_scale=12.0, residual_scale=0.22, logits_scaling=6.0, attn_scale=0.015625)
+    data = granite.to_dict()
+    assert data["embed_scale"] == 12.0 and data["attn_scale"] == 0.015625
+    assert ModelConfig.from_dict(data) == granite and ModelConfig.from_dict(plain.to_dict()) == plain
 
 
 def test_dense_twin_has_the_active_width():

@@ -5,7 +5,8 @@ Each run is a real `moelab.train.train` of a tiny model for 80 steps on a small 
 tmp_path (it memorises the corpus quickly, so greedy continuations are varied text, not one repeated token):
 a Mixtral-like config (softmax top-2, route_scale folded into the exported down projections), a Qwen2-MoE-like
 one (dense first layer, sigmoid-gated shared expert, q/k/v biases, untied head) and a DeepSeek-V3-like one (MLA
-with YaRN rope scaling, sigmoid router whose aux-loss-free bias was updated by training, groups, shared expert).
+with YaRN rope scaling, sigmoid router whose aux-loss-free bias was updated by training, groups, shared expert),
+and one for each architecture of tests/test_hf_families.py (GraniteMoE: its four multipliers).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ RUNS = {
                                              router="sigmoid", n_groups=4, topk_groups=2, expert_bias=True,
                                              bias_update_rate=1e-2, route_scale=2.5, aux_loss_coef=0.0,
                                              seq_aux_loss_coef=1e-4, z_loss_coef=0.0)),
+    "granitemoe": ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                              embed_scale=2.0, residual_scale=0.8, logits_scaling=0.5, attn_scale=0.3,
+                              moe=MoEConfig(d_model=D, d_expert=16, n_experts=4, top_k=2)),
 }
 PROMPTS = ["The router", "Shared experts", "When the"]
 

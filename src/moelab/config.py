@@ -41,6 +41,10 @@ def _nonneg_number(name: str, value: Any) -> None:
         _fail(name, value, "a finite number >= 0")
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         _fail(name, value, "one of " + ", ".join(repr(a) for a in allowed))
@@ -49,8 +53,17 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 class _JsonMixin:
     """`to_dict` / `from_dict` / JSON file helpers shared by the config dataclasses."""
 
+    # fields written to JSON only when they differ from their default: a config that does not use them
+    # reads and compares (resume) like one written before they existed
+    _OMIT_DEFAULTS: tuple[str, ...] = ()
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        for name in self._OMIT_DEFAULTS:
+            if d[name] == defaults[name]:
+                del d[name]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
@@ -289,6 +302,11 @@ class ModelConfig(_JsonMixin):
         kv_lora_rank: MLA compressed key/value latent width.
         qk_nope_head_dim / qk_rope_head_dim / v_head_dim: MLA per-head widths.
         dropout: dropout on attention output and FFN output during training.
+        embed_scale / residual_scale / logits_scaling / attn_scale: Granite's multipliers (IBM 2024,
+            GraniteMoE): the embeddings are multiplied by embed_scale, each block's attention and FFN
+            outputs by residual_scale before they join the residual stream, the logits divided by
+            logits_scaling, and attention scores multiplied by attn_scale (None: 1/sqrt(head width)).
+            Written to config.json only when set (as rope_scaling).
     """
 
     vocab_size: int = 4096
@@ -316,6 +334,12 @@ class ModelConfig(_JsonMixin):
     v_head_dim: int = 32
     dropout: float = 0.0
     rope_scaling: RopeScaling | None = None
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logits_scaling: float = 1.0
+    attn_scale: float | None = None
+
+    _OMIT_DEFAULTS = ("rope_scaling", "embed_scale", "residual_scale", "logits_scaling", "attn_scale")
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from JSON
@@ -323,12 +347,6 @@ class ModelConfig(_JsonMixin):
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         self.validate()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        if d["rope_scaling"] is None:  # plain RoPE: the same dict as before the field existed (resume compares)
-            del d["rope_scaling"]
-        return d
 
     @property
     def head_width(self) -> int:
@@ -389,6 +407,10 @@ class ModelConfig(_JsonMixin):
             _fail("rope_scaling", self.rope_scaling, "None or a RopeScaling (a dict of its fields in JSON)")
         if not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a number in [0, 1)")
+        for name in ("embed_scale", "residual_scale", "logits_scaling", "attn_scale"):
+            v = getattr(self, name)
+            if not (v is None and name == "attn_scale") and not (_is_number(v) and 0 < v < math.inf):
+                _fail(name, v, "a finite number > 0" + (" or None" if name == "attn_scale" else ""))
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
                 _fail("moe", self.moe, "a MoEConfig or None")

@@ -6,6 +6,8 @@ Pre-norm blocks  x = x + attn(norm(x));  x = x + ffn(norm(x)),  where ffn is a d
 rotary position embeddings (Su et al. 2021, rotate-half convention; optionally extended by YaRN, Peng et
 al. 2023) and grouped-query heads (Ainslie et al. 2023), optional q/k RMSNorm (OLMoE "full", Qwen3 "head"),
 or DeepSeek-V2/V3 multi-head latent attention (MLA). Generation uses a per-layer KV cache (`KVCache`).
+Granite's multipliers (`ModelConfig.embed_scale`, `residual_scale`, `logits_scaling`, `attn_scale`) scale
+the embeddings, each block's two residual branches, the logits and the attention scores.
 
 Legend: B = batch, S = sequence (new tokens), L = cached + new positions, H = heads, G = kv heads,
 Dh = head width, D = model width, V = vocabulary.
@@ -162,7 +164,7 @@ class Attention(nn.Module):
         self.wk = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wv = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=False), residual_std(cfg))
-        self.qk_norm = cfg.qk_norm
+        self.qk_norm, self.scale = cfg.qk_norm, cfg.attn_scale  # scale None: 1/sqrt(Dh)
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
         elif cfg.qk_norm == "full":
@@ -182,7 +184,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = _attend(q, k, v, start)
+        out = _attend(q, k, v, start, self.scale)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
@@ -246,16 +248,20 @@ class Block(nn.Module):
         std = residual_std(cfg)
         self.ffn = MoE(cfg.moe, std) if self.is_moe else FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, std)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (1: none)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
                 stats: bool | None = None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start))
+        x = x + self._scaled(self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start)))
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, stats)
         else:
             y, aux = self.ffn(h), None
-        return x + self.dropout(y), aux
+        return x + self._scaled(self.dropout(y)), aux
+
+    def _scaled(self, y: Tensor) -> Tensor:
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
 
 
 @dataclass
@@ -301,6 +307,8 @@ class MoETransformer(nn.Module):
                 f"sequence of {start + S} positions exceeds the model's max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x = self.embed(input_ids)
+        if self.cfg.embed_scale != 1.0:  # Granite's embedding_multiplier
+            x = x * self.cfg.embed_scale
         auxes: list[MoEAux] = []
         for block in self.blocks:
             x, aux = block(x, cos, sin, cache, start, stats)
@@ -308,6 +316,8 @@ class MoETransformer(nn.Module):
                 auxes.append(aux)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        if self.cfg.logits_scaling != 1.0:  # Granite's logits_scaling
+            logits = logits / self.cfg.logits_scaling
         loss = None
         if targets is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (bf16 logits)

@@ -16,7 +16,8 @@ Layouts (legend: E = experts, D = model width, F = expert hidden width, S = shar
 
 Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE (per-head q/k norm), OLMoE
 (full-width q/k norm), DeepSeek-V3 (MLA, sigmoid router with score-correction bias, group-limited
-routing, shared experts, dense first layers; interleaved RoPE handled by permuting weight rows). Any of them
+routing, shared experts, dense first layers; interleaved RoPE handled by permuting weight rows), GraniteMoE
+(embedding / residual / attention / logit multipliers, stacked expert tensors). Any of them
 may carry YaRN rope scaling (`rope_scaling` / `rope_parameters` with rope_type "yarn" → `RopeScaling`); other
 scalings are refused.
 
@@ -25,7 +26,7 @@ zero fields) and what its fields mean per model_type — MoE layers, KV heads, h
 experts, routing groups, MLA widths, RoPE — comes from `moelab.hf_arch`, which `moelab.accounting` uses
 to count the same architectures: an adapter adds only what moelab's ModelConfig needs besides.
 
-One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `deepseek`); this package
+One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `deepseek`, `granite`); this package
 holds the registry.
 """
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 from moelab.config import ModelConfig
 from moelab.hf.adapters.base import Adapter, Entry, ffn_entries
 from moelab.hf.adapters.deepseek import DeepseekV3
+from moelab.hf.adapters.granite import GraniteMoe
 from moelab.hf.adapters.mixtral import Mixtral
 from moelab.hf.adapters.olmoe import Olmoe
 from moelab.hf.adapters.qwen import Qwen2Moe, Qwen3Moe
@@ -43,7 +45,7 @@ __all__ = ["Adapter", "Entry", "ffn_entries", "CHECKPOINT_ADAPTERS", "adapter_fo
 
 # model_type -> the adapter that maps its config.json and tensors to moelab's (load and save)
 CHECKPOINT_ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(),
-                                                                     DeepseekV3())}
+                                                                     DeepseekV3(), GraniteMoe())}
 
 
 def adapter_for(c: HFConfig) -> Adapter:

@@ -73,11 +73,23 @@ def _moe_layout(c: HFConfig, n_layers: int) -> tuple[int, int]:
                   "then every k-th' — moelab cannot represent this layout")
 
 
+# ModelConfig fields only some architectures have, with the value meaning "not used": an adapter lists the
+# ones its architecture has in `Adapter.options`; export refuses a config using any other
+OPTIONS: dict[str, Any] = {"embed_scale": 1.0, "residual_scale": 1.0, "logits_scaling": 1.0, "attn_scale": None}
+
+
+def _option(cfg: ModelConfig, name: str) -> Any:
+    """The value of an `OPTIONS` field ("moe.x": a field of cfg.moe)."""
+    obj, _, leaf = name.rpartition(".")
+    return getattr(cfg.moe if obj == "moe" else cfg, leaf)
+
+
 class Adapter:
     """Base: the Llama-like parts shared by all supported architectures."""
 
     model_type = ""
     architecture = ""
+    options: frozenset[str] = frozenset()  # the `OPTIONS` this architecture has
     expert_names = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     moe_prefix = "mlp"
     norm_eps = 1e-6  # transformers' default rms_norm_eps for this architecture
@@ -100,7 +112,11 @@ class Adapter:
                            rope_scaling=hf_arch.rope_scaling(c), norm_eps=c.float("rms_norm_eps", self.norm_eps),
                            tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=qkv_bias,
                            qk_norm=hf_arch.qk_norm(c), d_ff=c.int("intermediate_size"), n_dense_layers=n_dense,
-                           moe_every=every, moe=moe, **self.attention_fields(c, D, H))
+                           moe_every=every, moe=moe, **self.attention_fields(c, D, H), **self.model_fields(c))
+
+    def model_fields(self, c: HFConfig) -> dict[str, Any]:
+        """ModelConfig fields of this architecture's `options` (none by default)."""
+        return {}
 
     def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
         """MoEConfig fields besides the expert shape: a softmax router, its aux-loss coefficient."""
@@ -118,8 +134,7 @@ class Adapter:
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         raise NotImplementedError
 
-    @staticmethod
-    def _common_mismatch(cfg: ModelConfig) -> str | None:
+    def _common_mismatch(self, cfg: ModelConfig) -> str | None:
         m = cfg.moe
         if m is None:
             return "moe is None (a dense model); these architectures are Mixture-of-Experts"
@@ -129,6 +144,9 @@ class Adapter:
             return f"moe.capacity_factor={m.capacity_factor!r}: Hugging Face MoE models are dropless (None)"
         if m.router not in ("topk_softmax", "sigmoid"):
             return f"moe.router={m.router!r}: only 'topk_softmax' and 'sigmoid' routers exist in these architectures"
+        for name, plain in OPTIONS.items():
+            if name not in self.options and _option(cfg, name) != plain:
+                return f"{name} must be {plain!r} (the architecture has no such option)"
         return None
 
     def _base_hf(self, cfg: ModelConfig) -> dict[str, Any]:

