@@ -30,20 +30,35 @@ from test_hf import COMMON, V, _hf_greedy, _ids  # noqa: E402
 T = transformers
 
 
-def _hf_config(arch: str):
-    if arch == "granitemoe":  # the multipliers of granite-3.1-1b-a400m-base
+MLA = dict(kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+
+
+def _hf_config(case: str):
+    """A tiny transformers config per case (a case is an architecture, or one with a variant after '-')."""
+    if case == "granitemoe":  # the multipliers of granite-3.1-1b-a400m-base
         return T.GraniteMoeConfig(**COMMON, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
                                   embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=6.0,
                                   attention_multiplier=0.015625, tie_word_embeddings=True)
-    raise AssertionError(arch)
+    if case == "deepseek_v2":  # V2-Lite's shape: full-rank queries, greedy softmax routing
+        return T.DeepseekV2Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, **MLA,
+                                  intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                  n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=1,
+                                  q_lora_rank=None, routed_scaling_factor=1.5, topk_method="greedy")
+    if case == "deepseek_v2-qlora-groups":  # V2's shape: q LoRA, device-limited routing
+        return T.DeepseekV2Config(**{**COMMON, "num_hidden_layers": 3, "num_key_value_heads": 4}, **MLA,
+                                  intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8,
+                                  n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
+                                  q_lora_rank=16, routed_scaling_factor=2.0, topk_method="group_limited_greedy",
+                                  n_group=4, topk_group=2)
+    raise AssertionError(case)
 
 
-ARCHS = ["granitemoe"]
+CASES = ["granitemoe", "deepseek_v2", "deepseek_v2-qlora-groups"]
 
 
-def _tiny_hf(arch: str, seed: int = 0):
+def _tiny_hf(case: str, seed: int = 0):
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(_hf_config(arch)).eval()
+    model = T.AutoModelForCausalLM.from_config(_hf_config(case)).eval()
     with torch.no_grad():  # make norms, biases and the selection bias matter
         for name, t in model.state_dict(keep_vars=True).items():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
@@ -67,19 +82,19 @@ def assert_same(hf_model, ours: MoETransformer, what: str) -> float:
     return diff
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+@pytest.fixture(scope="module", params=CASES)
 def saved(request, tmp_path_factory):
-    arch = request.param
-    model = _tiny_hf(arch)
-    path = tmp_path_factory.mktemp(arch)
+    case = request.param
+    model = _tiny_hf(case)
+    path = tmp_path_factory.mktemp(case)
     model.save_pretrained(path)
-    return arch, model, path
+    return case, model, path
 
 
 def test_load_matches_transformers(saved):
-    arch, hf_model, path = saved
-    assert json.loads((path / "config.json").read_text())["model_type"] == arch
-    assert_same(hf_model, hf.load(path), f"{arch} load")
+    case, hf_model, path = saved
+    assert json.loads((path / "config.json").read_text())["model_type"] == case.split("-")[0]
+    assert_same(hf_model, hf.load(path), f"{case} load")
 
 
 def test_loads_in_memory_layout(saved, tmp_path):
@@ -101,12 +116,19 @@ def test_card_counts_transformers_parameters(saved):
     assert count_params(ours.cfg).total == expected  # moelab's own config counts the same model
 
 
-def _moelab_config(arch: str) -> ModelConfig:
-    if arch == "granitemoe":
+def _moelab_config(case: str) -> ModelConfig:
+    if case == "granitemoe":
         return ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                            embed_scale=12.0, residual_scale=0.22, logits_scaling=6.0, attn_scale=0.1,
                            moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, route_scale=1.5))
-    raise AssertionError(arch)
+    if case.startswith("deepseek_v2"):
+        groups = dict(n_groups=4, topk_groups=2) if "groups" in case else {}
+        return ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, attention="mla",
+                           q_lora_rank=16 if "qlora" in case else None, kv_lora_rank=12, qk_nope_head_dim=8,
+                           qk_rope_head_dim=4, v_head_dim=8, max_seq_len=64, d_ff=48, n_dense_layers=1,
+                           moe=MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=3, n_shared=2,
+                                         norm_topk_prob=False, route_scale=2.0, **groups))
+    raise AssertionError(case)
 
 
 def _random_moelab(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
@@ -126,13 +148,13 @@ def _random_moelab(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
     return model
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_export_loads_in_transformers(arch, tmp_path):
-    ours = _random_moelab(_moelab_config(arch))
+@pytest.mark.parametrize("case", CASES)
+def test_export_loads_in_transformers(case, tmp_path):
+    ours = _random_moelab(_moelab_config(case))
     hf.save(ours, tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == arch
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == case.split("-")[0]
     hf_model = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert_same(hf_model, ours, f"{arch} export")
+    assert_same(hf_model, ours, f"{case} export")
     assert sum(p.numel() for p in hf_model.parameters()) == ours.num_params()
     back = hf.load(tmp_path)
     with torch.no_grad():
@@ -153,6 +175,13 @@ def _save_with(model, path, **config):
     ("granitemoe", {"embedding_multiplier": None}, "field 'embedding_multiplier'=None"),
     ("granitemoe", {"logits_scaling": 0}, "field 'logits_scaling'=0.0 is invalid: allowed a number > 0"),
     ("granitemoe", {"hidden_act": "gelu"}, "field 'hidden_act'='gelu' is not supported"),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, "field 'topk_method'='noaux_tc' is not supported by moelab: "
+                                                 "allowed 'greedy' or 'group_limited_greedy'"),
+    ("deepseek_v2", {"norm_topk_prob": True}, "field 'norm_topk_prob'=True is not supported"),
+    ("deepseek_v2", {"attention_bias": True}, "field 'attention_bias'=True is not supported"),
+    ("deepseek_v2", {"mlp_bias": True}, "field 'mlp_bias'=True is not supported"),
+    ("deepseek_v2", {"q_lora_rank": ...}, "required field 'q_lora_rank' is missing"),  # transformers: rank 1536
+    ("deepseek_v2-qlora-groups", {"n_group": 3}, "field 'n_group'=3 is invalid: allowed a divisor of the number"),
 ])
 def test_unsupported_variants_are_refused(arch, config, match, tmp_path):
     with pytest.raises(ValueError, match=match):

@@ -6,7 +6,8 @@ tmp_path (it memorises the corpus quickly, so greedy continuations are varied te
 a Mixtral-like config (softmax top-2, route_scale folded into the exported down projections), a Qwen2-MoE-like
 one (dense first layer, sigmoid-gated shared expert, q/k/v biases, untied head) and a DeepSeek-V3-like one (MLA
 with YaRN rope scaling, sigmoid router whose aux-loss-free bias was updated by training, groups, shared expert),
-and one for each architecture of tests/test_hf_families.py (GraniteMoE: its four multipliers).
+and one for each architecture of tests/test_hf_families.py (GraniteMoE: its four multipliers; DeepSeek-V2:
+MLA with full-rank queries, softmax router with device-limited groups and a routed scaling factor).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ RUNS = {
     "granitemoe": ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                               embed_scale=2.0, residual_scale=0.8, logits_scaling=0.5, attn_scale=0.3,
                               moe=MoEConfig(d_model=D, d_expert=16, n_experts=4, top_k=2)),
+    "deepseek_v2": ModelConfig(vocab_size=V, d_model=D, n_layers=3, n_heads=4, n_kv_heads=4, attention="mla",
+                               q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                               max_seq_len=64, d_ff=48, n_dense_layers=1,
+                               moe=MoEConfig(d_model=D, d_expert=16, n_experts=8, top_k=2, n_shared=2,
+                                             norm_topk_prob=False, n_groups=4, topk_groups=2, route_scale=2.0)),
 }
 PROMPTS = ["The router", "Shared experts", "When the"]
 

@@ -17,7 +17,8 @@ Layouts (legend: E = experts, D = model width, F = expert hidden width, S = shar
 Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE (per-head q/k norm), OLMoE
 (full-width q/k norm), DeepSeek-V3 (MLA, sigmoid router with score-correction bias, group-limited
 routing, shared experts, dense first layers; interleaved RoPE handled by permuting weight rows), GraniteMoE
-(embedding / residual / attention / logit multipliers, stacked expert tensors). Any of them
+(embedding / residual / attention / logit multipliers, stacked expert tensors), DeepSeek-V2 (MLA with or
+without q LoRA, softmax router, greedy or group-limited). Any of them
 may carry YaRN rope scaling (`rope_scaling` / `rope_parameters` with rope_type "yarn" → `RopeScaling`); other
 scalings are refused.
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 from moelab.config import ModelConfig
 from moelab.hf.adapters.base import Adapter, Entry, ffn_entries
-from moelab.hf.adapters.deepseek import DeepseekV3
+from moelab.hf.adapters.deepseek import DeepseekV2, DeepseekV3
 from moelab.hf.adapters.granite import GraniteMoe
 from moelab.hf.adapters.mixtral import Mixtral
 from moelab.hf.adapters.olmoe import Olmoe
@@ -45,7 +46,7 @@ __all__ = ["Adapter", "Entry", "ffn_entries", "CHECKPOINT_ADAPTERS", "adapter_fo
 
 # model_type -> the adapter that maps its config.json and tensors to moelab's (load and save)
 CHECKPOINT_ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(),
-                                                                     DeepseekV3(), GraniteMoe())}
+                                                                     DeepseekV3(), GraniteMoe(), DeepseekV2())}
 
 
 def adapter_for(c: HFConfig) -> Adapter:

@@ -90,6 +90,7 @@ class Adapter:
     model_type = ""
     architecture = ""
     options: frozenset[str] = frozenset()  # the `OPTIONS` this architecture has
+    has_route_scale = False  # config.json has routed_scaling_factor (else route_scale is folded into w_out)
     expert_names = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     moe_prefix = "mlp"
     norm_eps = 1e-6  # transformers' default rms_norm_eps for this architecture
@@ -200,8 +201,8 @@ class Adapter:
         m = cfg.moe
         E, D, F = m.n_experts, cfg.d_model, m.d_expert
         g, u, d = self.expert_names
-        # softmax architectures have no routed scaling factor: fold moelab's into the expert outputs (exact)
-        s = 1.0 if m.router == "sigmoid" else m.route_scale
+        # an architecture without a routed scaling factor gets moelab's folded into the expert outputs (exact)
+        s = 1.0 if self.has_route_scale else m.route_scale
         out = [Entry(p + "gate.weight", (E, D), b + "router.weight")]
         canon_in, canon_out = [], []
         for e in range(E):
