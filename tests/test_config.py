@@ -48,6 +48,10 @@ BAD_MODEL = [
     (dict(residual_scale=float("inf")), "residual_scale=inf"),
     (dict(logits_scaling=-1.0), "logits_scaling=-1.0"),
     (dict(attn_scale=True), "attn_scale=True is invalid: allowed a finite number > 0 or None"),
+    (dict(rotary_dim=6, head_dim=4), r"rotary_dim=6 is invalid: allowed None or an even integer <= the head width "
+                                     r"\(4\)"),
+    (dict(rotary_dim=3), "rotary_dim=3 is invalid"),
+    (dict(rotary_dim=4, attention="mla"), "rotary_dim=4 is invalid: .* with attention='gqa'"),
 ]
 
 
@@ -69,7 +73,7 @@ def test_architecture_options_are_written_only_when_used():
     """Fields only some architectures use (Granite's multipliers...) stay out of config.json at their defaults, so a
     config that does not use them is written (and compared on resume) exactly as before they existed."""
     plain = ModelConfig()
-    assert not {"embed_scale", "residual_scale", "logits_scaling", "attn_scale"} & set(plain.to_dict())
+    assert not {"embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim"} & set(plain.to_dict())
     granite = plain.replace(embed_scale=12.0, residual_scale=0.22, logits_scaling=6.0, attn_scale=0.015625)
     data = granite.to_dict()
     assert data["embed_scale"] == 12.0 and data["attn_scale"] == 0.015625

@@ -50,10 +50,19 @@ def _hf_config(case: str):
                                   n_shared_experts=2, num_experts_per_tok=3, first_k_dense_replace=1,
                                   q_lora_rank=16, routed_scaling_factor=2.0, topk_method="group_limited_greedy",
                                   n_group=4, topk_group=2)
+    if case == "glm4_moe":  # GLM-4.5's options: q/k/v biases, q/k norm, half-rotary heads, groups, shared experts
+        return T.Glm4MoeConfig(**{**COMMON, "num_hidden_layers": 3}, head_dim=16, intermediate_size=48,
+                               moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                               first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                               attention_bias=True, use_qk_norm=True)
+    if case == "glm4_moe-plain":  # GLM-4.5-Air-like: no q/k norm, no groups, renormalisation off
+        return T.Glm4MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
+                               n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=0,
+                               norm_topk_prob=False, attention_bias=False, use_qk_norm=False)
     raise AssertionError(case)
 
 
-CASES = ["granitemoe", "deepseek_v2", "deepseek_v2-qlora-groups"]
+CASES = ["granitemoe", "deepseek_v2", "deepseek_v2-qlora-groups", "glm4_moe", "glm4_moe-plain"]
 
 
 def _tiny_hf(case: str, seed: int = 0):
@@ -128,6 +137,15 @@ def _moelab_config(case: str) -> ModelConfig:
                            qk_rope_head_dim=4, v_head_dim=8, max_seq_len=64, d_ff=48, n_dense_layers=1,
                            moe=MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=3, n_shared=2,
                                          norm_topk_prob=False, route_scale=2.0, **groups))
+    if case.startswith("glm4_moe"):
+        plain = "plain" in case
+        groups = {} if plain else dict(n_groups=4, topk_groups=2)
+        return ModelConfig(vocab_size=V, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16,
+                           rotary_dim=None if plain else 8, qkv_bias=not plain, qk_norm="none" if plain else "head",
+                           max_seq_len=64, d_ff=48, n_dense_layers=0 if plain else 1, norm_eps=1e-5,
+                           moe=MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=3, n_shared=0 if plain else 1,
+                                         router="sigmoid", expert_bias=True, route_scale=2.5,
+                                         norm_topk_prob=not plain, **groups))
     raise AssertionError(case)
 
 
@@ -182,10 +200,32 @@ def _save_with(model, path, **config):
     ("deepseek_v2", {"mlp_bias": True}, "field 'mlp_bias'=True is not supported"),
     ("deepseek_v2", {"q_lora_rank": ...}, "required field 'q_lora_rank' is missing"),  # transformers: rank 1536
     ("deepseek_v2-qlora-groups", {"n_group": 3}, "field 'n_group'=3 is invalid: allowed a divisor of the number"),
+    ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.35}},
+     r"field 'partial_rotary_factor'=0.35 is invalid: head width 16 × it = 5 channels, allowed an even number"),
+    ("glm4_moe", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+     r"field 'rope_parameters.rope_type'='linear' is not supported by moelab"),
+    ("glm4_moe", {"hidden_act": "gelu"}, "field 'hidden_act'='gelu' is not supported"),
+    ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.05}},
+     r"'partial_rotary_factor'=0.05 is invalid: head width 16 × it = 0 channels, allowed an even number >= 2"),
+    ("glm4_moe", {"n_shared_experts": None}, "field 'n_shared_experts'=None is invalid"),
+    ("glm4_moe", {"topk_group": 5}, "field 'topk_group'=5 is invalid: allowed an integer <= n_group"),
+    ("glm4_moe", {"first_k_dense_replace": 3}, "no layer is MoE"),
 ])
 def test_unsupported_variants_are_refused(arch, config, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         hf.load(_save_with(_tiny_hf(arch), tmp_path, **config))
+
+
+@pytest.mark.parametrize("where", ["absent", "top-level"])
+def test_glm_partial_rotary_factor_absent_or_top_level(where, tmp_path):
+    """GLM-4.5's published config.json has `partial_rotary_factor` at the top level; absent, it is 0.5 (the
+    config class's default), as transformers reads it."""
+    model = _tiny_hf("glm4_moe-plain", seed=4)
+    rope = {"rope_type": "default", "rope_theta": 10000.0}
+    extra = {"partial_rotary_factor": 0.5} if where == "top-level" else {}
+    ours = hf.load(_save_with(model, tmp_path, rope_parameters=rope, **extra))
+    assert ours.cfg.rotary_dim == 4  # half of the head width 8
+    assert_same(model, ours, f"glm4_moe partial rotary {where}")
 
 
 def test_export_refuses_options_of_other_architectures():

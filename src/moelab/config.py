@@ -307,6 +307,8 @@ class ModelConfig(_JsonMixin):
             outputs by residual_scale before they join the residual stream, the logits divided by
             logits_scaling, and attention scores multiplied by attn_scale (None: 1/sqrt(head width)).
             Written to config.json only when set (as rope_scaling).
+        rotary_dim: RoPE rotates only the first rotary_dim channels of each head, the rest pass
+            through (partial rotary, GLM-4.5: half the head); None rotates the whole head (GQA only).
     """
 
     vocab_size: int = 4096
@@ -338,8 +340,9 @@ class ModelConfig(_JsonMixin):
     residual_scale: float = 1.0
     logits_scaling: float = 1.0
     attn_scale: float | None = None
+    rotary_dim: int | None = None
 
-    _OMIT_DEFAULTS = ("rope_scaling", "embed_scale", "residual_scale", "logits_scaling", "attn_scale")
+    _OMIT_DEFAULTS = ("rope_scaling", "embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim")
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from JSON
@@ -401,6 +404,11 @@ class ModelConfig(_JsonMixin):
                 _fail("qk_rope_head_dim", self.qk_rope_head_dim, "an even integer (RoPE rotates pairs)")
         elif self.head_width % 2:
             _fail("head_dim", self.head_width, "an even integer (RoPE rotates pairs)")
+        if self.rotary_dim is not None:
+            _positive_int("rotary_dim", self.rotary_dim)
+            if self.rotary_dim % 2 or self.rotary_dim > self.head_width or self.attention != "gqa":
+                _fail("rotary_dim", self.rotary_dim, f"None or an even integer <= the head width ({self.head_width}) "
+                      "with attention='gqa'")
         if not self.rope_theta > 0:
             _fail("rope_theta", self.rope_theta, "a number > 0")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):

@@ -107,12 +107,18 @@ def rope_tables(dim: int, max_len: int, theta: float,
 
 
 def model_rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_seq_len, rotary width] of a model: the MLA rotary part, or the whole GQA head."""
-    dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_width
+    """cos, sin [max_seq_len, rotary width] of a model: the MLA rotary part, or the GQA head's rotary_dim
+    channels (the whole head by default)."""
+    dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else (cfg.rotary_dim or cfg.head_width)
     return rope_tables(dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
 
 def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
+    """Rotate-half RoPE; with tables narrower than the head (partial rotary, `ModelConfig.rotary_dim`) the
+    first channels rotate and the rest pass through unchanged."""
+    r = cos_SD.shape[-1]
+    if r < x_BHSD.shape[-1]:
+        return torch.cat([apply_rope(x_BHSD[..., :r], cos_SD, sin_SD), x_BHSD[..., r:]], dim=-1)
     x1, x2 = x_BHSD.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x_BHSD.float() * cos_SD + rotated.float() * sin_SD).to(x_BHSD.dtype)

@@ -44,10 +44,12 @@ def _max_len(c: HFConfig, n_layers: int) -> int:
 
 
 def _rope_params(cfg: ModelConfig) -> dict[str, Any]:
-    """transformers 5's `rope_parameters`: plain RoPE, or YaRN with every field moelab uses."""
+    """transformers 5's `rope_parameters`: plain RoPE, or YaRN with every field moelab uses; the rotated
+    fraction of the head when partial (GLM-4.5)."""
     s = cfg.rope_scaling
+    partial = {} if cfg.rotary_dim is None else {"partial_rotary_factor": cfg.rotary_dim / cfg.head_width}
     if s is None:
-        return {"rope_parameters": {"rope_theta": float(cfg.rope_theta), "rope_type": "default"}}
+        return {"rope_parameters": {"rope_theta": float(cfg.rope_theta), "rope_type": "default", **partial}}
     p = {"rope_theta": float(cfg.rope_theta), "rope_type": "yarn", "factor": float(s.factor),
          "original_max_position_embeddings": s.original_max_seq_len, "beta_fast": float(s.beta_fast),
          "beta_slow": float(s.beta_slow)}
@@ -55,7 +57,7 @@ def _rope_params(cfg: ModelConfig) -> dict[str, Any]:
           if getattr(s, k) is not None}
     if not s.truncate:
         p["truncate"] = False
-    return {"rope_parameters": p}
+    return {"rope_parameters": p | partial}
 
 
 def _moe_layout(c: HFConfig, n_layers: int) -> tuple[int, int]:
@@ -75,7 +77,8 @@ def _moe_layout(c: HFConfig, n_layers: int) -> tuple[int, int]:
 
 # ModelConfig fields only some architectures have, with the value meaning "not used": an adapter lists the
 # ones its architecture has in `Adapter.options`; export refuses a config using any other
-OPTIONS: dict[str, Any] = {"embed_scale": 1.0, "residual_scale": 1.0, "logits_scaling": 1.0, "attn_scale": None}
+OPTIONS: dict[str, Any] = {"embed_scale": 1.0, "residual_scale": 1.0, "logits_scaling": 1.0, "attn_scale": None,
+                           "rotary_dim": None}
 
 
 def _option(cfg: ModelConfig, name: str) -> Any:
@@ -125,8 +128,14 @@ class Adapter:
                 "aux_loss_coef": c.float("router_aux_loss_coef", 0.0)}
 
     def attention_fields(self, c: HFConfig, D: int, H: int) -> dict[str, Any]:
-        """ModelConfig fields of grouped-query attention."""
-        return {"n_kv_heads": hf_arch.kv_heads(c, H), "head_dim": hf_arch.head_dim(c, D, H)}
+        """ModelConfig fields of grouped-query attention; partial rotary only where the architecture has it."""
+        width = hf_arch.head_dim(c, D, H)
+        rotary = hf_arch.rotary_dim(c, width)
+        if rotary != width and "rotary_dim" not in self.options:
+            raise c.error(f"field 'partial_rotary_factor'={rotary / width!r} is not supported by moelab for "
+                          f"{self.model_type}: allowed 1.0 (RoPE over the whole head)")
+        return {"n_kv_heads": hf_arch.kv_heads(c, H), "head_dim": width,
+                "rotary_dim": None if rotary == width else rotary}
 
     def mismatch(self, cfg: ModelConfig) -> str | None:
         """Why this moelab config cannot be written as this architecture (None = it can)."""

@@ -39,6 +39,8 @@ class DeepseekV3(Adapter):
         """Multi-head latent attention (`num_key_value_heads`, unused by MLA, may only restate the heads)."""
         c.require("num_key_value_heads", lambda v: v in (None, H), f"equal to num_attention_heads ({H}) for MLA")
         w = hf_arch.mla_widths(c)
+        if hf_arch.rotary_dim(c, w.qk_rope_head_dim) != w.qk_rope_head_dim:
+            raise c.error("field 'partial_rotary_factor' is not supported by moelab for MLA: allowed 1.0")
         return {"n_kv_heads": H, "attention": "mla", "q_lora_rank": w.q_lora_rank, "kv_lora_rank": w.kv_lora_rank,
                 "qk_nope_head_dim": w.qk_nope_head_dim, "qk_rope_head_dim": w.qk_rope_head_dim,
                 "v_head_dim": w.v_head_dim}
