@@ -10,6 +10,9 @@ from moelab.train_config import TrainConfig
 BAD_MOE = [
     (dict(top_k=9, n_experts=8), "top_k=9.*n_experts"),
     (dict(top_k=0), "top_k=0.*>= 1"),
+    (dict(biases=True), "activation='swiglu' is invalid: allowed 'clamped_swiglu' with biases=True, and only then"),
+    (dict(activation="clamped_swiglu"), "activation='clamped_swiglu' is invalid"),
+    (dict(biases="yes"), "biases='yes' is invalid: allowed true or false"),
     (dict(capacity_factor=0.0), "capacity_factor=0.0.*> 0"),
     (dict(capacity_factor=-1.0), "capacity_factor=-1.0"),
     (dict(n_experts=8, n_groups=3), "n_groups=3.*divisor of n_experts"),
@@ -51,6 +54,10 @@ BAD_MODEL = [
     (dict(rotary_dim=6, head_dim=4), r"rotary_dim=6 is invalid: allowed None or an even integer <= the head width "
                                      r"\(4\)"),
     (dict(rotary_dim=3), "rotary_dim=3 is invalid"),
+    (dict(attn_sinks=True, attention="mla"), "attn_sinks=True is invalid: allowed false, or true with attention='gqa'"),
+    (dict(o_bias=1), "o_bias=1 is invalid"),
+    (dict(sliding_window=0), "sliding_window=0 is invalid: allowed an integer >= 1"),
+    (dict(sliding_every=0), "sliding_every=0 is invalid"),
     (dict(rotary_dim=4, attention="mla"), "rotary_dim=4 is invalid: .* with attention='gqa'"),
 ]
 
@@ -73,7 +80,9 @@ def test_architecture_options_are_written_only_when_used():
     """Fields only some architectures use (Granite's multipliers...) stay out of config.json at their defaults, so a
     config that does not use them is written (and compared on resume) exactly as before they existed."""
     plain = ModelConfig()
-    assert not {"embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim"} & set(plain.to_dict())
+    written = set(plain.to_dict()) | set(plain.to_dict()["moe"])
+    assert not {"embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim", "o_bias", "attn_sinks",
+                "sliding_window", "sliding_every", "biases"} & written
     granite = plain.replace(embed_scale=12.0, residual_scale=0.22, logits_scaling=6.0, attn_scale=0.015625)
     data = granite.to_dict()
     assert data["embed_scale"] == 12.0 and data["attn_scale"] == 0.015625

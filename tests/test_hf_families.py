@@ -59,10 +59,23 @@ def _hf_config(case: str):
         return T.Glm4MoeConfig(**COMMON, intermediate_size=48, moe_intermediate_size=16, n_routed_experts=4,
                                n_shared_experts=2, num_experts_per_tok=2, first_k_dense_replace=0,
                                norm_topk_prob=False, attention_bias=False, use_qk_norm=False)
+    if case == "gpt_oss":  # gpt-oss's options: biases everywhere, sinks, 4-token windows on even layers
+        return T.GptOssConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=8, intermediate_size=32,
+                              num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if case == "gpt_oss-yarn-every3":  # published YaRN form; no attention biases; a window every third layer
+        return T.GptOssConfig(**{**COMMON, "num_hidden_layers": 3, "max_position_embeddings": 128}, head_dim=16,
+                              intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+                              attention_bias=False,
+                              layer_types=["sliding_attention", "full_attention", "full_attention"],
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                               "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                               "original_max_position_embeddings": 32})
     raise AssertionError(case)
 
 
-CASES = ["granitemoe", "deepseek_v2", "deepseek_v2-qlora-groups", "glm4_moe", "glm4_moe-plain"]
+CASES = ["granitemoe", "deepseek_v2", "deepseek_v2-qlora-groups", "glm4_moe", "glm4_moe-plain", "gpt_oss",
+         "gpt_oss-yarn-every3"]
 
 
 def _tiny_hf(case: str, seed: int = 0):
@@ -74,6 +87,8 @@ def _tiny_hf(case: str, seed: int = 0):
                 t.data.uniform_(0.5, 1.5)
             elif name.endswith("e_score_correction_bias") or name.endswith("bias") or name.endswith("sinks"):
                 t.data.normal_(0, 0.5 if name.endswith("sinks") else 0.05)
+            elif name.endswith("experts.gate_up_proj") and case.startswith("gpt_oss"):
+                t.data.mul_(15.0)  # pre-activations past ±7: the clamps of gpt-oss's SwiGLU act
     return model
 
 
@@ -146,6 +161,13 @@ def _moelab_config(case: str) -> ModelConfig:
                            moe=MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=3, n_shared=0 if plain else 1,
                                          router="sigmoid", expert_bias=True, route_scale=2.5,
                                          norm_topk_prob=not plain, **groups))
+    if case.startswith("gpt_oss"):
+        every3 = "every3" in case
+        return ModelConfig(vocab_size=V, d_model=32, n_layers=3 if every3 else 4, n_heads=4, n_kv_heads=2,
+                           head_dim=16 if every3 else 8, qkv_bias=not every3, o_bias=not every3, attn_sinks=True,
+                           sliding_window=6 if every3 else 4, sliding_every=3 if every3 else 2, max_seq_len=64,
+                           norm_eps=1e-5, moe=MoEConfig(d_model=32, d_expert=32, n_experts=4, top_k=2, biases=True,
+                                                        activation="clamped_swiglu", route_scale=1.5))
     raise AssertionError(case)
 
 
@@ -156,10 +178,10 @@ def _random_moelab(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-            elif name.endswith("bias") or name.endswith("sinks"):
+            elif name.endswith(("bias", "sinks", ".b_in", ".b_out")):
                 p.normal_(0, 0.5 if name.endswith("sinks") else 0.05)
             else:
-                p.mul_(3.0)
+                p.mul_(40.0 if name.endswith("experts.w_in") and cfg.moe.biases else 3.0)  # past gpt-oss's clamps
         for moe in model.moe_layers():
             if cfg.moe.expert_bias:
                 moe.router.bias.normal_(0, 0.05)
@@ -210,6 +232,13 @@ def _save_with(model, path, **config):
     ("glm4_moe", {"n_shared_experts": None}, "field 'n_shared_experts'=None is invalid"),
     ("glm4_moe", {"topk_group": 5}, "field 'topk_group'=5 is invalid: allowed an integer <= n_group"),
     ("glm4_moe", {"first_k_dense_replace": 3}, "no layer is MoE"),
+    ("gpt_oss", {"swiglu_limit": 5.0}, "field 'swiglu_limit'=5.0 is not supported by moelab: allowed 7.0"),
+    ("gpt_oss", {"swiglu_alpha": 1.5}, "field 'swiglu_alpha'=1.5 is not supported by moelab: allowed 1.702"),
+    ("gpt_oss", {"layer_types": ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]},
+     "field 'layer_types' is not supported by moelab: allowed sliding_attention on layers 0, k, 2k"),
+    ("gpt_oss", {"layer_types": ["sliding_attention"] * 3}, "field 'layer_types' is invalid: allowed a list of 4"),
+    ("gpt_oss", {"rope_parameters": ...}, "field 'rope_parameters' is missing: transformers' gpt-oss default"),
+    ("gpt_oss", {"sliding_window": None}, "field 'sliding_window'=None"),
 ])
 def test_unsupported_variants_are_refused(arch, config, match, tmp_path):
     with pytest.raises(ValueError, match=match):
@@ -233,3 +262,67 @@ def test_export_refuses_options_of_other_architectures():
     cfg = _moelab_config("granitemoe").replace(attention="mla", q_lora_rank=None)
     with pytest.raises(ValueError, match="mixtral: embed_scale must be 1.0 .*granitemoe: attention must be 'gqa'"):
         hf.save(MoETransformer(cfg), "/nonexistent/never-written")
+
+
+# -- gpt-oss: MXFP4 expert weights -------------------------------------------------------------------------
+
+
+def test_mxfp4_dequantization_by_hand():
+    """Two values per byte, low nibble first; E2M1 codes; one power-of-two scale (exponent + 127) per 32 values."""
+    from moelab.hf.mxfp4 import dequantize_mxfp4
+
+    blocks = torch.zeros(2, 1, 16, dtype=torch.uint8)
+    blocks[0, 0, 0], blocks[0, 0, 15] = 0x21, 0xF8  # codes 1, 2 (0.5, 1.0); 8, 15 (-0.0, -6.0)
+    blocks[1, 0, 3] = 0x7B  # codes 11, 7: -1.5, 6.0
+    scales = torch.tensor([[128], [125]], dtype=torch.uint8)  # x 2, x 1/4
+    out = dequantize_mxfp4(blocks, scales)
+    assert out.shape == (2, 32)
+    expected = torch.zeros(2, 32)
+    expected[0, 0], expected[0, 1], expected[0, 30], expected[0, 31] = 1.0, 2.0, -0.0, -12.0
+    expected[1, 6], expected[1, 7] = -0.375, 1.5
+    assert torch.equal(out, expected) and torch.signbit(out[0, 30])  # code 8 is -0.0
+    with pytest.raises(ValueError, match=r"MXFP4 blocks \(2, 1, 16\) and scales \(2, 2\) do not fit"):
+        dequantize_mxfp4(blocks, torch.zeros(2, 2, dtype=torch.uint8))
+
+
+def _random_mxfp4(E: int, rows: int, cols: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(121, 127, (E, rows, cols // 32), dtype=torch.uint8, generator=gen)  # 2^-6 .. 2^-1
+    return blocks, scales
+
+
+def test_mxfp4_matches_transformers_dequantization():
+    from transformers.integrations.mxfp4 import _convert_moe_packed_tensors
+
+    from moelab.hf.mxfp4 import dequantize_mxfp4
+
+    blocks, scales = _random_mxfp4(3, 8, 64, torch.Generator().manual_seed(0))
+    theirs = _convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, cols, rows]: in-memory layout
+    assert torch.equal(dequantize_mxfp4(blocks, scales).transpose(1, 2), theirs)
+
+
+def test_mxfp4_checkpoint_loads_dequantized(tmp_path):
+    """A checkpoint whose experts are MXFP4 blocks + scales (the published gpt-oss form) loads with the logits of
+    the transformers model holding the same weights dequantized; a missing half of a pair is named."""
+    from moelab.hf.mxfp4 import dequantize_mxfp4
+
+    model = _tiny_hf("gpt_oss", seed=6)
+    gen = torch.Generator().manual_seed(1)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    E, F, D = 4, 32, 32
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            q = f"model.layers.{i}.mlp.experts."
+            for name, rows, cols in (("gate_up_proj", 2 * F, D), ("down_proj", D, F)):
+                blocks, scales = _random_mxfp4(E, rows, cols, gen)
+                getattr(layer.mlp.experts, name).copy_(dequantize_mxfp4(blocks, scales).transpose(1, 2))
+                del state[q + name]
+                state |= {q + name + "_blocks": blocks, q + name + "_scales": scales}
+    (tmp_path / "config.json").write_text(model.config.to_json_string())
+    save_file(state, str(tmp_path / "model.safetensors"))
+    assert_same(model, hf.load(tmp_path), "gpt_oss MXFP4")
+    del state["model.layers.1.mlp.experts.down_proj_scales"]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="tensor 'model.layers.1.mlp.experts.down_proj_scales' is missing from the "
+                                         "checkpoint \\(its pair 'model.layers.1.mlp.experts.down_proj_blocks'"):
+        hf.load(tmp_path)

@@ -21,6 +21,7 @@ from typing import Any
 
 ROUTERS = ("topk_softmax", "switch", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_ACTIVATIONS = (*ACTIVATIONS, "clamped_swiglu")
 BACKENDS = ("auto", "loop", "padded", "grouped_mm")
 ATTENTIONS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
@@ -63,6 +64,9 @@ class _JsonMixin:
         for name in self._OMIT_DEFAULTS:
             if d[name] == defaults[name]:
                 del d[name]
+        for name in d:  # nested configs by their own rule
+            if isinstance(getattr(self, name), _JsonMixin):
+                d[name] = getattr(self, name).to_dict()
         return d
 
     @classmethod
@@ -125,7 +129,11 @@ class MoEConfig(_JsonMixin):
         seq_aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss (0 turns it off).
         z_loss_coef: weight of the router z-loss (ST-MoE, Zoph et al. 2022) (0 turns it off).
         freeze_router: the router weight gets no gradient (requires_grad=False).
-        activation: "swiglu" (default) or "gelu" (two-matrix experts).
+        activation: "swiglu" (default), "gelu" (two-matrix experts) or "clamped_swiglu" (gpt-oss, with
+            `biases`: (clamp(up, ±7) + 1) · g · sigmoid(1.702 g), g = min(gate, 7); see moelab.biased_experts).
+        biases: learned biases on the router logits and on both projections of every expert (gpt-oss);
+            the experts are then a `moelab.biased_experts.BiasedExperts` store. Written to config.json only
+            when set.
         backend: grouped expert compute: "auto", "loop" (segment loop over non-empty experts),
             "padded" (batched matmul over capacity-padded slots), "grouped_mm"
             (`torch.nn.functional.grouped_mm`, where the build has it).
@@ -150,8 +158,11 @@ class MoEConfig(_JsonMixin):
     seq_aux_loss_coef: float = 0.0
     z_loss_coef: float = 1e-3
     freeze_router: bool = False
-    activation: str = field(default="swiglu", metadata={"choices": ACTIVATIONS})
+    activation: str = field(default="swiglu", metadata={"choices": EXPERT_ACTIVATIONS})
     backend: str = field(default="auto", metadata={"choices": BACKENDS})
+    biases: bool = False
+
+    _OMIT_DEFAULTS = ("biases",)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -169,8 +180,12 @@ class MoEConfig(_JsonMixin):
         if self.d_shared is not None:
             _positive_int("d_shared", self.d_shared)
         _choice("router", self.router, ROUTERS)
-        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("activation", self.activation, EXPERT_ACTIVATIONS)
         _choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.biases, bool):
+            _fail("biases", self.biases, "true or false")
+        if self.biases != (self.activation == "clamped_swiglu"):  # the one store with biases is gpt-oss's
+            _fail("activation", self.activation, "'clamped_swiglu' with biases=True, and only then (gpt-oss experts)")
         if self.top_k > self.n_experts:
             _fail("top_k", self.top_k, f"1 <= top_k <= n_experts ({self.n_experts})")
         if self.router == "switch" and self.top_k != 1:
@@ -309,6 +324,12 @@ class ModelConfig(_JsonMixin):
             Written to config.json only when set (as rope_scaling).
         rotary_dim: RoPE rotates only the first rotary_dim channels of each head, the rest pass
             through (partial rotary, GLM-4.5: half the head); None rotates the whole head (GQA only).
+        o_bias: a bias on the attention output projection (gpt-oss; GQA only).
+        attn_sinks: one learned logit per head joins every query's softmax and takes its share of the
+            probability mass, attending to nothing (gpt-oss; GQA only; moelab.masked_attention).
+        sliding_window / sliding_every: layers i with i % sliding_every == 0 attend to the last
+            sliding_window positions only (the query's own included); None: every layer sees the whole
+            context (gpt-oss: 128 and 2, alternating windowed and full layers).
     """
 
     vocab_size: int = 4096
@@ -341,8 +362,13 @@ class ModelConfig(_JsonMixin):
     logits_scaling: float = 1.0
     attn_scale: float | None = None
     rotary_dim: int | None = None
+    o_bias: bool = False
+    attn_sinks: bool = False
+    sliding_window: int | None = None
+    sliding_every: int = 1
 
-    _OMIT_DEFAULTS = ("rope_scaling", "embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim")
+    _OMIT_DEFAULTS = ("rope_scaling", "embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim",
+                      "o_bias", "attn_sinks", "sliding_window", "sliding_every")
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from JSON
@@ -354,6 +380,10 @@ class ModelConfig(_JsonMixin):
     @property
     def head_width(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based), or None when it attends to the whole context."""
+        return self.sliding_window if layer % self.sliding_every == 0 else None
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) uses the MoE feed-forward."""
@@ -404,6 +434,12 @@ class ModelConfig(_JsonMixin):
                 _fail("qk_rope_head_dim", self.qk_rope_head_dim, "an even integer (RoPE rotates pairs)")
         elif self.head_width % 2:
             _fail("head_dim", self.head_width, "an even integer (RoPE rotates pairs)")
+        for name in ("o_bias", "attn_sinks"):
+            if not isinstance(getattr(self, name), bool) or (getattr(self, name) and self.attention != "gqa"):
+                _fail(name, getattr(self, name), "false, or true with attention='gqa'")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        _positive_int("sliding_every", self.sliding_every)
         if self.rotary_dim is not None:
             _positive_int("rotary_dim", self.rotary_dim)
             if self.rotary_dim % 2 or self.rotary_dim > self.head_width or self.attention != "gqa":

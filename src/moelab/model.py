@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from moelab.config import ModelConfig, RopeScaling
 from moelab.experts import INIT_STD, FeedForward
+from moelab.masked_attention import masked_attention
 from moelab.moe import MoE, MoEAux
 
 
@@ -146,12 +147,16 @@ class KVCache:
         return k, v
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None) -> Tensor:
-    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None, window: int | None = None,
+            sinks: Tensor | None = None) -> Tensor:
+    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys; with a sliding
+    window or attention sinks (gpt-oss) in `moelab.masked_attention`."""
     S, L = q.shape[2], k.shape[2]
     if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves H/G query heads
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if (window is not None and window < L) or sinks is not None:
+        return masked_attention(q, k, v, start, scale, window, sinks)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale)
     mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(S, device=q.device))[:, None]
@@ -159,7 +164,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = N
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE and optional q/k RMSNorm."""
+    """Grouped-query attention with RoPE, optional q/k RMSNorm and, for gpt-oss, an output bias, attention
+    sinks and a sliding window (`moelab.masked_attention`)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -169,8 +175,10 @@ class Attention(nn.Module):
         self.wq = _init_linear(nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias))
         self.wk = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wv = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
-        self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=False), residual_std(cfg))
+        self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=cfg.o_bias), residual_std(cfg))
         self.qk_norm, self.scale = cfg.qk_norm, cfg.attn_scale  # scale None: 1/sqrt(Dh)
+        self.window = cfg.layer_window(layer)  # gpt-oss: sliding window on alternate layers
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None  # gpt-oss
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
         elif cfg.qk_norm == "full":
@@ -190,7 +198,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = _attend(q, k, v, start, self.scale)
+        out = _attend(q, k, v, start, self.scale, self.window, self.sinks)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 

@@ -19,7 +19,8 @@ Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE (per-head
 routing, shared experts, dense first layers; interleaved RoPE handled by permuting weight rows), GraniteMoE
 (embedding / residual / attention / logit multipliers, stacked expert tensors), DeepSeek-V2 (MLA with or
 without q LoRA, softmax router, greedy or group-limited), GLM-4.5 (DeepSeek-V3's MoE block under GQA with
-q/k/v biases, optional q/k norm and partial rotary). Any of them
+q/k/v biases, optional q/k norm and partial rotary), gpt-oss (attention sinks, alternating sliding windows,
+biased router and experts, clamped SwiGLU; MXFP4 experts dequantized on load). Any of them
 may carry YaRN rope scaling (`rope_scaling` / `rope_parameters` with rope_type "yarn" → `RopeScaling`); other
 scalings are refused.
 
@@ -28,8 +29,8 @@ zero fields) and what its fields mean per model_type — MoE layers, KV heads, h
 experts, routing groups, MLA widths, RoPE — comes from `moelab.hf_arch`, which `moelab.accounting` uses
 to count the same architectures: an adapter adds only what moelab's ModelConfig needs besides.
 
-One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `deepseek`, `granite`, `glm`); this package
-holds the registry.
+One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `deepseek`, `granite`, `glm`,
+`gpt_oss`); this package holds the registry.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from moelab.config import ModelConfig
 from moelab.hf.adapters.base import Adapter, Entry, ffn_entries
 from moelab.hf.adapters.deepseek import DeepseekV2, DeepseekV3
 from moelab.hf.adapters.glm import Glm4Moe
+from moelab.hf.adapters.gpt_oss import GptOss
 from moelab.hf.adapters.granite import GraniteMoe
 from moelab.hf.adapters.mixtral import Mixtral
 from moelab.hf.adapters.olmoe import Olmoe
@@ -49,7 +51,7 @@ __all__ = ["Adapter", "Entry", "ffn_entries", "CHECKPOINT_ADAPTERS", "adapter_fo
 # model_type -> the adapter that maps its config.json and tensors to moelab's (load and save)
 CHECKPOINT_ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(),
                                                                      DeepseekV3(), GraniteMoe(), DeepseekV2(),
-                                                                     Glm4Moe())}
+                                                                     Glm4Moe(), GptOss())}
 
 
 def adapter_for(c: HFConfig) -> Adapter:

@@ -4,6 +4,7 @@ Llama-like config fields and tensors) and the SwiGLU FFN table (`ffn_entries`). 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ class Entry:
     perm: row permutation applied to the HF tensor on load (its inverse on export), or None.
     covers: canonical names this tensor stands for (a stacked alias covers E per-expert names).
     scale: HF tensor = scale × moelab part (route_scale of a softmax router folded into the down projections).
+    pair / decode: the tensor is one of two (`pair`: their names) that `decode(first, second)` turns into the
+        Hugging Face tensor, e.g. MXFP4 blocks and scales (`moelab.hf.mxfp4`); load only.
     """
 
     hf_name: str
@@ -32,6 +35,8 @@ class Entry:
     perm: tuple[int, ...] | None = None
     covers: tuple[str, ...] = ()
     scale: float = 1.0  # moelab value = HF value / scale (folds a route_scale into w_out on export)
+    pair: tuple[str, str] | None = None
+    decode: Callable[[Any, Any], Any] | None = None
 
 
 def _silu(c: HFConfig) -> None:
@@ -78,7 +83,8 @@ def _moe_layout(c: HFConfig, n_layers: int) -> tuple[int, int]:
 # ModelConfig fields only some architectures have, with the value meaning "not used": an adapter lists the
 # ones its architecture has in `Adapter.options`; export refuses a config using any other
 OPTIONS: dict[str, Any] = {"embed_scale": 1.0, "residual_scale": 1.0, "logits_scaling": 1.0, "attn_scale": None,
-                           "rotary_dim": None}
+                           "rotary_dim": None, "o_bias": False, "attn_sinks": False, "sliding_window": None,
+                           "sliding_every": 1, "moe.biases": False}
 
 
 def _option(cfg: ModelConfig, name: str) -> Any:
@@ -104,7 +110,7 @@ class Adapter:
         per model_type from `moelab.hf_arch`), the rest by `moe_fields` and `attention_fields`."""
         _silu(c)
         qkv_bias, o_bias = hf_arch.attention_biases(c)
-        if o_bias:
+        if o_bias and "o_bias" not in self.options:
             raise c.error("field 'attention_bias'=True is not supported by moelab: allowed false (attention "
                           "biases other than Qwen2's q/k/v are not implemented)")
         D, H, n_layers = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
@@ -112,7 +118,8 @@ class Adapter:
         n, k, f = hf_arch.routed_experts(c)
         moe = MoEConfig(d_model=D, d_expert=f, n_experts=n, top_k=k, z_loss_coef=0.0, **self.moe_fields(c, n))
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=n_layers, n_heads=H,
-                           max_seq_len=_max_len(c, n_layers), rope_theta=hf_arch.rope_theta(c),
+                           max_seq_len=c.int("max_position_embeddings") if "sliding_window" in self.options
+                           else _max_len(c, n_layers), rope_theta=hf_arch.rope_theta(c),
                            rope_scaling=hf_arch.rope_scaling(c), norm_eps=c.float("rms_norm_eps", self.norm_eps),
                            tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=qkv_bias,
                            qk_norm=hf_arch.qk_norm(c), d_ff=c.int("intermediate_size"), n_dense_layers=n_dense,
@@ -148,7 +155,7 @@ class Adapter:
         m = cfg.moe
         if m is None:
             return "moe is None (a dense model); these architectures are Mixture-of-Experts"
-        if m.activation != "swiglu" or cfg.activation != "swiglu":
+        if m.activation not in ("swiglu", "clamped_swiglu") or cfg.activation != "swiglu":  # clamped: moe.biases
             return f"activation={m.activation!r}/{cfg.activation!r}: Hugging Face MoE models use SwiGLU"
         if m.capacity_factor is not None:
             return f"moe.capacity_factor={m.capacity_factor!r}: Hugging Face MoE models are dropless (None)"
@@ -198,6 +205,10 @@ class Adapter:
             out += [Entry(p + "q_proj.bias", (H * hd,), b + "wq.bias"),
                     Entry(p + "k_proj.bias", (G * hd,), b + "wk.bias"),
                     Entry(p + "v_proj.bias", (G * hd,), b + "wv.bias")]
+        if cfg.o_bias:
+            out.append(Entry(p + "o_proj.bias", (D,), b + "wo.bias"))
+        if cfg.attn_sinks:
+            out.append(Entry(p + "sinks", (H,), b + "sinks"))
         if cfg.qk_norm == "head":
             out += [Entry(p + "q_norm.weight", (hd,), b + "q_norm.weight"),
                     Entry(p + "k_norm.weight", (hd,), b + "k_norm.weight")]
