@@ -326,3 +326,21 @@ def test_mxfp4_checkpoint_loads_dequantized(tmp_path):
     with pytest.raises(ValueError, match="tensor 'model.layers.1.mlp.experts.down_proj_scales' is missing from the "
                                          "checkpoint \\(its pair 'model.layers.1.mlp.experts.down_proj_blocks'"):
         hf.load(tmp_path)
+
+
+# -- the published config.json of each family ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["granite-3.1-1b-a400m", "granite-3.1-3b-a800m", "deepseek-v2-lite", "deepseek-v2",
+                                  "glm-4.5-air", "glm-4.5", "gpt-oss-20b", "gpt-oss-120b"])
+def test_published_configs_read(name, tmp_path):
+    """Each shipped preset (a released model's config.json) becomes a moelab config whose model (built on the meta
+    device, no memory) has the parameters `moelab card` counts for that config.json."""
+    from moelab.accounting.presets import load_preset
+
+    data = load_preset(name)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    _, adapter, cfg = hf.read_hf_config(tmp_path)
+    assert adapter.model_type == data["model_type"]
+    with torch.device("meta"):
+        assert MoETransformer(cfg).num_params() == count_params(data).total

@@ -130,7 +130,7 @@ class DeepseekV2(DeepseekV3):
         n_groups, topk_groups = hf_arch.routing_groups(c, n_experts)
         return {"n_shared": hf_arch.shared_experts(c)[0], "router": "topk_softmax", "norm_topk_prob": False,
                 "route_scale": c.float("routed_scaling_factor", 1.0), "n_groups": n_groups,
-                "topk_groups": topk_groups, "aux_loss_coef": c.float("aux_loss_alpha", 0.0)}
+                "topk_groups": topk_groups, "aux_loss_coef": 0.0}
 
     def interleaved(self, c: HFConfig | None) -> bool:
         """transformers' DeepSeek-V2 always rotates interleaved pairs (complex multiplication)."""
@@ -166,5 +166,4 @@ class DeepseekV2(DeepseekV3):
                 "first_k_dense_replace": cfg.n_dense_layers, "q_lora_rank": cfg.q_lora_rank,
                 "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
                 "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
-                "head_dim": cfg.qk_rope_head_dim, "attention_bias": False, "mlp_bias": False,
-                "aux_loss_alpha": m.aux_loss_coef}
+                "head_dim": cfg.qk_rope_head_dim, "attention_bias": False, "mlp_bias": False}
