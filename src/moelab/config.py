@@ -6,18 +6,18 @@ from such layers (`RopeScaling` its optional YaRN context extension); how to tra
 `ValueError` naming the field, the value and what is allowed. Both round-trip through plain JSON
 (`to_dict` / `from_dict`), which is how checkpoints store them.
 
-This module imports no torch: `moelab.accounting` reads configs on machines without it.
+`RopeScaling` lives in `moelab.rope_config`, the validators and the JSON round trip in `moelab.config_base`;
+all are importable from here. This module imports no torch: `moelab.accounting` reads configs on machines
+without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+
+from moelab.config_base import _choice, _fail, _is_number, _JsonMixin, _nonneg_number, _positive_int, field_help
+from moelab.rope_config import ROPE_SCALINGS, RopeScaling
 
 ROUTERS = ("topk_softmax", "switch", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -25,71 +25,9 @@ EXPERT_ACTIVATIONS = (*ACTIVATIONS, "clamped_swiglu")
 BACKENDS = ("auto", "loop", "padded", "grouped_mm")
 ATTENTIONS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
-ROPE_SCALINGS = ("yarn",)
 
-
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field_name}={value!r} is invalid: allowed {allowed}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        _fail(name, value, "an integer >= 1")
-
-
-def _nonneg_number(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-        _fail(name, value, "a finite number >= 0")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _fail(name, value, "one of " + ", ".join(repr(a) for a in allowed))
-
-
-class _JsonMixin:
-    """`to_dict` / `from_dict` / JSON file helpers shared by the config dataclasses."""
-
-    # fields written to JSON only when they differ from their default: a config that does not use them
-    # reads and compares (resume) like one written before they existed
-    _OMIT_DEFAULTS: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)  # type: ignore[call-overload]
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        for name in self._OMIT_DEFAULTS:
-            if d[name] == defaults[name]:
-                del d[name]
-        for name in d:  # nested configs by their own rule
-            if isinstance(getattr(self, name), _JsonMixin):
-                d[name] = getattr(self, name).to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed fields: {sorted(names)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load_json(cls, path: str | Path):
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+__all__ = ["MoEConfig", "ModelConfig", "RopeScaling", "field_help", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS",
+           "BACKENDS", "ATTENTIONS", "QK_NORMS", "ROPE_SCALINGS"]
 
 
 @dataclass(frozen=True)
@@ -215,73 +153,6 @@ class MoEConfig(_JsonMixin):
             _fail("route_scale", self.route_scale, "a number > 0")
         if self.shared_gate and self.n_shared == 0:
             _fail("shared_gate", True, "False when n_shared == 0")
-
-
-@dataclass(frozen=True)
-class RopeScaling(_JsonMixin):
-    """RoPE context extension by YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large
-    Language Models"), with the field names and semantics of transformers' `rope_parameters` (rope_type "yarn").
-
-    Frequencies ("NTK-by-parts"): for rotary pair i of a width-`dim` head, inv_freq_i = θ^(−2i/dim) is kept
-    where a wavelength fits ≥ beta_fast times into `original_max_seq_len`, divided by `factor` where it fits
-    ≤ beta_slow times, and blended linearly in between over the pair indices
-        d(b) = dim · ln(original_max_seq_len / (2π·b)) / (2 ln θ)     low = d(beta_fast), high = d(beta_slow)
-    (floored / ceiled when `truncate`). cos and sin are multiplied by the attention factor
-        attention_factor, or mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set
-        (non-zero), else mscale(factor),       where mscale(s, m) = 0.1·m·ln s + 1 for s > 1, else 1.
-    MLA attention (DeepSeek-V2/V3) also multiplies its softmax scale by mscale(factor, mscale_all_dim)² when
-    mscale_all_dim is set; grouped-query attention does not (as in transformers' Mixtral/Qwen/OLMoE).
-
-    Fields:
-        factor: context extension ratio s (>= 1).
-        original_max_seq_len: context length the model was pre-trained with (transformers'
-            original_max_position_embeddings).
-        type: "yarn" (the only scaling implemented).
-        beta_fast / beta_slow: rotation counts bounding the blend (32 / 1 in the paper).
-        mscale / mscale_all_dim: DeepSeek's temperature multipliers (None = unset).
-        attention_factor: explicit cos/sin multiplier (None = derived as above).
-        truncate: round the blend bounds to whole pairs (transformers' default True).
-    """
-
-    factor: float
-    original_max_seq_len: int
-    type: str = "yarn"
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    attention_factor: float | None = None
-    truncate: bool = True
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RopeScaling:
-        missing = [n for n in ("factor", "original_max_seq_len") if n not in data]
-        if missing:
-            raise ValueError(f"rope_scaling: field(s) {missing} missing: factor and original_max_seq_len are required")
-        return super().from_dict(data)
-
-    def validate(self) -> None:
-        _choice("rope_scaling.type", self.type, ROPE_SCALINGS)
-        if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or not self.factor >= 1:
-            _fail("rope_scaling.factor", self.factor, "a number >= 1")
-        _positive_int("rope_scaling.original_max_seq_len", self.original_max_seq_len)
-        for name in ("beta_fast", "beta_slow"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                _fail(f"rope_scaling.{name}", v, "a number > 0")
-        if not self.beta_fast >= self.beta_slow:
-            _fail("rope_scaling.beta_fast", self.beta_fast, f"a number >= beta_slow ({self.beta_slow})")
-        for name in ("mscale", "mscale_all_dim"):
-            if getattr(self, name) is not None:
-                _nonneg_number(f"rope_scaling.{name}", getattr(self, name))
-        af = self.attention_factor
-        if af is not None and (not isinstance(af, (int, float)) or isinstance(af, bool) or not af > 0):
-            _fail("rope_scaling.attention_factor", af, "None or a number > 0")
-        if not isinstance(self.truncate, bool):
-            _fail("rope_scaling.truncate", self.truncate, "true or false")
 
 
 @dataclass(frozen=True)
@@ -460,27 +331,6 @@ class ModelConfig(_JsonMixin):
                 _fail("moe", self.moe, "a MoEConfig or None")
             if self.moe.d_model != self.d_model:
                 _fail("moe.d_model", self.moe.d_model, f"equal to d_model ({self.d_model})")
-
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """{field: description} from the "Fields:" section of a config class's docstring (one entry per name;
-    a line "a / b: text" describes both a and b), so that the command line's help is the documentation."""
-    doc = (cls.__doc__ or "").split("Fields:", 1)
-    if len(doc) < 2:
-        return {}
-    out: dict[str, str] = {}
-    names: list[str] = []
-    for line in doc[1].splitlines():
-        head = re.match(r"^ {8}([a-z_][a-z0-9_ /]*):\s(.*)$", line)
-        if head:
-            names = [n.strip() for n in head.group(1).split("/")]
-            for n in names:
-                out[n] = head.group(2).strip()
-        elif line.startswith(" " * 12) and names:
-            for n in names:
-                out[n] += " " + line.strip()
-    return out
 
 
 _MOVED = {"TrainConfig", "PRESETS", "preset", "with_overrides", "check_device_name", "DTYPES"}
