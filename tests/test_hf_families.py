@@ -321,6 +321,10 @@ def test_mxfp4_checkpoint_loads_dequantized(tmp_path):
     (tmp_path / "config.json").write_text(model.config.to_json_string())
     save_file(state, str(tmp_path / "model.safetensors"))
     assert_same(model, hf.load(tmp_path), "gpt_oss MXFP4")
+    bf16 = hf.load(tmp_path, dtype=torch.bfloat16)  # decoded straight into bfloat16: exact
+    for ours, theirs in zip(bf16.moe_layers(), model.model.layers, strict=True):
+        assert torch.equal(ours.experts.w_in, theirs.mlp.experts.gate_up_proj.to(torch.bfloat16))
+        assert torch.equal(ours.experts.w_out, theirs.mlp.experts.down_proj.to(torch.bfloat16))
     del state["model.layers.1.mlp.experts.down_proj_scales"]
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="tensor 'model.layers.1.mlp.experts.down_proj_scales' is missing from the "

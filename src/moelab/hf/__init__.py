@@ -121,7 +121,7 @@ def _load_tensor(f: Any, file: Path, name: str, by_name: dict[str, Entry], state
         if len(halves) < 2:
             return e.covers
         halves = pending.pop(e.pair)
-        t = e.decode(*(halves[n] for n in e.pair))
+        t = e.decode(*(halves[n] for n in e.pair), dtype=state[e.target].dtype)
     _place(state[e.target].data, e, t)
     return e.covers or (name,)
 

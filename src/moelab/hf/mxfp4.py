@@ -22,6 +22,8 @@ FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2
 
 def dequantize_mxfp4(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """[..., R, G·32] values of `dtype` from blocks [..., R, G, 16] (uint8) and scales [..., R, G] (uint8).
+    Exact in float32 and bfloat16 (a value has 2 significant bits, times a power of two within their exponent
+    range); the loader decodes straight into the model's dtype, so a bfloat16 load holds no float32 copy.
     ValueError when the shapes or dtypes do not fit together."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")

@@ -23,8 +23,9 @@ class Entry:
     perm: row permutation applied to the HF tensor on load (its inverse on export), or None.
     covers: canonical names this tensor stands for (a stacked alias covers E per-expert names).
     scale: HF tensor = scale × moelab part (route_scale of a softmax router folded into the down projections).
-    pair / decode: the tensor is one of two (`pair`: their names) that `decode(first, second)` turns into the
-        Hugging Face tensor, e.g. MXFP4 blocks and scales (`moelab.hf.mxfp4`); load only.
+    pair / decode: the tensor is one of two (`pair`: their names) that `decode(first, second, dtype=...)` turns
+        into the Hugging Face tensor in the target's dtype, e.g. MXFP4 blocks and scales (`moelab.hf.mxfp4`);
+        load only.
     """
 
     hf_name: str
@@ -36,7 +37,7 @@ class Entry:
     covers: tuple[str, ...] = ()
     scale: float = 1.0  # moelab value = HF value / scale (folds a route_scale into w_out on export)
     pair: tuple[str, str] | None = None
-    decode: Callable[[Any, Any], Any] | None = None
+    decode: Callable[..., Any] | None = None
 
 
 def _silu(c: HFConfig) -> None:
