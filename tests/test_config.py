@@ -10,6 +10,9 @@ from moelab.train_config import TrainConfig
 BAD_MOE = [
     (dict(top_k=9, n_experts=8), "top_k=9.*n_experts"),
     (dict(top_k=0), "top_k=0.*>= 1"),
+    (dict(biases=True), "activation='swiglu' is invalid: allowed 'clamped_swiglu' with biases=True, and only then"),
+    (dict(activation="clamped_swiglu"), "activation='clamped_swiglu' is invalid"),
+    (dict(biases="yes"), "biases='yes' is invalid: allowed true or false"),
     (dict(capacity_factor=0.0), "capacity_factor=0.0.*> 0"),
     (dict(capacity_factor=-1.0), "capacity_factor=-1.0"),
     (dict(n_experts=8, n_groups=3), "n_groups=3.*divisor of n_experts"),
@@ -44,6 +47,18 @@ BAD_MODEL = [
     (dict(qk_norm="yes"), "qk_norm='yes'"),
     (dict(moe=MoEConfig(d_model=128)), "moe.d_model=128"),
     (dict(dropout=1.0), "dropout=1.0"),
+    (dict(embed_scale=0.0), "embed_scale=0.0 is invalid: allowed a finite number > 0"),
+    (dict(residual_scale=float("inf")), "residual_scale=inf"),
+    (dict(logits_scaling=-1.0), "logits_scaling=-1.0"),
+    (dict(attn_scale=True), "attn_scale=True is invalid: allowed a finite number > 0 or None"),
+    (dict(rotary_dim=6, head_dim=4), r"rotary_dim=6 is invalid: allowed None or an even integer <= the head width "
+                                     r"\(4\)"),
+    (dict(rotary_dim=3), "rotary_dim=3 is invalid"),
+    (dict(attn_sinks=True, attention="mla"), "attn_sinks=True is invalid: allowed false, or true with attention='gqa'"),
+    (dict(o_bias=1), "o_bias=1 is invalid"),
+    (dict(sliding_window=0), "sliding_window=0 is invalid: allowed an integer >= 1"),
+    (dict(sliding_every=0), "sliding_every=0 is invalid"),
+    (dict(rotary_dim=4, attention="mla"), "rotary_dim=4 is invalid: .* with attention='gqa'"),
 ]
 
 
@@ -59,6 +74,19 @@ def test_json_round_trip_and_unknown_fields(tmp_path):
     assert ModelConfig.load_json(tmp_path / "c.json") == cfg
     with pytest.raises(ValueError, match="unknown field.*'n_expert'"):
         MoEConfig.from_dict({"n_expert": 4})
+
+
+def test_architecture_options_are_written_only_when_used():
+    """Fields only some architectures use (Granite's multipliers...) stay out of config.json at their defaults, so a
+    config that does not use them is written (and compared on resume) exactly as before they existed."""
+    plain = ModelConfig()
+    written = set(plain.to_dict()) | set(plain.to_dict()["moe"])
+    assert not {"embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim", "o_bias", "attn_sinks",
+                "sliding_window", "sliding_every", "biases"} & written
+    granite = plain.replace(embed_scale=12.0, residual_scale=0.22, logits_scaling=6.0, attn_scale=0.015625)
+    data = granite.to_dict()
+    assert data["embed_scale"] == 12.0 and data["attn_scale"] == 0.015625
+    assert ModelConfig.from_dict(data) == granite and ModelConfig.from_dict(plain.to_dict()) == plain
 
 
 def test_dense_twin_has_the_active_width():

@@ -187,8 +187,11 @@ def test_export_head_dim_other_than_width_over_heads(tmp_path):
 
 
 def test_export_refuses_unmatched_config():
-    cfg = preset("tiny-deepseek", vocab_size=V, d_model=32, max_seq_len=64)[0]  # GQA with a sigmoid router
-    with pytest.raises(ValueError, match="no Hugging Face architecture matches.*deepseek_v3: attention must be 'mla'"):
+    cfg = preset("tiny-deepseek", vocab_size=V, d_model=32, max_seq_len=64)[0]  # GQA with a sigmoid router: GLM-4.5's
+    assert hf.adapter_matching(cfg).model_type == "glm4_moe"
+    cfg = cfg.replace(moe_every=2)  # MoE every other layer after the dense ones: no sigmoid-router class has it
+    with pytest.raises(ValueError, match="no Hugging Face architecture matches.*deepseek_v3: attention must be 'mla'"
+                                         ".*glm4_moe: moe_every must be 1"):
         hf.save(MoETransformer(cfg), "/nonexistent/never-written")
     dense = ModelConfig(vocab_size=V, d_model=32, moe=None)
     with pytest.raises(ValueError, match="moe is None"):

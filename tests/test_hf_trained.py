@@ -5,7 +5,11 @@ Each run is a real `moelab.train.train` of a tiny model for 80 steps on a small 
 tmp_path (it memorises the corpus quickly, so greedy continuations are varied text, not one repeated token):
 a Mixtral-like config (softmax top-2, route_scale folded into the exported down projections), a Qwen2-MoE-like
 one (dense first layer, sigmoid-gated shared expert, q/k/v biases, untied head) and a DeepSeek-V3-like one (MLA
-with YaRN rope scaling, sigmoid router whose aux-loss-free bias was updated by training, groups, shared expert).
+with YaRN rope scaling, sigmoid router whose aux-loss-free bias was updated by training, groups, shared expert),
+and one for each architecture of tests/test_hf_families.py (GraniteMoE: its four multipliers; DeepSeek-V2: MLA
+with full-rank queries, softmax router with device-limited groups and a routed scaling factor; GLM-4.5: half-rotary
+heads, q/k/v biases, q/k norm, sigmoid router with a trained selection bias and groups, shared expert; gpt-oss:
+attention sinks, an 8-token window on every other layer, biased router and experts, clamped SwiGLU).
 """
 
 from __future__ import annotations
@@ -53,6 +57,23 @@ RUNS = {
                                              router="sigmoid", n_groups=4, topk_groups=2, expert_bias=True,
                                              bias_update_rate=1e-2, route_scale=2.5, aux_loss_coef=0.0,
                                              seq_aux_loss_coef=1e-4, z_loss_coef=0.0)),
+    "granitemoe": ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                              embed_scale=2.0, residual_scale=0.8, logits_scaling=0.5, attn_scale=0.3,
+                              moe=MoEConfig(d_model=D, d_expert=16, n_experts=4, top_k=2)),
+    "deepseek_v2": ModelConfig(vocab_size=V, d_model=D, n_layers=3, n_heads=4, n_kv_heads=4, attention="mla",
+                               q_lora_rank=None, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                               max_seq_len=64, d_ff=48, n_dense_layers=1,
+                               moe=MoEConfig(d_model=D, d_expert=16, n_experts=8, top_k=2, n_shared=2,
+                                             norm_topk_prob=False, n_groups=4, topk_groups=2, route_scale=2.0)),
+    "glm4_moe": ModelConfig(vocab_size=V, d_model=D, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, rotary_dim=8,
+                            qkv_bias=True, qk_norm="head", max_seq_len=64, d_ff=48, n_dense_layers=1, norm_eps=1e-5,
+                            moe=MoEConfig(d_model=D, d_expert=16, n_experts=8, top_k=2, n_shared=1, router="sigmoid",
+                                          n_groups=4, topk_groups=2, expert_bias=True, bias_update_rate=1e-2,
+                                          route_scale=2.5, aux_loss_coef=0.0, z_loss_coef=0.0)),
+    "gpt_oss": ModelConfig(vocab_size=V, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, qkv_bias=True,
+                           o_bias=True, attn_sinks=True, sliding_window=8, sliding_every=2, max_seq_len=64,
+                           norm_eps=1e-5, moe=MoEConfig(d_model=D, d_expert=16, n_experts=4, top_k=2, biases=True,
+                                                        activation="clamped_swiglu")),
 }
 PROMPTS = ["The router", "Shared experts", "When the"]
 

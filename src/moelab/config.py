@@ -6,73 +6,28 @@ from such layers (`RopeScaling` its optional YaRN context extension); how to tra
 `ValueError` naming the field, the value and what is allowed. Both round-trip through plain JSON
 (`to_dict` / `from_dict`), which is how checkpoints store them.
 
-This module imports no torch: `moelab.accounting` reads configs on machines without it.
+`RopeScaling` lives in `moelab.rope_config`, the validators and the JSON round trip in `moelab.config_base`;
+all are importable from here. This module imports no torch: `moelab.accounting` reads configs on machines
+without it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+
+from moelab.config_base import _choice, _fail, _is_number, _JsonMixin, _nonneg_number, _positive_int, field_help
+from moelab.rope_config import ROPE_SCALINGS, RopeScaling
 
 ROUTERS = ("topk_softmax", "switch", "sigmoid", "expert_choice")
 ACTIVATIONS = ("swiglu", "gelu")
+EXPERT_ACTIVATIONS = (*ACTIVATIONS, "clamped_swiglu")
 BACKENDS = ("auto", "loop", "padded", "grouped_mm")
 ATTENTIONS = ("gqa", "mla")
 QK_NORMS = ("none", "head", "full")
-ROPE_SCALINGS = ("yarn",)
 
-
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{field_name}={value!r} is invalid: allowed {allowed}")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        _fail(name, value, "an integer >= 1")
-
-
-def _nonneg_number(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
-        _fail(name, value, "a finite number >= 0")
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        _fail(name, value, "one of " + ", ".join(repr(a) for a in allowed))
-
-
-class _JsonMixin:
-    """`to_dict` / `from_dict` / JSON file helpers shared by the config dataclasses."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed fields: {sorted(names)}")
-        return cls(**data)
-
-    def replace(self, **changes: Any):
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
-
-    def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load_json(cls, path: str | Path):
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+__all__ = ["MoEConfig", "ModelConfig", "RopeScaling", "field_help", "ROUTERS", "ACTIVATIONS", "EXPERT_ACTIVATIONS",
+           "BACKENDS", "ATTENTIONS", "QK_NORMS", "ROPE_SCALINGS"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +67,11 @@ class MoEConfig(_JsonMixin):
         seq_aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss (0 turns it off).
         z_loss_coef: weight of the router z-loss (ST-MoE, Zoph et al. 2022) (0 turns it off).
         freeze_router: the router weight gets no gradient (requires_grad=False).
-        activation: "swiglu" (default) or "gelu" (two-matrix experts).
+        activation: "swiglu" (default), "gelu" (two-matrix experts) or "clamped_swiglu" (gpt-oss, with
+            `biases`: (clamp(up, ±7) + 1) · g · sigmoid(1.702 g), g = min(gate, 7); see moelab.biased_experts).
+        biases: learned biases on the router logits and on both projections of every expert (gpt-oss);
+            the experts are then a `moelab.biased_experts.BiasedExperts` store. Written to config.json only
+            when set.
         backend: grouped expert compute: "auto", "loop" (segment loop over non-empty experts),
             "padded" (batched matmul over capacity-padded slots), "grouped_mm"
             (`torch.nn.functional.grouped_mm`, where the build has it).
@@ -137,8 +96,11 @@ class MoEConfig(_JsonMixin):
     seq_aux_loss_coef: float = 0.0
     z_loss_coef: float = 1e-3
     freeze_router: bool = False
-    activation: str = field(default="swiglu", metadata={"choices": ACTIVATIONS})
+    activation: str = field(default="swiglu", metadata={"choices": EXPERT_ACTIVATIONS})
     backend: str = field(default="auto", metadata={"choices": BACKENDS})
+    biases: bool = False
+
+    _OMIT_DEFAULTS = ("biases",)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,8 +118,12 @@ class MoEConfig(_JsonMixin):
         if self.d_shared is not None:
             _positive_int("d_shared", self.d_shared)
         _choice("router", self.router, ROUTERS)
-        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("activation", self.activation, EXPERT_ACTIVATIONS)
         _choice("backend", self.backend, BACKENDS)
+        if not isinstance(self.biases, bool):
+            _fail("biases", self.biases, "true or false")
+        if self.biases != (self.activation == "clamped_swiglu"):  # the one store with biases is gpt-oss's
+            _fail("activation", self.activation, "'clamped_swiglu' with biases=True, and only then (gpt-oss experts)")
         if self.top_k > self.n_experts:
             _fail("top_k", self.top_k, f"1 <= top_k <= n_experts ({self.n_experts})")
         if self.router == "switch" and self.top_k != 1:
@@ -187,73 +153,6 @@ class MoEConfig(_JsonMixin):
             _fail("route_scale", self.route_scale, "a number > 0")
         if self.shared_gate and self.n_shared == 0:
             _fail("shared_gate", True, "False when n_shared == 0")
-
-
-@dataclass(frozen=True)
-class RopeScaling(_JsonMixin):
-    """RoPE context extension by YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension of Large
-    Language Models"), with the field names and semantics of transformers' `rope_parameters` (rope_type "yarn").
-
-    Frequencies ("NTK-by-parts"): for rotary pair i of a width-`dim` head, inv_freq_i = θ^(−2i/dim) is kept
-    where a wavelength fits ≥ beta_fast times into `original_max_seq_len`, divided by `factor` where it fits
-    ≤ beta_slow times, and blended linearly in between over the pair indices
-        d(b) = dim · ln(original_max_seq_len / (2π·b)) / (2 ln θ)     low = d(beta_fast), high = d(beta_slow)
-    (floored / ceiled when `truncate`). cos and sin are multiplied by the attention factor
-        attention_factor, or mscale(factor, mscale) / mscale(factor, mscale_all_dim) when both are set
-        (non-zero), else mscale(factor),       where mscale(s, m) = 0.1·m·ln s + 1 for s > 1, else 1.
-    MLA attention (DeepSeek-V2/V3) also multiplies its softmax scale by mscale(factor, mscale_all_dim)² when
-    mscale_all_dim is set; grouped-query attention does not (as in transformers' Mixtral/Qwen/OLMoE).
-
-    Fields:
-        factor: context extension ratio s (>= 1).
-        original_max_seq_len: context length the model was pre-trained with (transformers'
-            original_max_position_embeddings).
-        type: "yarn" (the only scaling implemented).
-        beta_fast / beta_slow: rotation counts bounding the blend (32 / 1 in the paper).
-        mscale / mscale_all_dim: DeepSeek's temperature multipliers (None = unset).
-        attention_factor: explicit cos/sin multiplier (None = derived as above).
-        truncate: round the blend bounds to whole pairs (transformers' default True).
-    """
-
-    factor: float
-    original_max_seq_len: int
-    type: str = "yarn"
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    attention_factor: float | None = None
-    truncate: bool = True
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RopeScaling:
-        missing = [n for n in ("factor", "original_max_seq_len") if n not in data]
-        if missing:
-            raise ValueError(f"rope_scaling: field(s) {missing} missing: factor and original_max_seq_len are required")
-        return super().from_dict(data)
-
-    def validate(self) -> None:
-        _choice("rope_scaling.type", self.type, ROPE_SCALINGS)
-        if not isinstance(self.factor, (int, float)) or isinstance(self.factor, bool) or not self.factor >= 1:
-            _fail("rope_scaling.factor", self.factor, "a number >= 1")
-        _positive_int("rope_scaling.original_max_seq_len", self.original_max_seq_len)
-        for name in ("beta_fast", "beta_slow"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                _fail(f"rope_scaling.{name}", v, "a number > 0")
-        if not self.beta_fast >= self.beta_slow:
-            _fail("rope_scaling.beta_fast", self.beta_fast, f"a number >= beta_slow ({self.beta_slow})")
-        for name in ("mscale", "mscale_all_dim"):
-            if getattr(self, name) is not None:
-                _nonneg_number(f"rope_scaling.{name}", getattr(self, name))
-        af = self.attention_factor
-        if af is not None and (not isinstance(af, (int, float)) or isinstance(af, bool) or not af > 0):
-            _fail("rope_scaling.attention_factor", af, "None or a number > 0")
-        if not isinstance(self.truncate, bool):
-            _fail("rope_scaling.truncate", self.truncate, "true or false")
 
 
 @dataclass(frozen=True)
@@ -289,6 +188,19 @@ class ModelConfig(_JsonMixin):
         kv_lora_rank: MLA compressed key/value latent width.
         qk_nope_head_dim / qk_rope_head_dim / v_head_dim: MLA per-head widths.
         dropout: dropout on attention output and FFN output during training.
+        embed_scale / residual_scale / logits_scaling / attn_scale: Granite's multipliers (IBM 2024,
+            GraniteMoE): the embeddings are multiplied by embed_scale, each block's attention and FFN
+            outputs by residual_scale before they join the residual stream, the logits divided by
+            logits_scaling, and attention scores multiplied by attn_scale (None: 1/sqrt(head width)).
+            Written to config.json only when set (as rope_scaling).
+        rotary_dim: RoPE rotates only the first rotary_dim channels of each head, the rest pass
+            through (partial rotary, GLM-4.5: half the head); None rotates the whole head (GQA only).
+        o_bias: a bias on the attention output projection (gpt-oss; GQA only).
+        attn_sinks: one learned logit per head joins every query's softmax and takes its share of the
+            probability mass, attending to nothing (gpt-oss; GQA only; moelab.masked_attention).
+        sliding_window / sliding_every: layers i with i % sliding_every == 0 attend to the last
+            sliding_window positions only (the query's own included); None: every layer sees the whole
+            context (gpt-oss: 128 and 2, alternating windowed and full layers).
     """
 
     vocab_size: int = 4096
@@ -316,6 +228,18 @@ class ModelConfig(_JsonMixin):
     v_head_dim: int = 32
     dropout: float = 0.0
     rope_scaling: RopeScaling | None = None
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logits_scaling: float = 1.0
+    attn_scale: float | None = None
+    rotary_dim: int | None = None
+    o_bias: bool = False
+    attn_sinks: bool = False
+    sliding_window: int | None = None
+    sliding_every: int = 1
+
+    _OMIT_DEFAULTS = ("rope_scaling", "embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim",
+                      "o_bias", "attn_sinks", "sliding_window", "sliding_every")
 
     def __post_init__(self) -> None:
         if isinstance(self.moe, dict):  # from JSON
@@ -324,15 +248,13 @@ class ModelConfig(_JsonMixin):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         self.validate()
 
-    def to_dict(self) -> dict[str, Any]:
-        d = super().to_dict()
-        if d["rope_scaling"] is None:  # plain RoPE: the same dict as before the field existed (resume compares)
-            del d["rope_scaling"]
-        return d
-
     @property
     def head_width(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of block `layer` (0-based), or None when it attends to the whole context."""
+        return self.sliding_window if layer % self.sliding_every == 0 else None
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) uses the MoE feed-forward."""
@@ -383,38 +305,32 @@ class ModelConfig(_JsonMixin):
                 _fail("qk_rope_head_dim", self.qk_rope_head_dim, "an even integer (RoPE rotates pairs)")
         elif self.head_width % 2:
             _fail("head_dim", self.head_width, "an even integer (RoPE rotates pairs)")
+        for name in ("o_bias", "attn_sinks"):
+            if not isinstance(getattr(self, name), bool) or (getattr(self, name) and self.attention != "gqa"):
+                _fail(name, getattr(self, name), "false, or true with attention='gqa'")
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
+        _positive_int("sliding_every", self.sliding_every)
+        if self.rotary_dim is not None:
+            _positive_int("rotary_dim", self.rotary_dim)
+            if self.rotary_dim % 2 or self.rotary_dim > self.head_width or self.attention != "gqa":
+                _fail("rotary_dim", self.rotary_dim, f"None or an even integer <= the head width ({self.head_width}) "
+                      "with attention='gqa'")
         if not self.rope_theta > 0:
             _fail("rope_theta", self.rope_theta, "a number > 0")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             _fail("rope_scaling", self.rope_scaling, "None or a RopeScaling (a dict of its fields in JSON)")
         if not 0 <= self.dropout < 1:
             _fail("dropout", self.dropout, "a number in [0, 1)")
+        for name in ("embed_scale", "residual_scale", "logits_scaling", "attn_scale"):
+            v = getattr(self, name)
+            if not (v is None and name == "attn_scale") and not (_is_number(v) and 0 < v < math.inf):
+                _fail(name, v, "a finite number > 0" + (" or None" if name == "attn_scale" else ""))
         if self.moe is not None:
             if not isinstance(self.moe, MoEConfig):
                 _fail("moe", self.moe, "a MoEConfig or None")
             if self.moe.d_model != self.d_model:
                 _fail("moe.d_model", self.moe.d_model, f"equal to d_model ({self.d_model})")
-
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """{field: description} from the "Fields:" section of a config class's docstring (one entry per name;
-    a line "a / b: text" describes both a and b), so that the command line's help is the documentation."""
-    doc = (cls.__doc__ or "").split("Fields:", 1)
-    if len(doc) < 2:
-        return {}
-    out: dict[str, str] = {}
-    names: list[str] = []
-    for line in doc[1].splitlines():
-        head = re.match(r"^ {8}([a-z_][a-z0-9_ /]*):\s(.*)$", line)
-        if head:
-            names = [n.strip() for n in head.group(1).split("/")]
-            for n in names:
-                out[n] = head.group(2).strip()
-        elif line.startswith(" " * 12) and names:
-            for n in names:
-                out[n] += " " + line.strip()
-    return out
 
 
 _MOVED = {"TrainConfig", "PRESETS", "preset", "with_overrides", "check_device_name", "DTYPES"}

@@ -280,6 +280,22 @@ def rope_theta(c: HFConfig) -> float:
     return float(theta)
 
 
+def rotary_dim(c: HFConfig, head_width: int) -> int:
+    """Channels of each head RoPE rotates: int(head_width · partial_rotary_factor), the factor read from the
+    RoPE parameters or the top level (transformers' `dim = int(head_dim * partial_rotary_factor)`); absent:
+    0.5 for GLM-4.5 (its config class's default), else 1 (the whole head)."""
+    name, p = _rope(c)
+    default = 0.5 if c.model_type == "glm4_moe" else 1.0
+    factor = p.get("partial_rotary_factor", c.raw("partial_rotary_factor", default))
+    if not (is_finite_number(factor) and 0 < factor <= 1):
+        raise c.error(f"field 'partial_rotary_factor'={shown(factor)} is invalid: allowed a number in (0, 1]")
+    dim = int(head_width * factor)
+    if dim < 2 or dim % 2:
+        raise c.error(f"field 'partial_rotary_factor'={shown(factor)} is invalid: head width {head_width} × it "
+                      f"= {dim} channels, allowed an even number >= 2 (RoPE rotates pairs)")
+    return dim
+
+
 def rope_scaling(c: HFConfig) -> RopeScaling | None:
     """None for plain RoPE, a `RopeScaling` for YaRN (read as transformers reads it: beta_fast/beta_slow
     default 32/1, factor defaults to max_position_embeddings / original_max_position_embeddings, and
@@ -287,10 +303,6 @@ def rope_scaling(c: HFConfig) -> RopeScaling | None:
     name, p = _rope(c)
     type_key = "rope_type" if "rope_type" in p else "type"
     rope_type = p.get(type_key, "default")
-    partial = p.get("partial_rotary_factor", c.raw("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise c.error(f"field 'partial_rotary_factor'={partial!r} is not supported by moelab: allowed 1.0 "
-                      "(RoPE over the whole rotary head)")
     if rope_type == "default":
         return None
     if rope_type != "yarn":

@@ -6,6 +6,8 @@ Pre-norm blocks  x = x + attn(norm(x));  x = x + ffn(norm(x)),  where ffn is a d
 rotary position embeddings (Su et al. 2021, rotate-half convention; optionally extended by YaRN, Peng et
 al. 2023) and grouped-query heads (Ainslie et al. 2023), optional q/k RMSNorm (OLMoE "full", Qwen3 "head"),
 or DeepSeek-V2/V3 multi-head latent attention (MLA). Generation uses a per-layer KV cache (`KVCache`).
+Granite's multipliers (`ModelConfig.embed_scale`, `residual_scale`, `logits_scaling`, `attn_scale`) scale
+the embeddings, each block's two residual branches, the logits and the attention scores.
 
 Legend: B = batch, S = sequence (new tokens), L = cached + new positions, H = heads, G = kv heads,
 Dh = head width, D = model width, V = vocabulary.
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from moelab.config import ModelConfig, RopeScaling
 from moelab.experts import INIT_STD, FeedForward
+from moelab.masked_attention import masked_attention
 from moelab.moe import MoE, MoEAux
 
 
@@ -105,12 +108,18 @@ def rope_tables(dim: int, max_len: int, theta: float,
 
 
 def model_rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
-    """cos, sin [max_seq_len, rotary width] of a model: the MLA rotary part, or the whole GQA head."""
-    dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.head_width
+    """cos, sin [max_seq_len, rotary width] of a model: the MLA rotary part, or the GQA head's rotary_dim
+    channels (the whole head by default)."""
+    dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else (cfg.rotary_dim or cfg.head_width)
     return rope_tables(dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
 
 def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
+    """Rotate-half RoPE; with tables narrower than the head (partial rotary, `ModelConfig.rotary_dim`) the
+    first channels rotate and the rest pass through unchanged."""
+    r = cos_SD.shape[-1]
+    if r < x_BHSD.shape[-1]:
+        return torch.cat([apply_rope(x_BHSD[..., :r], cos_SD, sin_SD), x_BHSD[..., r:]], dim=-1)
     x1, x2 = x_BHSD.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x_BHSD.float() * cos_SD + rotated.float() * sin_SD).to(x_BHSD.dtype)
@@ -138,12 +147,16 @@ class KVCache:
         return k, v
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None) -> Tensor:
-    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None, window: int | None = None,
+            sinks: Tensor | None = None) -> Tensor:
+    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys; with a sliding
+    window or attention sinks (gpt-oss) in `moelab.masked_attention`."""
     S, L = q.shape[2], k.shape[2]
     if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves H/G query heads
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if (window is not None and window < L) or sinks is not None:
+        return masked_attention(q, k, v, start, scale, window, sinks)
     if start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale)
     mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(S, device=q.device))[:, None]
@@ -151,7 +164,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = N
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE and optional q/k RMSNorm."""
+    """Grouped-query attention with RoPE, optional q/k RMSNorm and, for gpt-oss, an output bias, attention
+    sinks and a sliding window (`moelab.masked_attention`)."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -161,8 +175,10 @@ class Attention(nn.Module):
         self.wq = _init_linear(nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias))
         self.wk = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wv = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
-        self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=False), residual_std(cfg))
-        self.qk_norm = cfg.qk_norm
+        self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=cfg.o_bias), residual_std(cfg))
+        self.qk_norm, self.scale = cfg.qk_norm, cfg.attn_scale  # scale None: 1/sqrt(Dh)
+        self.window = cfg.layer_window(layer)  # gpt-oss: sliding window on alternate layers
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None  # gpt-oss
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
         elif cfg.qk_norm == "full":
@@ -182,7 +198,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = _attend(q, k, v, start)
+        out = _attend(q, k, v, start, self.scale, self.window, self.sinks)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
@@ -246,16 +262,20 @@ class Block(nn.Module):
         std = residual_std(cfg)
         self.ffn = MoE(cfg.moe, std) if self.is_moe else FeedForward(cfg.d_model, cfg.d_ff, cfg.activation, std)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (1: none)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
                 stats: bool | None = None):
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start))
+        x = x + self._scaled(self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start)))
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, stats)
         else:
             y, aux = self.ffn(h), None
-        return x + self.dropout(y), aux
+        return x + self._scaled(self.dropout(y)), aux
+
+    def _scaled(self, y: Tensor) -> Tensor:
+        return y if self.residual_scale == 1.0 else y * self.residual_scale
 
 
 @dataclass
@@ -301,6 +321,8 @@ class MoETransformer(nn.Module):
                 f"sequence of {start + S} positions exceeds the model's max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
         x = self.embed(input_ids)
+        if self.cfg.embed_scale != 1.0:  # Granite's embedding_multiplier
+            x = x * self.cfg.embed_scale
         auxes: list[MoEAux] = []
         for block in self.blocks:
             x, aux = block(x, cos, sin, cache, start, stats)
@@ -308,6 +330,8 @@ class MoETransformer(nn.Module):
                 auxes.append(aux)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        if self.cfg.logits_scaling != 1.0:  # Granite's logits_scaling
+            logits = logits / self.cfg.logits_scaling
         loss = None
         if targets is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (bf16 logits)

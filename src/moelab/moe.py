@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab import balance
+from moelab.biased_experts import BiasedExperts
 from moelab.config import MoEConfig
 from moelab.experts import INIT_STD, Experts, ExpertStore, FeedForward
 from moelab.paths import Path
@@ -128,7 +129,7 @@ class MoE(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.router = Router(cfg)
-        self.experts: ExpertStore = Experts(cfg, out_std)
+        self.experts: ExpertStore = BiasedExperts(cfg, out_std) if cfg.biases else Experts(cfg, out_std)
         self.shared = FeedForward(cfg.d_model, cfg.shared_width, cfg.activation, out_std) if cfg.n_shared else None
         self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if cfg.shared_gate else None
         if self.shared_gate is not None:

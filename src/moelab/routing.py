@@ -106,7 +106,8 @@ def _group_mask(select_TE: Tensor, cfg: MoEConfig, top2_sum: bool) -> Tensor:
 
 
 class Router(nn.Module):
-    """The learned router: weight [E, D] (no bias) and, when `cfg.expert_bias`, a selection bias [E].
+    """The learned router: weight [E, D], a learned logit bias [E] when `cfg.biases` (gpt-oss) and, when
+    `cfg.expert_bias`, a selection bias [E].
 
     The bias is a buffer updated by `moelab.balance.update_expert_bias`, never by the gradient.
     """
@@ -117,6 +118,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.weight.requires_grad_(not cfg.freeze_router)
         self.register_buffer("bias", torch.zeros(cfg.n_experts, dtype=torch.float32), persistent=True)
+        if cfg.biases:  # a learned bias on the logits (gpt-oss), unlike `bias`, which only selects
+            self.logit_bias = nn.Parameter(torch.zeros(cfg.n_experts))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,6 +137,8 @@ class Router(nn.Module):
         no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
         with no_autocast:  # router math stays float32 under autocast too
             logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
+            if cfg.biases:
+                logits_TE = logits_TE + self.logit_bias.to(dtype)
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
         sigmoid = cfg.router == "sigmoid"

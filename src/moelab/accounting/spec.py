@@ -15,6 +15,7 @@ Counting conventions used throughout:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from moelab.config import ModelConfig
@@ -149,7 +150,9 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
     f = d_expert), one fused shared FFN of width `moe.shared_width` with the experts' activation,
     and d more for the shared gate.
     Attention "gqa": wq d×(H·hd), wk and wv d×(H_kv·hd), wo (H·hd)×d, biases on q, k, v when
-    `qkv_bias`; qk_norm "head" adds 2·hd, "full" adds H·hd + H_kv·hd.
+    `qkv_bias`, on wo (d) when `o_bias`, H sink logits when `attn_sinks`; qk_norm "head" adds 2·hd,
+    "full" adds H·hd + H_kv·hd. With `moe.biases` (gpt-oss) each expert adds 2f + d biases and the
+    router E.
     Attention "mla" (DeepSeek-V2 §2.1): wq_a d×r_q, q_a_norm r_q, wq_b r_q×H·(nope+rope), or
     wq d×H·(nope+rope) without q_lora_rank; wkv_a d×(r_kv + rope); kv_a_norm r_kv;
     wkv_b r_kv×H·(nope+v); wo H·v×d.
@@ -174,20 +177,24 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
     else:
         hd, kv = cfg.head_width, cfg.n_kv_heads
         norms = {"none": 0, "head": 2 * hd, "full": H * hd + kv * hd}[cfg.qk_norm]
-        bias = H * hd + 2 * kv * hd if cfg.qkv_bias else 0
+        bias = (H * hd + 2 * kv * hd if cfg.qkv_bias else 0) + (d if cfg.o_bias else 0) + (H if cfg.attn_sinks else 0)
         attention = AttentionSpec(
             params=2 * d * H * hd + 2 * d * kv * hd + bias, norms=norms, n_heads=H, qk_head_dim=hd,
             v_head_dim=hd, kv_cache_width=2 * kv * hd, kind="gqa")
     layers = []
     for i in range(cfg.n_layers):
+        if cfg.attention == "gqa":
+            attention = dataclasses.replace(attention, window=cfg.layer_window(i))
         if cfg.is_moe_layer(i):
             moe = cfg.moe
             assert moe is not None
             f, w = moe.d_expert, moe.shared_width
-            per_matrix_pair = 3 if moe.activation == "swiglu" else 2  # SwiGLU: gate, up, down
+            per_matrix_pair = 2 if moe.activation == "gelu" else 3  # SwiGLU: gate, up, down
+            biases = 2 * f + d if moe.biases else 0  # gpt-oss: on both projections, and on the router's logits
             ffn = FFNSpec(
-                experts=ExpertBank(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f,
-                                router=moe.n_experts * d, n_groups=moe.n_groups, topk_groups=moe.topk_groups),
+                experts=ExpertBank(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f + biases,
+                                router=moe.n_experts * (d + moe.biases), n_groups=moe.n_groups,
+                                topk_groups=moe.topk_groups),
                 shared=per_matrix_pair * d * w + (d if moe.shared_gate else 0))
         else:
             ffn = FFNSpec(dense=(3 if cfg.activation == "swiglu" else 2) * d * cfg.d_ff)

@@ -95,11 +95,13 @@ def _ignorable(name: str, cfg: ModelConfig) -> bool:
 
 
 def _load_tensor(f: Any, file: Path, name: str, by_name: dict[str, Entry], state: dict[str, torch.Tensor],
-                 cfg: ModelConfig, model_type: str) -> tuple[str, ...]:
+                 cfg: ModelConfig, model_type: str, pending: dict[tuple[str, str], dict[str, torch.Tensor]]
+                 ) -> tuple[str, ...]:
     """Copy tensor `name` of the open safetensors file `f` into its place in `state` and return the
     canonical tensor names it fills, or skip it (return ()) when the loader may: `_ignorable`, or empty
-    (transformers stores zero-width shared experts for n_shared_experts = 0). ValueError naming the
-    tensor when it is unexpected or of the wrong shape."""
+    (transformers stores zero-width shared experts for n_shared_experts = 0). One of a pair of tensors
+    (`Entry.pair`: MXFP4 blocks and scales) waits in `pending` for the other, then both are decoded
+    into place. ValueError naming the tensor when it is unexpected or of the wrong shape."""
     shape = tuple(f.get_slice(name).get_shape())
     e = by_name.get(name)
     if e is None:
@@ -112,7 +114,15 @@ def _load_tensor(f: Any, file: Path, name: str, by_name: dict[str, Entry], state
     if shape != e.hf_shape:
         raise ValueError(f"{file.name}: tensor {name!r} has shape {shape}, but config.json implies {e.hf_shape} "
                          "(config and weights disagree)")
-    _place(state[e.target].data, e, f.get_tensor(name))
+    t = f.get_tensor(name)
+    if e.pair is not None:
+        halves = pending.setdefault(e.pair, {})
+        halves[name] = t
+        if len(halves) < 2:
+            return e.covers
+        halves = pending.pop(e.pair)
+        t = e.decode(*(halves[n] for n in e.pair), dtype=state[e.target].dtype)
+    _place(state[e.target].data, e, t)
     return e.covers or (name,)
 
 
@@ -136,13 +146,17 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None) -> MoETransfo
     model = _empty_model(cfg, dtype)
     state = model.state_dict(keep_vars=True)
     covered: set[str] = set()
+    pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for file in _weight_files(path):
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    covered.update(_load_tensor(f, file, name, by_name, state, cfg, adapter.model_type))
+                    covered.update(_load_tensor(f, file, name, by_name, state, cfg, adapter.model_type, pending))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{file}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+    for pair, got in pending.items():
+        raise ValueError(f"{path}: tensor {next(n for n in pair if n not in got)!r} is missing from the checkpoint "
+                         f"(its pair {next(iter(got))!r} is there)")
     missing = [e.hf_name for e in entries if not e.covers and e.hf_name not in covered]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -1,0 +1,38 @@
+"""Mixtral (Jiang et al. 2024): softmax top-k router renormalised over the chosen experts, every layer MoE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moelab.config import ModelConfig
+from moelab.hf.adapters.base import Adapter
+from moelab.hf_config import HFConfig
+
+
+class Mixtral(Adapter):
+    model_type, architecture = "mixtral", "MixtralForCausalLM"
+    expert_names = ("w1", "w3", "w2")
+    moe_prefix = "block_sparse_moe"
+    norm_eps = 1e-5
+
+    def moe_fields(self, c: HFConfig, n_experts: int) -> dict[str, Any]:
+        """Mixtral always renormalises the top-k probabilities (no norm_topk_prob field)."""
+        return {"norm_topk_prob": True, "aux_loss_coef": c.float("router_aux_loss_coef", 0.0)}
+
+    def mismatch(self, cfg: ModelConfig) -> str | None:
+        if (why := self._common_mismatch(cfg)) is not None:
+            return why
+        m = cfg.moe
+        checks = [(cfg.attention == "gqa", "attention must be 'gqa'"),
+                  (cfg.qk_norm == "none", "qk_norm must be 'none'"),
+                  (not cfg.qkv_bias, "qkv_bias must be False"),
+                  (m.router == "topk_softmax", "router must be 'topk_softmax'"),
+                  (m.norm_topk_prob, "norm_topk_prob must be True"), (m.n_shared == 0, "n_shared must be 0"),
+                  (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
+                  (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
+        return next((why for ok, why in checks if not ok), None)
+
+    def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
+        return {**self._base_hf(cfg), "intermediate_size": cfg.moe.d_expert, "num_local_experts": cfg.moe.n_experts,
+                "sliding_window": None, "router_jitter_noise": 0.0}
+
