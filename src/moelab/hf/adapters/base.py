@@ -146,7 +146,12 @@ class Adapter:
                 "rotary_dim": None if rotary == width else rotary}
 
     def mismatch(self, cfg: ModelConfig) -> str | None:
-        """Why this moelab config cannot be written as this architecture (None = it can)."""
+        """Why this moelab config cannot be written as this architecture (None = it can): the first of
+        the common conditions and then of `requirements` that fails."""
+        return self._common_mismatch(cfg) or next((why for ok, why in self.requirements(cfg) if not ok), None)
+
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
+        """(holds, what is required) for each condition of this architecture on a moelab MoE config."""
         raise NotImplementedError
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
@@ -242,6 +247,24 @@ class Adapter:
                     Entry(stem + "experts.down_proj", (E, D, F), b + "experts.w_out", None, (1, 2),
                           covers=tuple(canon_out), scale=s)]
         return out
+
+
+Check = tuple[bool, str]  # (the condition holds, what it requires)
+
+
+def gqa_checks(cfg: ModelConfig, qk_norm: str = "none", qkv_bias: bool | None = False) -> list[Check]:
+    """Grouped-query attention with the given q/k norm and q/k/v biases (None: either)."""
+    return [(cfg.attention == "gqa", "attention must be 'gqa'"),
+            (cfg.qk_norm == qk_norm, f"qk_norm must be {qk_norm!r}"),
+            (qkv_bias is None or cfg.qkv_bias == qkv_bias, f"qkv_bias must be {qkv_bias}")]
+
+
+def plain_moe_checks(cfg: ModelConfig) -> list[Check]:
+    """Every layer MoE, no shared experts, no group-limited routing, no expert bias."""
+    m = cfg.moe
+    return [(m.n_shared == 0, "n_shared must be 0"),
+            (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
+            (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
 
 
 def ffn_entries(p: str, b: str, D: int, S: int) -> list[Entry]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from moelab import hf_arch
 from moelab.config import ModelConfig
-from moelab.hf.adapters.base import Adapter, Entry, ffn_entries
+from moelab.hf.adapters.base import Adapter, Check, Entry, ffn_entries
 from moelab.hf_config import HFConfig
 
 
@@ -17,6 +17,20 @@ def _deinterleave(n: int) -> tuple[int, ...]:
     """Row order turning DeepSeek's interleaved rotary pairs (x0, x1), (x2, x3)... into rotate-half halves."""
     return tuple(range(0, n, 2)) + tuple(range(1, n, 2))
 
+
+
+def mla_checks(cfg: ModelConfig) -> list[Check]:
+    """Multi-head latent attention with the latent norms' eps transformers fixes."""
+    return [(cfg.attention == "mla", "attention must be 'mla'"),
+            (cfg.norm_eps == 1e-6, "norm_eps must be 1e-6 (transformers fixes the MLA latent norms' eps)")]
+
+
+def deepseek_block_checks(cfg: ModelConfig, shared_required: bool) -> list[Check]:
+    """DeepSeek's MoE block: ungated shared experts in multiples of d_expert, every layer after the dense ones."""
+    m = cfg.moe
+    return [((m.n_shared > 0 or not shared_required) and (m.n_shared == 0 or m.shared_width % m.d_expert == 0),
+             "shared experts whose total width is a multiple of d_expert"),
+            (not m.shared_gate, "shared_gate must be False"), (cfg.moe_every == 1, "moe_every must be 1")]
 
 class DeepseekV3(Adapter):
     model_type, architecture = "deepseek_v3", "DeepseekV3ForCausalLM"
@@ -80,18 +94,11 @@ class DeepseekV3(Adapter):
             out += ffn_entries(p + "shared_experts.", b + "shared.", cfg.d_model, cfg.moe.shared_width)
         return out
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg)) is not None:
-            return why
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
         m = cfg.moe
-        checks = [(cfg.attention == "mla", "attention must be 'mla'"),
-                  (m.router == "sigmoid", "router must be 'sigmoid'"),
-                  (m.n_shared > 0 and m.shared_width % m.d_expert == 0,
-                   "shared experts whose total width is a multiple of d_expert"),
-                  (not m.shared_gate, "shared_gate must be False"), (cfg.moe_every == 1, "moe_every must be 1"),
-                  (cfg.norm_eps == 1e-6, "norm_eps must be 1e-6 (transformers fixes the MLA latent norms' eps)"),
-                  (m.n_experts // m.n_groups >= 2, "at least 2 experts per group (group score = sum of top-2)")]
-        return next((why for ok, why in checks if not ok), None)
+        return [*mla_checks(cfg), (m.router == "sigmoid", "router must be 'sigmoid'"),
+                *deepseek_block_checks(cfg, shared_required=True),
+                (m.n_experts // m.n_groups >= 2, "at least 2 experts per group (group score = sum of top-2)")]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         m = cfg.moe
@@ -142,19 +149,11 @@ class DeepseekV2(DeepseekV3):
             out += ffn_entries(p + "shared_experts.", b + "shared.", cfg.d_model, cfg.moe.shared_width)
         return out
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg)) is not None:
-            return why
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
         m = cfg.moe
-        checks = [(cfg.attention == "mla", "attention must be 'mla'"),
-                  (m.router == "topk_softmax" and not m.norm_topk_prob,
-                   "router must be 'topk_softmax' with norm_topk_prob=False"),
-                  (not m.expert_bias, "expert_bias must be False"),
-                  (m.n_shared == 0 or m.shared_width % m.d_expert == 0,
-                   "shared experts whose total width is a multiple of d_expert"),
-                  (not m.shared_gate, "shared_gate must be False"), (cfg.moe_every == 1, "moe_every must be 1"),
-                  (cfg.norm_eps == 1e-6, "norm_eps must be 1e-6 (transformers fixes the MLA latent norms' eps)")]
-        return next((why for ok, why in checks if not ok), None)
+        return [*mla_checks(cfg), (m.router == "topk_softmax" and not m.norm_topk_prob,
+                                   "router must be 'topk_softmax' with norm_topk_prob=False"),
+                (not m.expert_bias, "expert_bias must be False"), *deepseek_block_checks(cfg, shared_required=False)]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         m = cfg.moe

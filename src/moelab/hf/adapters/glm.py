@@ -15,8 +15,8 @@ from typing import Any
 
 from moelab import hf_arch
 from moelab.config import ModelConfig
-from moelab.hf.adapters.base import Adapter
-from moelab.hf.adapters.deepseek import DeepseekV3
+from moelab.hf.adapters.base import Adapter, Check
+from moelab.hf.adapters.deepseek import DeepseekV3, deepseek_block_checks
 from moelab.hf_config import HFConfig
 
 
@@ -39,21 +39,15 @@ class Glm4Moe(DeepseekV3):
                 "norm_topk_prob": c.bool("norm_topk_prob", True), "route_scale": c.float("routed_scaling_factor", 1.0),
                 "n_groups": n_groups, "topk_groups": topk_groups, "aux_loss_coef": 0.0}
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg)) is not None:
-            return why
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
         m, hd = cfg.moe, cfg.head_width
-        checks = [(cfg.attention == "gqa", "attention must be 'gqa'"),
-                  (cfg.qk_norm in ("none", "head"), "qk_norm must be 'none' or 'head'"),
-                  (m.router == "sigmoid", "router must be 'sigmoid'"),
-                  (m.n_shared == 0 or m.shared_width % m.d_expert == 0,
-                   "shared experts whose total width is a multiple of d_expert"),
-                  (not m.shared_gate, "shared_gate must be False"), (cfg.moe_every == 1, "moe_every must be 1"),
-                  (m.n_groups == 1 or m.n_experts // m.n_groups >= 2,
-                   "at least 2 experts per group (group score = sum of top-2)"),
-                  (cfg.rotary_dim is None or int(hd * (cfg.rotary_dim / hd)) == cfg.rotary_dim,
-                   "rotary_dim / head width must round-trip through partial_rotary_factor")]
-        return next((why for ok, why in checks if not ok), None)
+        return [(cfg.attention == "gqa", "attention must be 'gqa'"),
+                (cfg.qk_norm in ("none", "head"), "qk_norm must be 'none' or 'head'"),
+                (m.router == "sigmoid", "router must be 'sigmoid'"), *deepseek_block_checks(cfg, shared_required=False),
+                (m.n_groups == 1 or m.n_experts // m.n_groups >= 2,
+                 "at least 2 experts per group (group score = sum of top-2)"),
+                (cfg.rotary_dim is None or int(hd * (cfg.rotary_dim / hd)) == cfg.rotary_dim,
+                 "rotary_dim / head width must round-trip through partial_rotary_factor")]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         m, base = cfg.moe, self._base_hf(cfg)

@@ -18,7 +18,7 @@ from typing import Any
 from moelab import hf_arch
 from moelab.biased_experts import ALPHA, LIMIT
 from moelab.config import ModelConfig
-from moelab.hf.adapters.base import Adapter, Entry
+from moelab.hf.adapters.base import Adapter, Check, Entry, gqa_checks, plain_moe_checks
 from moelab.hf.mxfp4 import dequantize_mxfp4
 from moelab.hf_config import HFConfig
 
@@ -75,20 +75,13 @@ class GptOss(Adapter):
                               scale=scale, pair=pair, decode=dequantize_mxfp4)]
         return out
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg)) is not None:
-            return why
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
         m = cfg.moe
-        checks = [(cfg.attention == "gqa", "attention must be 'gqa'"),
-                  (cfg.qk_norm == "none", "qk_norm must be 'none'"),
-                  (cfg.qkv_bias == cfg.o_bias, "qkv_bias and o_bias must be equal (attention_bias)"),
-                  (cfg.attn_sinks, "attn_sinks must be True"),
-                  (m.biases and m.router == "topk_softmax" and m.norm_topk_prob,
-                   "moe.biases with a 'topk_softmax' router and norm_topk_prob=True"),
-                  (m.n_shared == 0, "n_shared must be 0"),
-                  (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
-                  (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
-        return next((why for ok, why in checks if not ok), None)
+        return [*gqa_checks(cfg, qkv_bias=None),
+                (cfg.qkv_bias == cfg.o_bias, "qkv_bias and o_bias must be equal (attention_bias)"),
+                (cfg.attn_sinks, "attn_sinks must be True"),
+                (m.biases and m.router == "topk_softmax" and m.norm_topk_prob,
+                 "moe.biases with a 'topk_softmax' router and norm_topk_prob=True"), *plain_moe_checks(cfg)]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         m = cfg.moe

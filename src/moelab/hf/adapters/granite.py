@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from moelab.config import ModelConfig
-from moelab.hf.adapters.base import Adapter, Entry
+from moelab.hf.adapters.base import Adapter, Check, Entry, gqa_checks, plain_moe_checks
 from moelab.hf_config import HFConfig
 
 _MULTIPLIERS = {"embedding_multiplier": "embed_scale", "residual_multiplier": "residual_scale",
@@ -61,19 +61,10 @@ class GraniteMoe(Adapter):
                          covers=(p + "output_linear.weight",), scale=s)]
         return canonical + aliases
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg)) is not None:
-            return why
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
         m = cfg.moe
-        checks = [(cfg.attention == "gqa", "attention must be 'gqa'"),
-                  (cfg.qk_norm == "none", "qk_norm must be 'none'"),
-                  (not cfg.qkv_bias, "qkv_bias must be False"),
-                  (m.router == "topk_softmax" and m.norm_topk_prob, "router must be 'topk_softmax' with "
-                                                                    "norm_topk_prob=True"),
-                  (m.n_shared == 0, "n_shared must be 0"),
-                  (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
-                  (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
-        return next((why for ok, why in checks if not ok), None)
+        return [*gqa_checks(cfg), (m.router == "topk_softmax" and m.norm_topk_prob,
+                                   "router must be 'topk_softmax' with norm_topk_prob=True"), *plain_moe_checks(cfg)]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_width ** -0.5

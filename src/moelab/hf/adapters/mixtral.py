@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moelab.config import ModelConfig
-from moelab.hf.adapters.base import Adapter
+from moelab.hf.adapters.base import Adapter, Check, gqa_checks, plain_moe_checks
 from moelab.hf_config import HFConfig
 
 
@@ -19,18 +19,9 @@ class Mixtral(Adapter):
         """Mixtral always renormalises the top-k probabilities (no norm_topk_prob field)."""
         return {"norm_topk_prob": True, "aux_loss_coef": c.float("router_aux_loss_coef", 0.0)}
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg)) is not None:
-            return why
-        m = cfg.moe
-        checks = [(cfg.attention == "gqa", "attention must be 'gqa'"),
-                  (cfg.qk_norm == "none", "qk_norm must be 'none'"),
-                  (not cfg.qkv_bias, "qkv_bias must be False"),
-                  (m.router == "topk_softmax", "router must be 'topk_softmax'"),
-                  (m.norm_topk_prob, "norm_topk_prob must be True"), (m.n_shared == 0, "n_shared must be 0"),
-                  (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
-                  (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
-        return next((why for ok, why in checks if not ok), None)
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
+        return [*gqa_checks(cfg), (cfg.moe.router == "topk_softmax", "router must be 'topk_softmax'"),
+                (cfg.moe.norm_topk_prob, "norm_topk_prob must be True"), *plain_moe_checks(cfg)]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**self._base_hf(cfg), "intermediate_size": cfg.moe.d_expert, "num_local_experts": cfg.moe.n_experts,

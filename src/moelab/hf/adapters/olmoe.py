@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from moelab.config import ModelConfig
-from moelab.hf.adapters.base import Adapter
+from moelab.hf.adapters.base import Adapter, Check, gqa_checks, plain_moe_checks
 from moelab.hf_config import HFConfig
 
 
@@ -17,20 +17,11 @@ class Olmoe(Adapter):
         c.require("clip_qkv", lambda v: v is None, "null (q/k/v clipping is not implemented)")
         return super().config_from_hf(c)
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg)) is not None:
-            return why
-        m = cfg.moe
-        checks = [(cfg.attention == "gqa", "attention must be 'gqa'"),
-                  (cfg.qk_norm == "full", "qk_norm must be 'full'"),
-                  (not cfg.qkv_bias, "qkv_bias must be False"),
-                  (m.router == "topk_softmax", "router must be 'topk_softmax'"),
-                  (m.n_shared == 0, "n_shared must be 0"),
-                  (cfg.head_width == cfg.d_model // cfg.n_heads, "head_dim must be d_model // n_heads (OLMoE sizes "
-                                                                  "its q/k norms by hidden_size)"),
-                  (cfg.n_dense_layers == 0 and cfg.moe_every == 1, "every layer must be MoE"),
-                  (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
-        return next((why for ok, why in checks if not ok), None)
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
+        return [*gqa_checks(cfg, qk_norm="full"), (cfg.moe.router == "topk_softmax", "router must be 'topk_softmax'"),
+                (cfg.head_width == cfg.d_model // cfg.n_heads, "head_dim must be d_model // n_heads (OLMoE sizes "
+                                                                "its q/k norms by hidden_size)"),
+                *plain_moe_checks(cfg)]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**self._base_hf(cfg), "intermediate_size": cfg.moe.d_expert, "num_experts": cfg.moe.n_experts,

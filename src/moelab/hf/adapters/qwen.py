@@ -6,19 +6,17 @@ from typing import Any
 
 from moelab import hf_arch
 from moelab.config import ModelConfig
-from moelab.hf.adapters.base import Adapter, Entry, ffn_entries
+from moelab.hf.adapters.base import Adapter, Check, Entry, ffn_entries, gqa_checks
 from moelab.hf_config import HFConfig
 
 
 class _Qwen(Adapter):
     """Shared parts of Qwen2-MoE and Qwen3-MoE (their layer layout is `hf_arch.moe_layers`)."""
 
-    def _qwen_mismatch(self, cfg: ModelConfig) -> str | None:
+    def _qwen_checks(self, cfg: ModelConfig) -> list[Check]:
         m = cfg.moe
-        checks = [(cfg.attention == "gqa", "attention must be 'gqa'"),
-                  (m.router == "topk_softmax", "router must be 'topk_softmax'"),
-                  (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
-        return next((why for ok, why in checks if not ok), None)
+        return [(m.router == "topk_softmax", "router must be 'topk_softmax'"),
+                (m.n_groups == 1 and not m.expert_bias, "no group-limited routing or expert bias")]
 
     def _qwen_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**self._base_hf(cfg), "num_experts": cfg.moe.n_experts, "moe_intermediate_size": cfg.moe.d_expert,
@@ -44,14 +42,9 @@ class Qwen2Moe(_Qwen):
             out.append(Entry(p + "shared_expert_gate.weight", (1, cfg.d_model), b + "shared_gate.weight"))
         return out
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg) or self._qwen_mismatch(cfg)) is not None:
-            return why
-        if cfg.qk_norm != "none":
-            return "qk_norm must be 'none'"
-        if not (cfg.moe.n_shared and cfg.moe.shared_gate):
-            return "needs shared experts with shared_gate=True"
-        return None
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
+        return [*gqa_checks(cfg, qkv_bias=None), *self._qwen_checks(cfg),
+                (bool(cfg.moe.n_shared) and cfg.moe.shared_gate, "needs shared experts with shared_gate=True")]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**self._qwen_hf(cfg), "qkv_bias": cfg.qkv_bias, "shared_expert_intermediate_size": cfg.moe.shared_width,
@@ -61,12 +54,9 @@ class Qwen2Moe(_Qwen):
 class Qwen3Moe(_Qwen):
     model_type, architecture = "qwen3_moe", "Qwen3MoeForCausalLM"
 
-    def mismatch(self, cfg: ModelConfig) -> str | None:
-        if (why := self._common_mismatch(cfg) or self._qwen_mismatch(cfg)) is not None:
-            return why
-        checks = [(cfg.qk_norm == "head", "qk_norm must be 'head'"), (not cfg.qkv_bias, "qkv_bias must be False"),
-                  (cfg.moe.n_shared == 0, "n_shared must be 0")]
-        return next((why for ok, why in checks if not ok), None)
+    def requirements(self, cfg: ModelConfig) -> list[Check]:
+        return [*gqa_checks(cfg, qk_norm="head"), *self._qwen_checks(cfg),
+                (cfg.moe.n_shared == 0, "n_shared must be 0")]
 
     def config_to_hf(self, cfg: ModelConfig) -> dict[str, Any]:
         return {**self._qwen_hf(cfg), "attention_bias": False}
