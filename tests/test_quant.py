@@ -127,6 +127,25 @@ def test_without_the_kernels_a_weight_is_dequantized_then_multiplied(fmt, monkey
     assert torch.equal(load_linear_weight(q, slow.tensors()).dequantize(), fast.dequantize())
 
 
+@pytest.mark.parametrize("K", [64, 40])
+def test_int8_takes_misaligned_operands_and_any_width(K):
+    """Weights read from a stacked file tensor start anywhere, and activations may be row slices: the product still
+    matches (torch 2.13's int8 kernel would crash on these from 4 rows on; widths K % 16 != 0 dequantize)."""
+    torch.manual_seed(6)
+    W = torch.randn(48, K)
+    ref = linear_weight(W, "int8")
+    buf = torch.zeros(48 * K + 8, dtype=torch.int8)
+    q = buf[8:].view(48, K)
+    q.copy_(ref.q)
+    sbuf = torch.zeros(49, dtype=torch.bfloat16)
+    sbuf[1:] = ref.scale
+    w = load_linear_weight("int8", {"qweight": q, "scale": sbuf[1:]})
+    xbuf = torch.randn(9 * K + 4, dtype=torch.bfloat16)
+    x = xbuf[4:].view(9, K)[1:]  # 8 rows starting 2·(K + 4) bytes into the buffer
+    assert rel(w(x), x.double() @ w.dequantize(torch.float64).T) <= BF16_BOUND
+    assert w.kernel == (K % 16 == 0)
+
+
 def moe_pair(dtype: torch.dtype, q: str | None, G: int = 32, **over):
     """An MoE layer with its experts converted to `q`, and the float layer holding the dequantized weights."""
     torch.manual_seed(4)

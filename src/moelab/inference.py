@@ -25,12 +25,15 @@ Legend: D = model width, H = first expert projection's width, I = expert hidden 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from moelab.experts import Experts, FeedForward
+from moelab.experts import Experts
 from moelab.model import Attention, MoETransformer
+from moelab.moe import MoE
 from moelab.quant import (
     INT4_N_MULTIPLE,
     ExpertWeights,
@@ -73,12 +76,6 @@ def _linear(w: Tensor, bias: Tensor | None, quant: str | None, group_size: int) 
     return InferenceLinear(linear_weight(w, weight_quant(w.shape, quant, group_size), group_size), bias)
 
 
-def _convert(module: nn.Module, quant: str | None, group_size: int) -> nn.Module:
-    if isinstance(module, InferenceLinear):
-        return module
-    return _linear(module.weight, module.bias, quant, group_size)
-
-
 def store_experts(experts: Experts, quant: str | None, group_size: int = 32) -> QuantizedExperts:
     """A stacked store (w_in [E, D, H], w_out [E, I, D]) as per-expert weights in format `quant`."""
     out: list[ExpertWeights] = []
@@ -90,33 +87,71 @@ def store_experts(experts: Experts, quant: str | None, group_size: int = 32) -> 
     return QuantizedExperts(out)
 
 
+@dataclass(frozen=True)
+class Slot:
+    """A place where `prepare_inference` puts an `InferenceLinear`: attribute `attr` of `parent` (state-dict prefix
+    `prefix`), made of the float linears `parts` (their out_features `rows`; q, k and v fused, else one)."""
+
+    parent: nn.Module
+    prefix: str
+    attr: str
+    parts: tuple[str, ...]
+    rows: tuple[int, ...] | None = None
+
+
+def linear_slots(model: MoETransformer) -> Iterator[Slot]:
+    """Every linear `prepare_inference` converts (module docstring), on a float, meta or converted model alike."""
+    cfg = model.cfg
+    for i, block in enumerate(model.blocks):
+        attn, p = block.attn, f"blocks.{i}."
+        if isinstance(attn, Attention):
+            q, kv = cfg.n_heads * cfg.head_width, cfg.n_kv_heads * cfg.head_width
+            yield Slot(attn, p + "attn.", "wqkv", ("wq", "wk", "wv"), (q, kv, kv))
+            yield Slot(attn, p + "attn.", "wo", ("wo",))
+        else:  # multi-head latent attention
+            for name in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
+                if hasattr(attn, name):
+                    yield Slot(attn, p + "attn.", name, (name,))
+        ffn, fp = (block.ffn, p + "ffn.") if not block.is_moe else (block.ffn.shared, p + "ffn.shared.")
+        if ffn is not None:
+            yield Slot(ffn, fp, "w_in", ("w_in",))
+            yield Slot(ffn, fp, "w_out", ("w_out",))
+    yield Slot(model, "", "head", ("head",))
+
+
+def moe_stores(model: MoETransformer) -> Iterator[tuple[str, MoE]]:
+    """(state-dict prefix of the store, layer) for every MoE layer."""
+    for i, block in enumerate(model.blocks):
+        if block.is_moe:
+            yield f"blocks.{i}.ffn.experts.", block.ffn
+
+
+def install_linear(slot: Slot, linear: InferenceLinear) -> None:
+    """Put `linear` in the slot, removing the float linears it replaces."""
+    for part in slot.parts:
+        if part != slot.attr:
+            delattr(slot.parent, part)
+    setattr(slot.parent, slot.attr, linear)
+
+
 @torch.no_grad()
 def prepare_inference(model: MoETransformer, quant: str | None = None, group_size: int = 32) -> MoETransformer:
     """Convert `model` in place for inference (module docstring) and return it in eval mode. ValueError for an
     unsupported quant or group size. Idempotent: what is converted already is kept."""
     check_quant(quant, group_size)
     model.eval().requires_grad_(False)
-    for block in model.blocks:
-        attn = block.attn
-        if isinstance(attn, Attention):
-            if attn.wqkv is None:
-                parts = (attn.wq, attn.wk, attn.wv)
-                bias = torch.cat([p.bias for p in parts]) if attn.wq.bias is not None else None
-                attn.wqkv = _linear(torch.cat([p.weight for p in parts]), bias, quant, group_size)
-                del attn.wq, attn.wk, attn.wv
-            attn.wo = _convert(attn.wo, quant, group_size)
-        else:  # multi-head latent attention
-            for name in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
-                if hasattr(attn, name):
-                    setattr(attn, name, _convert(getattr(attn, name), quant, group_size))
-        ffns = [block.ffn] if isinstance(block.ffn, FeedForward) else [f for f in [block.ffn.shared] if f is not None]
-        for ffn in ffns:
-            ffn.w_in, ffn.w_out = _convert(ffn.w_in, quant, group_size), _convert(ffn.w_out, quant, group_size)
-        if block.is_moe and isinstance(block.ffn.experts, Experts):
-            block.ffn.experts = store_experts(block.ffn.experts, quant, group_size)
-    if not isinstance(model.head, InferenceLinear):
-        weight = model.embed.weight if model.head is None else model.head.weight
-        model.head = _linear(weight, None, quant, group_size)
+    for slot in linear_slots(model):
+        if isinstance(getattr(slot.parent, slot.attr, None), InferenceLinear):
+            continue
+        if slot.attr == "head" and model.head is None:  # tied: the head's own copy of the embedding
+            parts = [model.embed]
+        else:
+            parts = [getattr(slot.parent, part) for part in slot.parts]
+        bias = torch.cat([m.bias for m in parts]) if getattr(parts[0], "bias", None) is not None else None
+        install_linear(slot, _linear(torch.cat([m.weight for m in parts]), bias, quant, group_size))
+    for _, moe in moe_stores(model):
+        if isinstance(moe.experts, Experts):
+            moe.experts = store_experts(moe.experts, quant, group_size)
     return model
 
 

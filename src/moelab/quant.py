@@ -169,15 +169,23 @@ class FloatWeight(LinearWeight):
         return {"weight": self.dequantize(self.dtype)}
 
 
+def aligned(t: Tensor) -> Tensor:
+    """t, or a contiguous copy of it when t is not contiguous or its data does not start on a 64-byte boundary
+    (a fresh CPU allocation does). torch 2.13's int8 CPU kernel reads out of bounds (a segmentation fault) on
+    misaligned operands from 4 rows of x on, e.g. a slice of a stacked safetensors tensor."""
+    return t if t.is_contiguous() and t.data_ptr() % 64 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 class Int8Weight(LinearWeight):
-    """Per-output-channel int8: qweight int8 [N, K], scale [N] (bfloat16); W ≈ qweight · scale[:, None]."""
+    """Per-output-channel int8: qweight int8 [N, K], scale [N] (bfloat16); W ≈ qweight · scale[:, None]. The CPU
+    kernel runs where K % 16 == 0 (it fails on other widths from 4 rows of x on); other widths dequantize."""
 
     quant = "int8"
 
     def __init__(self, qweight: Tensor, scale: Tensor) -> None:
         super().__init__(*qweight.shape)
-        self.q, self.scale = qweight.contiguous(), scale.to(KERNEL_DTYPE).contiguous()
-        self.kernel = qweight.device.type == "cpu" and int8_kernel_available()
+        self.q, self.scale = aligned(qweight), aligned(scale.to(KERNEL_DTYPE))
+        self.kernel = qweight.device.type == "cpu" and self.in_features % 16 == 0 and int8_kernel_available()
 
     @classmethod
     def quantize(cls, w: Tensor) -> Int8Weight:
@@ -188,7 +196,7 @@ class Int8Weight(LinearWeight):
 
     def __call__(self, x_MK: Tensor) -> Tensor:
         if self.kernel:
-            return torch.ops.aten._weight_int8pack_mm(x_MK.to(KERNEL_DTYPE), self.q, self.scale).to(x_MK.dtype)
+            return torch.ops.aten._weight_int8pack_mm(aligned(x_MK.to(KERNEL_DTYPE)), self.q, self.scale).to(x_MK.dtype)
         return F.linear(x_MK, self.dequantize(x_MK.dtype))
 
     @property
@@ -213,7 +221,7 @@ class Int4Weight(LinearWeight):
         super().__init__(N, K)
         self.group_size = K // scale_zero.shape[0]
         _check_int4_shape(N, K, self.group_size)
-        self.scale_zero = scale_zero.to(KERNEL_DTYPE).contiguous()
+        self.scale_zero = aligned(scale_zero.to(KERNEL_DTYPE))
         self.kernel = qweight.device.type == "cpu" and int4_kernel_available()
         if self.kernel:  # the portable codes are not kept: `tensors` recovers them from the pack
             self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 2)
