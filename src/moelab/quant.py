@@ -149,9 +149,11 @@ class FloatWeight(LinearWeight):
         self.w = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
 
     def __call__(self, x_MK: Tensor) -> Tensor:
-        x = x_MK.to(self.dtype)
-        y = torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "") if self.packed else F.linear(x, self.w)
-        return y.to(x_MK.dtype)
+        if x_MK.dtype != self.dtype:
+            return self(x_MK.to(self.dtype)).to(x_MK.dtype)
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise.default(x_MK, self.w, None, "none", [], "")
+        return F.linear(x_MK, self.w)
 
     def add(self, x_MK: Tensor, y_MN: Tensor) -> Tensor:
         if self.packed and x_MK.dtype == y_MN.dtype == self.dtype:
@@ -195,9 +197,11 @@ class Int8Weight(LinearWeight):
         return cls(q, scale)
 
     def __call__(self, x_MK: Tensor) -> Tensor:
-        if self.kernel:
-            return torch.ops.aten._weight_int8pack_mm(aligned(x_MK.to(KERNEL_DTYPE)), self.q, self.scale).to(x_MK.dtype)
-        return F.linear(x_MK, self.dequantize(x_MK.dtype))
+        if not self.kernel:
+            return F.linear(x_MK, self.dequantize(x_MK.dtype))
+        if x_MK.dtype != KERNEL_DTYPE:
+            return self(x_MK.to(KERNEL_DTYPE)).to(x_MK.dtype)
+        return torch.ops.aten._weight_int8pack_mm.default(aligned(x_MK), self.q, self.scale)
 
     @property
     def nbytes(self) -> int:
@@ -240,10 +244,11 @@ class Int4Weight(LinearWeight):
         return cls(pack_nibbles(q), torch.stack([scale, zero], -1).transpose(0, 1))
 
     def __call__(self, x_MK: Tensor) -> Tensor:
-        if self.kernel:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x_MK.to(KERNEL_DTYPE), self.w, self.group_size, self.scale_zero).to(x_MK.dtype)
-        return F.linear(x_MK, self.dequantize(x_MK.dtype))
+        if not self.kernel:
+            return F.linear(x_MK, self.dequantize(x_MK.dtype))
+        if x_MK.dtype != KERNEL_DTYPE:
+            return self(x_MK.to(KERNEL_DTYPE)).to(x_MK.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu.default(x_MK, self.w, self.group_size, self.scale_zero)
 
     @property
     def nbytes(self) -> int:
