@@ -141,13 +141,11 @@ class KVCache:
 def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None) -> Tensor:
     """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys."""
     S, L = q.shape[2], k.shape[2]
-    if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves H/G query heads
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query: each kv head serves H/G query heads (no copies of k, v)
+    if start == 0 or S == 1:  # one new query sees every key: no mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale, enable_gqa=gqa)
     mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(S, device=q.device))[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
