@@ -17,8 +17,10 @@ with every run. Checkpoint and GGUFs are built elsewhere (random weights from tr
 GGUFs by llama.cpp's converter) — see docs/BENCHMARKS.md ("Decode").
 
     python benchmarks/decode.py CKPT_DIR [--gguf bf16=F.gguf --gguf q8_0=G.gguf --gguf q4_0=H.gguf]
-        [--engines moelab,transformers,llama.cpp] [--quants bf16,int8,int4] [--prompt 32] [--new 128]
-        [--runs 3] [--threads 2] [--python-other PYTHON]   # a Python with transformers / llama_cpp
+        [--engines moelab,transformers,llama.cpp] [--quants bf16,int8,int4] [--hf-experts grouped_mm,eager]
+        [--prompt 32] [--new 128]
+        [--runs 3] [--threads 2] [--quiet-below 0.3] [--quiet-timeout 600]
+        [--python-other PYTHON]   # a Python with transformers / llama_cpp
 """
 
 from __future__ import annotations
@@ -55,6 +57,27 @@ def read_bandwidth(buffers: int = 5, nbytes: int = GiB) -> list[float]:
         out.append(nbytes / best / 1e9)
         del t
     return out
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Cores busy (user, nice and system time of every process) over the next `seconds`, from /proc/stat."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:8]]
+        return v[0] + v[1] + v[2] + v[5] + v[6], sum(v)
+    busy0, total0 = sample()
+    time.sleep(seconds)
+    busy1, total1 = sample()
+    return (os.cpu_count() or 1) * (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_quiet(below: float, timeout: float) -> float:
+    """Wait until the other processes keep fewer than `below` cores busy (this one is idle meanwhile), or until
+    `timeout` seconds have passed; the last reading. Timings on a shared machine are otherwise meaningless."""
+    t0 = time.time()
+    while (busy := cpu_busy()) >= below and time.time() - t0 < timeout:
+        pass
+    return busy
 
 
 def _timed(fn) -> float:
@@ -220,6 +243,7 @@ def run_child(a: argparse.Namespace) -> None:
     prompt = torch.randint(0, 20000, (a.prompt,), generator=torch.Generator().manual_seed(0)).tolist()
     gb = gb_at(a.prompt + a.new // 2) / 1e9
     for run in range(a.runs + 1 if a.runs else 0):  # run 0 warms up (first touch of mmap'd or packed weights)
+        busy = wait_quiet(a.quiet_below, a.quiet_timeout) if run else 0.0
         probe = read_bandwidth(a.buffers)
         load = loadavg()
         reset()
@@ -235,7 +259,8 @@ def run_child(a: argparse.Namespace) -> None:
         if run == 0:
             continue
         print(json.dumps({"run": run, "tok_s": 1 / statistics.median(times), "prefill_tok_s": a.prompt / prefill,
-                          "GB_token": gb, "probe": probe, "load": load, "tokens": tokens[:6]}), flush=True)
+                          "GB_token": gb, "probe": probe, "load": load, "others_busy": busy,
+                          "tokens": tokens[:6]}), flush=True)
     print(json.dumps({"summary": True, "load_s": load_s, "peak_rss_gib": peak_rss_gib()}), flush=True)
 
 
@@ -246,7 +271,7 @@ def rows_to_run(a: argparse.Namespace) -> list[tuple[str, str, str, str]]:
     if "moelab" in engines:
         rows += [("moelab", q, f"moelab {q}", BITS[q]) for q in a.quants.split(",")]
     if "transformers" in engines:
-        rows += [("transformers", x, f"transformers bf16 ({x})", "bf16") for x in ("grouped_mm", "eager")]
+        rows += [("transformers", x, f"transformers bf16 ({x})", "bf16") for x in a.hf_experts.split(",")]
     if "llama.cpp" in engines:
         for kind, path in (g.split("=", 1) for g in a.gguf):
             rows.append(("llama.cpp", path, f"llama.cpp {kind.upper()}", BITS[kind.upper()]))
@@ -263,11 +288,15 @@ def main() -> None:
     p.add_argument("--gguf", action="append", default=[], metavar="KIND=PATH", help="e.g. q4_0=/path/model.gguf")
     p.add_argument("--engines", default="moelab,transformers,llama.cpp")
     p.add_argument("--quants", default="bf16,int8,int4")
+    p.add_argument("--hf-experts", default="grouped_mm,eager", help="transformers' experts implementations to run")
     p.add_argument("--prompt", type=int, default=32)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--buffers", type=int, default=5, help="fresh 1 GiB buffers per bandwidth probe")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quiet-below", type=float, default=0.3,
+                   help="before each timed run, wait until other processes keep fewer cores than this busy")
+    p.add_argument("--quiet-timeout", type=float, default=600, help="seconds to wait for that at most (0: never)")
     p.add_argument("--python-other", default=sys.executable, help="Python for the transformers / llama.cpp rows")
     p.add_argument("--no-quality", dest="quality", action="store_false",
                    help="skip the logits comparison of moelab's formats with the float model (one more load)")
@@ -292,7 +321,8 @@ def main() -> None:
             continue
         cmd = [python, __file__, a.ckpt, "--child", engine, variant, "--prompt", str(a.prompt), "--new", str(a.new),
                "--runs", str(a.runs if variant != "float" else 0), "--buffers", str(a.buffers),
-               "--threads", str(a.threads)]
+               "--threads", str(a.threads), "--quiet-below", str(a.quiet_below),
+               "--quiet-timeout", str(a.quiet_timeout)]
         logits = os.path.join(tmp, f"{variant}.safetensors") if engine == "moelab" and a.quality else None
         if logits:
             cmd += ["--logits-out", logits]
@@ -307,7 +337,7 @@ def main() -> None:
         for r in runs:
             print(f"# {label} run {r['run']}: {r['tok_s']:.2f} tok/s, prefill {r['prefill_tok_s']:.1f} tok/s, probe "
                   f"{min(r['probe']):.1f}/{statistics.median(r['probe']):.1f}/{max(r['probe']):.1f} GB/s, "
-                  f"load {r['load']}, tokens {r['tokens']}", flush=True)
+                  f"load {r['load']}, others busy {r['others_busy']:.2f} cores, tokens {r['tokens']}", flush=True)
         results[label] = dict(
             bits=bits, engine=engine, GB=runs[0]["GB_token"], tok_s=statistics.median(r["tok_s"] for r in runs),
             prefill=statistics.median(r["prefill_tok_s"] for r in runs),
