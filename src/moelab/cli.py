@@ -215,9 +215,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from moelab import hf
 
     if args.from_hf:
-        out = hf.convert_from_hf(args.source, args.out, overwrite=args.overwrite)
+        out = hf.convert_from_hf(args.source, args.out, overwrite=args.overwrite, quant=args.quant,
+                                 group_size=args.group_size)
         print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
     else:
+        if args.quant is not None:
+            raise ValueError("--quant applies to --from-hf (a Hugging Face export holds float weights)")
         out = hf.convert_to_hf(args.source, args.out, overwrite=args.overwrite)
         print(f"Hugging Face model written to {out} (transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -343,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty OUT, replacing the files the conversion writes (without it a "
                         "non-empty OUT is refused)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="with --from-hf: store the weights quantized (int8 per output channel, int4 group-wise); "
+                        "the run is for inference (generate, eval)")
+    p.add_argument("--group-size", type=_FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("out", metavar="OUT")
     p.set_defaults(func=cmd_convert)

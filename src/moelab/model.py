@@ -152,15 +152,16 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = N
     """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys; with a sliding
     window or attention sinks (gpt-oss) in `moelab.masked_attention`."""
     S, L = q.shape[2], k.shape[2]
-    if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves H/G query heads
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     if (window is not None and window < L) or sinks is not None:
+        if k.shape[1] != q.shape[1]:  # grouped-query: masked_attention takes the kv heads expanded
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return masked_attention(q, k, v, start, scale, window, sinks)
-    if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query: each kv head serves H/G query heads (no copies of k, v)
+    if start == 0 or S == 1:  # one new query sees every key: no mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale, enable_gqa=gqa)
     mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(S, device=q.device))[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -176,6 +177,7 @@ class Attention(nn.Module):
         self.wk = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wv = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=cfg.o_bias), residual_std(cfg))
+        self.wqkv: nn.Module | None = None  # q|k|v fused into one projection for inference (moelab.inference)
         self.qk_norm, self.scale = cfg.qk_norm, cfg.attn_scale  # scale None: 1/sqrt(Dh)
         self.window = cfg.layer_window(layer)  # gpt-oss: sliding window on alternate layers
         self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if cfg.attn_sinks else None  # gpt-oss
@@ -187,7 +189,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int) -> Tensor:
         B, S, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_heads, self.hd).transpose(1, 2)  # [B, H, S, Dh]

@@ -5,7 +5,9 @@
       tokenizer.json     the tokenizer the model was trained with (never retrained on resume)
       data/              the token cache (tokens.bin + tokens.json, `moelab.data`)
       metrics.jsonl      one JSON object per logged step (at least "step" and "loss")
-      checkpoints/step_XXXXXXXX/   safetensors + JSON, written atomically (`moelab.checkpoint`)
+      checkpoints/step_XXXXXXXX/   safetensors + JSON, written atomically (`moelab.checkpoint`); a quantized
+                         run (`moelab convert --quant`, config.json "quant") holds its quantized weights in
+                         the layout of `moelab.quant_io` and is for inference only
       loss.png, expert_load.png    plots made from metrics.jsonl
       run.lock           present while a process writes the run: {"pid", "host", "started", "command"}
 
@@ -305,6 +307,10 @@ def load_run(path: str | Path):
                          f"`moelab train` or `moelab convert --from-hf`){hint}")
     ckpt_io.verify(target)
     config = ckpt_io.read_config(target)
+    if "quant" in config:  # a quantized run (`moelab convert --quant`)
+        from moelab.quant_io import load_quantized
+
+        return load_quantized(target, config), config
     model = MoETransformer(ModelConfig.from_dict(config["model"]))
     ckpt_io.load_model_state(model, target, verified=True)
     return model.eval(), config

@@ -1,0 +1,137 @@
+"""Quantized models on disk: a converted model's weights as safetensors + JSON, loaded back without re-quantizing.
+
+    tensors = quantized_state(model)               # {name: tensor}: portable forms, for `moelab.checkpoint`
+    record = quant_record("int4", 32)              # config.json's "quant": {"format", "group_size", "layout"}
+    model = load_quantized(ckpt_dir, config)       # the converted model, packed for this machine (eval mode)
+
+A quantized run is a run directory (`moelab.rundir`) whose config.json carries "quant" and whose checkpoint's
+model.safetensors holds, under the float model's state-dict names:
+- every linear `prepare_inference` converts (`moelab.inference.linear_slots`), as its portable form
+  (`moelab.quant`): `P.weight` (float), or `P.qweight` + `P.scale` (int8), or `P.qweight` + `P.scale_zero`
+  (int4), where P is the float linear's name (`blocks.0.attn.wq`, …, `head` — present also with tied
+  embeddings) and `P.bias` where it has one; fused q|k|v is stored as its parts wq, wk and wv (the formats
+  quantize rows independently, so the parts of a fused weight are its row blocks);
+- every MoE layer's routed experts stacked per projection: `…experts.gate_up.*` [E, H, D …] and
+  `…experts.down.*` [E, D, I …] (the same portable forms, with a leading expert dimension);
+- everything else (embedding, norms, routers, the shared-expert gate) as in a float checkpoint.
+`layout` is the version of this layout (LAYOUT). Nothing is pickled; the kernels' own packed layouts are
+never written: int4 codes are packed for the CPU kernel at load.
+
+Legend: E = experts, D = model width, H = first expert projection's width, I = expert hidden width.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from moelab.checkpoint import CheckpointError
+from moelab.config import ModelConfig
+from moelab.inference import InferenceLinear, install_linear, linear_slots, moe_stores
+from moelab.model import MoETransformer, model_rope_tables
+from moelab.quant import ExpertWeights, QuantizedExperts, check_quant, load_linear_weight
+
+LAYOUT = 1
+_ROW_DIM = {"weight": 0, "qweight": 0, "scale": 0, "scale_zero": 1, "bias": 0}  # the out_features dimension
+_QUANT_OF = {("weight",): None, ("qweight", "scale"): "int8", ("qweight", "scale_zero"): "int4"}
+
+
+def quant_record(quant: str, group_size: int) -> dict[str, Any]:
+    """The "quant" entry of a quantized run's config.json."""
+    check_quant(quant, group_size)
+    return {"format": quant, "group_size": group_size, "layout": LAYOUT}
+
+
+def quantized_state(model: MoETransformer) -> dict[str, Tensor]:
+    """The tensors of a model converted by `prepare_inference`, in the layout of the module docstring."""
+    state = model.state_dict()
+    out: dict[str, Tensor] = {}
+    for slot in linear_slots(model):
+        linear = getattr(slot.parent, slot.attr)
+        if not isinstance(linear, InferenceLinear):
+            raise ValueError(f"{slot.prefix}{slot.attr} is not converted: run moelab.inference.prepare_inference")
+        tensors = dict(linear.w.tensors())
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias
+        rows = slot.rows or (linear.out_features,)
+        for key, t in tensors.items():
+            for part, block in zip(slot.parts, t.split(list(rows), dim=_ROW_DIM[key])):
+                out[f"{slot.prefix}{part}.{key}"] = block.contiguous()
+        prefix = f"{slot.prefix}{slot.attr}."
+        for name in [n for n in state if n.startswith(prefix)]:
+            del state[name]
+    for prefix, moe in moe_stores(model):
+        if not isinstance(moe.experts, QuantizedExperts):
+            raise ValueError(f"{prefix[:-1]} holds a {type(moe.experts).__name__}: only converted experts are saved")
+        for proj in ("gate_up", "down"):
+            per_expert = [getattr(ew, proj).tensors() for ew in moe.experts.weights]
+            if len({tuple(t) for t in per_expert}) != 1:
+                raise ValueError(f"{prefix[:-1]}: the experts' {proj} weights are in different formats")
+            for key in per_expert[0]:
+                out[f"{prefix}{proj}.{key}"] = torch.stack([t[key] for t in per_expert])
+    return {**out, **{k: v.contiguous() for k, v in state.items()}}
+
+
+def _read(f, names: set[str], prefix: str) -> dict[str, Tensor]:
+    """The tensors named prefix + key, by key; CheckpointError when there are none."""
+    found = {n[len(prefix):]: f.get_tensor(n) for n in names if n.startswith(prefix) and "." not in n[len(prefix):]}
+    if not found:
+        raise CheckpointError(f"model.safetensors has no tensors {prefix}*: not a quantized run of this model")
+    names.difference_update(prefix + k for k in found)
+    return found
+
+
+def _weight(tensors: dict[str, Tensor], name: str):
+    quant = _QUANT_OF.get(tuple(sorted(k for k in tensors if k != "bias")), "?")
+    if quant == "?":
+        raise CheckpointError(f"{name}: tensors {sorted(tensors)} are no weight format (weight | qweight + scale | "
+                              "qweight + scale_zero)")
+    return quant, {k: v for k, v in tensors.items() if k != "bias"}
+
+
+@torch.no_grad()
+def load_quantized(ckpt: str | Path, config: dict[str, Any]) -> MoETransformer:
+    """The model of a quantized checkpoint (`config`: its config.json), packed for this machine, in eval mode.
+    CheckpointError when a tensor is missing, unexpected or of an unknown format, or the layout is newer."""
+    ckpt = Path(ckpt)
+    record = config["quant"]
+    if record.get("layout") != LAYOUT:
+        raise CheckpointError(f"{ckpt}: quantized layout {record.get('layout')!r} is not readable by this moelab "
+                              f"(it reads layout {LAYOUT})")
+    with torch.device("meta"):
+        model = MoETransformer(ModelConfig.from_dict(config["model"]))
+    installed = []
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        for slot in linear_slots(model):
+            installed.append(f"{slot.prefix}{slot.attr}.")
+            parts = [_read(f, names, f"{slot.prefix}{part}.") for part in slot.parts]
+            quants = {_weight(p, slot.prefix + name)[0] for p, name in zip(parts, slot.parts)}
+            if len(quants) != 1 or len({tuple(sorted(p)) for p in parts}) != 1:
+                raise CheckpointError(f"{slot.prefix}{'/'.join(slot.parts)}: the parts of one fused weight differ in "
+                                      "format or bias")
+            cat = {k: torch.cat([p[k] for p in parts], dim=_ROW_DIM[k]) for k in parts[0]}
+            _, tensors = _weight(cat, slot.prefix + slot.attr)
+            install_linear(slot, InferenceLinear(load_linear_weight(quants.pop(), tensors), cat.get("bias")))
+        for prefix, moe in moe_stores(model):
+            projs = [_read(f, names, f"{prefix}{proj}.") for proj in ("gate_up", "down")]
+            (q_in, t_in), (q_out, t_out) = (_weight(t, prefix[:-1]) for t in projs)
+            experts = [ExpertWeights(load_linear_weight(q_in, {k: v[e] for k, v in t_in.items()}),
+                                     load_linear_weight(q_out, {k: v[e] for k, v in t_out.items()}),
+                                     moe.cfg.activation) for e in range(moe.cfg.n_experts)]
+            moe.experts = QuantizedExperts(experts)
+        rest = {n: f.get_tensor(n) for n in names}
+    missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
+    missing = [n for n in missing if not n.startswith(tuple(installed))]  # the converted linears' biases: set above
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if unexpected or missing or [n for n in still_meta if not n.startswith("rope_")]:
+        raise CheckpointError(f"{ckpt}: model.safetensors does not fit the quantized model: unexpected "
+                              f"{sorted(unexpected)[:5]}, missing {sorted(set(missing) | set(still_meta))[:5]}")
+    cos, sin = model_rope_tables(model.cfg)
+    model.register_buffer("rope_cos", cos, persistent=False)
+    model.register_buffer("rope_sin", sin, persistent=False)
+    return model.eval().requires_grad_(False)

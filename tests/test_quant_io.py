@@ -1,0 +1,108 @@
+"""Quantized runs (moelab.quant_io, `moelab convert --quant`): written once, loaded back without re-quantizing to
+the very model `prepare_inference` makes; the on-disk layout; `moelab generate` / `moelab eval` on such a run;
+the named errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moelab import ModelConfig, MoEConfig, MoETransformer, hf
+from moelab.checkpoint import CheckpointError
+from moelab.cli import main
+from moelab.inference import prepare_inference
+from moelab.quant import Int4Weight, Int8Weight
+from moelab.quant_io import LAYOUT, load_quantized, quantized_state
+from moelab.rundir import RunDir, load_run
+
+V = 96
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def hf_dir(request, tmp_path_factory):
+    """A tiny Qwen3-MoE-shaped Hugging Face directory (moelab's export) with a word-level tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm="head", max_seq_len=64,
+                      tie_embeddings=request.param, moe=MoEConfig(d_model=64, d_expert=32, n_experts=4, top_k=2))
+    model = MoETransformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    root = tmp_path_factory.mktemp("hf")
+    tok.save(str(root / "tok.json"))
+    return hf.save(model.to(torch.bfloat16), root / "model", tokenizer_json=root / "tok.json")
+
+
+@pytest.mark.parametrize(("quant", "group_size"), [("int8", 32), ("int4", 32), ("int4", 64)])
+def test_a_quantized_run_loads_back_without_requantizing(hf_dir, tmp_path, quant, group_size, monkeypatch):
+    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant=quant, group_size=group_size)
+    config = json.loads((run / "config.json").read_text())
+    assert config["quant"] == {"format": quant, "group_size": group_size, "layout": LAYOUT}
+    want = prepare_inference(hf.load(hf_dir), quant, group_size)
+    for cls in (Int8Weight, Int4Weight):
+        monkeypatch.setattr(cls, "quantize", classmethod(lambda *a: pytest.fail("re-quantized at load")))
+    model, _ = load_run(run)
+    ids = torch.randint(0, V, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want(ids).logits)
+    assert model.blocks[0].attn.wqkv.w.quant == quant and model.head.w.quant == quant
+
+
+def test_the_layout_on_disk(hf_dir, tmp_path):
+    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant="int4")
+    with safe_open(str(RunDir(run).latest_checkpoint() / "model.safetensors"), framework="pt") as f:
+        shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118
+        dtypes = {n: f.get_slice(n).get_dtype() for n in f.keys()}  # noqa: SIM118
+    # q, k, v stored as the float model's parts; codes two per byte; scale and zero per group of 32
+    assert shapes["blocks.0.attn.wq.qweight"] == (64, 32) and shapes["blocks.0.attn.wk.qweight"] == (32, 32)
+    assert shapes["blocks.0.attn.wv.scale_zero"] == (2, 32, 2) and dtypes["blocks.0.attn.wq.qweight"] == "U8"
+    assert shapes["blocks.1.ffn.experts.gate_up.qweight"] == (4, 64, 32)  # [E, 2I, D/2]
+    assert shapes["blocks.1.ffn.experts.down.scale_zero"] == (4, 1, 64, 2)  # [E, I/32, D, 2]
+    assert shapes["head.qweight"] == (V, 32) and shapes["embed.weight"] == (V, 64)
+    assert shapes["blocks.1.ffn.router.weight"] == (4, 64) and dtypes["blocks.1.ffn.router.weight"] == "BF16"
+    assert not [n for n in shapes if "wqkv" in n or "w_in" in n or n.endswith("attn.wq.weight")]
+
+
+def test_cli_convert_generate_and_eval_a_quantized_run(hf_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["convert", "--from-hf", str(hf_dir), str(run), "--quant", "int4", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "t1 t2 t3", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("t1 t2 t3")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"t{i % 90}" for i in range(300)))
+    assert main(["eval", str(run), "--data", str(text), "--json", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    assert main(["convert", "--to-hf", str(run), str(tmp_path / "back")]) == 2
+    assert "quantized model: a Hugging Face export needs float weights" in capsys.readouterr().err
+    assert main(["convert", "--from-hf", str(hf_dir), str(tmp_path / "r2"), "--quant", "int4",
+                 "--group-size", "48"]) == 2
+    assert "group_size=48 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()  # refused before anything is written
+
+
+def test_damaged_or_newer_runs_are_named_errors(hf_dir, tmp_path):
+    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant="int8")
+    ckpt = RunDir(run).latest_checkpoint()
+    config = json.loads((ckpt / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="quantized layout 99 is not readable"):
+        load_quantized(ckpt, {**config, "quant": {**config["quant"], "layout": 99}})
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    del tensors["blocks.1.attn.wk.scale"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"blocks.1.attn.wk: tensors \['qweight'\] are no weight format"):
+        load_quantized(bad, config)
+    with pytest.raises(ValueError, match="is not converted: run moelab.inference.prepare_inference"):
+        quantized_state(hf.load(hf_dir))
