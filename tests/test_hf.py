@@ -427,7 +427,8 @@ _MEMORY_CHILD = textwrap.dedent("""
 
 
 def test_lazy_loading_peak_memory(tmp_path):
-    """6 shards of a ~150 MB model: loading in a fresh process raises peak RSS by < 1.5x the model size."""
+    """6 shards of a ~150 MB model: loading in a fresh process raises peak RSS by < 1.1x the model size (streamed:
+    each tensor read straight into its place, no file mapped)."""
     cfg = ModelConfig(vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=64,
                       moe=MoEConfig(d_model=256, d_expert=512, n_experts=24, top_k=2))
     with torch.device("meta"):
@@ -447,7 +448,7 @@ def test_lazy_loading_peak_memory(tmp_path):
     increase, size = map(int, out.stdout.split())
     assert size > 100e6
     print(f"peak RSS increase {increase / 1e6:.1f} MB for a {size / 1e6:.1f} MB model: {increase / size:.2f}x")
-    assert increase < 1.5 * size
+    assert increase < 1.1 * size
 
 
 def test_deepseek_full_rank_query_and_bfloat16(tmp_path):
