@@ -256,3 +256,37 @@ def test_resume_with_dropout_reproduces_the_uninterrupted_losses(tmp_path, token
     torch.manual_seed(123)  # whatever state the process is in, the checkpoint's is restored
     train(model_cfg, cfg, tmp_path / "run", resume=True, progress=False)
     assert losses(tmp_path / "run") == want and len(want) == 6
+
+
+def test_bounded_routing_figures_and_tensorboard(tmp_path, token_data):
+    """Each logged line has per-layer load entropy, max share, dead and dropped fractions in [0, 1], equal to
+    a hand computation from the logged load shares; --tensorboard writes the same scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = TrainConfig(steps=4, batch_size=4, seq_len=16, warmup_steps=1, eval_every=4, eval_batches=1, log_every=2,
+                      tensorboard=True)
+    train(STEP_MODEL, cfg, tmp_path / "run", data=token_data, progress=False)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        for i, share in enumerate(r["expert_load"]):
+            entropy = -sum(p * math.log(p) for p in share if p > 0) / math.log(len(share))
+            assert r["load_entropy"][i] == pytest.approx(entropy, abs=1e-6)
+            assert r["max_share"][i] == pytest.approx(max(share))
+            assert r["dead_frac"][i] == sum(p == 0 for p in share) / len(share)
+            for key in ("load_entropy", "max_share", "dead_frac", "dropped_frac"):
+                assert 0 <= r[key][i] <= 1
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "val_loss", "lr", "moe/load_entropy/layer0", "moe/max_share/layer1"} <= set(tags)
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in recs])
+
+
+def test_tensorboard_missing_is_a_named_error_before_anything_is_written(tmp_path, token_data, monkeypatch):
+    import sys as _sys
+
+    monkeypatch.setitem(_sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    cfg = TrainConfig(steps=2, batch_size=4, seq_len=16, tensorboard=True)
+    with pytest.raises(ValueError, match=r"tensorboard.*pip install 'moelab\[tensorboard\]'"):
+        train(STEP_MODEL, cfg, tmp_path / "run", data=token_data, progress=False)
+    assert not (tmp_path / "run").exists()

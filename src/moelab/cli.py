@@ -5,6 +5,7 @@
                                       --moe-n-experts, --lr, ...; --dense trains the dense twin)
     moelab generate PATH --prompt TEXT   a run or a Hugging Face directory
     moelab eval PATH --data TEXT      loss, perplexity and bits per byte on held-out text
+    moelab routing PATH --out DIR     what the experts do: routing.json, figures, report.html
     moelab card MODEL... [--json]     total/active parameters and what they cost
     moelab convert --from-hf DIR OUT | --to-hf RUN OUT
 
@@ -124,10 +125,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    """`FIELD=VALUE` (a ModelConfig/TrainConfig field, or moe.FIELD) → (key, value parsed by the field's type)."""
+    key, sep, value = text.partition("=")
+    cls, name = (MoEConfig, key[4:]) if key.startswith("moe.") else (None, key)
+    fields = {f.name: f for c in ((cls,) if cls else (ModelConfig, TrainConfig)) for f in dataclasses.fields(c)}
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a config field (e.g. lr=0.01, "
+                                         "moe.n_experts=64); see moelab train --help for the fields")
+    return key, _FieldType(str(fields[name].type))(value)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    overrides = dict(args.set or [])
+    if args.experiment == "balancing":
+        from moelab.balancing import run_balancing
+
+        run_balancing(args.out or "runs/balancing", preset_name=args.preset, steps=args.steps, data_path=args.data,
+                      progress=not args.quiet, overrides=overrides)
+        return 0
     from moelab.demo import run_demo
 
-    run_demo(args.out, preset_name=args.preset, steps=args.steps, data_path=args.data, progress=not args.quiet)
+    if overrides:
+        raise ValueError("--set applies to --experiment balancing; the MoE-vs-dense demo runs its preset")
+    run_demo(args.out or "runs/demo", preset_name=args.preset, steps=args.steps, data_path=args.data,
+             progress=not args.quiet)
     return 0
 
 
@@ -160,6 +182,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routing(args: argparse.Namespace) -> int:
+    from moelab.corpus import Corpus, default_corpus_tail
+    from moelab.models import load_model
+    from moelab.routing_report import collect_routing, routing_report, write_report
+
+    loaded = load_model(args.path)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
+    if args.data:
+        sources = []
+        for spec in args.data:
+            path, _, label = spec.partition("=")
+            sources.append((label or os.path.basename(os.path.normpath(path)), Corpus(path).documents()))
+    else:  # the default corpus's held-out tail, code and prose apart
+        sources = [(kind, default_corpus_tail(kind, TrainConfig().max_corpus_bytes)) for kind in ("code", "prose")]
+    record = collect_routing(loaded.model, loaded.tokenizer, sources, loaded.stop_id, tokens=args.tokens,
+                             seq_len=args.seq_len, progress=not args.quiet)
+    report = routing_report(record, decode=loaded.tokenizer.id_to_token)
+    report["model"] = str(args.path)
+    page = write_report(report, args.out, title=f"routing of {args.path}")
+    for e in report["layers"]:
+        print(f"layer {e['layer']:>3}: load entropy {e['entropy']:.3f}  dead {e['dead_experts']:>3}/"
+              f"{report['n_experts']}  max/mean {e['max_violation']:.2f}  "
+              f"NMI(label) {e['specialisation']['normalised_mutual_information']:.3f}")
+    print(f"{args.out}/routing.json and {page} written ({report['tokens']:,} tokens)")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from moelab import hf
 
@@ -188,12 +238,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
-    p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them", **fmt)
-    p.add_argument("--out", default="runs/demo", help="directory for both runs and the comparison")
+    p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them",
+                       description="Experiments on the default corpus: moe-vs-dense (default) trains a tiny MoE and "
+                       "its dense twin (same active parameters) on the same tokens; balancing trains the MoE three "
+                       "times — no balancing, the Switch auxiliary loss, the auxiliary-loss-free bias — and compares "
+                       "their expert load and validation loss.", **fmt)
+    p.add_argument("--experiment", default="moe-vs-dense", choices=["moe-vs-dense", "balancing"],
+                   help="which experiment")
+    p.add_argument("--out", default=None, help="directory for the runs and the comparison (None: runs/demo or "
+                   "runs/balancing)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="training preset")
     p.add_argument("--steps", type=_FieldType("int | None"), default=None,
                    help="optimizer steps per model (None: the preset's)")
     p.add_argument("--data", default=None, help="text file or directory (None: the Python standard library)")
+    p.add_argument("--set", action="append", type=_setting, metavar="FIELD=VALUE",
+                   help="balancing only: a setting for all its runs, e.g. --set moe.n_experts=64 --set lr=0.01")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
@@ -251,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("routing", help="what a model's experts do on text: load, balance, specialisation, "
+                       "prefetch predictability, batch economics (routing.json, PNGs, report.html)",
+                       description="Route held-out text through a run or a Hugging Face model and write "
+                       "DIR/routing.json, PNG figures and a self-contained DIR/report.html (schema: docs/ROUTING.md).",
+                       **fmt)
+    p.add_argument("path", help="a moelab run directory or a Hugging Face model directory")
+    p.add_argument("--data", action="append", metavar="PATH[=LABEL]",
+                   help="labelled text (repeat for several: e.g. --data src/=code --data docs/=prose); default: the "
+                        "default corpus's held-out tail, labelled code and prose")
+    p.add_argument("--tokens", type=_FieldType("int"), default=4096, help="tokens routed per label")
+    p.add_argument("--seq-len", type=_FieldType("int"), default=256, help="tokens per sequence (at most max_seq_len)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_routing)
 
     from moelab import card
 

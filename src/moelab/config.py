@@ -420,6 +420,8 @@ class TrainConfig(_JsonMixin):
         keep_checkpoints: newest checkpoints kept in the run directory; older ones are deleted after
             each save (the newest one is never deleted, and a checkpoint is only written when every
             weight is finite).
+        tensorboard: also write the metrics as TensorBoard scalars to RUN/tensorboard (needs the
+            optional tensorboard package: pip install 'moelab[tensorboard]').
         seed: seeds the model init and the data sampler.
         max_corpus_bytes: cap on the default corpus (the Python standard library) size.
         val_fraction: share of the token stream held out for validation.
@@ -447,6 +449,7 @@ class TrainConfig(_JsonMixin):
     log_every: int = 10
     save_every: int = 0
     keep_checkpoints: int = 2
+    tensorboard: bool = False
     seed: int = 0
     max_corpus_bytes: int = 6_000_000
     val_fraction: float = 0.05
@@ -459,7 +462,8 @@ class TrainConfig(_JsonMixin):
     # to recover from a loss spike), bookkeeping, and where/how it executes. Everything else (the batch,
     # the data, AdamW's betas and decay, which live in the optimizer state) is fixed by the checkpoint.
     RESUMABLE = ("steps", "lr", "min_lr_ratio", "warmup_steps", "grad_clip", "eval_every", "eval_batches",
-                 "log_every", "save_every", "keep_checkpoints", "dtype", "threads", "device", "expert_parallel")
+                 "log_every", "save_every", "keep_checkpoints", "tensorboard", "dtype", "threads", "device",
+                 "expert_parallel")
 
     def __post_init__(self) -> None:
         self.validate()

@@ -110,6 +110,14 @@ def default_corpus(max_bytes: int | None = None) -> Iterator[str]:
     return _read_stdlib(_stdlib_docs(max_bytes))
 
 
+def default_corpus_tail(kind: str, max_bytes: int | None = None) -> Iterator[str]:
+    """Documents of one kind ("code" or "prose") of the default corpus, from its end backwards: the text a
+    run's validation split (the tail of the stream) is made of comes first, so held-out text for analyses."""
+    if kind not in ("code", "prose"):
+        raise ValueError(f"kind={kind!r} is invalid: allowed 'code', 'prose'")
+    return _read_stdlib([d for d in reversed(_stdlib_docs(max_bytes)) if d.kind == kind])
+
+
 def _read_stdlib(docs: list[_Doc]) -> Iterator[str]:
     import pydoc_data.topics
 

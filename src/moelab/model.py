@@ -162,6 +162,7 @@ class Attention(nn.Module):
         self.wk = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wv = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
         self.wo = _init_linear(nn.Linear(self.n_heads * self.hd, D, bias=False), residual_std(cfg))
+        self.wqkv: nn.Module | None = None  # q|k|v fused into one projection for inference (moelab.inference)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
@@ -171,7 +172,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int) -> Tensor:
         B, S, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.wqkv is None:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        else:
+            q, k, v = self.wqkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(B, S, self.n_heads, self.hd).transpose(1, 2)  # [B, H, S, Dh]

@@ -187,6 +187,9 @@ def _figures(report: dict[str, Any], out: Path) -> list[tuple[str, Path]]:
         for lab, row in zip(report["labels"], share):
             ax.bar(range(E), row, bottom=bottom, label=lab)
             bottom += row
+        overall = np.cumsum(report["tokens_per_label"])[:-1] / report["tokens"]
+        for y in overall:  # the label mix of all tokens: an expert that does not specialise sits on it
+            ax.axhline(y, color="k", ls="--", lw=0.8)
         ax.set(ylabel=f"layer {entry['layer']}", ylim=(0, 1),
                title=f"NMI(expert; label) = {entry['specialisation']['normalised_mutual_information']:.3f}")
     axes[0].legend(fontsize=7, ncol=len(report["labels"]))

@@ -37,7 +37,7 @@ from moelab import checkpoint as ckpt_io
 from moelab.config import ModelConfig, TrainConfig, check_device_name
 from moelab.corpus import Corpus
 from moelab.data import TokenData, prepare_data
-from moelab.metrics import layer_stats, parallel_stats, truncate_after
+from moelab.metrics import TensorBoardLog, layer_stats, parallel_stats, truncate_after
 from moelab.model import MoETransformer
 from moelab.parallel import ParallelContext, exchange_stats, setup_from_env
 from moelab.rundir import RunDir, RunLockedError, adopt_tokenizer, data_record, resume_data
@@ -139,6 +139,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     that dies makes the others raise within the collective timeout (MOELAB_DIST_TIMEOUT, 60 s).
     """
     check_device(cfg.device)
+    if cfg.tensorboard:
+        TensorBoardLog.summary_writer()  # fail before anything is written
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}")
     if new_data and not resume:
@@ -317,6 +319,7 @@ class _Trainer:
                    dynamic_ncols=True)
         self.window_t, self.window_tokens = 0.0, 0
         self.model.train()
+        board = TensorBoardLog(self.run_dir.path / "tensorboard") if cfg.tensorboard and ctx.is_main else None
         with open(self.run_dir.metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics:
             for step in range(start, cfg.steps):
                 record, dt, auxes = self._step(step)
@@ -330,12 +333,16 @@ class _Trainer:
                         record["resumed"], self.resumed = self.resumed, None
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    if board is not None:
+                        board.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", val=f"{val_loss:.3f}",
                                     tok_s=f"{record.get('tokens_per_s', 0):,.0f}")
                 bar.update(1)
                 if (cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps:
                     self._save(done)
         bar.close()
+        if board is not None:
+            board.close()
         if start >= cfg.steps:  # resumed a finished run: report its final validation loss
             val_loss = evaluate(self.model, self.data, cfg, ctx)
         if ctx.is_main:

@@ -1,0 +1,149 @@
+"""A built model converted for inference: every large linear weight in an inference format (`moelab.quant`),
+applied after the model is built (as gpt-fast applies quantization), so `moelab.model` holds no kernels.
+
+    model = prepare_inference(model, quant=None | "int8" | "int4", group_size=32)   # in place; eval mode
+    decode_bytes(model, positions)     # bytes of weights and KV cache one decode token reads
+
+What `prepare_inference` converts, and what it keeps:
+- attention: q, k and v fused into one projection (`Attention.wqkv`: one product reads them in one pass),
+  the output projection; MLA: each of its projections;
+- dense FFNs and shared experts: w_in, w_out (`InferenceLinear`);
+- routed experts: a stacked `Experts` store becomes a `QuantizedExperts` of per-expert
+  gate_up = w_in[e]ᵀ [H, D] and down = w_out[e]ᵀ [D, I]; any other store (one that streams experts from disk,
+  or one converted already) is left as it is;
+- the output head (with tied embeddings: a copy of the embedding in the head's format; the lookup keeps the
+  float table);
+- kept float: embeddings, norms, routers and the shared-expert gate (small; the router decides which
+  experts run, so its precision is worth more than its bytes).
+A weight "int4" cannot take (out_features not a multiple of 16, in_features not a multiple of the group
+size) is stored int8 instead; `weight_formats(model)` lists what each weight became. The converted model is
+for inference only: its converted weights are no parameters and carry no gradient.
+
+Legend: D = model width, H = first expert projection's width, I = expert hidden width.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+from torch import Tensor, nn
+
+from moelab.experts import Experts, FeedForward
+from moelab.model import Attention, MoETransformer
+from moelab.quant import (
+    INT4_N_MULTIPLE,
+    ExpertWeights,
+    LinearWeight,
+    QuantizedExperts,
+    check_quant,
+    expert_weights,
+    linear_weight,
+)
+
+
+class InferenceLinear(nn.Module):
+    """nn.Linear's place for inference: y = x·Wᵀ (+ bias) with W a `LinearWeight`; x [..., K] → y [..., N]."""
+
+    def __init__(self, weight: LinearWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.w = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.w(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.w!r}, quant={self.w.quant!r}, bias={self.bias is not None}"
+
+
+def weight_quant(shape: tuple[int, int] | torch.Size, quant: str | None, group_size: int) -> str | None:
+    """The format a [N, K] weight gets under `quant`: int4 where it fits, else int8 (module docstring)."""
+    N, K = shape
+    if quant == "int4" and (N % INT4_N_MULTIPLE or K % group_size):
+        return "int8"
+    return quant
+
+
+def _linear(w: Tensor, bias: Tensor | None, quant: str | None, group_size: int) -> InferenceLinear:
+    return InferenceLinear(linear_weight(w, weight_quant(w.shape, quant, group_size), group_size), bias)
+
+
+def _convert(module: nn.Module, quant: str | None, group_size: int) -> nn.Module:
+    if isinstance(module, InferenceLinear):
+        return module
+    return _linear(module.weight, module.bias, quant, group_size)
+
+
+def store_experts(experts: Experts, quant: str | None, group_size: int = 32) -> QuantizedExperts:
+    """A stacked store (w_in [E, D, H], w_out [E, I, D]) as per-expert weights in format `quant`."""
+    out: list[ExpertWeights] = []
+    for w_in_DH, w_out_ID in zip(experts.w_in.detach().unbind(0), experts.w_out.detach().unbind(0)):
+        gate_up, down = w_in_DH.t(), w_out_ID.t()
+        fits = {weight_quant(gate_up.shape, quant, group_size), weight_quant(down.shape, quant, group_size)}
+        q = "int8" if "int8" in fits else quant  # one format per expert
+        out.append(expert_weights(gate_up, down, q, group_size, experts.activation))
+    return QuantizedExperts(out)
+
+
+@torch.no_grad()
+def prepare_inference(model: MoETransformer, quant: str | None = None, group_size: int = 32) -> MoETransformer:
+    """Convert `model` in place for inference (module docstring) and return it in eval mode. ValueError for an
+    unsupported quant or group size. Idempotent: what is converted already is kept."""
+    check_quant(quant, group_size)
+    model.eval().requires_grad_(False)
+    for block in model.blocks:
+        attn = block.attn
+        if isinstance(attn, Attention):
+            if attn.wqkv is None:
+                parts = (attn.wq, attn.wk, attn.wv)
+                bias = torch.cat([p.bias for p in parts]) if attn.wq.bias is not None else None
+                attn.wqkv = _linear(torch.cat([p.weight for p in parts]), bias, quant, group_size)
+                del attn.wq, attn.wk, attn.wv
+            attn.wo = _convert(attn.wo, quant, group_size)
+        else:  # multi-head latent attention
+            for name in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo"):
+                if hasattr(attn, name):
+                    setattr(attn, name, _convert(getattr(attn, name), quant, group_size))
+        ffns = [block.ffn] if isinstance(block.ffn, FeedForward) else [f for f in [block.ffn.shared] if f is not None]
+        for ffn in ffns:
+            ffn.w_in, ffn.w_out = _convert(ffn.w_in, quant, group_size), _convert(ffn.w_out, quant, group_size)
+        if block.is_moe and isinstance(block.ffn.experts, Experts):
+            block.ffn.experts = store_experts(block.ffn.experts, quant, group_size)
+    if not isinstance(model.head, InferenceLinear):
+        weight = model.embed.weight if model.head is None else model.head.weight
+        model.head = _linear(weight, None, quant, group_size)
+    return model
+
+
+def weight_formats(model: nn.Module) -> Counter:
+    """How many weights of each format a converted model holds: Counter({"int4": …, "int8": …, None: …})."""
+    counts: Counter = Counter()
+    for m in model.modules():
+        if isinstance(m, InferenceLinear):
+            counts[m.w.quant] += 1
+        elif isinstance(m, QuantizedExperts):
+            for ew in m.weights:
+                counts.update([ew.gate_up.quant, ew.down.quant])
+    return counts
+
+
+def decode_bytes(model: MoETransformer, positions: int) -> int:
+    """Bytes one decode token reads with `positions` cached positions: the converted linear weights, the top_k
+    experts of every MoE layer (at their mean size), the routers, and the KV cache (in the model's dtype)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, InferenceLinear):
+            total += m.w.nbytes
+    for moe in model.moe_layers():
+        total += moe.router.weight.numel() * moe.router.weight.element_size()
+        if isinstance(moe.experts, QuantizedExperts):
+            total += moe.experts.nbytes * moe.cfg.top_k // moe.experts.n_experts
+    cfg = model.cfg
+    kv_width = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) \
+        if cfg.attention == "mla" else 2 * cfg.n_kv_heads * cfg.head_width
+    return total + cfg.n_layers * positions * kv_width * model.embed.weight.element_size()

@@ -1,0 +1,400 @@
+"""Inference weight formats: weight-only int8 / int4 quantization and decode-packed float weights.
+
+API (`moelab.inference` applies it to a whole model):
+
+    w = linear_weight(W_NK, quant=None | "int8" | "int4", group_size=32)  # LinearWeight; w(x_MK) = x·Wᵀ
+    w.nbytes, w.dequantize(), w.tensors()                 # bytes read per use; W as float; the on-disk form
+    w = load_linear_weight(quant, tensors)                # back from w.tensors(), without re-quantizing
+    ew = expert_weights(gate_up_HD, down_DI, quant, group_size=32, activation="swiglu")   # ExpertWeights
+    ew.ffn(x_nD), ew.nbytes                               # one expert's FFN, its bytes per token
+    store = QuantizedExperts([ew_0, ..., ew_{E-1}])       # an ExpertStore (moelab.experts): MoE.experts = store
+
+Formats of one linear weight W [N, K] (nn.Linear layout):
+- None ("float"): W in its own dtype. On the CPU, in bfloat16 or float32 where oneDNN takes it (detected,
+  not assumed), W is prepacked once into oneDNN's blocked layout (`mkldnn._reorder_linear_weight`) and
+  multiplied by oneDNN's inner product (`mkldnn._linear_pointwise`); elsewhere `F.linear`.
+- "int8": per output channel, symmetric: s_n = max_k |W[n, k]| / 127 (rounded to bfloat16 first), q = round(W / s)
+  in [-127, 127]; W ≈ q · s. CPU kernel `aten._weight_int8pack_mm` with bfloat16 activations (float32
+  activations are an order of magnitude slower there; x is cast to bfloat16 and the result back).
+- "int4": group-wise along K (group size G ∈ GROUP_SIZES), asymmetric: per (row, group) scale
+  s = (max − min) / 15 and zero z = min + 8·s (both bfloat16), q = round((W − z) / s + 8) in [0, 15];
+  W ≈ (q − 8)·s + z (torch's convention). CPU kernels `aten._convert_weight_to_int4pack_for_cpu` (packing at
+  construction) + `aten._weight_int4pack_mm_for_cpu`, bfloat16 activations. Needs K % G == 0 and N % 16 == 0.
+  Weight-only quantization with min/max groups as in GPTQ/AWQ-style int4 formats (Frantar et al. 2022, without the
+  error correction; Lin et al. 2023, without the activation-aware scaling).
+Off the CPU, or where a kernel is missing, a quantized weight is dequantized to x's dtype and multiplied by
+`F.linear` on every call: correct everywhere, fast only on the CPU.
+
+On disk (`tensors()`) the forms are portable, never a kernel's private layout: float `weight` [N, K];
+int8 `qweight` int8 [N, K] + `scale` [N]; int4 `qweight` uint8 [N, K/2] (q[n, 2i] in the low nibble of byte
+[n, i], q[n, 2i+1] in the high one) + `scale_zero` [K/G, N, 2] (scale, zero). They are packed at load.
+
+Legend: N = output features, K = input features, M = rows of x, G = int4 group size, D = model width,
+I = expert hidden width, H = width of the first expert projection (2I for SwiGLU), E = experts.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moelab.experts import ExpertStore
+from moelab.kernels import activate, in_width
+
+QUANTS = (None, "int8", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
+INT4_N_MULTIPLE = 16  # its packer's row block
+KERNEL_DTYPE = torch.bfloat16  # activations and scales of the int8 / int4 kernels
+
+
+def check_quant(quant: str | None, group_size: int = 32) -> None:
+    """ValueError naming the value when `quant` or `group_size` is not allowed."""
+    if quant not in QUANTS:
+        raise ValueError(f"quant={quant!r} is not supported: allowed None (float), 'int8', 'int4'")
+    if quant == "int4" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported for int4: allowed "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
+
+
+# --------------------------------------------------------------------- what this build and CPU can run
+
+def _probe(fn) -> bool:
+    try:
+        return bool(fn())
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+@functools.cache
+def packed_float_available(dtype: torch.dtype) -> bool:
+    """Whether oneDNN prepacks and multiplies `dtype` weights on this CPU, matching F.linear on a probe."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if dtype == torch.bfloat16 and not _probe(torch.ops.mkldnn._is_mkldnn_bf16_supported):
+        return False
+    w = torch.arange(48 * 32, dtype=dtype).view(48, 32) % 7 / 8
+    x = torch.arange(64, dtype=dtype).view(2, 32) % 5 / 4
+    return _probe(lambda: torch.equal(torch.ops.mkldnn._linear_pointwise(
+        x, torch.ops.mkldnn._reorder_linear_weight(w, 1), None, "none", [], ""), F.linear(x, w)))
+
+
+@functools.cache
+def int8_kernel_available() -> bool:
+    """Whether `aten._weight_int8pack_mm` runs on the CPU in bfloat16 (and multiplies correctly)."""
+    q = (torch.arange(48 * 32) % 9 - 4).to(torch.int8).view(48, 32)
+    x, s = torch.ones(1, 32, dtype=KERNEL_DTYPE), torch.full((48,), 0.5, dtype=KERNEL_DTYPE)
+    return _probe(lambda: torch.equal(torch.ops.aten._weight_int8pack_mm(x, q, s), F.linear(x, q.to(x.dtype) * 0.5)))
+
+
+@functools.cache
+def int4_kernel_available() -> bool:
+    """Whether torch's int4 CPU packer and kernel exist and multiply correctly."""
+    q = (torch.arange(16 * 64) % 16).to(torch.int32).view(16, 64)
+    sz = torch.stack([torch.ones(2, 16), torch.zeros(2, 16)], -1).to(KERNEL_DTYPE)
+
+    def check() -> bool:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.eye(64, dtype=KERNEL_DTYPE), packed, 32, sz)
+        return torch.equal(y.t().float(), q.float() - 8)
+    return _probe(check)
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+class LinearWeight:
+    """One linear weight W [N, K] in an inference format: `w(x)` = x·Wᵀ for x [M, K] → [M, N] in x's dtype."""
+
+    quant: str | None = None
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        self.out_features, self.in_features = out_features, in_features
+
+    def __call__(self, x_MK: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def add(self, x_MK: Tensor, y_MN: Tensor) -> Tensor:
+        """y + x·Wᵀ (a new tensor; one fused product where the kernel has one)."""
+        return self(x_MK).add_(y_MN)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weight data one product reads."""
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """W [N, K] as this format represents it, in `dtype`."""
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The portable on-disk form (module docstring); `load_linear_weight` reads it back."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.out_features}, {self.in_features})"
+
+
+class FloatWeight(LinearWeight):
+    """W in its own dtype; prepacked for oneDNN on the CPU where available."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__(*weight.shape)
+        weight = weight.detach().contiguous()
+        self.dtype = weight.dtype
+        self.packed = weight.device.type == "cpu" and packed_float_available(weight.dtype)
+        self.w = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+
+    def __call__(self, x_MK: Tensor) -> Tensor:
+        x = x_MK.to(self.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, self.w, None, "none", [], "") if self.packed else F.linear(x, self.w)
+        return y.to(x_MK.dtype)
+
+    def add(self, x_MK: Tensor, y_MN: Tensor) -> Tensor:
+        if self.packed and x_MK.dtype == y_MN.dtype == self.dtype:
+            return torch.ops.mkldnn._linear_pointwise.binary(x_MK, y_MN, self.w, None, "add")
+        return super().add(x_MK, y_MN)
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * self.dtype.itemsize
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return (self.w.to_dense() if self.packed else self.w).to(dtype)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.dequantize(self.dtype)}
+
+
+class Int8Weight(LinearWeight):
+    """Per-output-channel int8: qweight int8 [N, K], scale [N] (bfloat16); W ≈ qweight · scale[:, None]."""
+
+    quant = "int8"
+
+    def __init__(self, qweight: Tensor, scale: Tensor) -> None:
+        super().__init__(*qweight.shape)
+        self.q, self.scale = qweight.contiguous(), scale.to(KERNEL_DTYPE).contiguous()
+        self.kernel = qweight.device.type == "cpu" and int8_kernel_available()
+
+    @classmethod
+    def quantize(cls, w: Tensor) -> Int8Weight:
+        w = w.detach().float()
+        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).to(KERNEL_DTYPE)
+        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q, scale)
+
+    def __call__(self, x_MK: Tensor) -> Tensor:
+        if self.kernel:
+            return torch.ops.aten._weight_int8pack_mm(x_MK.to(KERNEL_DTYPE), self.q, self.scale).to(x_MK.dtype)
+        return F.linear(x_MK, self.dequantize(x_MK.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return self.q.to(dtype) * self.scale.to(dtype)[:, None]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"qweight": self.q, "scale": self.scale}
+
+
+class Int4Weight(LinearWeight):
+    """Group-wise int4: qweight uint8 [N, K/2] (two codes per byte, portable layout), scale_zero [K/G, N, 2]
+    (bfloat16); W[n, k] ≈ (q[n, k] − 8)·scale[k // G, n] + zero[k // G, n]. Packed for the CPU kernel."""
+
+    quant = "int4"
+
+    def __init__(self, qweight: Tensor, scale_zero: Tensor) -> None:
+        N, K = qweight.shape[0], 2 * qweight.shape[1]
+        super().__init__(N, K)
+        self.group_size = K // scale_zero.shape[0]
+        _check_int4_shape(N, K, self.group_size)
+        self.scale_zero = scale_zero.to(KERNEL_DTYPE).contiguous()
+        self.kernel = qweight.device.type == "cpu" and int4_kernel_available()
+        if self.kernel:  # the portable codes are not kept: `tensors` recovers them from the pack
+            self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 2)
+        else:
+            self.w = qweight.contiguous()
+
+    @classmethod
+    def quantize(cls, w: Tensor, group_size: int) -> Int4Weight:
+        N, K = w.shape
+        _check_int4_shape(N, K, group_size)
+        g = w.detach().float().reshape(N, K // group_size, group_size)
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = ((hi - lo).clamp_min(1e-6) / 15).to(KERNEL_DTYPE).float()  # rounded first: q uses the stored values
+        zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
+        q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8).reshape(N, K)
+        return cls(pack_nibbles(q), torch.stack([scale, zero], -1).transpose(0, 1))
+
+    def __call__(self, x_MK: Tensor) -> Tensor:
+        if self.kernel:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x_MK.to(KERNEL_DTYPE), self.w, self.group_size, self.scale_zero).to(x_MK.dtype)
+        return F.linear(x_MK, self.dequantize(x_MK.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features // 2 + self.scale_zero.numel() * self.scale_zero.element_size()
+
+    def codes(self) -> Tensor:
+        """q [N, K] uint8 in 0..15."""
+        if not self.kernel:
+            return unpack_nibbles(self.w)
+        order = _int4_pack_order(self.out_features, self.in_features)
+        q = torch.empty(self.out_features * self.in_features, dtype=torch.uint8)
+        q[order] = unpack_nibbles(self.w.reshape(1, -1)).reshape(-1)
+        return q.view(self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        G = self.group_size
+        scale, zero = (t.t().to(dtype).repeat_interleave(G, dim=1) for t in self.scale_zero.unbind(-1))  # [N, K]
+        return (self.codes().to(dtype) - 8) * scale + zero
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"qweight": pack_nibbles(self.codes()), "scale_zero": self.scale_zero}
+
+
+def _check_int4_shape(N: int, K: int, group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size!r} is not supported for int4: allowed "
+                         f"{', '.join(map(str, GROUP_SIZES))}")
+    if K % group_size:
+        raise ValueError(f"int4 needs in_features divisible by group_size: got a [{N}, {K}] weight with "
+                         f"group_size={group_size} (use a group size dividing {K}, or int8)")
+    if N % INT4_N_MULTIPLE:
+        raise ValueError(f"int4 needs out_features divisible by {INT4_N_MULTIPLE}: got a [{N}, {K}] weight "
+                         "(use int8 for this model)")
+
+
+def pack_nibbles(q_NK: Tensor) -> Tensor:
+    """Codes 0..15 [N, K] (K even) → uint8 [N, K/2]: q[:, 2i] in the low nibble, q[:, 2i+1] in the high one."""
+    q = q_NK.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(b_NJ: Tensor) -> Tensor:
+    """The inverse of `pack_nibbles`: uint8 [N, J] → codes [N, 2J] (uint8)."""
+    return torch.stack([b_NJ & 15, b_NJ >> 4], dim=-1).reshape(b_NJ.shape[0], -1)
+
+
+@functools.lru_cache(maxsize=4)
+def _int4_pack_order(N: int, K: int) -> Tensor:
+    """order [N·K] int32: the flat index n·K + k of the weight whose code the CPU packer puts in nibble j of
+    its output (low nibble of byte 0 first). The packer's layout is private to torch, so it is learned from
+    the packer itself: pack the 4-bit digits of every element's flat index, one digit per call, and read
+    them back (`codes` inverts the pack with it)."""
+    flat = torch.arange(N * K, dtype=torch.int32).view(N, K)
+    order = torch.zeros(N * K, dtype=torch.int32)
+    for d in range(max(1, math.ceil(math.log2(N * K) / 4))):
+        digit = (flat >> (4 * d)) & 15
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 2)
+        order |= unpack_nibbles(packed.reshape(1, -1)).reshape(-1).to(torch.int32) << (4 * d)
+    if not torch.equal(torch.sort(order).values, flat.view(-1)):
+        raise RuntimeError(f"torch's int4 CPU pack of a [{N}, {K}] weight is not a permutation of its codes: "
+                           "this torch version packs differently; its weights cannot be read back")
+    return order.long()
+
+
+FORMATS: dict[str | None, type[LinearWeight]] = {None: FloatWeight, "int8": Int8Weight, "int4": Int4Weight}
+
+
+def linear_weight(w_NK: Tensor, quant: str | None = None, group_size: int = 32) -> LinearWeight:
+    """W [N, K] (nn.Linear layout, floating point) in the format `quant` (module docstring). ValueError for an
+    unsupported quant or group size, or a shape the format cannot take."""
+    check_quant(quant, group_size)
+    if w_NK.dim() != 2 or not w_NK.is_floating_point():
+        raise ValueError(f"a linear weight must be a 2-D floating-point tensor [out, in]; got {w_NK.dtype} "
+                         f"of shape {tuple(w_NK.shape)}")
+    if quant == "int4":
+        return Int4Weight.quantize(w_NK, group_size)
+    return Int8Weight.quantize(w_NK) if quant == "int8" else FloatWeight(w_NK)
+
+
+def load_linear_weight(quant: str | None, tensors: dict[str, Tensor]) -> LinearWeight:
+    """A weight from its portable form (`LinearWeight.tensors()`), packed for this machine, not re-quantized."""
+    check_quant(quant)
+    names = {None: ("weight",), "int8": ("qweight", "scale"), "int4": ("qweight", "scale_zero")}[quant]
+    if set(tensors) != set(names):
+        raise ValueError(f"a {quant or 'float'} weight is stored as {', '.join(names)}; "
+                         f"got {', '.join(sorted(tensors))}")
+    return FORMATS[quant](*(tensors[n] for n in names))
+
+
+# ------------------------------------------------------------------------------------------ experts
+
+class ExpertWeights:
+    """One routed expert for inference: gate_up [H, D] (SwiGLU: gate rows then up rows; GELU: up) and
+    down [D, I], each a LinearWeight. ffn(x) = down(silu(x·W_gateᵀ) ⊙ x·W_upᵀ), or down(gelu(x·W_upᵀ))."""
+
+    __slots__ = ("gate_up", "down", "activation")
+
+    def __init__(self, gate_up: LinearWeight, down: LinearWeight, activation: str) -> None:
+        self.gate_up, self.down, self.activation = gate_up, down, activation
+
+    def ffn(self, x_nD: Tensor) -> Tensor:
+        return self.down(activate(self.gate_up(x_nD), self.activation))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights one token through this expert reads."""
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+def expert_weights(gate_up: Tensor, down: Tensor, quant: str | None = None, group_size: int = 32,
+                   activation: str = "swiglu") -> ExpertWeights:
+    """One expert from its float weights: gate_up [H, D] = [W_gate; W_up] (H = 2I for SwiGLU, I for GELU), down
+    [D, I] (both nn.Linear layout), in format `quant`. ValueError when the shapes disagree."""
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"activation={activation!r} is not supported: allowed 'swiglu', 'gelu'")
+    if gate_up.dim() != 2 or down.dim() != 2 or gate_up.shape != (in_width(down.shape[1], activation), down.shape[0]):
+        raise ValueError(f"expert weights of shapes gate_up {tuple(gate_up.shape)} and down {tuple(down.shape)} do not "
+                         f"fit one {activation} expert: need gate_up [{'2I' if activation == 'swiglu' else 'I'}, D] "
+                         "and down [D, I]")
+    return ExpertWeights(linear_weight(gate_up, quant, group_size), linear_weight(down, quant, group_size), activation)
+
+
+class QuantizedExperts(ExpertStore):
+    """E routed experts as per-expert `ExpertWeights` (any format): `ffn` and `decode`; `stacked()` is None,
+    so `moelab.policy` runs the store on the decode path and the grouped loop."""
+
+    def __init__(self, experts: Sequence[ExpertWeights]) -> None:
+        super().__init__()
+        if not experts:
+            raise ValueError("QuantizedExperts needs at least one expert")
+        self.weights = list(experts)
+        self.n_experts = len(self.weights)
+        self.activation = self.weights[0].activation
+        if any(ew.activation != self.activation for ew in self.weights):
+            raise ValueError("QuantizedExperts: all experts must have the same activation")
+
+    def extra_repr(self) -> str:
+        w = self.weights[0]
+        return (f"n_experts={self.n_experts}, quant={w.gate_up.quant!r}, gate_up={w.gate_up}, down={w.down}, "
+                f"activation={self.activation!r}")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(ew.nbytes for ew in self.weights)
+
+    def ffn(self, x_nD: Tensor, e: int, dtype: torch.dtype | None = None) -> Tensor:
+        y = self.weights[e].ffn(x_nD)
+        return y if dtype is None else y.to(dtype)
+
+    def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
+               dtype: torch.dtype | None = None) -> Tensor:
+        """y [1, D] = Σⱼ wⱼ · FFN_{eⱼ}(x): the k first projections, one activation over the k rows [k, H], the
+        routing weights applied to its [k, I] output, then the k second projections accumulated (fused
+        into the product where the format can)."""
+        chosen = [self.weights[e] for e in experts]
+        h_kH = torch.cat([ew.gate_up(x_1D) for ew in chosen])
+        w_k1 = torch.tensor(weights, dtype=h_kH.dtype, device=h_kH.device)[:, None]
+        a_kI = activate(h_kH, self.activation).mul_(w_k1)
+        y_1D = chosen[0].down(a_kI[:1])
+        for j in range(1, len(chosen)):
+            y_1D = chosen[j].down.add(a_kI[j:j + 1], y_1D)
+        return y_1D if dtype is None else y_1D.to(dtype)

@@ -1,0 +1,50 @@
+"""The balancing experiment: three runs on the same tokens differing only in balancing; curves from metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moelab.balancing import METHODS, method_overrides, run_balancing
+
+SMALL = {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "d_ff": 64, "moe.d_expert": 32,
+         "moe.n_experts": 8, "vocab_size": 300, "batch_size": 4, "seq_len": 32, "max_corpus_bytes": 100_000,
+         "eval_batches": 1, "threads": 1}
+
+
+def test_three_runs_differ_only_in_balancing(tmp_path, capsys):
+    res = run_balancing(tmp_path / "bal", steps=6, progress=False, overrides={**SMALL, "eval_every": 3,
+                                                                                  "log_every": 1})
+    configs = {m: json.loads((tmp_path / "bal" / m / "config.json").read_text()) for m in METHODS}
+    moe = {m: c["model"]["moe"] for m, c in configs.items()}
+    assert (moe["none"]["aux_loss_coef"], moe["none"]["expert_bias"]) == (0.0, False)
+    assert (moe["switch"]["aux_loss_coef"], moe["switch"]["expert_bias"]) == (0.01, False)
+    assert (moe["bias"]["aux_loss_coef"], moe["bias"]["expert_bias"]) == (0.0, True)
+    strip = lambda c: {**c["model"], "moe": {k: v for k, v in c["model"]["moe"].items()  # noqa: E731
+                                             if k not in ("aux_loss_coef", "expert_bias", "bias_update_rate")}}
+    assert strip(configs["none"]) == strip(configs["switch"]) == strip(configs["bias"])
+    assert len({c["data"]["corpus_sha256"] for c in configs.values()}) == 1  # the same tokens
+    for m in METHODS:
+        c = res["runs"][m]
+        assert c["step"] == [1, 2, 3, 4, 5, 6] and c["val_step"] == [3, 6]
+        metrics = [json.loads(x) for x in (tmp_path / "bal" / m / "metrics.jsonl").read_text().splitlines()]
+        assert c["max_share"] == [max(r["max_share"]) for r in metrics]
+        assert all(1 / 8 <= s <= 1 for s in c["max_share"]) and all(0 <= d <= 8 for d in c["dead_experts"])
+    out = capsys.readouterr().out
+    assert all(m in out for m in METHODS) and "collapse onto k=2" in out
+    assert (tmp_path / "bal" / "balancing.png").stat().st_size > 0
+    assert json.loads((tmp_path / "bal" / "balancing.json").read_text())["runs"]["bias"]["val_loss"]
+    with pytest.raises(ValueError, match="method='hash'"):
+        method_overrides("hash", 0.01, 1e-3)
+
+
+def test_cli_set_is_parsed_by_field_type():
+    res = subprocess.run([sys.executable, "-m", "moelab", "demo", "--experiment", "balancing", "--set", "moe.top_k=x"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "'x' is not an integer" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "moelab", "demo", "--set", "nope=1"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "FIELD=VALUE" in res.stderr

@@ -1,0 +1,209 @@
+"""Inference weight formats (moelab.quant): every format's product against dequantize-then-matmul in float64,
+the quantizers against their error bounds computed here, the portable form, the fallback off the kernels, the
+quantized expert store against the per-token reference of tests/reference.py, and the named errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moelab import MoE, MoEConfig, quant
+from moelab.inference import store_experts
+from moelab.policy import DECODE, GROUPED, choose_path
+from moelab.quant import (
+    Int4Weight,
+    QuantizedExperts,
+    expert_weights,
+    linear_weight,
+    load_linear_weight,
+    pack_nibbles,
+    unpack_nibbles,
+)
+from reference import moe_reference
+
+FORMATS = [(None, 32), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)]
+# The products round their output to bfloat16 — the int8/int4 kernels also take bfloat16 activations, which the
+# reference is given — so each output element is off by at most bfloat16's unit roundoff 2⁻⁸ (relative), plus
+# float32 accumulation (~1e-6): the norm-wise bound below. Float32 float weights are float32 throughout.
+BF16_BOUND = 2**-8 + 1e-4
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", [(48, 128), (80, 256), (64, 128)])  # 48, 80: a partial block of the int4 pack
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_product_matches_dequantize_then_matmul_in_float64(fmt, dtype, shape):
+    q, G = fmt
+    torch.manual_seed(0)
+    w = linear_weight(torch.randn(*shape, dtype=dtype), q, G)
+    for M in (1, 5):
+        x = torch.randn(M, shape[1], dtype=dtype)
+        y = w(x)
+        assert y.dtype == dtype and y.shape == (M, shape[0])
+        x_in = x if q is None else x.bfloat16()  # what the kernel multiplies
+        want = x_in.double() @ w.dequantize(torch.float64).T
+        assert rel(y, want) <= (1e-6 if q is None and dtype == torch.float32 else BF16_BOUND), (M, rel(y, want))
+        torch.testing.assert_close(w.add(x, y), 2 * y, atol=0.05 * want.abs().max().item(), rtol=0.02)
+
+
+def test_float_weight_is_exact_and_prepacked_on_this_cpu():
+    w = torch.randn(48, 64, dtype=torch.bfloat16)
+    fw = linear_weight(w)
+    assert fw.packed == quant.packed_float_available(torch.bfloat16)
+    assert torch.equal(fw.dequantize(torch.bfloat16), w) and fw.nbytes == 48 * 64 * 2
+
+
+def test_int8_quantizer_within_half_a_step_per_channel():
+    """|W − dequant(W)| ≤ step/2 per output channel, step = max|W[n]|/127 (plus the bfloat16 rounding of the
+    stored scale, which moves the grid by up to 2⁻⁸ of a step per code: ≤ 127·2⁻⁸ steps at the extreme)."""
+    torch.manual_seed(1)
+    W = torch.randn(64, 512) * torch.rand(64, 1)  # rows of different scales
+    w = linear_weight(W, "int8")
+    step = W.abs().amax(1, keepdim=True) / 127
+    err = (w.dequantize() - W).abs()
+    assert (err <= step * (0.5 + 127 * 2**-8) + 1e-7).all()
+    assert (err <= step * 0.5 * (1 + 2**-7) + 1e-7).float().mean() > 0.99  # all but the extremes: half a step
+    assert w.q.dtype == torch.int8 and w.q.abs().max() <= 127
+    assert rel(w.dequantize(), W) < 0.01  # Gaussian rows: ≈ step/√12 per weight
+    assert w.nbytes == 64 * 512 + 64 * 2
+
+
+@pytest.mark.parametrize("G", [32, 128])
+def test_int4_quantizer_within_half_a_step_per_group(G):
+    """Per (row, group): step = (max − min)/15; |W − dequant(W)| ≤ step/2, plus the bfloat16 rounding of the
+    stored scale (≤ 15·2⁻⁸ steps at the group's ends) and zero (≤ 2⁻⁸·|zero|)."""
+    torch.manual_seed(2)
+    W = torch.randn(32, 256) + torch.linspace(-1, 1, 256)  # groups not centred on zero
+    w = linear_weight(W, "int4", G)
+    g = W.view(32, 256 // G, G)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    step = (hi - lo) / 15
+    bound = step * (0.5 + 15 * 2**-8) + (lo + 8 * step).abs() * 2**-8 + 1e-6
+    assert ((w.dequantize().view_as(g) - g).abs() <= bound).all()
+    assert rel(w.dequantize(), W) < 0.1
+    assert w.codes().max() <= 15 and w.nbytes == 32 * 256 // 2 + (256 // G) * 32 * 2 * 2
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (48, 96), (80, 128), (128, 64)])
+def test_int4_codes_read_back_from_the_kernel_pack(shape):
+    """The kernel's private packed layout is inverted exactly (`codes`), so a packed weight saves portably."""
+    torch.manual_seed(3)
+    q = torch.randint(0, 16, shape, dtype=torch.uint8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+    sz = torch.stack([torch.rand(shape[1] // 32, shape[0]), torch.randn(shape[1] // 32, shape[0])], -1)
+    w = Int4Weight(pack_nibbles(q), sz)
+    assert w.kernel == quant.int4_kernel_available()
+    assert torch.equal(w.codes(), q) and torch.equal(w.tensors()["qweight"], pack_nibbles(q))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_portable_form_loads_back_to_the_same_weight(fmt):
+    q, G = fmt
+    w = linear_weight(torch.randn(48, 128, dtype=torch.bfloat16), q, G)
+    back = load_linear_weight(q, {k: v.clone() for k, v in w.tensors().items()})
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert torch.equal(back(x), w(x)) and torch.equal(back.dequantize(), w.dequantize())
+    assert all(t.layout == torch.strided for t in w.tensors().values())
+
+
+@pytest.mark.parametrize("fmt", [("int8", 32), ("int4", 64)])
+def test_without_the_kernels_a_weight_is_dequantized_then_multiplied(fmt, monkeypatch):
+    """The path off the CPU (or on a build without the kernels): same weights, same products."""
+    q, G = fmt
+    W, x = torch.randn(48, 128), torch.randn(3, 128)
+    fast = linear_weight(W, q, G)
+    monkeypatch.setattr(quant, "int8_kernel_available", lambda: False)
+    monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
+    slow = linear_weight(W, q, G)
+    assert fast.kernel and not slow.kernel
+    assert torch.equal(slow.dequantize(), fast.dequantize())
+    assert rel(slow(x), x.double() @ slow.dequantize(torch.float64).T) < 1e-6  # float32 x stays float32 here
+    assert rel(fast(x), slow(x)) <= BF16_BOUND + 2**-8  # the kernel's bfloat16 activations
+    assert torch.equal(load_linear_weight(q, slow.tensors()).dequantize(), fast.dequantize())
+
+
+def moe_pair(dtype: torch.dtype, q: str | None, G: int = 32, **over):
+    """An MoE layer with its experts converted to `q`, and the float layer holding the dequantized weights."""
+    torch.manual_seed(4)
+    moe = MoE(MoEConfig(d_model=64, d_expert=32, n_experts=6, top_k=2, **over)).to(dtype).eval()
+    ref = copy.deepcopy(moe).double()
+    moe.experts = store_experts(moe.experts, q, G)
+    with torch.no_grad():
+        for e, ew in enumerate(moe.experts.weights):
+            ref.experts.w_in[e] = ew.gate_up.dequantize(torch.float64).T
+            ref.experts.w_out[e] = ew.down.dequantize(torch.float64).T
+    return moe, ref
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [(None, 32), ("int8", 32), ("int4", 32)])
+def test_quantized_store_matches_the_reference_on_its_weights(fmt, dtype, activation):
+    """Decode (one token) and the grouped loop (several) through the store equal the per-token float64 reference
+    run on the store's own (dequantized) weights; each bfloat16 rounding — activations in, the hidden layer, the
+    output — costs up to 2⁻⁸, hence 4 · 2⁻⁸ (float32 float weights: float32 rounding)."""
+    moe, ref = moe_pair(dtype, *fmt, activation=activation, n_shared=1)
+    assert isinstance(moe.experts, QuantizedExperts) and moe.experts.stacked() is None
+    exact = fmt[0] is None and dtype == torch.float32
+    for shape in [(1, 64), (2, 5, 64)]:
+        x = torch.randn(*shape).to(dtype)
+        with torch.no_grad():
+            assert choose_path(moe, x.view(-1, 64), moe.router(x.view(-1, 64))) is (
+                DECODE if shape == (1, 64) else GROUPED["loop"])
+            y, _ = moe(x)
+        assert y.dtype == dtype
+        want, _ = moe_reference(ref, x.double())
+        assert rel(y, want) < (1e-5 if exact else 4 * 2**-8), (shape, rel(y, want))
+
+
+def test_quantized_store_is_close_to_the_float_store():
+    """The whole quantization error of a layer on Gaussian weights: three quantized matrices in series (gate and
+    up multiply in SwiGLU, then down), each off by its weight error (int8 ~0.6 %, int4 g32 ~8 %:
+    test_int8/int4_quantizer_*), so ≈ √3 × that plus bfloat16 activations: measured 1.0–1.3 % and 12–15 %."""
+    torch.manual_seed(5)
+    float_moe = MoE(MoEConfig(d_model=64, d_expert=32, n_experts=6, top_k=2)).eval()
+    with torch.no_grad():
+        for p in float_moe.experts.parameters():
+            p.normal_()
+    x = torch.randn(7, 64)
+    with torch.no_grad():
+        want, _ = float_moe(x)
+        for q, bound in [("int8", 0.02), ("int4", 0.2)]:
+            moe = copy.deepcopy(float_moe)
+            moe.experts = store_experts(moe.experts, q)
+            assert rel(moe(x)[0], want) < bound
+
+
+def test_store_sizes():
+    moe, _ = moe_pair(torch.bfloat16, "int8")
+    per_expert = (64 * 64 + 64 * 2) + (64 * 32 + 64 * 2)  # gate_up [64, 64], down [64, 32]: int8 + bf16 scales
+    assert moe.experts.weights[0].nbytes == per_expert and moe.experts.nbytes == 6 * per_expert
+
+
+def test_named_errors():
+    w = torch.randn(48, 64)
+    with pytest.raises(ValueError, match="quant='int3' is not supported"):
+        linear_weight(w, "int3")
+    with pytest.raises(ValueError, match="group_size=48 is not supported"):
+        linear_weight(w, "int4", 48)
+    with pytest.raises(ValueError, match="out_features divisible by 16"):
+        linear_weight(torch.randn(40, 64), "int4")
+    with pytest.raises(ValueError, match="in_features divisible by group_size"):
+        linear_weight(torch.randn(48, 96), "int4", 64)
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        linear_weight(torch.randn(64), "int8")
+    with pytest.raises(ValueError, match="2-D floating-point"):
+        linear_weight(torch.ones(4, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="do not fit one swiglu expert"):
+        expert_weights(torch.randn(32, 64), torch.randn(64, 32), "int8")
+    with pytest.raises(ValueError, match="activation='relu'"):
+        expert_weights(torch.randn(32, 64), torch.randn(64, 32), activation="relu")
+    with pytest.raises(ValueError, match="stored as qweight, scale"):
+        load_linear_weight("int8", {"weight": w})
+    with pytest.raises(ValueError, match="at least one expert"):
+        QuantizedExperts([])
