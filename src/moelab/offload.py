@@ -11,7 +11,9 @@ needs room for another; what is evicted is chosen by the policy:
   recently used — expert popularity in trained MoE models is skewed and stable (Mixtral, Jiang et al.
   2024, §5; DeepSeek-V3's load statistics), which frequency keeps and recency forgets.
 Space is made *before* an expert is read, so the experts held never exceed the capacity; the only excess
-is the expert a caller is still computing with after it was evicted (at most one per thread).
+is what a caller still computes with after it was evicted (at most a token's k experts of one layer).
+Creating a cache fixes glibc's mmap threshold (`return_freed_memory`), so that the memory of evicted
+experts goes back to the system instead of fragmenting the heap.
 
 Prefetching (optional, `OffloadedExperts.next`): on entering layer l, the next MoE layer's router is applied
 to layer l's input and the experts it predicts are read on one background thread while layer l computes
@@ -24,18 +26,23 @@ Legend: D = model width, I = expert hidden width, n = rows of one expert's segme
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import platform
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from moelab.experts import ExpertStore
+from moelab.quant import LinearWeight, QuantizedExperts
 
 POLICIES = ("lru", "lfu")
 Key = tuple[int, int]  # (layer, expert)
@@ -75,17 +82,33 @@ class _Item:
     prefetched: bool = False
 
 
+# glibc's malloc serves blocks below its mmap threshold from its heap, and raises that threshold (up to 32 MiB)
+# each time a larger mapped block is freed; experts read, converted and evicted over and over then leave
+# their freed memory in a fragmented heap, and the resident set grows past the budget. Fixing the threshold
+# (which also stops it moving) makes every block from this size up its own mapping, returned when freed.
+MMAP_THRESHOLD = 256 << 10
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Set glibc's M_MMAP_THRESHOLD for this process (see above); False where the C library is not glibc."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
 class ExpertCache:
     """A map (layer, expert) → expert weights holding at most `capacity` bytes, filled by `load`.
 
-    load(key, spare) → (weights, resident bytes, bytes read from disk); `spare` is an evicted expert's
-    weights the read may reuse (or None): reusing them keeps the allocator from fragmenting its heap with
-    freed experts, so the memory held stays the memory used. Weights are called as `weights(x_nD)` → the
-    expert's unweighted output. `get(key)` returns the weights, reading them on a miss (after evicting
-    by `policy`, `POLICIES`); `prefetch(keys)` reads on a background thread. Thread-safe: a lock guards
-    the bookkeeping, reads happen outside it."""
+    load(key) → (weights, resident bytes, bytes read from disk). `get(key)` returns the weights, reading
+    them on a miss (after evicting by `policy`, `POLICIES`); `prefetch(keys)` reads on a background
+    thread. Thread-safe: a lock guards the bookkeeping, reads happen outside it. An evicted expert's
+    memory is freed when its last user drops it."""
 
-    def __init__(self, capacity: int, load: Callable[[Key, Any], tuple[Any, int, int]], policy: str = "lru") -> None:
+    def __init__(self, capacity: int, load: Callable[[Key], tuple[Any, int, int]], policy: str = "lru") -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r} is invalid: allowed {', '.join(map(repr, POLICIES))}")
         self.capacity, self.policy, self._load = int(capacity), policy, load
@@ -95,10 +118,10 @@ class ExpertCache:
         self._reserved = 0  # bytes set aside for reads in progress
         self._used = 0
         self._item_bytes = 0  # the largest expert seen: the room made before a read
-        self._in_use: Key | None = None  # the expert the caller was last given
         self._lock = threading.Lock()
         self._worker: ThreadPoolExecutor | None = None
         self.stats = CacheStats()
+        return_freed_memory()
 
     def __repr__(self) -> str:
         return (f"ExpertCache(capacity={self.capacity / 1e9:.3f} GB, policy={self.policy!r}, "
@@ -119,13 +142,10 @@ class ExpertCache:
         self.stats = CacheStats()
 
     def get(self, key: Key) -> Any:
-        """The weights of expert `key`: from the cache, from the prefetcher, or read now. The caller computes
-        with them before its next `get` (one caller at a time: the expert it was last given is never
-        recycled by the prefetcher)."""
+        """The weights of expert `key`: from the cache, from the prefetcher, or read now."""
         with self._lock:
             self.stats.lookups += 1
             self._counts[key] = self._counts.get(key, 0) + 1
-            self._in_use = key
             item = self._items.get(key)
             if item is not None:
                 self.stats.hits += 1
@@ -134,7 +154,7 @@ class ExpertCache:
             future = self._inflight.get(key)
             if future is None:
                 self.stats.misses += 1
-                spare = self._reserve()
+                self._reserve()
         if future is not None:
             future.result()
             with self._lock:
@@ -144,8 +164,8 @@ class ExpertCache:
                     self._used_now(key, item)
                     return item.value
                 self.stats.misses += 1  # prefetched, then evicted before this use: read again
-                spare = self._reserve()
-        return self._read(key, spare, prefetched=False).value
+                self._reserve()
+        return self._read(key, prefetched=False).value
 
     def prefetch(self, keys: Iterable[Key]) -> None:
         """Read the experts `keys` not yet held on the background thread (one thread, in order)."""
@@ -176,25 +196,22 @@ class ExpertCache:
             with self._lock:
                 if key in self._items:
                     return
-                spare = self._reserve(recycle_in_use=False)
-            self._read(key, spare, prefetched=True)
+                self._reserve()
+            self._read(key, prefetched=True)
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
 
-    def _reserve(self, recycle_in_use: bool = True) -> Any:
-        """(lock held) Make room for one expert and set it aside; return an evicted expert the read may
-        reuse (None if none was evicted, or — for the prefetcher — it is the one the caller computes with)."""
-        evicted = self._make_room(self._item_bytes)
+    def _reserve(self) -> None:
+        """(lock held) Make room for one expert and set it aside for the read about to start."""
+        self._make_room(self._item_bytes)
         self._reserved += self._item_bytes
-        spare = [v for k, v in evicted if recycle_in_use or k != self._in_use]
-        return spare[0] if spare else None
 
-    def _read(self, key: Key, spare: Any, prefetched: bool) -> _Item:
+    def _read(self, key: Key, prefetched: bool) -> _Item:
         """Read `key` (room for `_item_bytes` was reserved by the caller, lock not held) and insert it."""
         reserved = self._item_bytes
         try:
-            value, nbytes, nread = self._load(key, spare)
+            value, nbytes, nread = self._load(key)
         except BaseException:
             with self._lock:
                 self._reserved -= reserved
@@ -220,26 +237,23 @@ class ExpertCache:
             item.prefetched = False
             self.stats.prefetch_used += 1
 
-    def _make_room(self, nbytes: int) -> list[tuple[Key, Any]]:
-        """(lock held) Evict until `nbytes` more fit beside the held experts and the reads in progress;
-        return what was evicted."""
-        evicted = []
+    def _make_room(self, nbytes: int) -> None:
+        """(lock held) Evict until `nbytes` more fit beside the held experts and the reads in progress."""
         while self._items and self._used + self._reserved + nbytes > self.capacity:
             if self.policy == "lru":
                 key = next(iter(self._items))
             else:  # least used over the run; the OrderedDict's order breaks ties by recency
                 key = min(self._items, key=lambda k: self._counts.get(k, 0))
-            item = self._items.pop(key)
-            self._used -= item.nbytes
+            self._used -= self._items.pop(key).nbytes
             self.stats.evictions += 1
-            evicted.append((key, item.value))
-        return evicted
 
 
 class OffloadedExperts(ExpertStore):
-    """The routed experts of MoE layer `layer` (block index), held by a shared `ExpertCache` and read on
-    demand: `ffn` and `decode` compute with `cache.get((layer, e))`; there are no stacked weights, so the
-    policy runs this store on the decode path and the grouped loop (`moelab.policy`).
+    """The routed experts of MoE layer `layer` (block index), held by a shared `ExpertCache` of
+    `moelab.quant.ExpertWeights` (any format) and read on demand: `ffn` and `decode` compute with
+    `cache.get((layer, e))`; there are no stacked weights, so the policy runs this store on the decode path
+    and the grouped loop (`moelab.policy`). Between fetching a token's k experts and computing with them
+    an evicted one stays alive: the memory held may exceed the capacity by up to k − 1 experts.
 
     `next`: (the next MoE layer's router, its layer index) to prefetch that layer's predicted experts on
     entry (`enable_prefetch`), or None."""
@@ -256,7 +270,8 @@ class OffloadedExperts(ExpertStore):
         return None
 
     def ffn(self, x_nD: Tensor, e: int, dtype: torch.dtype | None = None) -> Tensor:
-        return self.cache.get((self.layer, e))(x_nD)
+        y = self.cache.get((self.layer, e)).ffn(x_nD)
+        return y if dtype is None else y.to(dtype)
 
     def forward(self, x_AD: Tensor, counts: Tensor, backend: str = "loop",
                 dtype: torch.dtype | None = None) -> Tensor:
@@ -266,8 +281,12 @@ class OffloadedExperts(ExpertStore):
 
     def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
                dtype: torch.dtype | None = None) -> Tensor:
+        """`QuantizedExperts.decode`'s arithmetic on the k experts fetched from the cache, so a budgeted model
+        computes bit for bit what the same model held in memory computes."""
         self._prefetch_next(x_1D, experts)
-        return super().decode(x_1D, experts, weights, dtype)
+        chosen = SimpleNamespace(weights=[self.cache.get((self.layer, e)) for e in experts],
+                                 activation=self.activation)
+        return QuantizedExperts.decode(chosen, x_1D, list(range(len(experts))), weights, dtype)
 
     def _prefetch_next(self, x_TD: Tensor, experts: Iterable[int]) -> None:
         """Hold this layer's experts against eviction, then prefetch the next layer's predicted ones."""
@@ -280,9 +299,15 @@ class OffloadedExperts(ExpertStore):
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters and buffers: the weights a budget keeps in memory (an offloaded store
-    holds none)."""
-    return sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    """Bytes of the weights a model holds in memory: its parameters and buffers, the weights converted for
+    inference (`moelab.inference`) and in-memory quantized experts; an offloaded store holds none."""
+    total = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
+    for m in model.modules():
+        if isinstance(getattr(m, "w", None), LinearWeight):
+            total += m.w.nbytes
+        elif isinstance(m, QuantizedExperts):
+            total += m.nbytes
+    return total
 
 
 def offloaded_stores(model: torch.nn.Module) -> list[OffloadedExperts]:
@@ -302,20 +327,3 @@ def enable_prefetch(model: torch.nn.Module, on: bool = True) -> None:
     routers = {moe.experts.layer: moe.router for moe in model.moe_layers() if moe.experts in stores}
     for store, after in zip(stores, stores[1:] + [None]):
         store.next = (routers[after.layer], after.layer) if on and after is not None else None
-
-
-class FloatExpert:
-    """One SwiGLU/GELU expert in float for a cache: w_in [H, D] (gate rows then up rows), w_out [D, I]
-    (nn.Linear layout, as stored in Hugging Face checkpoints); `expert(x_nD)` → its output [n, D]."""
-
-    def __init__(self, w_in_HD: Tensor, w_out_DI: Tensor, activation: str) -> None:
-        self.w_in, self.w_out, self.activation = w_in_HD, w_out_DI, activation
-        self.nbytes = w_in_HD.numel() * w_in_HD.element_size() + w_out_DI.numel() * w_out_DI.element_size()
-
-    def __call__(self, x_nD: Tensor) -> Tensor:
-        from moelab.kernels import activate
-
-        w_in, w_out = self.w_in, self.w_out
-        if x_nD.dtype != w_in.dtype:
-            w_in, w_out = w_in.to(x_nD.dtype), w_out.to(x_nD.dtype)
-        return torch.nn.functional.linear(activate(torch.nn.functional.linear(x_nD, w_in), self.activation), w_out)

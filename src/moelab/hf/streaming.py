@@ -12,7 +12,6 @@ Legend: E = experts, D = model width, I = expert hidden width, H = 2I (gate rows
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -163,7 +162,6 @@ class ExpertReader:
     def __init__(self, ckpt: Checkpoint, parts: dict[Key, ExpertParts], dtype: torch.dtype,
                  forget: bool = False) -> None:
         self.ckpt, self.parts, self.dtype, self.forget = ckpt, parts, dtype, forget
-        self._local = threading.local()  # per-thread scratch (the prefetcher reads on its own thread)
         some = next(iter(parts.values()))
         name, row = some.w_out
         self.D, self.I = ckpt.info(name, row).shape
@@ -175,33 +173,16 @@ class ExpertReader:
         """Bytes of one expert as stored."""
         return (self.H + self.I) * self.D * self.src_dtype.itemsize
 
-    def read(self, key: Key, w_in: Tensor | None = None, w_out: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
-        """Expert `key`, into `w_in` [H, D] and `w_out` [D, I] (of `dtype`) when given."""
+    def read(self, key: Key) -> tuple[Tensor, Tensor, int]:
         p = self.parts[key]
-        same = self.src_dtype == self.dtype
-        src_in = w_in if same and w_in is not None else self._scratch("w_in", (self.H, self.D), w_in is None)
-        src_out = w_out if same and w_out is not None else self._scratch("w_out", (self.D, self.I), w_out is None)
+        w_in = torch.empty(self.H, self.D, dtype=self.src_dtype)
         for name, row, first, stop in p.w_in:
-            self.ckpt.read(name, row, out=src_in[first:stop])
-        self.ckpt.read(*p.w_out, out=src_out)
+            self.ckpt.read(name, row, out=w_in[first:stop])
+        w_out = self.ckpt.read(*p.w_out, out=torch.empty(self.D, self.I, dtype=self.src_dtype))
         if self.forget:
             for name, row, _, _ in p.w_in:
                 self.ckpt.forget(name, row)
             self.ckpt.forget(*p.w_out)
         if p.scale != 1.0:
-            src_out = src_out / p.scale  # as the in-memory load divides (`stream_into`): the same rounding
-        return self._land(src_in, w_in), self._land(src_out, w_out), self.nbytes
-
-    def _land(self, src: Tensor, dst: Tensor | None) -> Tensor:
-        if dst is None:
-            return src.to(self.dtype)
-        return dst if src is dst else dst.copy_(src)
-
-    def _scratch(self, which: str, shape: tuple[int, int], fresh: bool) -> Tensor:
-        """A buffer in the stored dtype: new when the result is returned as is, else this thread's scratch."""
-        if fresh:
-            return torch.empty(shape, dtype=self.src_dtype)
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        if which not in buffers:
-            buffers[which] = torch.empty(shape, dtype=self.src_dtype)
-        return buffers[which]
+            w_out = w_out / p.scale  # as the in-memory load divides (`stream_into`): the same rounding
+        return w_in.to(self.dtype), w_out.to(self.dtype), self.nbytes
