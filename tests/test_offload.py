@@ -16,7 +16,7 @@ import torch
 
 from moelab import hf
 from moelab.config import ModelConfig, MoEConfig
-from moelab.generate import generate
+from moelab.generate import generate, generate_batch
 from moelab.inference import prepare_inference
 from moelab.model import MoETransformer
 from moelab.offload import POLICIES, ExpertCache, OffloadedExperts, expert_cache, resident_bytes
@@ -145,6 +145,8 @@ def test_budgeted_model_generates_the_in_memory_tokens(ckpt_dir, quant, policy, 
     prompt = ids[0, :5].tolist()
     for kwargs in (dict(temperature=0.0), dict(temperature=1.0, seed=3)):
         assert generate(small, prompt, 30, **kwargs) == generate(full, prompt, 30, **kwargs)
+    prompts = [ids[1, :7].tolist(), prompt, ids[1, 9:10].tolist()]  # a batch: experts of 3 tokens per step
+    assert generate_batch(small, prompts, 12) == generate_batch(full, prompts, 12)
     s = cache.stats
     assert s.misses > 0 and s.evictions > 0 and s.hits > 0 and cache.used <= cache.capacity
     read = 3 * 32 * 32 * 4  # bytes of one expert as stored (float32)
@@ -183,7 +185,7 @@ def test_budget_errors_are_named(ckpt_dir, tmp_path):
 _BUDGET_CHILD = textwrap.dedent("""
     import sys, torch, moelab.hf as hf
     from moelab.config import ModelConfig, MoEConfig
-    from moelab.generate import generate
+    from moelab.generate import generate, generate_batch
     from moelab.inference import prepare_inference
     from moelab.model import MoETransformer
     from moelab.offload import expert_cache, resident_bytes

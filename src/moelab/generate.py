@@ -11,8 +11,16 @@ max_seq_len, else ValueError naming both (nothing is cut silently). A text promp
 this asks for the start of a document; a model exported to Hugging Face does the same (its tokenizer
 prepends the token, `moelab.hf.save`), so both give the same tokens.
 
+Many prompts at once (`generate_batch`): the prompts are left-padded to the longest and run as one batch;
+the cache's `pad` (`moelab.model.KVCache`) gives each row its own rotary positions and masks its padding
+out, so every prompt gets the tokens it gets alone (up to the rounding of batched products). Each decode
+step then runs B tokens through the model in one forward: the non-expert weights are read once for all B,
+and an MoE layer reads the distinct experts the B tokens chose — E·(1 − (1 − k/E)^B) of them for uniform
+independent choices (`moelab.accounting.experts_touched`), k·B at most.
+
 Routers whose choice for a token depends on other tokens (capacity dropping, expert choice) make cached
-decoding differ from a full recompute; token-choice dropless routing does not.
+decoding differ from a full recompute, and batched decoding differ from decoding alone; token-choice
+dropless routing does not.
 """
 
 from __future__ import annotations
@@ -61,34 +69,63 @@ def sample_next(logits_V: Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
 def generate(model: MoETransformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_id: int | None = None) -> list[int]:
     """Continue `prompt_ids` (non-empty) by up to `max_new_tokens` tokens; returns only the new ids (fewer
     when `stop_id` comes). ValueError when the prompt plus the new tokens exceed the model's max_seq_len."""
-    check_sampling(max_new_tokens, temperature, top_p)
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: pass at least one token (e.g. the end-of-text id)")
-    limit = model.cfg.max_seq_len
-    if len(prompt_ids) + max_new_tokens > limit:
-        room = f"at most {limit - len(prompt_ids)} new tokens" if len(prompt_ids) < limit else "a shorter prompt"
-        raise ValueError(f"the prompt ({len(prompt_ids)} tokens) + max_new_tokens={max_new_tokens} exceed the model's "
+    return generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          stop_id=stop_id)[0]
+
+
+@torch.no_grad()
+def generate_batch(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, *,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                   stop_id: int | None = None, record: list | None = None) -> list[list[int]]:
+    """Continue each of `prompts` (non-empty id lists) by up to `max_new_tokens` tokens, all in one batch
+    (module docstring); returns the new ids of each prompt (a prompt's list ends before its `stop_id`; the
+    batch runs until every prompt has stopped or has max_new_tokens). With `seed`, each prompt draws from
+    its own generator seeded with `seed`, as it would alone. `record`: when a list, each decode step appends
+    one [B, k] int64 array per MoE layer, the experts each prompt's token chose (token-choice routers).
+    ValueError when the longest prompt plus the new tokens exceed the model's max_seq_len."""
+    check_sampling(max_new_tokens, temperature, top_p)
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty id lists (e.g. start each with the "
+                         "end-of-text id)")
+    longest, limit = max(map(len, prompts)), model.cfg.max_seq_len
+    if longest + max_new_tokens > limit:
+        room = f"at most {limit - longest} new tokens" if longest < limit else "a shorter prompt"
+        raise ValueError(f"the prompt ({longest} tokens) + max_new_tokens={max_new_tokens} exceed the model's "
                          f"max_seq_len={limit}: ask for {room}")
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    cache = KVCache()
-    new: list[int] = []
+    gens = [torch.Generator().manual_seed(seed) if seed is not None else None for _ in prompts]
+    pad = [longest - len(p) for p in prompts]
+    cache = KVCache(pad=torch.tensor(pad, device=device) if any(pad) else None)
+    new: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return new
-    logits = model(torch.tensor([prompt_ids], device=device), cache=cache).logits[0, -1]
+    filler = prompts[0][0]  # any valid id: padding, and the input of rows that have stopped
+    ids = torch.tensor([[filler] * n + p for n, p in zip(pad, prompts)], device=device)
+    logits = model(ids, cache=cache).logits[:, -1]
+    running = list(range(len(prompts)))
     for i in range(max_new_tokens):
-        token = sample_next(logits.cpu(), temperature, top_p, gen)
-        if stop_id is not None and token == stop_id:
+        rows, logits = logits.cpu(), None
+        step = [filler] * len(prompts)
+        for b in list(running):
+            token = sample_next(rows[b], temperature, top_p, gens[b])
+            if stop_id is not None and token == stop_id:
+                running.remove(b)
+                continue
+            new[b].append(token)
+            step[b] = token
+        if not running or i + 1 == max_new_tokens:
             break
-        new.append(token)
-        if i + 1 < max_new_tokens:
-            logits = model(torch.tensor([[token]], device=device), cache=cache).logits[0, -1]
+        out = model(torch.tensor(step, device=device)[:, None], cache=cache, stats=record is not None)
+        if record is not None:
+            record.append([a.topk_idx.view(len(prompts), -1).cpu().numpy() for a in out.aux])
+        logits = out.logits[:, -1]
     return new
 
 

@@ -7,6 +7,11 @@ rotary position embeddings (Su et al. 2021, rotate-half convention; optionally e
 al. 2023) and grouped-query heads (Ainslie et al. 2023), optional q/k RMSNorm (OLMoE "full", Qwen3 "head"),
 or DeepSeek-V2/V3 multi-head latent attention (MLA). Generation uses a per-layer KV cache (`KVCache`).
 
+A batch of prompts of different lengths is left-padded (`KVCache.pad`): row b's first pad[b] positions are
+padding. Its tokens then take positions p − pad[b] (each prompt's rotary positions are those it has alone)
+and attend only to keys at positions ≥ pad[b], so padding changes no real token's output; a pad query
+attends to itself alone (finite, and read by no one).
+
 Legend: B = batch, S = sequence (new tokens), L = cached + new positions, H = heads, G = kv heads,
 Dh = head width, D = model width, V = vocabulary.
 """
@@ -118,10 +123,12 @@ def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of past positions for every layer: k[i] [B, G, L, Dk], v[i] [B, G, L, Dv]."""
+    """Keys and values of past positions for every layer: k[i] [B, G, L, Dk], v[i] [B, G, L, Dv]; `pad` [B]
+    (int64, or None for none): the number of left-padding positions of each row (module docstring)."""
 
     k: list[Tensor | None] = field(default_factory=list)
     v: list[Tensor | None] = field(default_factory=list)
+    pad: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -138,15 +145,21 @@ class KVCache:
         return k, v
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None) -> Tensor:
-    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None,
+            pad: Tensor | None = None) -> Tensor:
+    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys; with `pad` [B],
+    row b's keys before pad[b] are masked out (a pad query keeps only itself)."""
     S, L = q.shape[2], k.shape[2]
     if k.shape[1] != q.shape[1]:  # grouped-query: each kv head serves H/G query heads
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if start == 0:
+    if start == 0 and pad is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale)
-    mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(S, device=q.device))[:, None]
+    key, query = torch.arange(L, device=q.device), start + torch.arange(S, device=q.device)
+    mask = key[None, :] <= query[:, None]  # [S, L]
+    if pad is not None:
+        mask = mask & ((key[None, None, :] >= pad[:, None, None]) | (key[None, :] == query[:, None]))
+        mask = mask[:, None]  # [B, 1, S, L]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -186,7 +199,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = _attend(q, k, v, start)
+        out = _attend(q, k, v, start, pad=cache.pad if cache is not None else None)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
@@ -234,7 +247,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = _attend(q, k, v, start, scale=self.scale)
+        out = _attend(q, k, v, start, scale=self.scale, pad=cache.pad if cache is not None else None)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
@@ -304,6 +317,12 @@ class MoETransformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + S} positions exceeds the model's max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        if cache is not None and cache.pad is not None:  # left-padded rows: positions p − pad[b], [B, 1, S, Dr]
+            if cache.pad.shape != (B,):
+                raise ValueError(f"cache.pad has shape {tuple(cache.pad.shape)}: expected one entry per row ({B},)")
+            pos = (start + torch.arange(S, device=input_ids.device))[None, :] - cache.pad[:, None]
+            pos = pos.clamp_min(0)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
         x = self.embed(input_ids)
         auxes: list[MoEAux] = []
         for block in self.blocks:
