@@ -53,7 +53,8 @@ def status(key: str) -> int:
     raise KeyError(key)
 
 
-def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bool, prompt: int, new: int) -> dict:
+def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bool, prompt: int, new: int,
+          threads: int) -> dict:
     import torch
 
     from moelab import hf
@@ -61,7 +62,7 @@ def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bo
     from moelab.inference import prepare_inference
     from moelab.offload import expert_cache, resident_bytes
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     q = None if quant == "bf16" else quant
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS: the peaks below are this row's
@@ -106,12 +107,14 @@ def main() -> None:
     p.add_argument("--no-whole", dest="whole", action="store_false", help="skip the whole-model rows")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     p.add_argument("--new", type=int, default=13, help="new tokens (the first from the prefill)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (1 on a machine busy with other work: "
+                   "two threads then wait for each other at every op)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each row (root)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child is not None:
         quant, budget, policy, prefetch = json.loads(a.child)
-        print(json.dumps(child(a.ckpt, quant, budget, policy, prefetch, a.prompt, a.new)))
+        print(json.dumps(child(a.ckpt, quant, budget, policy, prefetch, a.prompt, a.new, a.threads)))
         return
     rows = []
     for quant in a.quants.split(","):
@@ -119,7 +122,8 @@ def main() -> None:
                  for policy in a.policies.split(",") for pre in a.prefetch.split(",")]
         if a.whole:
             rows.append((quant, None, "lru", False))
-    print(f"# {a.ckpt}: prompt {a.prompt} tokens, {a.new} new (greedy), 2 threads; load average {loadavg()}")
+    print(f"# {a.ckpt}: prompt {a.prompt} tokens, {a.new} new (greedy), {a.threads} thread(s); load average "
+          f"{loadavg()}")
     print("| quant | budget GB | policy | prefetch | page cache before | load s | loading peak GB | resident GB | "
           "decode tok/s | hit rate | read/token MB | peak RSS rise GB | load avg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -129,7 +133,7 @@ def main() -> None:
                 f.write("1")
         share = cached_share(a.ckpt)
         res = subprocess.run([sys.executable, __file__, a.ckpt, "--prompt", str(a.prompt), "--new", str(a.new),
-                              "--child", json.dumps([quant, budget, policy, prefetch])],
+                              "--threads", str(a.threads), "--child", json.dumps([quant, budget, policy, prefetch])],
                              capture_output=True, text=True)
         if res.returncode:
             print(f"| {quant} | {budget} | {policy} | {prefetch} | failed: {res.stderr.strip().splitlines()[-1]} |")

@@ -170,6 +170,7 @@ def _stream(ckpt: Checkpoint, c: HFConfig, adapter: Adapter, cfg: ModelConfig, d
             if key not in targets:
                 assert key.endswith("router.bias"), f"no Hugging Face tensor fills {key}"
                 t.data.zero_()
+        del state, t  # holds every float weight: converted ones must be freed as they are replaced
         if in_memory:
             for i, block in enumerate(model.blocks):
                 if block.is_moe:
