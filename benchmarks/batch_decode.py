@@ -2,8 +2,9 @@
 decode step against the uniform prediction E·(1 − (1 − k/E)^B) — the batch economics of an MoE, measured.
 
 For each B, B prompts of random tokens (lengths drawn from 8..24, so the batch is left-padded) are continued
-greedily by `moelab.generate.generate_batch` on a Hugging Face checkpoint loaded by `moelab.hf.load` and
-converted for inference (`moelab.inference.prepare_inference`, the `--quant` format). Per B it prints:
+(sampled at temperature 1, seeded: a random-weight model's greedy continuation soon repeats one token) by
+`moelab.generate.generate_batch` on a Hugging Face checkpoint loaded by `moelab.hf.load` and converted for
+inference (`moelab.inference.prepare_inference`, the `--quant` format). Per B it prints:
 - decode tokens/s (B tokens per step; the prefill is not timed: the clock runs from the end of the first
   decode step to the end of the last, read off the routing record `generate_batch` fills);
 - distinct experts per MoE layer per decode step: measured (mean over layers and steps), the uniform
@@ -66,7 +67,8 @@ def run(model, B: int, steps: int, seed: int) -> dict:
     V = model.cfg.vocab_size
     prompts = [rng.integers(0, V, size=int(rng.integers(8, 25))).tolist() for _ in range(B)]
     record = TimedRecord()
-    generate_batch(model, prompts, steps + 2, record=record)  # steps + 1 decode forwards; the first starts the clock
+    # steps + 1 decode forwards; the end of the first starts the clock
+    generate_batch(model, prompts, steps + 2, temperature=1.0, seed=seed, record=record)
     seconds = record.times[-1] - record.times[0]
     timed = len(record.times) - 1
     topk = np.stack([np.stack(step) for step in record])  # [steps, layers, B, k]

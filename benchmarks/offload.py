@@ -2,8 +2,10 @@
 against the budget, and the peak memory of loading against the loaded model's size.
 
 Each row runs in a fresh process (its peak RSS its own): `moelab.hf.load(ckpt, quant=, max_memory_gb=,
-policy=, prefetch=)`, then one prompt of `--prompt` random tokens continued greedily by `--new` tokens
-(`moelab.generate.generate_batch`). Per row:
+policy=, prefetch=)`, then one prompt of `--prompt` random tokens continued by `--new` tokens sampled at
+temperature 1 (seeded: every row draws the same tokens; `moelab.generate.generate_batch`). Sampled, not
+greedy: a random-weight model's greedy continuation soon repeats one token, whose experts then always hit
+the cache. Per row:
 - load s, and the loading peak: the rise of the process's peak RSS (VmHWM) over its RSS after importing torch
   and moelab, against the loaded model's resident bytes (`moelab.offload.resident_bytes`);
 - decode tok/s (the clock starts after the prefill), the cache's hit rate and the bytes it read from the
@@ -81,7 +83,7 @@ def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bo
         mark["t"] = time.perf_counter()
         mark["stats"] = dict(vars(cache.stats)) if cache is not None else None
 
-    out = generate_batch(model, [ids], new, on_prefill=prefill_done)
+    out = generate_batch(model, [ids], new, temperature=1.0, seed=0, on_prefill=prefill_done)
     decode_s = time.perf_counter() - mark["t"]
     row = {"quant": quant, "budget": budget, "policy": policy if budget else "-",
            "prefetch": ("on" if prefetch else "off") if budget else "-",
@@ -122,7 +124,7 @@ def main() -> None:
                  for policy in a.policies.split(",") for pre in a.prefetch.split(",")]
         if a.whole:
             rows.append((quant, None, "lru", False))
-    print(f"# {a.ckpt}: prompt {a.prompt} tokens, {a.new} new (greedy), {a.threads} thread(s); load average "
+    print(f"# {a.ckpt}: prompt {a.prompt} tokens, {a.new} new (sampled), {a.threads} thread(s); load average "
           f"{loadavg()}")
     print("| quant | budget GB | policy | prefetch | page cache before | load s | loading peak GB | resident GB | "
           "decode tok/s | hit rate | read/token MB | peak RSS rise GB | load avg |")
