@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.generate import generate, next_token_probs, sample_next
+from moelab.generate import generate, generate_batch, next_token_probs, sample_next
 from moelab.model import KVCache
 
 LOGITS = [2.0, 1.0, 0.5, -1.0, 0.0]
@@ -60,15 +60,30 @@ CONFIGS = {
     "mla": ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, attention="mla", kv_lora_rank=16,
                        qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, max_seq_len=24,
                        moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, router="sigmoid")),
+    "sinks-window": ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=24,
+                                attn_sinks=True, sliding_window=4, sliding_every=2, qkv_bias=True, o_bias=True,
+                                head_dim=8, rotary_dim=4,  # gpt-oss's attention, GLM's partial rotary
+                                moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, biases=True,
+                                              activation="clamped_swiglu")),
 }
+
+
+def _model(name: str) -> MoETransformer:
+    """CONFIGS[name] in float64 with random weights; sinks and biases random too (they start at zero)."""
+    torch.manual_seed(0)
+    model = MoETransformer(CONFIGS[name]).double().eval()
+    with torch.no_grad():
+        for n, t in model.named_parameters():
+            if n.endswith(("sinks", "bias", "b_in", "b_out")):
+                t.normal_()
+    return model
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_several_new_tokens_after_a_cache_are_causally_masked(name):
     """A chunk of 4 tokens fed after 5 cached ones gives the logits a full recompute gives: each new token
     sees the cache and the new tokens before it, never the ones after."""
-    torch.manual_seed(0)
-    model = MoETransformer(CONFIGS[name]).double().eval()
+    model = _model(name)
     ids = torch.randint(0, 61, (2, 12))
     with torch.no_grad():
         full = model(ids).logits
@@ -97,3 +112,56 @@ def test_bounds_are_errors_not_silent_cuts():
             generate(model, [1, 2], **kwargs)
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         generate(model, [], 3)
+
+
+# -- many prompts at once ---------------------------------------------------------------------------------
+
+PROMPTS = [[3, 9, 14, 2, 40], [7], [5, 1, 8, 33, 21, 60, 12, 4, 9], [11, 30, 2]]
+
+
+def _greedy_by_recompute(model, prompt: list[int], n: int) -> list[int]:
+    """The reference: each new token the argmax of a full forward over the prompt and the tokens so far (no
+    cache, no padding, one prompt)."""
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_a_batch_of_prompts_gets_each_prompts_own_tokens(name):
+    """Prompts of lengths 5, 1, 9 and 3, left-padded into one batch: each gets, greedy, exactly the tokens a
+    full recompute of it alone gives, and, sampled with a seed, the tokens it draws alone; its prefill logits
+    are those it has alone."""
+    model = _model(name)
+    with torch.no_grad():
+        expected = [_greedy_by_recompute(model, p, 8) for p in PROMPTS]
+        record: list = []
+        assert generate_batch(model, PROMPTS, 8, record=record) == expected
+        assert [generate(model, p, 8) for p in PROMPTS] == expected
+        sampled = generate_batch(model, PROMPTS, 8, temperature=1.0, seed=5)
+        assert sampled == [generate(model, p, 8, temperature=1.0, seed=5) for p in PROMPTS]
+        cache = KVCache(pad=torch.tensor([9 - len(p) for p in PROMPTS]))
+        padded = torch.tensor([[0] * (9 - len(p)) + p for p in PROMPTS])
+        logits = model(padded, cache=cache).logits
+        for b, p in enumerate(PROMPTS):
+            torch.testing.assert_close(logits[b, 9 - len(p):], model(torch.tensor([p])).logits[0], atol=1e-12,
+                                       rtol=1e-10)
+    n_moe, k = len(model.moe_layers()), CONFIGS[name].moe.top_k
+    assert len(record) == 7 and all(len(step) == n_moe for step in record)  # 7 decode steps after the prefill
+    assert all(a.shape == (4, k) and a.dtype.kind == "i" for step in record for a in step)
+
+
+def test_a_batch_stops_each_prompt_at_its_stop_id_and_checks_its_input():
+    torch.manual_seed(0)
+    model = MoETransformer(CONFIGS["gqa"]).double().eval()
+    alone = [generate(model, p, 10) for p in PROMPTS]
+    stop = alone[2][3]  # the 4th token of the longest prompt's continuation
+    out = generate_batch(model, PROMPTS, 10, stop_id=stop)
+    assert out == [a[:a.index(stop)] if stop in a else a for a in alone]
+    assert generate_batch(model, PROMPTS, 0) == [[], [], [], []]
+    with pytest.raises(ValueError, match=r"prompt \(9 tokens\) \+ max_new_tokens=16 exceed .*=24.*at most 15"):
+        generate_batch(model, PROMPTS, 16)
+    for bad in ([], [[1], []]):
+        with pytest.raises(ValueError, match="prompts must be a non-empty list of non-empty id lists"):
+            generate_batch(model, bad, 3)

@@ -3,7 +3,8 @@
     moelab demo                       MoE vs its dense twin on the default corpus, in minutes
     moelab train --preset tiny ...    train one model (every config field is a flag: --d-model,
                                       --moe-n-experts, --lr, ...; --dense trains the dense twin)
-    moelab generate PATH --prompt TEXT   a run or a Hugging Face directory
+    moelab generate PATH --prompt TEXT   a run or a Hugging Face directory (--prompt again: a batch;
+                                      --quant int8|int4; --max-memory-gb: experts read from disk)
     moelab eval PATH --data TEXT      loss, perplexity and bits per byte on held-out text
     moelab routing PATH --out DIR     what the experts do: routing.json, figures, report.html
     moelab card MODEL... [--json]     total/active parameters and what they cost
@@ -155,11 +156,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from moelab.generate import generate_text
+    from moelab.generate import generate_texts
 
-    text = generate_text(args.run, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, seed=args.seed, device=args.device)
-    print(args.prompt + text)
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt: one prompt per non-empty line")
+        prompts += lines
+    prompts = prompts or [""]
+    if args.max_memory_gb is None and (args.cache_policy is not None or args.prefetch):
+        raise ValueError("--cache-policy and --prefetch apply with --max-memory-gb (a budget for the experts)")
+    report = generate_texts(args.run, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, device=args.device, quant=args.quant, group_size=args.group_size,
+                            max_memory_gb=args.max_memory_gb, policy=args.cache_policy or "lru",
+                            prefetch=args.prefetch, progress=False if args.quiet else None)
+    for i, (prompt, text) in enumerate(zip(prompts, report.texts)):
+        if len(prompts) > 1:
+            print(f"--- prompt {i + 1} ---")
+        print(prompt + text)
+    for line in report.summary():
+        print(line, file=sys.stderr)
     return 0
 
 
@@ -284,18 +302,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained run (KV-cached decoding)",
-                       description="Continue a prompt with the newest checkpoint of a run. The prompt is encoded "
-                       "after the end-of-text token every training document starts with; prompt + new tokens must fit "
-                       "the model's max_seq_len. Generation stops early at an end-of-text token.", **fmt)
-    p.add_argument("run", help="run directory (its newest checkpoint and tokenizer.json are used)")
-    p.add_argument("--prompt", default="", help="text to continue (may be empty)")
+    p = sub.add_parser("generate", help="continue prompts with a run or a Hugging Face model (KV-cached decoding)",
+                       description="Continue one prompt or a batch of prompts (decoded together, left-padded) with "
+                       "the newest checkpoint of a run or a Hugging Face directory (config.json + safetensors + "
+                       "tokenizer.json). A run's prompt is encoded after the end-of-text token every training document "
+                       "starts with; the longest prompt + new tokens must fit the model's max_seq_len. A prompt stops "
+                       "early at an end-of-text token. The texts go to stdout; tokens/s, peak memory and (with "
+                       "--max-memory-gb) the expert cache's hit rate and bytes read from disk per token to stderr.",
+                       **fmt)
+    p.add_argument("run", metavar="PATH", help="run directory (its newest checkpoint and tokenizer.json are used) or "
+                   "Hugging Face model directory")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text to continue (may be empty); repeat for a batch of prompts (None: one empty prompt)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="UTF-8 text file, one prompt per non-empty line, added after the --prompt ones")
     p.add_argument("--max-new-tokens", type=_FieldType("int | None"), default=None,
                    help="tokens to generate at most (None: up to 100, as many as the model's context leaves)")
     p.add_argument("--temperature", type=_FieldType("float"), default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-p", type=_FieldType("float"), default=0.95, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=_FieldType("int"), default=0, help="sampling seed")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (--quant and --max-memory-gb: cpu)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the experts and the other linear layers, at load (None: the "
+                   "checkpoint's float weights)")
+    p.add_argument("--group-size", type=_FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--max-memory-gb", type=_FieldType("float | None"), default=None, metavar="GB",
+                   help="memory budget for the weights in GB (10^9 bytes), Hugging Face directories only: the "
+                   "non-expert weights stay in memory, the routed experts are read from the safetensors files on "
+                   "demand into a cache of the rest (None: the whole model in memory)")
+    p.add_argument("--cache-policy", default=None, choices=["lru", "lfu"],
+                   help="which expert the cache evicts, with --max-memory-gb: least recently or least frequently "
+                   "used (None: lru)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="with --max-memory-gb: read the next layer's predicted experts on a background thread")
+    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run or Hugging Face model on text",

@@ -9,6 +9,11 @@ or DeepSeek-V2/V3 multi-head latent attention (MLA). Generation uses a per-layer
 Granite's multipliers (`ModelConfig.embed_scale`, `residual_scale`, `logits_scaling`, `attn_scale`) scale
 the embeddings, each block's two residual branches, the logits and the attention scores.
 
+A batch of prompts of different lengths is left-padded (`KVCache.pad`): row b's first pad[b] positions are
+padding. Its tokens then take positions p − pad[b] (each prompt's rotary positions are those it has alone)
+and attend only to keys at positions ≥ pad[b], so padding changes no real token's output; a pad query
+attends to itself alone (finite, and read by no one).
+
 Legend: B = batch, S = sequence (new tokens), L = cached + new positions, H = heads, G = kv heads,
 Dh = head width, D = model width, V = vocabulary.
 """
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 
 from moelab.config import ModelConfig, RopeScaling
 from moelab.experts import INIT_STD, FeedForward
-from moelab.masked_attention import masked_attention
+from moelab.masked_attention import attend
 from moelab.moe import MoE, MoEAux
 
 
@@ -127,10 +132,12 @@ def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of past positions for every layer: k[i] [B, G, L, Dk], v[i] [B, G, L, Dv]."""
+    """Keys and values of past positions for every layer: k[i] [B, G, L, Dk], v[i] [B, G, L, Dv]; `pad` [B]
+    (int64, or None for none): the number of left-padding positions of each row (module docstring)."""
 
     k: list[Tensor | None] = field(default_factory=list)
     v: list[Tensor | None] = field(default_factory=list)
+    pad: Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -147,21 +154,6 @@ class KVCache:
         return k, v
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None, window: int | None = None,
-            sinks: Tensor | None = None) -> Tensor:
-    """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys; with a sliding
-    window or attention sinks (gpt-oss) in `moelab.masked_attention`."""
-    S, L = q.shape[2], k.shape[2]
-    if (window is not None and window < L) or sinks is not None:
-        if k.shape[1] != q.shape[1]:  # grouped-query: masked_attention takes the kv heads expanded
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return masked_attention(q, k, v, start, scale, window, sinks)
-    gqa = k.shape[1] != q.shape[1]  # grouped-query: each kv head serves H/G query heads (no copies of k, v)
-    if start == 0 or S == 1:  # one new query sees every key: no mask
-        return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale, enable_gqa=gqa)
-    mask = torch.arange(L, device=q.device)[None, :] <= (start + torch.arange(S, device=q.device))[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -203,7 +195,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = _attend(q, k, v, start, self.scale, self.window, self.sinks)
+        out = attend(q, k, v, start, self.scale, self.window, self.sinks, cache.pad if cache is not None else None)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
@@ -251,7 +243,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope], dim=-1)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        out = _attend(q, k, v, start, scale=self.scale)
+        out = attend(q, k, v, start, scale=self.scale, pad=cache.pad if cache is not None else None)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
 
@@ -325,6 +317,12 @@ class MoETransformer(nn.Module):
             raise ValueError(
                 f"sequence of {start + S} positions exceeds the model's max_seq_len={self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[start:start + S], self.rope_sin[start:start + S]
+        if cache is not None and cache.pad is not None:  # left-padded rows: positions p − pad[b], [B, 1, S, Dr]
+            if cache.pad.shape != (B,):
+                raise ValueError(f"cache.pad has shape {tuple(cache.pad.shape)}: expected one entry per row ({B},)")
+            pos = (start + torch.arange(S, device=input_ids.device))[None, :] - cache.pad[:, None]
+            pos = pos.clamp_min(0)
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
         x = self.embed(input_ids)
         if self.cfg.embed_scale != 1.0:  # Granite's embedding_multiplier
             x = x * self.cfg.embed_scale
