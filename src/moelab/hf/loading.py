@@ -10,6 +10,9 @@ expert. The routed experts take one of three forms:
 - within a memory budget (`max_memory_gb`): not loaded at all — each MoE layer gets an
   `moelab.offload.OffloadedExperts` store reading them on demand into one cache shared by all layers,
   converted to `quant`'s format as they are read; the other layers are converted for inference.
+Loading fixes glibc's mmap threshold for the process (`moelab.offload.return_freed_memory`): weights freed
+as they are converted, here or by a later `prepare_inference`, then go back to the system instead of
+staying in a fragmented heap (measured in docs/BENCHMARKS.md, "Memory budget").
 """
 
 from __future__ import annotations
@@ -156,8 +159,7 @@ def _stream(ckpt: Checkpoint, c: HFConfig, adapter: Adapter, cfg: ModelConfig, d
     or budgeted; and the loader of one expert (for the budget's cache), or None."""
     found = match_tensors(ckpt, adapter.entries(cfg, c), cfg, adapter.model_type)
     apart = quant is not None or budget  # the routed experts go to another store than Experts
-    if apart:  # experts read, converted and freed one by one: their memory goes back to the system
-        return_freed_memory()
+    return_freed_memory()  # weights freed as they are converted (here or by prepare_inference) go back to the system
     resident = [e for e in found if not (apart and is_routed_expert(e))]
     model = _empty_model(cfg, dtype, keep_experts=not apart)
     reader = ExpertReader(ckpt, expert_parts(found, cfg.moe.n_experts), dtype) if apart else None
