@@ -33,8 +33,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
+from moelab.optim import make_optimizer
 from moelab.parallel import ParallelContext, exchange_stats
-from moelab.train import make_optimizer
 from moelab.train_config import TrainConfig
 
 

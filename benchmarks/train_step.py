@@ -19,7 +19,7 @@ import torch
 
 from moelab.generate import generate
 from moelab.model import MoETransformer
-from moelab.train import make_optimizer
+from moelab.optim import make_optimizer
 from moelab.train_config import preset
 
 

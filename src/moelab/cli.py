@@ -17,98 +17,22 @@ Errors a user can cause (bad values, missing files, a run in use, a diverged run
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-from typing import Any
 
 from moelab import __version__
-from moelab.config import ModelConfig, MoEConfig, field_help
+from moelab.cli_config import FieldType, add_config_flags, check_preset, config_overrides, setting
+from moelab.config import ModelConfig
 from moelab.train_config import PRESETS, TrainConfig, preset, with_overrides
-
-_SKIP = {ModelConfig: {"moe"}, MoEConfig: {"d_model"}, TrainConfig: set()}
-_PREFIX = {ModelConfig: "", MoEConfig: "moe-", TrainConfig: ""}
-_KEY_PREFIX = {ModelConfig: "", MoEConfig: "moe.", TrainConfig: ""}
-_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
-
-
-class _FieldType:
-    """argparse `type=` for a config field: parses by the field's annotation ("int", "float | None", ...);
-    a bad value becomes "argument --x: 'abc' is not an integer" (argparse prints the message as it is)."""
-
-    def __init__(self, type_name: str) -> None:
-        self.optional = "None" in type_name
-        self.base = type_name.replace(" | None", "").strip()
-        self.__name__ = self.base  # argparse names the type in some messages
-
-    def __call__(self, text: str) -> Any:
-        if self.optional and text.lower() in ("none", "null"):
-            return None
-        try:
-            if self.base == "bool":
-                return {"1": True, "true": True, "yes": True, "on": True,
-                        "0": False, "false": False, "no": False, "off": False}[text.lower()]
-            if self.base == "int":
-                return int(text)
-            if self.base == "float":
-                return float(text)
-            if self.base == "RopeScaling":
-                value = json.loads(text)
-                if not isinstance(value, dict):
-                    raise ValueError
-                return value
-        except (KeyError, ValueError):
-            want = _TYPE_WORDS.get(self.base, "a JSON object such as '{\"factor\": 4, \"original_max_seq_len\": 256}'")
-            raise argparse.ArgumentTypeError(f"{text!r} is not {want}{' (or none)' if self.optional else ''}") from None
-        return text
-
-
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, its help taken from the config class's docstring, with the default under
-    the tiny preset and the allowed values."""
-    tiny_model, tiny_train = preset("tiny")
-    defaults = {ModelConfig: tiny_model, MoEConfig: tiny_model.moe, TrainConfig: tiny_train}
-    for cls in (ModelConfig, MoEConfig, TrainConfig):
-        docs = field_help(cls)
-        group = parser.add_argument_group(
-            f"{cls.__name__} fields (default: the --preset's value; on --resume, the run's value)")
-        for f in dataclasses.fields(cls):
-            if f.name in _SKIP[cls]:
-                continue
-            choices = f.metadata.get("choices")
-            default = getattr(defaults[cls], f.name)
-            shown = json.dumps(default.to_dict()) if hasattr(default, "to_dict") else default
-            help_text = docs.get(f.name, "").replace("%", "%%") + f" (default with --preset tiny: {shown}"
-            help_text += f"; allowed: {', '.join(choices)})" if choices else ")"
-            type_fn = _FieldType(str(f.type))
-            metavar = None if choices else "JSON" if type_fn.base == "RopeScaling" else type_fn.base.upper()
-            group.add_argument(f"--{_PREFIX[cls]}{f.name.replace('_', '-')}", dest=f"cfg:{_KEY_PREFIX[cls]}{f.name}",
-                               type=type_fn, default=None, choices=choices, help=help_text, metavar=metavar)
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields given on the command line (flags left out are None)."""
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
-
-
-def _check_preset(name: str | None) -> None:
-    if name is None or name in PRESETS:
-        return
-    from moelab.accounting.presets import is_preset
-
-    hint = (f" ({name!r} is a published model's config for `moelab card {name}`, too large to train here: train "
-            "a small model of its shape with the field flags, e.g. --moe-n-experts / --moe-top-k)"
-            if is_preset(name) else "")
-    raise ValueError(f"--preset {name!r} is not a training preset: allowed {', '.join(sorted(PRESETS))}{hint}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from moelab.rundir import RunDir
     from moelab.train import train
 
-    _check_preset(args.preset)
-    overrides = _overrides(args)
+    check_preset(args.preset)
+    overrides = config_overrides(args)
     if args.resume and args.preset is None:  # flags not given keep the run's values
         run = RunDir(args.out)
         run.require_resumable()
@@ -125,17 +49,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run: {result.run_dir}  steps: {result.steps}  validation loss: {result.final_val_loss:.4f}  "
               f"training tokens/s: {result.tokens_per_s:,.0f}")
     return 0
-
-
-def _setting(text: str) -> tuple[str, Any]:
-    """`FIELD=VALUE` (a ModelConfig/TrainConfig field, or moe.FIELD) → (key, value parsed by the field's type)."""
-    key, sep, value = text.partition("=")
-    cls, name = (MoEConfig, key[4:]) if key.startswith("moe.") else (None, key)
-    fields = {f.name: f for c in ((cls,) if cls else (ModelConfig, TrainConfig)) for f in dataclasses.fields(c)}
-    if not sep or name not in fields:
-        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a config field (e.g. lr=0.01, "
-                                         "moe.n_experts=64); see moelab train --help for the fields")
-    return key, _FieldType(str(fields[name].type))(value)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -270,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for the runs and the comparison (None: runs/demo or "
                    "runs/balancing)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="training preset")
-    p.add_argument("--steps", type=_FieldType("int | None"), default=None,
+    p.add_argument("--steps", type=FieldType("int | None"), default=None,
                    help="optimizer steps per model (None: the preset's)")
     p.add_argument("--data", default=None, help="text file or directory (None: the Python standard library)")
-    p.add_argument("--set", action="append", type=_setting, metavar="FIELD=VALUE",
+    p.add_argument("--set", action="append", type=setting, metavar="FIELD=VALUE",
                    help="balancing only: a setting for all its runs, e.g. --set moe.n_experts=64 --set lr=0.01")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
@@ -299,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizer (without it, text that differs from the run's is refused)")
     p.add_argument("--dense", action="store_true", help="train the dense twin (same active parameters)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_config_flags(p)
+    add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="continue prompts with a run or a Hugging Face model (KV-cached decoding)",
@@ -316,17 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text to continue (may be empty); repeat for a batch of prompts (None: one empty prompt)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="UTF-8 text file, one prompt per non-empty line, added after the --prompt ones")
-    p.add_argument("--max-new-tokens", type=_FieldType("int | None"), default=None,
+    p.add_argument("--max-new-tokens", type=FieldType("int | None"), default=None,
                    help="tokens to generate at most (None: up to 100, as many as the model's context leaves)")
-    p.add_argument("--temperature", type=_FieldType("float"), default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-p", type=_FieldType("float"), default=0.95, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=_FieldType("int"), default=0, help="sampling seed")
+    p.add_argument("--temperature", type=FieldType("float"), default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=FieldType("float"), default=0.95, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=FieldType("int"), default=0, help="sampling seed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (--quant and --max-memory-gb: cpu)")
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of the experts and the other linear layers, at load (None: the "
                    "checkpoint's float weights)")
-    p.add_argument("--group-size", type=_FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
-    p.add_argument("--max-memory-gb", type=_FieldType("float | None"), default=None, metavar="GB",
+    p.add_argument("--group-size", type=FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--max-memory-gb", type=FieldType("float | None"), default=None, metavar="GB",
                    help="memory budget for the weights in GB (10^9 bytes), Hugging Face directories only: the "
                    "non-expert weights stay in memory, the routed experts are read from the safetensors files on "
                    "demand into a cache of the rest (None: the whole model in memory)")
@@ -346,10 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="text file or directory to evaluate on")
     p.add_argument("--data-errors", default="strict", choices=["strict", "replace"],
                    help="text that is not valid UTF-8: refuse it, or replace bad bytes with U+FFFD")
-    p.add_argument("--seq-len", type=_FieldType("int | None"), default=None,
+    p.add_argument("--seq-len", type=FieldType("int | None"), default=None,
                    help="tokens per window (None: the model's max_seq_len)")
-    p.add_argument("--batch-size", type=_FieldType("int"), default=8, help="windows per forward pass")
-    p.add_argument("--max-tokens", type=_FieldType("int | None"), default=None,
+    p.add_argument("--batch-size", type=FieldType("int"), default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=FieldType("int | None"), default=None,
                    help="stop adding documents once this many tokens are reached (None: all the text)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -364,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", metavar="PATH[=LABEL]",
                    help="labelled text (repeat for several: e.g. --data src/=code --data docs/=prose); default: the "
                         "default corpus's held-out tail, labelled code and prose")
-    p.add_argument("--tokens", type=_FieldType("int"), default=4096, help="tokens routed per label")
-    p.add_argument("--seq-len", type=_FieldType("int"), default=256, help="tokens per sequence (at most max_seq_len)")
+    p.add_argument("--tokens", type=FieldType("int"), default=4096, help="tokens routed per label")
+    p.add_argument("--seq-len", type=FieldType("int"), default=256, help="tokens per sequence (at most max_seq_len)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_routing)
@@ -389,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="with --from-hf: store the weights quantized (int8 per output channel, int4 group-wise); "
                         "the run is for inference (generate, eval)")
-    p.add_argument("--group-size", type=_FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--group-size", type=FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("out", metavar="OUT")
     p.set_defaults(func=cmd_convert)

@@ -39,9 +39,12 @@ from moelab.corpus import Corpus
 from moelab.data import TokenData, prepare_data
 from moelab.metrics import TensorBoardLog, layer_stats, parallel_stats, truncate_after
 from moelab.model import MoETransformer
+from moelab.optim import lr_at, make_optimizer
 from moelab.parallel import ParallelContext, exchange_stats, setup_from_env
 from moelab.rundir import RunDir, RunLockedError, adopt_tokenizer, data_record, resume_data
 from moelab.train_config import TrainConfig, check_device_name
+
+__all__ = ["train", "evaluate", "lr_at", "make_optimizer", "TrainResult", "TrainingDiverged"]
 
 SINGLE_PROCESS = ParallelContext()
 
@@ -60,27 +63,6 @@ class TrainResult:
     tokens_per_s: float  # training throughput over the run (excluding evaluation and checkpointing)
     train_seconds: float
     is_main: bool = True  # False on the ranks > 0 of an expert-parallel run
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to lr·min_lr_ratio at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: MoETransformer, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (embeddings, projections, experts, routers); the fused
-    implementation (one kernel over all parameters) where torch has it for the parameters' device."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype in this torch build
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 @torch.no_grad()
