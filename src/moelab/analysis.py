@@ -65,7 +65,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             grid = [[row[e] for _, ld in loads for row in [ld[i]]] for e in range(len(loads[0][1][i]))]
             ax = axes[i][0]
             im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
-                           extent=(steps[0], steps[-1], -0.5, len(grid) - 0.5))
+                           extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, len(grid) - 0.5))  # one step: a column
             ax.set_ylabel(f"MoE layer {i}\nexpert")
             fig.colorbar(im, ax=ax, label="load share")
         axes[-1][0].set_xlabel("step")
