@@ -92,6 +92,16 @@ def test_a_run_quantized_and_what_does_not_apply_to_it(hf_dir, tmp_path, capsys)
     assert re.findall(r"t\d+", capsys.readouterr().out) == ["t1", "t2"] + [f"t{i}" for i in generate(model, [1, 2], 3)]
     assert main(["generate", str(run), "--max-memory-gb", "1"]) == 2
     assert "max_memory_gb applies to a Hugging Face directory" in capsys.readouterr().err
+    q4 = tmp_path / "q4"
+    assert main(["convert", "--from-hf", str(hf_dir), str(q4), "--quant", "int4"]) == 0
+    capsys.readouterr()
+    _error(capsys, [str(q4), "--quant", "int8"], "quant='int8'", "already quantized (int4)")
+
+
+def test_zero_new_tokens_prints_the_prompts(hf_dir, capsys):
+    assert main(["generate", str(hf_dir), "--prompt", "t1 t2", "--max-new-tokens", "0"]) == 0
+    out = capsys.readouterr()
+    assert re.findall(r"t\d+", out.out) == ["t1", "t2"] and "Traceback" not in out.err
 
 
 def _error(capsys, args: list[str], *needles: str) -> None:

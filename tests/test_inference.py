@@ -13,7 +13,13 @@ from torch import nn
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
 from moelab.generate import generate
-from moelab.inference import InferenceLinear, decode_bytes, prepare_inference, weight_formats
+from moelab.inference import (
+    InferenceLinear,
+    check_inference_device,
+    decode_bytes,
+    prepare_inference,
+    weight_formats,
+)
 from moelab.model import Attention, KVCache
 from moelab.quant import QuantizedExperts
 
@@ -155,6 +161,13 @@ def test_named_errors():
         prepare_inference(build("gqa_tied"), "int2")
     with pytest.raises(ValueError, match="group_size=16 is not supported"):
         prepare_inference(build("gqa_tied"), "int4", group_size=16)
+    model = build("gqa_tied")
+    check_inference_device(model, "cuda")  # not converted: it moves with .to(device)
+    prepare_inference(model, "int8")
+    check_inference_device(model, "cpu")
+    with pytest.raises(ValueError, match=r"device='cuda:1': the model holds weights converted for CPU inference "
+                                         r"\(int8\)"):
+        check_inference_device(model, "cuda:1")
 
 
 def test_trained_model_keeps_its_validation_perplexity(tmp_path):

@@ -117,11 +117,11 @@ def generate_batch(model: MoETransformer, prompts: list[list[int]], max_new_toke
     filler = prompts[0][0]  # any valid id: padding, and the input of rows that have stopped
     ids = torch.tensor([[filler] * n + p for n, p in zip(pad, prompts)], device=device)
     logits = model(ids, cache=cache).logits[:, -1]
-    if on_prefill is not None:
-        on_prefill()
     running = list(range(len(prompts)))
     for i in range(max_new_tokens):
-        rows, logits = logits.cpu(), None
+        rows, logits = logits.cpu(), None  # waits for the device: the prefill is done at i == 0
+        if i == 0 and on_prefill is not None:
+            on_prefill()
         step = [filler] * len(prompts)
         for b in list(running):
             token = sample_next(rows[b], temperature, top_p, gens[b])
@@ -201,7 +201,7 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
     only). progress: a loading progress bar (None: when stderr is a terminal). Returns the texts with
     their timings, peak memory and (with a budget) the expert cache's statistics. ValueError naming the
     option for settings that do not apply (a budget for a run, quantization off the CPU)."""
-    from moelab.inference import prepare_inference
+    from moelab.inference import check_inference_device, prepare_inference, weight_formats
     from moelab.models import load_model
     from moelab.offload import expert_cache
     from moelab.quant import check_quant
@@ -225,7 +225,12 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
                    prefetch=prefetch, progress=progress) if hf_dir else {}
     loaded = load_model(path, **options)
     model = loaded.model
+    check_inference_device(model, device, str(path))
     if quant is not None and not hf_dir:
+        held = {f for f in weight_formats(model) if f is not None}
+        if held and held != {quant}:
+            raise ValueError(f"quant={quant!r}: {path} is already quantized ({', '.join(sorted(held))}); "
+                             "it cannot be converted again")
         prepare_inference(model, quant, group_size)
     model.to(device)
     load_s = time.perf_counter() - t0
@@ -237,7 +242,7 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
     cache = expert_cache(model)
     if cache is not None:
         cache.reset_stats()
-    at_prefill: dict[str, Any] = {}
+    at_prefill: dict[str, Any] = {"time": time.perf_counter(), "read": 0}  # kept when no token is asked for
 
     def prefill_done() -> None:
         at_prefill.update(time=time.perf_counter(), read=cache.stats.bytes_read if cache is not None else 0)
@@ -248,7 +253,8 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
     t2 = time.perf_counter()
     n_new = sum(map(len, new))
     report = GenerationReport([loaded.tokenizer.decode(n, skip_special_tokens=False) for n in new], n_new, load_s,
-                              at_prefill["time"] - t1, t2 - at_prefill["time"], max(0, n_new - len(ids)), peak_rss())
+                              at_prefill["time"] - t1, t2 - at_prefill["time"],
+                              sum(max(0, len(n) - 1) for n in new), peak_rss())
     if cache is not None:
         report.cache = {**cache.stats.to_dict(), "capacity": cache.capacity, "policy": cache.policy,
                         "decode_bytes_read": cache.stats.bytes_read - at_prefill["read"]}

@@ -167,6 +167,16 @@ def weight_formats(model: nn.Module) -> Counter:
     return counts
 
 
+def check_inference_device(model: nn.Module, device: str, name: str = "the model") -> None:
+    """ValueError when a model holding weights converted for CPU inference (`prepare_inference`: packed or
+    quantized, kept outside the module's parameters, so `.to(device)` would not move them) is to run on
+    another device than the CPU."""
+    formats = {f or "float" for f in weight_formats(model)}
+    if formats and device != "cpu":
+        raise ValueError(f"device={device!r}: {name} holds weights converted for CPU inference "
+                         f"({', '.join(sorted(formats))}), which run on the CPU")
+
+
 def decode_bytes(model: MoETransformer, positions: int) -> int:
     """Bytes one decode token reads with `positions` cached positions: the converted linear weights, the top_k
     experts of every MoE layer (at their mean size), the routers, and the KV cache (in the model's dtype)."""
