@@ -479,6 +479,8 @@ def test_deepseek_full_rank_query_and_bfloat16(tmp_path):
         assert ours.embed.weight.dtype == torch.bfloat16
         assert ours.blocks[1].ffn.router.bias.dtype == torch.float32
         assert hf.load(tmp_path / "bf16", dtype=torch.float32).embed.weight.dtype == torch.float32
+        with pytest.raises(ValueError, match="dtype='fp16' is invalid: allowed 'float32', 'bfloat16', 'float16'"):
+            hf.load(tmp_path / "bf16", dtype="fp16")
 
 
 # -- YaRN rope scaling -------------------------------------------------------------------------------------

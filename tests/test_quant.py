@@ -226,3 +226,17 @@ def test_named_errors():
         load_linear_weight("int8", {"weight": w})
     with pytest.raises(ValueError, match="at least one expert"):
         QuantizedExperts([])
+
+
+def test_stored_weights_are_checked_before_packing():
+    """A stored form whose names or scale shapes do not fit its codes is a named error at load, not a torch
+    error at the first product."""
+    w = torch.randn(32, 64)
+    for q, name in (("int8", "scale"), ("int4", "scale_zero")):
+        good = linear_weight(w, q).tensors()
+        torch.testing.assert_close(load_linear_weight(q, good).dequantize(), linear_weight(w, q).dequantize())
+        cut = {**good, name: good[name][:-1] if q == "int8" else good[name][:, :-1]}
+        with pytest.raises(ValueError, match=f"an {q} weight with qweight .* has {name} .* do not fit"):
+            load_linear_weight(q, cut)
+        with pytest.raises(ValueError, match="is stored as"):
+            load_linear_weight(q, {"weight": w})

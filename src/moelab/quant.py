@@ -335,6 +335,18 @@ def load_linear_weight(quant: str | None, tensors: dict[str, Tensor]) -> LinearW
     if set(tensors) != set(names):
         raise ValueError(f"a {quant or 'float'} weight is stored as {', '.join(names)}; "
                          f"got {', '.join(sorted(tensors))}")
+    q = tensors.get("qweight")
+    if quant is not None and q.dim() == 2:  # the scales must fit the codes: [N] for int8, [K/G, N, 2] for int4
+        N, K = q.shape[0], q.shape[1] * (2 if quant == "int4" else 1)
+        sz = tensors.get("scale_zero")
+        ok = (tensors["scale"].shape == (N,) if quant == "int8" else
+              sz.dim() == 3 and sz.shape[1:] == (N, 2) and sz.shape[0] > 0 and K % sz.shape[0] == 0)
+        if not ok:
+            got = tuple((tensors.get("scale") if quant == "int8" else sz).shape)
+            raise ValueError(f"an {quant} weight with qweight {tuple(q.shape)} has {names[1]} {got}: they do not fit "
+                             f"(expected {'(N,)' if quant == 'int8' else '(K/G, N, 2)'}; a corrupt checkpoint?)")
+    elif quant is not None:
+        raise ValueError(f"an {quant} weight's qweight must be 2-D; got {tuple(q.shape)} (a corrupt checkpoint?)")
     return FORMATS[quant](*(tensors[n] for n in names))
 
 

@@ -126,6 +126,8 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str
     if dtype is None:
         dtype = c.data.get("dtype") or c.data.get("torch_dtype") or "float32"
         dtype = dtype if dtype in _DTYPES else "float32"
+    if isinstance(dtype, str) and dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: allowed {', '.join(map(repr, _DTYPES))} or a torch.dtype")
     dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     budget = max_memory_gb is not None
     if cfg.moe is not None and cfg.moe.biases and (quant is not None or budget):
