@@ -4,6 +4,7 @@ generated tokens); peak RSS under the budget in a fresh process; and the named e
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -76,14 +77,29 @@ def test_eviction_matches_a_naive_reference(policy):
 
 
 def test_prefetch_reads_ahead_on_another_thread():
-    log = []
-    cache = ExpertCache(10 * SIZE, _fake_load(log), "lru")
+    log, closed = [], []
+    cache = ExpertCache(10 * SIZE, _fake_load(log), "lru", on_close=lambda: closed.append(True))
     cache.prefetch([(1, 2), (1, 3), (1, 2)])
-    cache.close()  # waits for the reads in progress
+    cache.close()  # waits for the reads in progress, then calls on_close once
+    cache.close()
+    assert closed == [True]
     assert sorted(log) == [(1, 2), (1, 3)] and len(cache) == 2
     assert cache.get((1, 2))(torch.tensor(0.0)) == 2.0
     s = cache.stats
     assert (s.prefetched, s.prefetch_used, s.hits, s.misses, s.bytes_read) == (2, 1, 1, 0, 6 * SIZE)
+
+
+def test_lfu_keeps_a_prefetched_expert_until_its_first_use():
+    """Its use count is still 0, so LFU would evict it first: at the next miss, a used expert goes instead."""
+    cache = ExpertCache(3 * SIZE, _fake_load(), "lfu")
+    for key in [(0, 1), (0, 2), (0, 1), (0, 2)]:
+        cache.get(key)
+    cache.prefetch([(1, 5)])
+    cache.close()
+    cache.get((0, 3))  # a miss: one of the three must go
+    assert (1, 5) in cache and len(cache) == 3
+    cache.get((1, 5))
+    assert cache.stats.prefetch_used == 1
 
 
 def test_options_are_validated():
@@ -152,7 +168,10 @@ def test_budgeted_model_generates_the_in_memory_tokens(ckpt_dir, quant, policy, 
     read = 3 * 32 * 32 * 4  # bytes of one expert as stored (float32)
     assert s.bytes_read == read * (s.misses + s.prefetched)
     assert (s.prefetched > 0) == prefetch
-    cache.close()
+    open_files = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    cache.close()  # closes the checkpoint's files
+    if open_files is not None:
+        assert len(os.listdir("/proc/self/fd")) < open_files
 
 
 def test_budget_errors_are_named(ckpt_dir, tmp_path):

@@ -108,10 +108,11 @@ class ExpertCache:
     thread. Thread-safe: a lock guards the bookkeeping, reads happen outside it. An evicted expert's
     memory is freed when its last user drops it."""
 
-    def __init__(self, capacity: int, load: Callable[[Key], tuple[Any, int, int]], policy: str = "lru") -> None:
+    def __init__(self, capacity: int, load: Callable[[Key], tuple[Any, int, int]], policy: str = "lru",
+                 on_close: Callable[[], object] | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r} is invalid: allowed {', '.join(map(repr, POLICIES))}")
-        self.capacity, self.policy, self._load = int(capacity), policy, load
+        self.capacity, self.policy, self._load, self._on_close = int(capacity), policy, load, on_close
         self._items: OrderedDict[Key, _Item] = OrderedDict()  # least recently used first
         self._counts: dict[Key, int] = {}  # uses per key over the run (LFU)
         self._inflight: dict[Key, Future] = {}
@@ -154,7 +155,7 @@ class ExpertCache:
             future = self._inflight.get(key)
             if future is None:
                 self.stats.misses += 1
-                self._reserve()
+                reserved = self._reserve()
         if future is not None:
             future.result()
             with self._lock:
@@ -164,8 +165,8 @@ class ExpertCache:
                     self._used_now(key, item)
                     return item.value
                 self.stats.misses += 1  # prefetched, then evicted before this use: read again
-                self._reserve()
-        return self._read(key, prefetched=False).value
+                reserved = self._reserve()
+        return self._read(key, reserved, prefetched=False).value
 
     def prefetch(self, keys: Iterable[Key]) -> None:
         """Read the experts `keys` not yet held on the background thread (one thread, in order)."""
@@ -178,17 +179,22 @@ class ExpertCache:
                 self._inflight[key] = self._worker.submit(self._prefetch_one, key)
 
     def touch(self, keys: Iterable[Key]) -> None:
-        """Mark held experts as recently used without counting a use (so a prefetch does not evict them)."""
+        """Mark held experts as recently used without counting a use (under LRU, so that a prefetch does not
+        evict them; under LFU their counts already protect them)."""
         with self._lock:
             for key in keys:
                 if key in self._items:
                     self._items.move_to_end(key)
 
     def close(self) -> None:
-        """Stop the prefetch thread (after its reads in progress)."""
+        """Stop the prefetch thread (after its reads in progress), then call `on_close` (e.g. close the
+        checkpoint the experts are read from: the cache cannot read after that)."""
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
 
     # -- internals (the lock held where said) ------------------------------------------------------------
     def _prefetch_one(self, key: Key) -> None:
@@ -196,20 +202,21 @@ class ExpertCache:
             with self._lock:
                 if key in self._items:
                     return
-                self._reserve()
-            self._read(key, prefetched=True)
+                reserved = self._reserve()
+            self._read(key, reserved, prefetched=True)
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
 
-    def _reserve(self) -> None:
-        """(lock held) Make room for one expert and set it aside for the read about to start."""
+    def _reserve(self) -> int:
+        """(lock held) Make room for one expert and set it aside for the read about to start; returns the
+        bytes set aside, which that read gives back."""
         self._make_room(self._item_bytes)
         self._reserved += self._item_bytes
+        return self._item_bytes
 
-    def _read(self, key: Key, prefetched: bool) -> _Item:
-        """Read `key` (room for `_item_bytes` was reserved by the caller, lock not held) and insert it."""
-        reserved = self._item_bytes
+    def _read(self, key: Key, reserved: int, prefetched: bool) -> _Item:
+        """Read `key` (the caller reserved `reserved` bytes for it, lock not held) and insert it."""
         try:
             value, nbytes, nread = self._load(key)
         except BaseException:
@@ -242,8 +249,10 @@ class ExpertCache:
         while self._items and self._used + self._reserved + nbytes > self.capacity:
             if self.policy == "lru":
                 key = next(iter(self._items))
-            else:  # least used over the run; the OrderedDict's order breaks ties by recency
-                key = min(self._items, key=lambda k: self._counts.get(k, 0))
+            else:  # least used over the run, a prefetched expert not before its first use (its count is
+                # still 0); the OrderedDict's order breaks ties by recency
+                used = [k for k, item in self._items.items() if not item.prefetched]
+                key = min(used or self._items, key=lambda k: self._counts.get(k, 0))
             self._used -= self._items.pop(key).nbytes
             self.stats.evictions += 1
 

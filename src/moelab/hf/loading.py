@@ -147,7 +147,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str
     except BaseException:
         ckpt.close()
         raise
-    cache = ExpertCache(capacity, load_expert, policy)  # keeps ckpt open: experts are read on demand
+    cache = ExpertCache(capacity, load_expert, policy, on_close=ckpt.close)  # experts are read on demand
     for i, block in enumerate(model.blocks):
         if block.is_moe:
             block.ffn.experts = OffloadedExperts(i, cfg.moe.n_experts, cfg.moe.activation, cache)
