@@ -114,11 +114,6 @@ class SafetensorsFile:
                 done += got
         return out.view(info.shape)
 
-    def forget(self, info: TensorInfo) -> None:
-        """Ask the operating system to drop `info`'s bytes from the page cache (a later read comes from
-        the disk): for benchmarks of a checkpoint larger than the page cache could hold."""
-        os.posix_fadvise(self.fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -160,9 +155,6 @@ class Checkpoint:
     def read(self, name: str, row: int | None = None, out: Tensor | None = None) -> Tensor:
         """Tensor `name` (or its row `row` along dim 0), into `out` when given."""
         return self.where[name].read(self.info(name, row), out)
-
-    def forget(self, name: str, row: int | None = None) -> None:
-        self.where[name].forget(self.info(name, row))
 
     def close(self) -> None:
         for f in self.files:

@@ -169,12 +169,10 @@ def expert_parts(found: list[Entry], n_experts: int) -> dict[Key, ExpertParts]:
 
 class ExpertReader:
     """Reads one routed expert from a checkpoint: `read(key)` → (w_in [H, D], w_out [D, I], bytes read), new
-    tensors in `dtype`, w_out divided by its stored scale. With `forget`, the bytes read are dropped from
-    the operating system's page cache after each read (so the next read of them comes from the disk)."""
+    tensors in `dtype`, w_out divided by its stored scale."""
 
-    def __init__(self, ckpt: Checkpoint, parts: dict[Key, ExpertParts], dtype: torch.dtype,
-                 forget: bool = False) -> None:
-        self.ckpt, self.parts, self.dtype, self.forget = ckpt, parts, dtype, forget
+    def __init__(self, ckpt: Checkpoint, parts: dict[Key, ExpertParts], dtype: torch.dtype) -> None:
+        self.ckpt, self.parts, self.dtype = ckpt, parts, dtype
         some = next(iter(parts.values()))
         name, row = some.w_out
         self.D, self.I = ckpt.info(name, row).shape
@@ -192,10 +190,6 @@ class ExpertReader:
         for name, row, first, stop in p.w_in:
             self.ckpt.read(name, row, out=w_in[first:stop])
         w_out = self.ckpt.read(*p.w_out, out=torch.empty(self.D, self.I, dtype=self.src_dtype))
-        if self.forget:
-            for name, row, _, _ in p.w_in:
-                self.ckpt.forget(name, row)
-            self.ckpt.forget(*p.w_out)
         if p.scale != 1.0:
             w_out = w_out / p.scale  # as the in-memory load divides (`stream_into`): the same rounding
         return w_in.to(self.dtype), w_out.to(self.dtype), self.nbytes
