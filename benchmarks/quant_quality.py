@@ -21,7 +21,7 @@ from moelab.corpus import Corpus
 from moelab.evaluation import evaluate_text
 from moelab.inference import InferenceLinear, prepare_inference
 from moelab.models import load_model
-from moelab.quant import QuantizedExperts
+from moelab.quant_experts import QuantizedExperts
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

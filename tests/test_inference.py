@@ -21,7 +21,7 @@ from moelab.inference import (
     weight_formats,
 )
 from moelab.model import Attention, KVCache
-from moelab.quant import QuantizedExperts
+from moelab.quant_experts import QuantizedExperts
 
 MOE = MoEConfig(d_model=64, d_expert=32, n_experts=6, top_k=2, n_shared=1)
 CONFIGS = {

@@ -12,15 +12,8 @@ import torch
 from moelab import MoE, MoEConfig, quant
 from moelab.inference import store_experts
 from moelab.policy import DECODE, GROUPED, choose_path
-from moelab.quant import (
-    Int4Weight,
-    QuantizedExperts,
-    expert_weights,
-    linear_weight,
-    load_linear_weight,
-    pack_nibbles,
-    unpack_nibbles,
-)
+from moelab.quant import Int4Weight, linear_weight, load_linear_weight, pack_nibbles, unpack_nibbles
+from moelab.quant_experts import QuantizedExperts, expert_weights
 from reference import moe_reference
 
 FORMATS = [(None, 32), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)]

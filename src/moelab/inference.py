@@ -34,15 +34,8 @@ from torch import Tensor, nn
 from moelab.experts import Experts
 from moelab.model import Attention, MoETransformer
 from moelab.moe import MoE
-from moelab.quant import (
-    INT4_N_MULTIPLE,
-    ExpertWeights,
-    LinearWeight,
-    QuantizedExperts,
-    check_quant,
-    expert_weights,
-    linear_weight,
-)
+from moelab.quant import INT4_N_MULTIPLE, LinearWeight, check_quant, linear_weight
+from moelab.quant_experts import ExpertWeights, QuantizedExperts, expert_weights
 
 
 class InferenceLinear(nn.Module):

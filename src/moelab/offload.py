@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 from moelab.experts import ExpertStore
-from moelab.quant import LinearWeight, QuantizedExperts
+from moelab.quant import LinearWeight
+from moelab.quant_experts import QuantizedExperts
 
 POLICIES = ("lru", "lfu")
 Key = tuple[int, int]  # (layer, expert)
@@ -259,7 +260,7 @@ class ExpertCache:
 
 class OffloadedExperts(ExpertStore):
     """The routed experts of MoE layer `layer` (block index), held by a shared `ExpertCache` of
-    `moelab.quant.ExpertWeights` (any format) and read on demand: `ffn` and `decode` compute with
+    `moelab.quant_experts.ExpertWeights` (any format) and read on demand: `ffn` and `decode` compute with
     `cache.get((layer, e))`; there are no stacked weights, so the policy runs this store on the decode path
     and the grouped loop (`moelab.policy`). Between fetching a token's k experts and computing with them
     an evicted one stays alive: the memory held may exceed the capacity by up to k − 1 experts.

@@ -33,7 +33,8 @@ from moelab.checkpoint import CheckpointError
 from moelab.config import ModelConfig
 from moelab.inference import InferenceLinear, install_linear, linear_slots, moe_stores
 from moelab.model import MoETransformer, model_rope_tables
-from moelab.quant import ExpertWeights, QuantizedExperts, check_quant, load_linear_weight
+from moelab.quant import check_quant, load_linear_weight
+from moelab.quant_experts import ExpertWeights, QuantizedExperts
 
 LAYOUT = 1
 _ROW_DIM = {"weight": 0, "qweight": 0, "scale": 0, "scale_zero": 1, "bias": 0}  # the out_features dimension

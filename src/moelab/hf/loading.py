@@ -5,8 +5,9 @@ is read once, straight into its place (`moelab.hf.streaming`, through `moelab.hf
 safetensors files with `pread` instead of mapping them), so peak memory is the loaded model plus one
 expert. The routed experts take one of three forms:
 - in memory, float: the stacked `Experts` store, filled tensor by tensor (a trainable model);
-- in memory, quantized (`quant`): read one expert at a time and converted (`moelab.quant.expert_weights`)
-  into a `QuantizedExperts` store; the other linear layers are converted too (`moelab.inference`);
+- in memory, quantized (`quant`): read one expert at a time and converted
+  (`moelab.quant_experts.expert_weights`) into a `QuantizedExperts` store; the other linear layers are
+  converted too (`moelab.inference`);
 - within a memory budget (`max_memory_gb`): not loaded at all — each MoE layer gets an
   `moelab.offload.OffloadedExperts` store reading them on demand into one cache shared by all layers,
   converted to `quant`'s format as they are read; the other layers are converted for inference.
@@ -40,7 +41,8 @@ from moelab.offload import (
     resident_bytes,
     return_freed_memory,
 )
-from moelab.quant import QuantizedExperts, check_quant, expert_weights
+from moelab.quant import check_quant
+from moelab.quant_experts import QuantizedExperts, expert_weights
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
