@@ -299,7 +299,12 @@ class MoETransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else _init_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
-        cos, sin = model_rope_tables(cfg)
+        self.set_rope_tables()
+
+    def set_rope_tables(self) -> None:
+        """(Re)compute the rotary tables from the config, in float32 on the default device (buffers not saved
+        with the weights): a model built on the meta device gets real ones here after `to_empty`."""
+        cos, sin = model_rope_tables(self.cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 

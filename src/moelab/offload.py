@@ -101,6 +101,12 @@ def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
+def check_policy(policy: str) -> None:
+    """ValueError naming the value when `policy` is not one of `POLICIES`."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r} is invalid: allowed {', '.join(map(repr, POLICIES))}")
+
+
 class ExpertCache:
     """A map (layer, expert) → expert weights holding at most `capacity` bytes, filled by `load`.
 
@@ -111,8 +117,7 @@ class ExpertCache:
 
     def __init__(self, capacity: int, load: Callable[[Key], tuple[Any, int, int]], policy: str = "lru",
                  on_close: Callable[[], object] | None = None) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"policy={policy!r} is invalid: allowed {', '.join(map(repr, POLICIES))}")
+        check_policy(policy)
         self.capacity, self.policy, self._load, self._on_close = int(capacity), policy, load, on_close
         self._items: OrderedDict[Key, _Item] = OrderedDict()  # least recently used first
         self._counts: dict[Key, int] = {}  # uses per key over the run (LFU)

@@ -266,9 +266,7 @@ class Int4Weight(LinearWeight):
 
 
 def _check_int4_shape(N: int, K: int, group_size: int) -> None:
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size={group_size!r} is not supported for int4: allowed "
-                         f"{', '.join(map(str, GROUP_SIZES))}")
+    check_quant("int4", group_size)
     if K % group_size:
         raise ValueError(f"int4 needs in_features divisible by group_size: got a [{N}, {K}] weight with "
                          f"group_size={group_size} (use a group size dividing {K}, or int8)")

@@ -32,7 +32,7 @@ from torch import Tensor
 from moelab.checkpoint import CheckpointError
 from moelab.config import ModelConfig
 from moelab.inference import InferenceLinear, install_linear, linear_slots, moe_stores
-from moelab.model import MoETransformer, model_rope_tables
+from moelab.model import MoETransformer
 from moelab.quant import check_quant, load_linear_weight
 from moelab.quant_experts import ExpertWeights, QuantizedExperts
 
@@ -132,7 +132,5 @@ def load_quantized(ckpt: str | Path, config: dict[str, Any]) -> MoETransformer:
     if unexpected or missing or [n for n in still_meta if not n.startswith("rope_")]:
         raise CheckpointError(f"{ckpt}: model.safetensors does not fit the quantized model: unexpected "
                               f"{sorted(unexpected)[:5]}, missing {sorted(set(missing) | set(still_meta))[:5]}")
-    cos, sin = model_rope_tables(model.cfg)
-    model.register_buffer("rope_cos", cos, persistent=False)
-    model.register_buffer("rope_sin", sin, persistent=False)
+    model.set_rope_tables()
     return model.eval().requires_grad_(False)

@@ -32,11 +32,11 @@ from moelab.hf.reader import Checkpoint
 from moelab.hf.streaming import ExpertReader, expert_parts, is_routed_expert, match_tensors, stream_into
 from moelab.hf_config import HFConfig, load_json
 from moelab.inference import prepare_inference, weight_quant
-from moelab.model import MoETransformer, model_rope_tables
+from moelab.model import MoETransformer
 from moelab.offload import (
-    POLICIES,
     ExpertCache,
     OffloadedExperts,
+    check_policy,
     enable_prefetch,
     resident_bytes,
     return_freed_memory,
@@ -91,9 +91,7 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, keep_experts: bool = True
             if not keep_experts:
                 moe.experts = ExpertStore()
     model.to_empty(device="cpu")
-    cos, sin = model_rope_tables(cfg)
-    model.register_buffer("rope_cos", cos, persistent=False)
-    model.register_buffer("rope_sin", sin, persistent=False)
+    model.set_rope_tables()
     return model
 
 
@@ -196,8 +194,7 @@ def _check_budget(max_memory_gb: float | None, policy: str) -> None:
     if max_memory_gb is not None and not (number and 0 < max_memory_gb < math.inf):
         raise ValueError(f"max_memory_gb={max_memory_gb!r} is invalid: allowed a number of GB > 0, or None (the "
                          "whole model in memory)")
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r} is invalid: allowed " + ", ".join(map(repr, POLICIES)))
+    check_policy(policy)
 
 
 def _cache_capacity(model: MoETransformer, load_expert, max_memory_gb: float) -> int:
