@@ -35,7 +35,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ from torch import Tensor
 
 from moelab.experts import ExpertStore
 from moelab.quant import LinearWeight
-from moelab.quant_experts import QuantizedExperts
+from moelab.quant_experts import QuantizedExperts, decode_experts
 
 POLICIES = ("lru", "lfu")
 Key = tuple[int, int]  # (layer, expert)
@@ -296,12 +295,11 @@ class OffloadedExperts(ExpertStore):
 
     def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
                dtype: torch.dtype | None = None) -> Tensor:
-        """`QuantizedExperts.decode`'s arithmetic on the k experts fetched from the cache, so a budgeted model
-        computes bit for bit what the same model held in memory computes."""
+        """`quant_experts.decode_experts` (what `QuantizedExperts.decode` runs) on the k experts fetched from
+        the cache, so a budgeted model computes bit for bit what the same model held in memory computes."""
         self._prefetch_next(x_1D, experts)
-        chosen = SimpleNamespace(weights=[self.cache.get((self.layer, e)) for e in experts],
-                                 activation=self.activation)
-        return QuantizedExperts.decode(chosen, x_1D, list(range(len(experts))), weights, dtype)
+        chosen = [self.cache.get((self.layer, e)) for e in experts]
+        return decode_experts(chosen, weights, self.activation, x_1D, dtype)
 
     def _prefetch_next(self, x_TD: Tensor, experts: Iterable[int]) -> None:
         """Hold this layer's experts against eviction, then prefetch the next layer's predicted ones."""

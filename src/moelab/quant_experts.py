@@ -80,14 +80,18 @@ class QuantizedExperts(ExpertStore):
 
     def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
                dtype: torch.dtype | None = None) -> Tensor:
-        """y [1, D] = Σⱼ wⱼ · FFN_{eⱼ}(x): the k first projections, one activation over the k rows [k, H], the
-        routing weights applied to its [k, I] output, then the k second projections accumulated (fused
-        into the product where the format can)."""
-        chosen = [self.weights[e] for e in experts]
-        h_kH = torch.cat([ew.gate_up(x_1D) for ew in chosen])
-        w_k1 = torch.tensor(weights, dtype=h_kH.dtype, device=h_kH.device)[:, None]
-        a_kI = activate(h_kH, self.activation).mul_(w_k1)
-        y_1D = chosen[0].down(a_kI[:1])
-        for j in range(1, len(chosen)):
-            y_1D = chosen[j].down.add(a_kI[j:j + 1], y_1D)
-        return y_1D if dtype is None else y_1D.to(dtype)
+        return decode_experts([self.weights[e] for e in experts], weights, self.activation, x_1D, dtype)
+
+
+def decode_experts(chosen: list[ExpertWeights], weights: list[float], activation: str, x_1D: Tensor,
+                   dtype: torch.dtype | None = None) -> Tensor:
+    """y [1, D] = Σⱼ wⱼ · FFN_j(x) over the k `chosen` experts: the k first projections, one activation over
+    the k rows [k, H], the routing weights applied to its [k, I] output, then the k second projections
+    accumulated (fused into the product where the format can)."""
+    h_kH = torch.cat([ew.gate_up(x_1D) for ew in chosen])
+    w_k1 = torch.tensor(weights, dtype=h_kH.dtype, device=h_kH.device)[:, None]
+    a_kI = activate(h_kH, activation).mul_(w_k1)
+    y_1D = chosen[0].down(a_kI[:1])
+    for j in range(1, len(chosen)):
+        y_1D = chosen[j].down.add(a_kI[j:j + 1], y_1D)
+    return y_1D if dtype is None else y_1D.to(dtype)
