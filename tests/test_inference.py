@@ -11,13 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
+from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
 from moelab.generate import generate
 from moelab.inference import (
     InferenceLinear,
     check_inference_device,
     decode_bytes,
+    expert_quant,
     prepare_inference,
+    store_experts,
     weight_formats,
 )
 from moelab.model import Attention, KVCache
@@ -198,3 +200,14 @@ def test_trained_model_keeps_its_validation_perplexity(tmp_path):
     for quant, bound in (("int8", 0.02), ("int4", 0.10)):
         got = perplexity(prepare_inference(copy.deepcopy(model), quant))
         assert abs(got / want - 1) < bound, (quant, got, want)
+
+
+def test_an_expert_gets_one_format():
+    """int4 where both of an expert's weights take it; where one cannot (here down's 48 inputs are not a
+    multiple of the group size 32), int8 for both: one format per expert."""
+    assert expert_quant((96, 64), (64, 48), "int4", 32) == "int8"
+    assert expert_quant((96, 64), (64, 64), "int4", 32) == "int4"
+    assert expert_quant((96, 64), (64, 48), None, 32) is None
+    cfg = MoEConfig(d_model=64, d_expert=48, n_experts=2, top_k=1)
+    store = store_experts(MoE(cfg).experts, "int4", 32)
+    assert {(ew.gate_up.quant, ew.down.quant) for ew in store.weights} == {("int8", "int8")}

@@ -65,6 +65,13 @@ def weight_quant(shape: tuple[int, int] | torch.Size, quant: str | None, group_s
     return quant
 
 
+def expert_quant(gate_up_shape: tuple[int, int] | torch.Size, down_shape: tuple[int, int] | torch.Size,
+                 quant: str | None, group_size: int) -> str | None:
+    """The one format of an expert's two weights under `quant`: int8 for both where int4 fits only one."""
+    fits = {weight_quant(gate_up_shape, quant, group_size), weight_quant(down_shape, quant, group_size)}
+    return "int8" if "int8" in fits else quant
+
+
 def _linear(w: Tensor, bias: Tensor | None, quant: str | None, group_size: int) -> InferenceLinear:
     return InferenceLinear(linear_weight(w, weight_quant(w.shape, quant, group_size), group_size), bias)
 
@@ -74,8 +81,7 @@ def store_experts(experts: Experts, quant: str | None, group_size: int = 32) -> 
     out: list[ExpertWeights] = []
     for w_in_DH, w_out_ID in zip(experts.w_in.detach().unbind(0), experts.w_out.detach().unbind(0)):
         gate_up, down = w_in_DH.t(), w_out_ID.t()
-        fits = {weight_quant(gate_up.shape, quant, group_size), weight_quant(down.shape, quant, group_size)}
-        q = "int8" if "int8" in fits else quant  # one format per expert
+        q = expert_quant(gate_up.shape, down.shape, quant, group_size)
         out.append(expert_weights(gate_up, down, q, group_size, experts.activation))
     return QuantizedExperts(out)
 

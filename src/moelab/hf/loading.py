@@ -31,7 +31,7 @@ from moelab.hf.adapters import Adapter, adapter_for
 from moelab.hf.reader import Checkpoint
 from moelab.hf.streaming import ExpertReader, expert_parts, is_routed_expert, match_tensors, stream_into
 from moelab.hf_config import HFConfig, load_json
-from moelab.inference import prepare_inference, weight_quant
+from moelab.inference import expert_quant, prepare_inference
 from moelab.model import MoETransformer
 from moelab.offload import (
     ExpertCache,
@@ -215,9 +215,7 @@ def _cache_capacity(model: MoETransformer, load_expert, max_memory_gb: float) ->
 def _expert_loader(reader: ExpertReader, quant: str | None, group_size: int, activation: str):
     """load(key, progress=None) → (ExpertWeights, its bytes, bytes read): one expert read and converted to
     `quant` (int8 where int4 cannot take its shapes, as `moelab.inference` does)."""
-    shapes = [(reader.H, reader.D), (reader.D, reader.I)]
-    fits = {weight_quant(shape, quant, group_size) for shape in shapes}
-    q = "int8" if "int8" in fits else quant  # one format per expert
+    q = expert_quant((reader.H, reader.D), (reader.D, reader.I), quant, group_size)
 
     def load_expert(key, progress=None):
         w_in, w_out, nread = reader.read(key)
