@@ -78,31 +78,42 @@ def _hf_greedy(model, prompt: list[int], n: int = 20) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def _assert_same(hf_model, ours: MoETransformer) -> None:
+def assert_same(hf_model, ours: MoETransformer, what: str = "") -> float:
+    """Same logits (elementwise within 1e-5 absolute + 1e-5 relative, and at most 1e-5 of the logit scale
+    apart) and the same 20-token greedy continuation; returns the largest |difference|."""
     ids = _ids()
     with torch.no_grad():
-        expected = hf_model(ids).logits
-        got = ours(ids).logits
+        expected, got = hf_model(ids).logits, ours(ids).logits
     assert expected.shape == got.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    diff, scale = (expected - got).abs().max().item(), expected.abs().max().item()
+    print(f"{what}: max |logit diff| {diff:.2e}, logit scale {scale:.2e}")
+    assert diff <= 1e-5 * scale, (diff, scale)
     prompt = _ids(1, 1, 5)[0].tolist()
     assert generate(ours, prompt, 20, temperature=0.0) == _hf_greedy(hf_model, prompt)
+    return diff
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def saved(request, tmp_path_factory):
-    arch = request.param
-    model = _tiny_hf(arch)
-    path = tmp_path_factory.mktemp(arch)
-    model.save_pretrained(path)
-    return arch, model, path
+def saved_checkpoints(names: list[str], build):
+    """A module-scoped fixture, one parameter per name: (name, the transformers model `build(name)` gives,
+    the directory it was saved to with save_pretrained)."""
+    @pytest.fixture(scope="module", params=names)
+    def saved(request, tmp_path_factory):
+        model = build(request.param)
+        path = tmp_path_factory.mktemp(request.param)
+        model.save_pretrained(path)
+        return request.param, model, path
+    return saved
+
+
+saved = saved_checkpoints(ARCHS, _tiny_hf)
 
 
 def test_load_matches_transformers(saved):
     arch, hf_model, path = saved
     ours = hf.load(path)
     assert isinstance(ours, MoETransformer)
-    _assert_same(hf_model, ours)
+    assert_same(hf_model, ours)
 
 
 def test_loads_stacked_expert_layout(saved, tmp_path):
@@ -112,7 +123,7 @@ def test_loads_stacked_expert_layout(saved, tmp_path):
     assert any(k.endswith("experts.gate_up_proj") for k in state)
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     save_file(state, str(tmp_path / "model.safetensors"))
-    _assert_same(hf_model, hf.load(tmp_path))
+    assert_same(hf_model, hf.load(tmp_path))
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -120,7 +131,7 @@ def test_sharded_checkpoint(tmp_path):
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
-    _assert_same(model, hf.load(tmp_path))
+    assert_same(model, hf.load(tmp_path))
 
 
 def _moelab_configs() -> dict[str, ModelConfig]:
@@ -168,7 +179,7 @@ def test_export_loads_in_transformers(arch, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == arch
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    _assert_same(hf_model, ours)
+    assert_same(hf_model, ours)
     back = hf.load(tmp_path)  # and round trip into moelab
     torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-6, rtol=0)
 
@@ -181,7 +192,7 @@ def test_export_head_dim_other_than_width_over_heads(tmp_path):
     hf.save(ours, tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert hf_model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
-    _assert_same(hf_model, ours)
+    assert_same(hf_model, ours)
     with pytest.raises(ValueError, match="olmoe: head_dim must be d_model // n_heads"):
         hf.save(MoETransformer(_moelab_configs()["olmoe"].replace(head_dim=16)), tmp_path / "olmoe")
 
@@ -310,7 +321,7 @@ def test_null_kv_heads_means_multi_head_attention(tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     ours = hf.load(_save_with(model, tmp_path, num_key_value_heads=None))
     assert ours.cfg.n_kv_heads == 4
-    _assert_same(model, ours)
+    assert_same(model, ours)
 
 
 def test_zero_shared_experts_and_explicit_head_dim(tmp_path):
@@ -322,13 +333,13 @@ def test_zero_shared_experts_and_explicit_head_dim(tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     ours = hf.load(_save_with(model, tmp_path / "deepseek"))
     assert ours.cfg.moe.n_shared == 0
-    _assert_same(model, ours)
+    assert_same(model, ours)
     cfg = _hf_config("qwen2_moe")
     cfg.head_dim = 16  # 2 x hidden_size // num_attention_heads
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     ours = hf.load(_save_with(model, tmp_path / "qwen"))
     assert ours.cfg.head_width == 16
-    _assert_same(model, ours)
+    assert_same(model, ours)
 
 
 @pytest.mark.parametrize(("arch", "config", "match"), [
@@ -374,7 +385,7 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
     assert main(["convert", "--from-hf", str(src), str(run)]) == 0
     model, config = load_run(run)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir).eval()
-    _assert_same(hf_model, model)
+    assert_same(hf_model, model)
     assert isinstance(generate_text(run, "t1 t2 t3", max_new_tokens=5, temperature=0.0), str)
     report = card_report(str(run))
     assert report["total_params"] == sum(p.numel() for p in hf_model.parameters())
@@ -389,7 +400,7 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
     assert main(["convert", "--from-hf", str(src), str(run)]) == 2  # refuses to overwrite
     out = tmp_path / "back"
     assert main(["convert", "--to-hf", str(run), str(out)]) == 0
-    _assert_same(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), model)
+    assert_same(transformers.AutoModelForCausalLM.from_pretrained(out).eval(), model)
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
     assert tok("t5 t7")["input_ids"] == [5, 7]
     exported = json.loads((out / "config.json").read_text())  # no <|endoftext|>: no eos, not Mixtral's default 2

@@ -23,9 +23,8 @@ from moelab import hf  # noqa: E402
 from moelab.accounting import count_params  # noqa: E402
 from moelab.card import card_report  # noqa: E402
 from moelab.config import ModelConfig, MoEConfig  # noqa: E402
-from moelab.generate import generate  # noqa: E402
 from moelab.model import MoETransformer  # noqa: E402
-from test_hf import COMMON, V, _hf_greedy, _ids  # noqa: E402
+from test_hf import COMMON, V, _ids, assert_same, saved_checkpoints  # noqa: E402
 
 T = transformers
 
@@ -92,27 +91,7 @@ def _tiny_hf(case: str, seed: int = 0):
     return model
 
 
-def assert_same(hf_model, ours: MoETransformer, what: str) -> float:
-    """Same logits within 1e-5 of the logit scale, same 20-token greedy continuation; returns max |diff|."""
-    ids = _ids()
-    with torch.no_grad():
-        expected, got = hf_model(ids).logits, ours(ids).logits
-    assert expected.shape == got.shape
-    diff, scale = (expected - got).abs().max().item(), expected.abs().max().item()
-    print(f"{what}: max |logit diff| {diff:.2e}, logit scale {scale:.2e}")
-    assert diff <= 1e-5 * scale, (diff, scale)
-    prompt = _ids(1, 1, 5)[0].tolist()
-    assert generate(ours, prompt, 20, temperature=0.0) == _hf_greedy(hf_model, prompt)
-    return diff
-
-
-@pytest.fixture(scope="module", params=CASES)
-def saved(request, tmp_path_factory):
-    case = request.param
-    model = _tiny_hf(case)
-    path = tmp_path_factory.mktemp(case)
-    model.save_pretrained(path)
-    return case, model, path
+saved = saved_checkpoints(CASES, _tiny_hf)
 
 
 def test_load_matches_transformers(saved):
