@@ -420,12 +420,14 @@ _MEMORY_CHILD = textwrap.dedent("""
     from moelab.config import ModelConfig
     from moelab.model import MoETransformer
     from moelab.offload import resident_bytes
+    from moelab import native
     from moelab.quant import int4_kernel_available, int8_kernel_available, packed_float_available
 
     with torch.device("meta"):  # one-time cost of torch's meta-device machinery (~75 MB), not per model
         MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=8,
                                    d_ff=8, moe=None))
-    int8_kernel_available(), int4_kernel_available(), packed_float_available(torch.float32)  # kernels' first use
+    # the kernels' first use
+    int8_kernel_available(), int4_kernel_available(), packed_float_available(torch.float32), native.available()
 
     def status(key):
         for line in open("/proc/self/status"):

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from moelab import MoE, MoEConfig, quant
+from moelab import MoE, MoEConfig, native, quant
 from moelab.inference import store_experts
 from moelab.policy import DECODE, GROUPED, choose_path
 from moelab.quant import Int4Weight, linear_weight, load_linear_weight, pack_nibbles, unpack_nibbles
@@ -23,6 +23,15 @@ FORMATS = [(None, 32), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)]
 BF16_BOUND = 2**-8 + 1e-4
 
 
+def kernel_input(w: quant.LinearWeight, x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel that runs `w` on it multiplies it (float64 where quantized): moelab's int8 / int4 kernels
+    quantize it per block of 32 (`native.quantize_activations`), torch's int8 / int4 kernels take bfloat16."""
+    ours = w.native is not None and (w.quant == "int4" or x.shape[0] <= quant.NATIVE_MAX_ROWS[w.quant])
+    if w.quant is None:
+        return x.bfloat16() if ours else x
+    return native.quantize_activations(x) if ours else x.bfloat16()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -34,21 +43,23 @@ def test_product_matches_dequantize_then_matmul_in_float64(fmt, dtype, shape):
     q, G = fmt
     torch.manual_seed(0)
     w = linear_weight(torch.randn(*shape, dtype=dtype), q, G)
-    for M in (1, 5):
+    for M in (1, 5, 40):  # 40: more rows than one tile of moelab's kernels
         x = torch.randn(M, shape[1], dtype=dtype)
         y = w(x)
         assert y.dtype == dtype and y.shape == (M, shape[0])
-        x_in = x if q is None else x.bfloat16()  # what the kernel multiplies
-        want = x_in.double() @ w.dequantize(torch.float64).T
+        want = kernel_input(w, x).double() @ w.dequantize(torch.float64).T
         assert rel(y, want) <= (1e-6 if q is None and dtype == torch.float32 else BF16_BOUND), (M, rel(y, want))
         torch.testing.assert_close(w.add(x, y), 2 * y, atol=0.05 * want.abs().max().item(), rtol=0.02)
 
 
-def test_float_weight_is_exact_and_prepacked_on_this_cpu():
-    w = torch.randn(48, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_float_weight_is_exact_and_on_the_fastest_kernel_here(dtype):
+    w = torch.randn(48, 64, dtype=dtype)
     fw = linear_weight(w)
-    assert fw.packed == quant.packed_float_available(torch.bfloat16)
-    assert torch.equal(fw.dequantize(torch.bfloat16), w) and fw.nbytes == 48 * 64 * 2
+    ours = dtype == torch.bfloat16 and native.available()
+    assert fw.backend == ("native" if ours else "torch" if quant.packed_float_available(dtype) else "plain")
+    assert fw.packed == (fw.backend == "torch")
+    assert torch.equal(fw.dequantize(dtype), w) and fw.nbytes == 48 * 64 * dtype.itemsize
 
 
 def test_int8_quantizer_within_half_a_step_per_channel():
@@ -84,14 +95,17 @@ def test_int4_quantizer_within_half_a_step_per_group(G):
 
 @pytest.mark.parametrize("shape", [(16, 64), (48, 96), (80, 128), (128, 64)])
 def test_int4_codes_read_back_from_the_kernel_pack(shape):
-    """The kernel's private packed layout is inverted exactly (`codes`), so a packed weight saves portably."""
+    """The kernels' private layouts (moelab's tiles where K % 64 == 0, else torch's pack) are inverted exactly
+    (`codes`, `scales_zeros`), so a packed weight saves portably."""
     torch.manual_seed(3)
     q = torch.randint(0, 16, shape, dtype=torch.uint8)
     assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
     sz = torch.stack([torch.rand(shape[1] // 32, shape[0]), torch.randn(shape[1] // 32, shape[0])], -1)
     w = Int4Weight(pack_nibbles(q), sz)
-    assert w.kernel == quant.int4_kernel_available()
+    assert w.backend == ("native" if native.available() and shape[1] % 64 == 0 else
+                         "torch" if quant.int4_kernel_available() else "plain")
     assert torch.equal(w.codes(), q) and torch.equal(w.tensors()["qweight"], pack_nibbles(q))
+    assert torch.equal(w.tensors()["scale_zero"], sz.bfloat16())
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -112,11 +126,14 @@ def test_without_the_kernels_a_weight_is_dequantized_then_multiplied(fmt, monkey
     fast = linear_weight(W, q, G)
     monkeypatch.setattr(quant, "int8_kernel_available", lambda: False)
     monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
+    monkeypatch.setattr(native, "available", lambda: False)
     slow = linear_weight(W, q, G)
-    assert fast.kernel and not slow.kernel
+    assert fast.backend != "plain" and slow.backend == "plain" and slow.native is None
     assert torch.equal(slow.dequantize(), fast.dequantize())
-    assert rel(slow(x), x.double() @ slow.dequantize(torch.float64).T) < 1e-6  # float32 x stays float32 here
-    assert rel(fast(x), slow(x)) <= BF16_BOUND + 2**-8  # the kernel's bfloat16 activations
+    want = x.double() @ slow.dequantize(torch.float64).T
+    assert rel(slow(x), want) < 1e-6  # float32 x stays float32 here
+    assert rel(fast(x), kernel_input(fast, x) @ fast.dequantize(torch.float64).T) < 1e-5
+    assert rel(fast(x), want) < 0.01  # the kernel's activations: bfloat16, or int8 per block of 32
     assert torch.equal(load_linear_weight(q, slow.tensors()).dequantize(), fast.dequantize())
 
 

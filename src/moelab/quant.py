@@ -19,8 +19,12 @@ Formats of one linear weight W [N, K] (nn.Linear layout):
   construction) + `aten._weight_int4pack_mm_for_cpu`, bfloat16 activations. Needs K % G == 0 and N % 16 == 0.
   Weight-only quantization with min/max groups as in GPTQ/AWQ-style int4 formats (Frantar et al. 2022, without the
   error correction; Lin et al. 2023, without the activation-aware scaling).
-Off the CPU, or where a kernel is missing, a quantized weight is dequantized to x's dtype and multiplied by
-`F.linear` on every call: correct everywhere, fast only on the CPU.
+Kernels, chosen in one place (`backend`): on a CPU with AVX-512 VNNI / BF16, moelab's own kernels
+(`moelab.native`) run bfloat16, int8 and int4 weights for few rows of x — a decode step — with the activations of
+int8 / int4 products quantized per block of 32 to int8 (llama.cpp's Q8_0 activations); int4 runs on them for every
+M (their tiled layout is the only one kept), bfloat16 and int8 hand larger M (prefill) to torch's kernels
+(`NATIVE_MAX_ROWS`). Elsewhere torch's kernels above. Off the CPU, or where no kernel runs, a quantized weight is
+dequantized to x's dtype and multiplied by `F.linear` on every call: correct everywhere, fast only on the CPU.
 
 On disk (`tensors()`) the forms are portable, never a kernel's private layout: float `weight` [N, K];
 int8 `qweight` int8 [N, K] + `scale` [N]; int4 `qweight` uint8 [N, K/2] (q[n, 2i] in the low nibble of byte
@@ -39,10 +43,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelab import native
+
 QUANTS = (None, "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
 INT4_N_MULTIPLE = 16  # its packer's row block
 KERNEL_DTYPE = torch.bfloat16  # activations and scales of the int8 / int4 kernels
+NATIVE_MAX_ROWS = {None: 4, "int8": 4}  # rows of x up to which moelab's kernels beat torch's (int4: always ours)
 
 
 def check_quant(quant: str | None, group_size: int = 32) -> None:
@@ -97,6 +104,23 @@ def int4_kernel_available() -> bool:
     return _probe(check)
 
 
+def backend(quant: str | None, weight_shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> str:
+    """Which kernel a [N, K] weight of format `quant` (float weights: of `dtype`) runs on for decode-sized inputs:
+    "native" (moelab.native), "torch" (torch's CPU kernels above; float: oneDNN prepacked), or "plain"
+    (float: F.linear; int8 / int4: dequantize, then F.linear)."""
+    N, K = weight_shape
+    cpu = device.type == "cpu"
+    if quant is None:
+        if dtype == torch.bfloat16 and native.supports(K, device):
+            return "native"
+        return "torch" if cpu and packed_float_available(dtype) else "plain"
+    if native.supports(K, device) and (quant == "int8" or N % INT4_N_MULTIPLE == 0):
+        return "native"
+    if quant == "int8":
+        return "torch" if cpu and K % 16 == 0 and int8_kernel_available() else "plain"
+    return "torch" if cpu and int4_kernel_available() else "plain"
+
+
 # ------------------------------------------------------------------------------------------ formats
 
 class LinearWeight:
@@ -132,18 +156,23 @@ class LinearWeight:
 
 
 class FloatWeight(LinearWeight):
-    """W in its own dtype; prepacked for oneDNN on the CPU where available."""
+    """W in its own dtype: bfloat16 on moelab's kernels (and F.linear for many rows) where they run, else
+    prepacked for oneDNN on the CPU where available, else F.linear."""
 
     def __init__(self, weight: Tensor) -> None:
         super().__init__(*weight.shape)
         weight = weight.detach().contiguous()
         self.dtype = weight.dtype
-        self.packed = weight.device.type == "cpu" and packed_float_available(weight.dtype)
+        self.backend = backend(None, weight.shape, weight.dtype, weight.device)
+        self.packed = self.backend == "torch"
+        self.native = native.NativeWeight("bf16", weight) if self.backend == "native" else None
         self.w = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
 
     def __call__(self, x_MK: Tensor) -> Tensor:
         if x_MK.dtype != self.dtype:
             return self(x_MK.to(self.dtype)).to(x_MK.dtype)
+        if self.native is not None and x_MK.shape[0] <= NATIVE_MAX_ROWS[None]:
+            return native.linear(self.native, x_MK).to(self.dtype)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise.default(x_MK, self.w, None, "none", [], "")
         return F.linear(x_MK, self.w)
@@ -180,6 +209,8 @@ class Int8Weight(LinearWeight):
     def __init__(self, qweight: Tensor, scale: Tensor) -> None:
         super().__init__(*qweight.shape)
         self.q, self.scale = aligned(qweight), aligned(scale.to(KERNEL_DTYPE))
+        self.backend = backend("int8", qweight.shape, KERNEL_DTYPE, qweight.device)
+        self.native = native.NativeWeight("int8", self.q, self.scale) if self.backend == "native" else None
         self.kernel = qweight.device.type == "cpu" and self.in_features % 16 == 0 and int8_kernel_available()
 
     @classmethod
@@ -190,6 +221,8 @@ class Int8Weight(LinearWeight):
         return cls(q, scale)
 
     def __call__(self, x_MK: Tensor) -> Tensor:
+        if self.native is not None and (x_MK.shape[0] <= NATIVE_MAX_ROWS["int8"] or not self.kernel):
+            return native.linear(self.native, x_MK).to(x_MK.dtype)
         if not self.kernel:
             return F.linear(x_MK, self.dequantize(x_MK.dtype))
         if x_MK.dtype != KERNEL_DTYPE:
@@ -209,7 +242,8 @@ class Int8Weight(LinearWeight):
 
 class Int4Weight(LinearWeight):
     """Group-wise int4: qweight uint8 [N, K/2] (two codes per byte, portable layout), scale_zero [K/G, N, 2]
-    (bfloat16); W[n, k] ≈ (q[n, k] − 8)·scale[k // G, n] + zero[k // G, n]. Packed for the CPU kernel."""
+    (bfloat16); W[n, k] ≈ (q[n, k] − 8)·scale[k // G, n] + zero[k // G, n]. Held in the layout of the kernel that
+    runs it (`backend`): moelab's tiles, torch's pack, or the portable codes."""
 
     quant = "int4"
 
@@ -218,12 +252,18 @@ class Int4Weight(LinearWeight):
         super().__init__(N, K)
         self.group_size = K // scale_zero.shape[0]
         _check_int4_shape(N, K, self.group_size)
-        self.scale_zero = aligned(scale_zero.to(KERNEL_DTYPE))
-        self.kernel = qweight.device.type == "cpu" and int4_kernel_available()
-        if self.kernel:  # the portable codes are not kept: `tensors` recovers them from the pack
-            self.w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 2)
+        self.backend = backend("int4", (N, K), KERNEL_DTYPE, qweight.device)
+        self.kernel = self.backend == "torch"
+        self.native = None
+        scale_zero = scale_zero.to(KERNEL_DTYPE)
+        if self.backend == "native":  # the portable codes are not kept: `codes` and `tensors` untile them
+            self.w, s, z = native.tile_int4(unpack_nibbles(qweight), *scale_zero.transpose(0, 1).unbind(-1))
+            self.native = native.NativeWeight("int4", self.w, s, z, self.group_size)
+            self.scale_zero = None
         else:
-            self.w = qweight.contiguous()
+            self.scale_zero = aligned(scale_zero)
+            self.w = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 2)
+                      if self.kernel else qweight.contiguous())
 
     @classmethod
     def quantize(cls, w: Tensor, group_size: int) -> Int4Weight:
@@ -237,6 +277,8 @@ class Int4Weight(LinearWeight):
         return cls(pack_nibbles(q), torch.stack([scale, zero], -1).transpose(0, 1))
 
     def __call__(self, x_MK: Tensor) -> Tensor:
+        if self.native is not None:
+            return native.linear(self.native, x_MK).to(x_MK.dtype)
         if not self.kernel:
             return F.linear(x_MK, self.dequantize(x_MK.dtype))
         if x_MK.dtype != KERNEL_DTYPE:
@@ -245,10 +287,19 @@ class Int4Weight(LinearWeight):
 
     @property
     def nbytes(self) -> int:
-        return self.out_features * self.in_features // 2 + self.scale_zero.numel() * self.scale_zero.element_size()
+        return self.out_features * self.in_features // 2 + self.out_features * (self.in_features // self.group_size) * 4
+
+    def scales_zeros(self) -> Tensor:
+        """scale_zero [K/G, N, 2] (bfloat16)."""
+        if self.native is None:
+            return self.scale_zero
+        _, s, z = native.untile_int4(*self.native.tensors)
+        return torch.stack([s, z], -1).transpose(0, 1)
 
     def codes(self) -> Tensor:
         """q [N, K] uint8 in 0..15."""
+        if self.native is not None:
+            return native.untile_int4(*self.native.tensors)[0]
         if not self.kernel:
             return unpack_nibbles(self.w)
         order = _int4_pack_order(self.out_features, self.in_features)
@@ -258,11 +309,11 @@ class Int4Weight(LinearWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         G = self.group_size
-        scale, zero = (t.t().to(dtype).repeat_interleave(G, dim=1) for t in self.scale_zero.unbind(-1))  # [N, K]
+        scale, zero = (t.t().to(dtype).repeat_interleave(G, dim=1) for t in self.scales_zeros().unbind(-1))  # [N, K]
         return (self.codes().to(dtype) - 8) * scale + zero
 
     def tensors(self) -> dict[str, Tensor]:
-        return {"qweight": pack_nibbles(self.codes()), "scale_zero": self.scale_zero}
+        return {"qweight": pack_nibbles(self.codes()), "scale_zero": self.scales_zeros()}
 
 
 def _check_int4_shape(N: int, K: int, group_size: int) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from moelab import native
 from moelab.experts import ExpertStore
 from moelab.kernels import activate, in_width
 from moelab.quant import LinearWeight, linear_weight
@@ -85,9 +86,14 @@ class QuantizedExperts(ExpertStore):
 
 def decode_experts(chosen: list[ExpertWeights], weights: list[float], activation: str, x_1D: Tensor,
                    dtype: torch.dtype | None = None) -> Tensor:
-    """y [1, D] = Σⱼ wⱼ · FFN_j(x) over the k `chosen` experts: the k first projections, one activation over
-    the k rows [k, H], the routing weights applied to its [k, I] output, then the k second projections
-    accumulated (fused into the product where the format can)."""
+    """y [1, D] = Σⱼ wⱼ · FFN_j(x) over the k `chosen` experts: one call of moelab's kernels where every chosen
+    weight runs on them in one format (`moelab.native.moe_decode`); otherwise the k first projections, one
+    activation over the k rows [k, H], the routing weights applied to its [k, I] output, then the k second
+    projections accumulated (fused into the product where the format can)."""
+    gate_ups, downs = [ew.gate_up.native for ew in chosen], [ew.down.native for ew in chosen]
+    if native.same_format(gate_ups) and native.same_format(downs):
+        y_1D = native.moe_decode(gate_ups, downs, weights, x_1D, activation)
+        return y_1D.to(dtype or x_1D.dtype)
     h_kH = torch.cat([ew.gate_up(x_1D) for ew in chosen])
     w_k1 = torch.tensor(weights, dtype=h_kH.dtype, device=h_kH.device)[:, None]
     a_kI = activate(h_kH, activation).mul_(w_k1)

@@ -1,0 +1,291 @@
+/* moelab's CPU kernels for inference-time products with few activation rows (decode, short prefill).
+ *
+ * Built on demand by moelab/native.py (cc -O3 -march=native -fopenmp), called through ctypes with pointers to
+ * torch tensors. AVX-512 (F, BW, VL, VNNI, BF16). OpenMP threads are those of torch's own libgomp (same soname,
+ * loaded first), so the library does not bring a second thread pool.
+ *
+ * Weight formats (one row n of W [N, K], K % 64 == 0):
+ *   BF16: w[n, k] bfloat16.
+ *   INT8: q[n, k] int8 in [-127, 127], s[n] bfloat16;            W ≈ q · s.
+ *   INT4: W ≈ (q − 8) · s + z per group of G, codes q in 0..15, tiled by 16 rows (N % 16 == 0) so that one
+ *         int32 lane of a VNNI product is one row: codes uint8 [N/16, K/32, 4, 16, 4], byte [t, b, j, r, i] =
+ *         q[16t + r, 32b + 4j + i] | q[16t + r, 32b + 16 + 4j + i] << 4; s, z bfloat16 [N/16, K/G, 16].
+ * Activations for INT8 / INT4 weights are quantized per block of 32 (as llama.cpp's Q8_0): sx_b = max|x| / 127,
+ * x̂ = round(x / sx_b) · sx_b; the integer products run on VNNI (vpdpbusd), each block's sum scaled in float:
+ *   INT8: y_n = s_n · Σ_b sx_b · Σ_{k∈b} q_nk · x̂q_k
+ *   INT4: y_n = Σ_g s_ng · Σ_{b⊂g} sx_b · Σ_{k∈b} q_nk · x̂q_k  +  Σ_g (z_ng − 8 s_ng) · Σ_{k∈g} x̂_k
+ * which is Σ_k Ŵ_nk · x̂_k exactly, up to float32 rounding. BF16: Σ_k w_nk · bf16(x_k) (vdpbf16ps).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { F_BF16 = 0, F_INT8 = 1, F_INT4 = 2 };
+enum { A_SWIGLU = 0, A_GELU = 1 };
+
+typedef struct {
+    int32_t fmt, n, k, g;     /* format, rows N, input width K, int4 group size G */
+    const void *q;            /* bf16 [N, K] | int8 [N, K] | uint8 [N, K/2] */
+    const uint16_t *s;        /* int8: bf16 [N]; int4: bf16 [N/16, K/G, 16] */
+    const uint16_t *z;        /* int4: bf16 [N/16, K/G, 16] */
+} weight_t;
+
+/* One activation row prepared for the dot products of one weight format. */
+typedef struct {
+    int k, g;
+    uint16_t *xb;      /* bf16 [K] */
+    uint8_t *xabs;     /* |x̂q| [K] (int8 weights) */
+    __mmask64 *neg;    /* x̂q < 0, per chunk of 64 (int8 weights) */
+    int8_t *xq;        /* x̂q [K] (int4 weights) */
+    float *sxv;        /* per chunk, 16 lanes: the block scale of each int32 lane, natural order (int8) */
+    float *sx;         /* the block scales [K/32] (int4) */
+    float *gsum;       /* int4: Σ_{k∈g} x̂_k per group [K/G] */
+    void *mem;
+} act_t;
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline __m512 bf16x16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 64);
+    return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+
+static int act_alloc(act_t *a, int k, int fmt, int g) {
+    size_t nc = (size_t)k / 64, sz = 64 * 4 + (size_t)k * 2 + (size_t)k + nc * 8 + (size_t)k + nc * 64 * 2
+                                      + ((size_t)k / 32 + 16) * 4;
+    a->mem = aligned_alloc(64, (sz + 63) / 64 * 64);
+    if (!a->mem) return -1;
+    char *p = (char *)a->mem;
+    a->k = k;
+    a->g = g;
+    a->sxv = (float *)p; p += nc * 64;
+    a->sx = (float *)p; p += nc * 64;
+    a->xb = (uint16_t *)p; p += (size_t)k * 2;
+    a->xabs = (uint8_t *)p; p += k;
+    a->xq = (int8_t *)p; p += k;
+    a->neg = (__mmask64 *)p; p += nc * 8;
+    a->gsum = (float *)p;
+    (void)fmt;
+    return 0;
+}
+
+/* Prepare x [K] for weights of format fmt (group size g for int4). */
+static void act_prepare(act_t *a, const float *x, int fmt) {
+    int k = a->k, nc = k / 64;
+    if (fmt == F_BF16) {
+        for (int i = 0; i < k; i++) a->xb[i] = f32_to_bf16(x[i]);
+        return;
+    }
+    int8_t xq[64];
+    float bsum[2];
+    for (int c = 0; c < nc; c++) {
+        float sx[2];
+        for (int h = 0; h < 2; h++) {
+            const float *xs = x + 64 * c + 32 * h;
+            float amax = 0.f;
+            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xs[i]));
+            float inv = amax > 0.f ? 127.f / amax : 0.f;
+            int sum = 0;
+            for (int i = 0; i < 32; i++) {
+                int v = (int)nearbyintf(xs[i] * inv);
+                v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                xq[32 * h + i] = (int8_t)v;
+                sum += v;
+            }
+            sx[h] = amax / 127.f;
+            bsum[h] = sx[h] * (float)sum;
+        }
+        if (fmt == F_INT8) {
+            __mmask64 m = 0;
+            for (int i = 0; i < 64; i++) {
+                a->xabs[64 * c + i] = (uint8_t)abs(xq[i]);
+                if (xq[i] < 0) m |= (__mmask64)1 << i;
+            }
+            a->neg[c] = m;
+            for (int l = 0; l < 16; l++) a->sxv[16 * c + l] = sx[l / 8];
+        } else {
+            memcpy(a->xq + 64 * c, xq, 64);
+            a->sx[2 * c] = sx[0];
+            a->sx[2 * c + 1] = sx[1];
+            int per = a->g / 32;
+            for (int h = 0; h < 2; h++) {
+                int b = 2 * c + h;
+                if (b % per == 0) a->gsum[b / per] = 0.f;
+                a->gsum[b / per] += bsum[h];
+            }
+        }
+    }
+}
+
+static inline float dot_bf16(const uint16_t *w, const act_t *a) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int i = 0; i < a->k; i += 64) {
+        acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(w + i), (__m512bh)_mm512_loadu_si512(a->xb + i));
+        acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(w + i + 32),
+                                (__m512bh)_mm512_loadu_si512(a->xb + i + 32));
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+static inline float dot_int8(const int8_t *w, const act_t *a) {
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    int c = 0;
+    for (; c + 1 < a->k / 64; c += 2) {
+        __m512i w0 = _mm512_loadu_si512(w + 64 * c), w1 = _mm512_loadu_si512(w + 64 * c + 64);
+        w0 = _mm512_mask_sub_epi8(w0, a->neg[c], zero, w0);
+        w1 = _mm512_mask_sub_epi8(w1, a->neg[c + 1], zero, w1);
+        __m512i d0 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(a->xabs + 64 * c), w0);
+        __m512i d1 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(a->xabs + 64 * c + 64), w1);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(a->sxv + 16 * c), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d1), _mm512_loadu_ps(a->sxv + 16 * c + 16), acc1);
+    }
+    for (; c < a->k / 64; c++) {
+        __m512i w0 = _mm512_loadu_si512(w + 64 * c);
+        w0 = _mm512_mask_sub_epi8(w0, a->neg[c], zero, w0);
+        __m512i d0 = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(a->xabs + 64 * c), w0);
+        acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(a->sxv + 16 * c), acc0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+/* int4: out[0..16) = rows 16t..16t+15 of W·x̂. One int32 lane per row: each vpdpbusd multiplies 4 codes of
+ * each of the 16 rows by the same 4 activation codes (broadcast). */
+static inline void tile_int4(const weight_t *w, int t, const act_t *a, float *out) {
+    const int nb = a->k / 32, ng = a->k / a->g, bpg = a->g / 32;
+    const uint8_t *q = (const uint8_t *)w->q + (size_t)t * nb * 256;
+    const uint16_t *s = w->s + (size_t)t * ng * 16, *z = w->z + (size_t)t * ng * 16;
+    const int32_t *x4 = (const int32_t *)a->xq;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    __m512 acc = _mm512_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *qb = q + (size_t)b * 256;
+        const int32_t *xb = x4 + 8 * b;
+        __m512i d0 = zero, d1 = zero, d2 = zero, d3 = zero;
+        __m512i l0 = _mm512_loadu_si512(qb), l1 = _mm512_loadu_si512(qb + 64);
+        __m512i l2 = _mm512_loadu_si512(qb + 128), l3 = _mm512_loadu_si512(qb + 192);
+        d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(l0, m4), _mm512_set1_epi32(xb[0]));
+        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(l0, 4), m4), _mm512_set1_epi32(xb[4]));
+        d2 = _mm512_dpbusd_epi32(d2, _mm512_and_si512(l1, m4), _mm512_set1_epi32(xb[1]));
+        d3 = _mm512_dpbusd_epi32(d3, _mm512_and_si512(_mm512_srli_epi16(l1, 4), m4), _mm512_set1_epi32(xb[5]));
+        d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(l2, m4), _mm512_set1_epi32(xb[2]));
+        d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(l2, 4), m4), _mm512_set1_epi32(xb[6]));
+        d2 = _mm512_dpbusd_epi32(d2, _mm512_and_si512(l3, m4), _mm512_set1_epi32(xb[3]));
+        d3 = _mm512_dpbusd_epi32(d3, _mm512_and_si512(_mm512_srli_epi16(l3, 4), m4), _mm512_set1_epi32(xb[7]));
+        __m512i d = _mm512_add_epi32(_mm512_add_epi32(d0, d1), _mm512_add_epi32(d2, d3));
+        __m512 sc = _mm512_mul_ps(bf16x16(s + (b / bpg) * 16, 0xFFFF), _mm512_set1_ps(a->sx[b]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc);
+    }
+    /* + Σ_g (z_g − 8 s_g) · Σ_{k∈g} x̂_k */
+    for (int g = 0; g < ng; g++) {
+        __m512 zz = _mm512_fmadd_ps(bf16x16(s + g * 16, 0xFFFF), _mm512_set1_ps(-8.f), bf16x16(z + g * 16, 0xFFFF));
+        acc = _mm512_fmadd_ps(zz, _mm512_set1_ps(a->gsum[g]), acc);
+    }
+    _mm512_storeu_ps(out, acc);
+}
+
+/* Rows of one work unit (int4: a tile of 16 rows; otherwise one row): unit u writes rows u·ur.. to out[0..ur). */
+static inline int unit_rows(const weight_t *w) { return w->fmt == F_INT4 ? 16 : 1; }
+
+static inline void unit(const weight_t *w, int u, const act_t *a, float *out) {
+    switch (w->fmt) {
+    case F_BF16:
+        out[0] = dot_bf16((const uint16_t *)w->q + (size_t)u * w->k, a);
+        break;
+    case F_INT8:
+        out[0] = bf16_to_f32(w->s[u]) * dot_int8((const int8_t *)w->q + (size_t)u * w->k, a);
+        break;
+    default:
+        tile_int4(w, u, a, out);
+    }
+}
+
+/* y [M, N] = x [M, K] · Wᵀ. Rows of x are prepared once; W is read once per tile of up to 32 rows of x. */
+int moelab_linear(const weight_t *w, const float *x, int m, float *y, int threads) {
+    const int k = w->k, n = w->n, tile = 32, ur = unit_rows(w);
+    act_t *acts = calloc((size_t)m, sizeof(act_t));
+    if (!acts) return -1;
+    int err = 0;
+    for (int i = 0; i < m; i++) err |= act_alloc(&acts[i], k, w->fmt, w->g);
+    if (!err) {
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (int i = 0; i < m; i++) act_prepare(&acts[i], x + (size_t)i * k, w->fmt);
+            for (int m0 = 0; m0 < m; m0 += tile) {
+                int m1 = m0 + tile < m ? m0 + tile : m;
+#pragma omp for schedule(static)
+                for (int u = 0; u < n / ur; u++)
+                    for (int i = m0; i < m1; i++) unit(w, u, &acts[i], y + (size_t)i * n + (size_t)u * ur);
+            }
+        }
+    }
+    for (int i = 0; i < m; i++) free(acts[i].mem);
+    free(acts);
+    return err;
+}
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+static inline float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); }
+
+/* One token through k experts: y [D] = Σ_j r_j · down_j(act(gate_up_j(x))), x [D].
+ * gate_up_j: [H, D] (SwiGLU: gate rows then up rows, H = 2I; GELU: H = I), down_j: [D, I]. One parallel region:
+ * the k first products (rows split statically across threads), the activations, then the k second products
+ * accumulated into y (each thread owns the same rows of y for every expert, so no reduction is needed). */
+int moelab_moe_decode(const weight_t *const *gate_up, const weight_t *const *down, int k, const float *route,
+                      const float *x, float *y, int activation, int threads) {
+    const int D = gate_up[0]->k, H = gate_up[0]->n, I = down[0]->k, ug = unit_rows(gate_up[0]),
+              ud = unit_rows(down[0]);
+    act_t ax = {0}, *aa = calloc((size_t)k, sizeof(act_t));
+    float *h = malloc(sizeof(float) * (size_t)k * H), *av = malloc(sizeof(float) * (size_t)k * I);
+    int err = !aa || !h || !av || act_alloc(&ax, D, gate_up[0]->fmt, gate_up[0]->g);
+    for (int j = 0; j < k && !err; j++) err |= act_alloc(&aa[j], I, down[0]->fmt, down[0]->g);
+    if (!err) {
+        act_prepare(&ax, x, gate_up[0]->fmt);
+#pragma omp parallel num_threads(threads)
+        {
+            for (int j = 0; j < k; j++) {
+#pragma omp for schedule(static) nowait
+                for (int u = 0; u < H / ug; u++) unit(gate_up[j], u, &ax, h + (size_t)j * H + (size_t)u * ug);
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int j = 0; j < k; j++) {
+                float *hj = h + (size_t)j * H, *aj = av + (size_t)j * I;
+                for (int i = 0; i < I; i++)
+                    aj[i] = route[j] * (activation == A_SWIGLU ? silu(hj[i]) * hj[I + i] : gelu(hj[i]));
+                act_prepare(&aa[j], aj, down[j]->fmt);
+            }
+#pragma omp for schedule(static)
+            for (int r = 0; r < D; r++) y[r] = 0.f;
+            float part[16];
+            for (int j = 0; j < k; j++) {
+#pragma omp for schedule(static) nowait
+                for (int u = 0; u < D / ud; u++) {
+                    unit(down[j], u, &aa[j], part);
+                    for (int r = 0; r < ud; r++) y[u * ud + r] += part[r];
+                }
+            }
+        }
+    }
+    if (aa)
+        for (int j = 0; j < k; j++) free(aa[j].mem);
+    free(ax.mem);
+    free(aa);
+    free(h);
+    free(av);
+    return err;
+}

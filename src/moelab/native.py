@@ -1,0 +1,232 @@
+"""moelab's own CPU kernels for decode-time products (`csrc/cpu_kernels.c`), built on first use and called through
+ctypes. They exist because torch's weight-only kernels read int8 and int4 weights well below the machine's memory
+bandwidth at one activation row, and pay a fixed cost per call that a decode step pays hundreds of times
+(docs/BENCHMARKS.md, "Decode"): here one call runs a whole MoE layer's k experts.
+
+    available()                                  # built and checked on this CPU (False: torch's kernels run)
+    w = NativeWeight("int4", codes, scale, zero, group_size)  # views of a LinearWeight's tensors
+    y = linear(w, x_MK)                          # x·Wᵀ, float32 [M, N]
+    y = moe_decode(gate_ups, downs, route_k, x_1D, activation)  # Σⱼ rⱼ·downⱼ(act(gate_upⱼ(x))), [1, D]
+
+Formats (the kernel's docstring states the arithmetic and layouts): "bf16" weights [N, K]; "int8" q [N, K] +
+bfloat16 scale [N]; "int4" codes tiled by 16 rows (`tile_int4`, N % 16 == 0) + bfloat16 scale and zero.
+For int8 and int4 weights the activations are quantized per block of 32 to int8 (as llama.cpp's Q8_0 × Q4_0 /
+Q8_0 products) and the products run on AVX-512 VNNI; bf16 runs on AVX-512 BF16. Needs K % 64 == 0.
+
+Built with the system C compiler (`cc -O3 -march=native -fopenmp`) into a cache directory
+($MOELAB_CACHE, default ~/.cache/moelab), keyed by the source, the flags and the CPU; its OpenMP threads are
+torch's own (same libgomp). Not available — and torch's kernels run instead — when the CPU lacks AVX-512
+VNNI / BF16, no compiler is found, torch is not built with GNU OpenMP, the build or a check against a float64
+reference fails, or MOELAB_NATIVE=0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
+FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+ACTIVATIONS = {"swiglu": 0, "gelu": 1}
+BLOCK = 64  # K must be a multiple of it
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("fmt", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("g", ctypes.c_int32),
+                ("q", ctypes.c_void_p), ("s", ctypes.c_void_p), ("z", ctypes.c_void_p)]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOELAB_CACHE") or Path.home() / ".cache" / "moelab")
+
+
+def why_unavailable() -> str | None:
+    """None when the kernels can be built here, else the reason they are not used."""
+    if os.environ.get("MOELAB_NATIVE", "1") == "0":
+        return "disabled by MOELAB_NATIVE=0"
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return f"needs Linux on x86-64 (this is {platform.system()} on {platform.machine()})"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"the CPU lacks {', '.join(missing)}"
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        return "no C compiler (cc, or $CC) on PATH"
+    if "GNU OpenMP" not in torch.__config__.parallel_info() and "libgomp" not in _torch_openmp():
+        return "torch is not built with GNU OpenMP"
+    return None
+
+
+def _torch_openmp() -> str:
+    lib = Path(torch.__file__).parent / "lib"
+    return " ".join(p.name for p in lib.glob("libgomp*")) if lib.is_dir() else ""
+
+
+def _build() -> Path:
+    """The shared library for this source, flags and CPU, compiled (atomically) if not cached yet."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + " ".join(sorted(_cpu_flags())).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"cpu_kernels-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([os.environ.get("CC", "cc"), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=300)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if why_unavailable() is not None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        warnings.warn(f"moelab's CPU kernels could not be built ({detail.strip()[:500]}); torch's kernels run instead",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    ptr = ctypes.c_void_p
+    lib.moelab_linear.argtypes = [ptr, ptr, ctypes.c_int, ptr, ctypes.c_int]
+    lib.moelab_moe_decode.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built and multiply correctly here (each format checked against float64)."""
+    if _library() is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 128, generator=g)
+    w = torch.randn(32, 128, generator=g)
+    q8 = torch.randint(-127, 128, (32, 128), dtype=torch.int8, generator=g)
+    s = torch.rand(32, generator=g).add_(0.5).to(torch.bfloat16)
+    codes = torch.randint(0, 16, (32, 128), dtype=torch.uint8, generator=g)
+    sz = torch.rand(32, 4, 2, generator=g).to(torch.bfloat16)
+    cases = [
+        (NativeWeight("bf16", w.bfloat16()), x.bfloat16().double() @ w.bfloat16().double().t()),
+        (NativeWeight("int8", q8, s), quantize_activations(x) @ (q8.double() * s.double()[:, None]).t()),
+        (NativeWeight("int4", *tile_int4(codes, sz[..., 0], sz[..., 1]), 32),
+         quantize_activations(x) @ ((codes.double() - 8) * sz[..., 0].double().repeat_interleave(32, 1)
+                                    + sz[..., 1].double().repeat_interleave(32, 1)).t()),
+    ]
+    bad = [nw.fmt for nw, ref in cases if not torch.allclose(linear(nw, x).double(), ref, rtol=1e-4, atol=1e-3)]
+    if bad:
+        warnings.warn(f"moelab's CPU kernels gave wrong {', '.join(bad)} products on this machine; torch's kernels "
+                      "run instead", RuntimeWarning, stacklevel=2)
+    return not bad
+
+
+def quantize_activations(x_MK: Tensor) -> Tensor:
+    """x̂ (float64) as the int8 / int4 kernels see x: per block of 32, sx = max|x| / 127, x̂ = round(x / sx)·sx,
+    computed in float32 as the kernel does (the reference the tests compare the kernels against)."""
+    xb = x_MK.float().reshape(*x_MK.shape[:-1], -1, 32)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0).div(amax), 0.0)  # a true division (127 / t is 127·(1/t))
+    q = torch.round(xb * inv).clamp_(-127, 127)
+    return (q.double() * (amax / 127.0).double()).reshape(x_MK.shape)
+
+
+def tile_int4(codes_NK: Tensor, scale_NG: Tensor, zero_NG: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes 0..15 [N, K] and scale, zero [N, K/G] → the kernel's int4 layout (N % 16 == 0, K % 32 == 0):
+    codes uint8 [N/16, K/32, 4, 16, 4], byte [t, b, j, r, i] = q[16t+r, 32b+4j+i] | q[16t+r, 32b+16+4j+i] << 4,
+    so one 64-byte load holds 4 codes of each of 16 rows; scale, zero [N/16, K/G, 16]."""
+    N, K = codes_NK.shape
+    q = codes_NK.to(torch.uint8).view(N // 16, 16, K // 32, 2, 4, 4)
+    packed = (q[:, :, :, 0] | q[:, :, :, 1] << 4).permute(0, 2, 3, 1, 4).contiguous()
+    scale, zero = (t.reshape(N // 16, 16, -1).transpose(1, 2).contiguous() for t in (scale_NG, zero_NG))
+    return packed, scale, zero
+
+
+def untile_int4(packed: Tensor, scale: Tensor, zero: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The inverse of `tile_int4`: codes [N, K] uint8, scale and zero [N, K/G]."""
+    T, nb = packed.shape[:2]
+    b = packed.permute(0, 3, 1, 2, 4)  # [T, 16, K/32, 4, 4]
+    codes = torch.stack([b & 15, b >> 4], dim=3).reshape(16 * T, 32 * nb)
+    return codes, *(t.transpose(1, 2).reshape(16 * T, -1) for t in (scale, zero))
+
+
+class NativeWeight:
+    """A weight as the kernels read it (`q`, `scale`, `zero` in the kernel's layout of format `fmt`): a
+    descriptor over tensors that must outlive it (it keeps them)."""
+
+    __slots__ = ("fmt", "tensors", "desc", "n", "k", "g")
+
+    def __init__(self, fmt: str, q: Tensor, scale: Tensor | None = None, zero: Tensor | None = None,
+                 group_size: int = 0) -> None:
+        self.fmt = fmt
+        self.n = q.shape[0] * (16 if fmt == "int4" else 1)
+        self.k = q.shape[1] * 32 if fmt == "int4" else q.shape[1]
+        self.g = group_size
+        self.tensors = tuple(t.contiguous() for t in (q, scale, zero) if t is not None)
+        ptrs = [t.data_ptr() for t in self.tensors] + [0] * (3 - len(self.tensors))
+        self.desc = _Weight(FORMATS[fmt], self.n, self.k, group_size, *ptrs)
+
+
+def supports(k: int, device: torch.device) -> bool:
+    """Whether a weight with input width k on `device` can run on these kernels."""
+    return device.type == "cpu" and k % BLOCK == 0 and k > 0 and available()
+
+
+def same_format(weights: list[NativeWeight | None]) -> bool:
+    """Whether `weights` can go through one `moe_decode` call as one side (all first or all second projections):
+    all on these kernels, in one format, group size and shape."""
+    w0 = weights[0]
+    return w0 is not None and all(w is not None and (w.fmt, w.g, w.n, w.k) == (w0.fmt, w0.g, w0.n, w0.k)
+                                  for w in weights)
+
+
+def linear(w: NativeWeight, x_MK: Tensor) -> Tensor:
+    """y [M, N] float32 = x·Wᵀ (x converted to float32 first)."""
+    x = x_MK.detach().to(torch.float32).contiguous()
+    y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
+    if _library().moelab_linear(ctypes.addressof(w.desc), x.data_ptr(), x.shape[0], y.data_ptr(),
+                                torch.get_num_threads()):
+        raise MemoryError("moelab native linear: out of memory for its activation buffers")
+    return y
+
+
+def moe_decode(gate_ups: list[NativeWeight], downs: list[NativeWeight], route: list[float], x_1D: Tensor,
+               activation: str) -> Tensor:
+    """y [1, D] float32 = Σⱼ routeⱼ · downⱼ(act(gate_upⱼ(x))) for one token through k experts of one format."""
+    k = len(gate_ups)
+    x = x_1D.detach().to(torch.float32).contiguous()
+    y = torch.empty(1, downs[0].n, dtype=torch.float32)
+    gu = (ctypes.c_void_p * k)(*(ctypes.addressof(w.desc) for w in gate_ups))
+    dn = (ctypes.c_void_p * k)(*(ctypes.addressof(w.desc) for w in downs))
+    r = (ctypes.c_float * k)(*route)
+    if _library().moelab_moe_decode(gu, dn, k, r, x.data_ptr(), y.data_ptr(), ACTIVATIONS[activation],
+                                    torch.get_num_threads()):
+        raise MemoryError("moelab native moe_decode: out of memory for its activation buffers")
+    return y
