@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moelab import native
+
 
 def allowed_keys(S: int, L: int, start: int, window: int | None, pad: Tensor | None, device: torch.device) -> Tensor:
     """allowed (bool) for queries at start..start+S-1 over keys 0..L-1: [S, L], or [B, 1, S, L] with `pad` [B]
@@ -44,6 +46,21 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: floa
     return probs.to(v.dtype) @ v
 
 
+def one_query_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    """out [B, H, 1, Dh] for one new query per row over all L keys (a decode step), in float32 at least: moelab's
+    kernel (`native.decode_attention`, the cache read in place) where it runs, else the H/G query heads of each kv
+    head as the rows of one float product. Not `scaled_dot_product_attention`: its CPU kernel costs 0.1-0.3 ms
+    at one query, and a bfloat16 product of a new shape each step costs ~1 ms (docs/BENCHMARKS.md)."""
+    B, H, _, Dh = q.shape
+    G = k.shape[1]
+    scale = Dh ** -0.5 if scale is None else scale
+    if native.attention_supported(q, k, v):
+        return native.decode_attention(q, k, v, scale)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.reshape(B, G, H // G, Dh).to(dtype) @ k.to(dtype).transpose(-1, -2)).mul_(scale)  # [B, G, H/G, L]
+    return (torch.softmax(scores, dim=-1) @ v.to(dtype)).view(B, H, 1, v.shape[-1]).to(q.dtype)
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = None, window: int | None = None,
            sinks: Tensor | None = None, pad: Tensor | None = None) -> Tensor:
     """Causal attention of S new queries (positions start..start+S-1) over L = start + S keys, q [B, H, S, Dh],
@@ -52,7 +69,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None = No
     S, L = q.shape[2], k.shape[2]
     gqa = k.shape[1] != q.shape[1]
     windowed = window is not None and window < L
-    if sinks is None and not windowed and pad is None and (start == 0 or S == 1):  # S == 1: every key is seen
+    if sinks is None and not windowed and pad is None and S == 1:  # a decode step: every key is seen
+        return one_query_attention(q, k, v, scale)
+    if sinks is None and not windowed and pad is None and start == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale, enable_gqa=gqa)
     allowed = allowed_keys(S, L, start, window if windowed else None, pad, q.device)
     if sinks is None:

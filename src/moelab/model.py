@@ -55,9 +55,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """weight · x / sqrt(mean(x²) + eps) over the last dimension, the normalisation in float32."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -132,28 +137,38 @@ def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
 
 @dataclass
 class KVCache:
-    """Keys and values of past positions for every layer: k[i] [B, G, L, Dk], v[i] [B, G, L, Dv]; `pad` [B]
-    (int64, or None for none): the number of left-padding positions of each row (module docstring)."""
+    """Keys and values of past positions for every layer, in buffers written in place: k[i] [B, G, capacity, Dk],
+    v[i] [B, G, capacity, Dv], of which the first `length` positions hold data (a step appends without copying
+    the past; a full buffer doubles). `pad` [B] (int64, or None for none): the number of left-padding positions
+    of each row (module docstring)."""
 
     k: list[Tensor | None] = field(default_factory=list)
     v: list[Tensor | None] = field(default_factory=list)
     pad: Tensor | None = None
+    lengths: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
-        return 0 if not self.k or self.k[0] is None else self.k[0].shape[2]
+        return self.lengths[0] if self.lengths else 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append k [B, G, S, Dk] and v [B, G, S, Dv] to layer `layer`; its keys and values so far (views)."""
         while len(self.k) <= layer:
             self.k.append(None)
             self.v.append(None)
-        if self.k[layer] is not None:
-            k = torch.cat([self.k[layer], k], dim=2)
-            v = torch.cat([self.v[layer], v], dim=2)
-        self.k[layer], self.v[layer] = k, v
-        return k, v
-
-
+            self.lengths.append(0)
+        L, S = self.lengths[layer], k.shape[2]
+        if self.k[layer] is None or self.k[layer].shape[2] < L + S:
+            capacity = max(2 * L, L + S, 64)
+            for bufs, new in ((self.k, k), (self.v, v)):
+                grown = new.new_empty(*new.shape[:2], capacity, new.shape[3])
+                if bufs[layer] is not None:
+                    grown[:, :, :L] = bufs[layer][:, :, :L]
+                bufs[layer] = grown
+        self.k[layer][:, :, L:L + S] = k
+        self.v[layer][:, :, L:L + S] = v
+        self.lengths[layer] = L + S
+        return self.k[layer][:, :, :L + S], self.v[layer][:, :, :L + S]
 
 
 class Attention(nn.Module):
@@ -181,6 +196,18 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int) -> Tensor:
         B, S, _ = x.shape
+        if self.wqkv is not None and self.qk_norm != "full":
+            q, k, v = self._qkv_fused(x, cos, sin)
+        else:
+            q, k, v = self._qkv(x, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        out = attend(q, k, v, start, self.scale, self.window, self.sinks, cache.pad if cache is not None else None)
+        return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q [B, H, S, Dh], k and v [B, G, S, Dh]: projected, q/k-normed and rotated."""
+        B, S, _ = x.shape
         if self.wqkv is None:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
         else:
@@ -192,11 +219,20 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_kv, self.hd).transpose(1, 2)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        out = attend(q, k, v, start, self.scale, self.window, self.sinks, cache.pad if cache is not None else None)
-        return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _qkv_fused(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`_qkv` from the fused projection (inference), q and k normed and rotated as one tensor of H + G heads
+        (the same arithmetic, half the ops: they count at decode)."""
+        B, S, _ = x.shape
+        H, G = self.n_heads, self.n_kv
+        qkv = self.wqkv(x).view(B, S, H + 2 * G, self.hd).transpose(1, 2)  # [B, H + 2G, S, Dh]
+        qk, v = qkv[:, :H + G], qkv[:, H + G:]
+        if self.qk_norm == "head":
+            w = torch.cat([self.q_norm.weight.expand(H, self.hd), self.k_norm.weight.expand(G, self.hd)])
+            qk = rms_norm(qk, w[:, None], self.q_norm.eps)
+        qk = apply_rope(qk, cos, sin)
+        return qk[:, :H], qk[:, H:], v
 
 
 class MLAttention(nn.Module):

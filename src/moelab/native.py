@@ -119,6 +119,9 @@ def _library() -> ctypes.CDLL | None:
     ptr = ctypes.c_void_p
     lib.moelab_linear.argtypes = [ptr, ptr, ctypes.c_int, ptr, ctypes.c_int]
     lib.moelab_moe_decode.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    i, ll = ctypes.c_int, ctypes.c_longlong
+    lib.moelab_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i, i, i, i, i, ll, ll, ll, ll, ll, ll, i,
+                                            ctypes.c_float, i]
     return lib
 
 
@@ -230,3 +233,26 @@ def moe_decode(gate_ups: list[NativeWeight], downs: list[NativeWeight], route: l
                                     torch.get_num_threads()):
         raise MemoryError("moelab native moe_decode: out of memory for its activation buffers")
     return y
+
+
+def attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether `decode_attention` takes these: one query per row, kv in bfloat16 or float32 with unit stride along
+    the head width, Dh % 16 == 0, at most 16 query heads per kv head, on the CPU."""
+    H, G, Dh = q.shape[1], k.shape[1], q.shape[-1]
+    return (q.device.type == "cpu" and q.shape[2] == 1 and k.dtype == v.dtype in (torch.bfloat16, torch.float32)
+            and Dh % 16 == 0 and v.shape[-1] == Dh and k.stride(-1) == v.stride(-1) == 1 and H % G == 0
+            and H // G <= 16 and available())
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """out [B, H, 1, Dh] (q's dtype) = softmax(scale · q·kᵀ)·v for one query per row, q [B, H, 1, Dh], k and v
+    [B, G, L, Dh] (grouped-query; any strides over B, G, L: the cache is read in place), in float32."""
+    B, H, _, Dh = q.shape
+    G, L = k.shape[1], k.shape[2]
+    qf = q.detach().to(torch.float32).contiguous()
+    out = torch.empty(B, H, 1, Dh, dtype=torch.float32)
+    if _library().moelab_decode_attention(qf.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, G, L, Dh,
+                                          *k.stride()[:3], *v.stride()[:3], int(k.dtype == torch.bfloat16), scale,
+                                          torch.get_num_threads()):
+        raise MemoryError("moelab native decode_attention: out of memory for its score buffers")
+    return out.to(q.dtype)

@@ -247,23 +247,25 @@ class Int4Weight(LinearWeight):
 
     quant = "int4"
 
-    def __init__(self, qweight: Tensor, scale_zero: Tensor) -> None:
-        N, K = qweight.shape[0], 2 * qweight.shape[1]
+    def __init__(self, qweight: Tensor | None, scale_zero: Tensor, codes: Tensor | None = None) -> None:
+        """From the portable `qweight` (or, instead, the unpacked `codes` [N, K], which spares a pack and unpack)."""
+        N, K = (qweight.shape[0], 2 * qweight.shape[1]) if codes is None else codes.shape
         super().__init__(N, K)
+        codes = unpack_nibbles(qweight) if codes is None else codes
         self.group_size = K // scale_zero.shape[0]
         _check_int4_shape(N, K, self.group_size)
-        self.backend = backend("int4", (N, K), KERNEL_DTYPE, qweight.device)
+        self.backend = backend("int4", (N, K), KERNEL_DTYPE, codes.device)
         self.kernel = self.backend == "torch"
         self.native = None
         scale_zero = scale_zero.to(KERNEL_DTYPE)
         if self.backend == "native":  # the portable codes are not kept: `codes` and `tensors` untile them
-            self.w, s, z = native.tile_int4(unpack_nibbles(qweight), *scale_zero.transpose(0, 1).unbind(-1))
+            self.w, s, z = native.tile_int4(codes, *scale_zero.transpose(0, 1).unbind(-1))
             self.native = native.NativeWeight("int4", self.w, s, z, self.group_size)
             self.scale_zero = None
         else:
             self.scale_zero = aligned(scale_zero)
-            self.w = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 2)
-                      if self.kernel else qweight.contiguous())
+            self.w = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+                      if self.kernel else pack_nibbles(codes))
 
     @classmethod
     def quantize(cls, w: Tensor, group_size: int) -> Int4Weight:
@@ -274,7 +276,7 @@ class Int4Weight(LinearWeight):
         scale = ((hi - lo).clamp_min(1e-6) / 15).to(KERNEL_DTYPE).float()  # rounded first: q uses the stored values
         zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
         q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8).reshape(N, K)
-        return cls(pack_nibbles(q), torch.stack([scale, zero], -1).transpose(0, 1))
+        return cls(None, torch.stack([scale, zero], -1).transpose(0, 1), codes=q)
 
     def __call__(self, x_MK: Tensor) -> Tensor:
         if self.native is not None:

@@ -126,6 +126,17 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=INIT_STD)
         self.bias.zero_()
 
+    def _weight_as(self, dtype: torch.dtype) -> Tensor:
+        """The weight in `dtype`; outside autograd a cast is kept until the weight changes (a bfloat16 model's
+        router runs in float32: at decode, casting it anew every token is a copy per layer)."""
+        w = self.weight
+        if w.dtype == dtype or torch.is_grad_enabled():
+            return w.to(dtype)
+        key = (w.data_ptr(), w._version, dtype, w.device)
+        if getattr(self, "_cast_key", None) != key:
+            self._cast, self._cast_key = w.detach().to(dtype), key
+        return self._cast
+
     def forward(self, x_TD: Tensor, with_probs: bool = True) -> Routing:
         """Route T tokens; `with_probs=False` skips the full distribution where routing does not need it
         (the layer asks for it only when it computes its statistics: see `moelab.moe`)."""
@@ -136,7 +147,7 @@ class Router(nn.Module):
         device = x_TD.device.type
         no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
         with no_autocast:  # router math stays float32 under autocast too
-            logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
+            logits_TE = linear(x_TD.to(dtype), self._weight_as(dtype))
             if cfg.biases:
                 logits_TE = logits_TE + self.logit_bias.to(dtype)
         if cfg.router == "expert_choice":

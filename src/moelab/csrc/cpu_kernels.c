@@ -289,3 +289,72 @@ int moelab_moe_decode(const weight_t *const *gate_up, const weight_t *const *dow
     free(av);
     return err;
 }
+
+/* Attention of one new query per row over L keys (a decode step), grouped-query: for query head h of kv head
+ * g = h / (H/G), out[b, h] = Σ_j softmax_j(scale · q[b, h]·k[b, g, j]) · v[b, g, j], in float32.
+ * q, out: float32 [B, H, Dh] contiguous; k, v: bfloat16 (kv_bf16) or float32, element (b, g, j, d) at
+ * b·sb + g·sg + j·sl + d (strides in elements: the cache's buffers, read in place). Dh % 16 == 0, H/G <= 16. */
+static inline __m512 load16(const void *p, size_t i, int bf16) {
+    return bf16 ? bf16x16((const uint16_t *)p + i, 0xFFFF) : _mm512_loadu_ps((const float *)p + i);
+}
+
+int moelab_decode_attention(const float *q, const void *k, const void *v, float *out, int B, int H, int G, int L,
+                            int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
+                            long long vsl, int kv_bf16, float scale, int threads) {
+    const int rep = H / G;
+    int err = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = malloc(sizeof(float) * (size_t)rep * (L > 0 ? L : 1));
+        if (!s) {
+#pragma omp atomic write
+            err = 1;
+        }
+#pragma omp for schedule(static)
+        for (int u = 0; u < B * G; u++) {
+            if (!s) continue;
+            const int b = u / G, g = u % G;
+            const float *qg = q + ((size_t)b * H + (size_t)g * rep) * Dh;
+            float *og = out + ((size_t)b * H + (size_t)g * rep) * Dh;
+            float m[16];
+            for (int r = 0; r < rep; r++) m[r] = -INFINITY;
+            for (int j = 0; j < L; j++) {
+                size_t kj = (size_t)b * ksb + (size_t)g * ksg + (size_t)j * ksl;
+                __m512 acc[16];
+                for (int r = 0; r < rep; r++) acc[r] = _mm512_setzero_ps();
+                for (int d = 0; d < Dh; d += 16) {
+                    __m512 kv = load16(k, kj + d, kv_bf16);
+                    for (int r = 0; r < rep; r++) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(qg + (size_t)r * Dh + d), kv, acc[r]);
+                }
+                for (int r = 0; r < rep; r++) {
+                    float x = scale * _mm512_reduce_add_ps(acc[r]);
+                    s[(size_t)r * L + j] = x;
+                    m[r] = fmaxf(m[r], x);
+                }
+            }
+            for (int r = 0; r < rep; r++) {
+                float sum = 0.f;
+                for (int j = 0; j < L; j++) {
+                    float e = expf(s[(size_t)r * L + j] - m[r]);
+                    s[(size_t)r * L + j] = e;
+                    sum += e;
+                }
+                float inv = 1.f / sum;
+                for (int j = 0; j < L; j++) s[(size_t)r * L + j] *= inv;
+                memset(og + (size_t)r * Dh, 0, sizeof(float) * Dh);
+            }
+            for (int j = 0; j < L; j++) {
+                size_t vj = (size_t)b * vsb + (size_t)g * vsg + (size_t)j * vsl;
+                for (int d = 0; d < Dh; d += 16) {
+                    __m512 vv = load16(v, vj + d, kv_bf16);
+                    for (int r = 0; r < rep; r++) {
+                        float *o = og + (size_t)r * Dh + d;
+                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)r * L + j]), vv, _mm512_loadu_ps(o)));
+                    }
+                }
+            }
+        }
+        free(s);
+    }
+    return err;
+}
