@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -45,6 +46,18 @@ def test_cached_decoding_equals_full_recompute(name):
     for t in range(5, 12):
         pieces.append(model(ids[:, t:t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-10, rtol=1e-10)
+
+
+def test_cache_grows_past_its_first_buffer():
+    """The cache's buffers start at 64 positions and double: decoding across that edge changes nothing."""
+    torch.manual_seed(0)
+    model = MoETransformer(dataclasses.replace(CONFIGS["gqa_dense_first"], max_seq_len=128)).double().eval()
+    ids = torch.randint(0, 97, (1, 70))
+    cache = KVCache()
+    pieces = [model(ids[:, :60], cache=cache).logits]
+    pieces += [model(ids[:, t:t + 1], cache=cache).logits for t in range(60, 70)]
+    assert cache.length == 70 and cache.k[0].shape[2] == 128
+    torch.testing.assert_close(torch.cat(pieces, 1), model(ids).logits, atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -135,3 +135,47 @@ def test_same_format_decides_one_call():
     c, _ = random_weight("int8", 32, 128)
     assert native.same_format([a, a]) and not native.same_format([a, b]) and not native.same_format([a, c])
     assert not native.same_format([a, None]) and not native.same_format([None])
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("H,G", [(8, 2), (4, 4), (16, 1)])
+def test_decode_attention_is_softmax_attention_on_the_cache_in_place(dtype, H, G):
+    """One query per row over a cache read in place (views of buffers longer than the filled part): the float64
+    grouped-query attention of the same values; only the output's rounding to bfloat16 may differ."""
+    B, L, Dh = 2, 37, 64
+    q = torch.randn(B, H, 1, Dh).to(dtype)
+    k_buf, v_buf = torch.randn(B, G, 64, Dh).to(dtype), torch.randn(B, G, 64, Dh).to(dtype)
+    k, v = k_buf[:, :, :L], v_buf[:, :, :L]
+    out = native.decode_attention(q, k, v, 0.3)
+    rep = H // G
+    scores = (q.double().view(B, G, rep, Dh) @ k.double().transpose(-1, -2)) * 0.3
+    want = (torch.softmax(scores, -1) @ v.double()).view(B, H, 1, Dh)
+    assert out.dtype == dtype and out.shape == (B, H, 1, Dh)
+    assert rel(out, want) < (2**-8 if dtype == torch.bfloat16 else 1e-6)
+    assert native.attention_supported(q, k, v)
+    assert not native.attention_supported(q.double(), k.double(), v.double())  # float64: the torch path
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_and_rope_take_the_torch_arithmetic(dtype):
+    """The decode-row kernels against the torch code they replace (run with autograd on, which keeps them out):
+    RoPE bit for bit (same float32 operations per element, partial rotary too); RMSNorm up to the order of its
+    sum of squares (one unit in the last place of the output's dtype)."""
+    from moelab.model import apply_rope, rms_norm
+
+    x = torch.randn(1, 6, 1, 64).to(dtype)
+    w_heads = torch.randn(6, 1, 64).to(dtype)
+    w_row = torch.randn(64).to(dtype)
+    cos, sin = torch.randn(1, 64), torch.randn(1, 64)
+    with torch.no_grad():
+        fast = [rms_norm(x, w_heads, 1e-6), rms_norm(x, w_row, 1e-6), apply_rope(x, cos, sin),
+                apply_rope(x, cos[:, :32].contiguous(), sin[:, :32].contiguous())]
+    assert native.rms_norm_supported(x, w_heads) is False  # autograd is on here: the torch code below
+    slow = [rms_norm(x, w_heads, 1e-6), rms_norm(x, w_row, 1e-6), apply_rope(x, cos, sin),
+            apply_rope(x, cos[:, :32], sin[:, :32])]
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    for a, b in zip(fast[:2], slow[:2]):
+        torch.testing.assert_close(a, b, rtol=ulp, atol=1e-6)
+    assert torch.equal(fast[2], slow[2]) and torch.equal(fast[3], slow[3])

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelab import native
 from moelab.config import ModelConfig, RopeScaling
 from moelab.experts import INIT_STD, FeedForward
 from moelab.masked_attention import attend
@@ -59,7 +60,10 @@ class RMSNorm(nn.Module):
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """weight · x / sqrt(mean(x²) + eps) over the last dimension, the normalisation in float32."""
+    """weight · x / sqrt(mean(x²) + eps) over the last dimension, the normalisation in float32 (a decode step's
+    rows in one call of moelab's kernel, `native.rms_norm`)."""
+    if native.rms_norm_supported(x, weight):
+        return native.rms_norm(x, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -127,6 +131,8 @@ def model_rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
 def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
     """Rotate-half RoPE; with tables narrower than the head (partial rotary, `ModelConfig.rotary_dim`) the
     first channels rotate and the rest pass through unchanged."""
+    if native.rope_supported(x_BHSD, cos_SD, sin_SD):  # one position (a decode step): one call
+        return native.rope(x_BHSD, cos_SD, sin_SD)
     r = cos_SD.shape[-1]
     if r < x_BHSD.shape[-1]:
         return torch.cat([apply_rope(x_BHSD[..., :r], cos_SD, sin_SD), x_BHSD[..., r:]], dim=-1)
@@ -229,10 +235,21 @@ class Attention(nn.Module):
         qkv = self.wqkv(x).view(B, S, H + 2 * G, self.hd).transpose(1, 2)  # [B, H + 2G, S, Dh]
         qk, v = qkv[:, :H + G], qkv[:, H + G:]
         if self.qk_norm == "head":
-            w = torch.cat([self.q_norm.weight.expand(H, self.hd), self.k_norm.weight.expand(G, self.hd)])
-            qk = rms_norm(qk, w[:, None], self.q_norm.eps)
+            qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
         qk = apply_rope(qk, cos, sin)
         return qk[:, :H], qk[:, H:], v
+
+
+    def _qk_norm_weight(self) -> Tensor:
+        """[H + G, 1, Dh]: q_norm's weight for the query heads, k_norm's for the key heads (kept until they change)."""
+        wq, wk = self.q_norm.weight, self.k_norm.weight
+        key = (wq.data_ptr(), wq._version, wk.data_ptr(), wk._version)
+        if torch.is_grad_enabled():
+            return torch.cat([wq.expand(self.n_heads, self.hd), wk.expand(self.n_kv, self.hd)])[:, None]
+        if getattr(self, "_qk_key", None) != key:
+            w = torch.cat([wq.expand(self.n_heads, self.hd), wk.expand(self.n_kv, self.hd)])[:, None]
+            self._qk_w, self._qk_key = w, key
+        return self._qk_w
 
 
 class MLAttention(nn.Module):
@@ -299,13 +316,16 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
                 stats: bool | None = None):
-        x = x + self._scaled(self.dropout(self.attn(self.attn_norm(x), cos, sin, cache, start)))
+        x = x + self._scaled(self._drop(self.attn(self.attn_norm(x), cos, sin, cache, start)))
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, stats)
         else:
             y, aux = self.ffn(h), None
-        return x + self._scaled(self.dropout(y)), aux
+        return x + self._scaled(self._drop(y)), aux
+
+    def _drop(self, y: Tensor) -> Tensor:
+        return self.dropout(y) if self.training and self.dropout.p > 0 else y  # identity otherwise: skip the call
 
     def _scaled(self, y: Tensor) -> Tensor:
         return y if self.residual_scale == 1.0 else y * self.residual_scale

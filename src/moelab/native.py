@@ -117,10 +117,12 @@ def _library() -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=2)
         return None
     ptr = ctypes.c_void_p
-    lib.moelab_linear.argtypes = [ptr, ptr, ctypes.c_int, ptr, ctypes.c_int]
-    lib.moelab_moe_decode.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
     i, ll = ctypes.c_int, ctypes.c_longlong
-    lib.moelab_decode_attention.argtypes = [ptr, ptr, ptr, ptr, i, i, i, i, i, ll, ll, ll, ll, ll, ll, i,
+    lib.moelab_linear.argtypes = [ptr, ptr, i, i, ptr, i, i]
+    lib.moelab_moe_decode.argtypes = [ptr, ptr, i, ptr, ptr, i, ptr, i, i, i]
+    lib.moelab_rms_norm.argtypes = [ptr, ptr, ptr, i, i, i, i, ctypes.c_float]
+    lib.moelab_rope.argtypes = [ptr, ptr, i, i, i, i, ptr, ptr]
+    lib.moelab_decode_attention.argtypes = [ptr, i, ptr, ptr, ptr, i, i, i, i, i, ll, ll, ll, ll, ll, ll, i,
                                             ctypes.c_float, i]
     return lib
 
@@ -210,11 +212,17 @@ def same_format(weights: list[NativeWeight | None]) -> bool:
                                   for w in weights)
 
 
+def _io(x: Tensor) -> Tensor:
+    """x as the kernels take it: float32 or bfloat16 (others converted to float32), contiguous."""
+    return (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
+
+
 def linear(w: NativeWeight, x_MK: Tensor) -> Tensor:
-    """y [M, N] float32 = x·Wᵀ (x converted to float32 first)."""
-    x = x_MK.detach().to(torch.float32).contiguous()
-    y = torch.empty(x.shape[0], w.n, dtype=torch.float32)
-    if _library().moelab_linear(ctypes.addressof(w.desc), x.data_ptr(), x.shape[0], y.data_ptr(),
+    """y [M, N] = x·Wᵀ, in x's dtype where it is float32 or bfloat16 (else float32)."""
+    x = _io(x_MK)
+    y = torch.empty(x.shape[0], w.n, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    if _library().moelab_linear(ctypes.addressof(w.desc), x.data_ptr(), bf16, x.shape[0], y.data_ptr(), bf16,
                                 torch.get_num_threads()):
         raise MemoryError("moelab native linear: out of memory for its activation buffers")
     return y
@@ -222,14 +230,16 @@ def linear(w: NativeWeight, x_MK: Tensor) -> Tensor:
 
 def moe_decode(gate_ups: list[NativeWeight], downs: list[NativeWeight], route: list[float], x_1D: Tensor,
                activation: str) -> Tensor:
-    """y [1, D] float32 = Σⱼ routeⱼ · downⱼ(act(gate_upⱼ(x))) for one token through k experts of one format."""
+    """y [1, D] = Σⱼ routeⱼ · downⱼ(act(gate_upⱼ(x))) for one token through k experts of one format, in x's dtype
+    where it is float32 or bfloat16 (else float32)."""
     k = len(gate_ups)
-    x = x_1D.detach().to(torch.float32).contiguous()
-    y = torch.empty(1, downs[0].n, dtype=torch.float32)
+    x = _io(x_1D)
+    y = torch.empty(1, downs[0].n, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
     gu = (ctypes.c_void_p * k)(*(ctypes.addressof(w.desc) for w in gate_ups))
     dn = (ctypes.c_void_p * k)(*(ctypes.addressof(w.desc) for w in downs))
     r = (ctypes.c_float * k)(*route)
-    if _library().moelab_moe_decode(gu, dn, k, r, x.data_ptr(), y.data_ptr(), ACTIVATIONS[activation],
+    if _library().moelab_moe_decode(gu, dn, k, r, x.data_ptr(), bf16, y.data_ptr(), bf16, ACTIVATIONS[activation],
                                     torch.get_num_threads()):
         raise MemoryError("moelab native moe_decode: out of memory for its activation buffers")
     return y
@@ -249,10 +259,49 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     [B, G, L, Dh] (grouped-query; any strides over B, G, L: the cache is read in place), in float32."""
     B, H, _, Dh = q.shape
     G, L = k.shape[1], k.shape[2]
-    qf = q.detach().to(torch.float32).contiguous()
-    out = torch.empty(B, H, 1, Dh, dtype=torch.float32)
-    if _library().moelab_decode_attention(qf.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, H, G, L, Dh,
-                                          *k.stride()[:3], *v.stride()[:3], int(k.dtype == torch.bfloat16), scale,
-                                          torch.get_num_threads()):
+    qc = _io(q)
+    out = torch.empty(B, H, 1, Dh, dtype=qc.dtype)
+    if _library().moelab_decode_attention(qc.data_ptr(), int(qc.dtype == torch.bfloat16), k.data_ptr(), v.data_ptr(),
+                                          out.data_ptr(), B, H, G, L, Dh, *k.stride()[:3], *v.stride()[:3],
+                                          int(k.dtype == torch.bfloat16), scale, torch.get_num_threads()):
         raise MemoryError("moelab native decode_attention: out of memory for its score buffers")
-    return out.to(q.dtype)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
+
+
+SMALL = 1 << 16  # elements up to which `rms_norm` / `rope` take a tensor (decode rows; larger ones stay in torch)
+
+
+def rms_norm_supported(x: Tensor, weight: Tensor) -> bool:
+    """Whether `rms_norm` takes these: a small contiguous CPU tensor outside autograd, weight of x's dtype (float32
+    or bfloat16) shaped as x's trailing dimensions."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and 0 < x.numel() <= SMALL and x.is_contiguous()
+            and weight.is_contiguous() and weight.shape == x.shape[x.dim() - weight.dim():] and available())
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`moelab.model.rms_norm` in one call (same roundings: normalised in float32, rounded to x's dtype, times
+    the weight in it)."""
+    y = torch.empty_like(x)
+    dim = x.shape[-1]
+    _library().moelab_rms_norm(x.data_ptr(), y.data_ptr(), weight.data_ptr(), int(x.dtype == torch.bfloat16),
+                               x.numel() // dim, dim, weight.numel() // dim, eps)
+    return y
+
+
+def rope_supported(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether `rope` takes these: one position (cos, sin [1, r], float32), x small, contiguous, float32 or
+    bfloat16, on the CPU outside autograd."""
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
+            and x.shape[-2] == 1 and cos.shape[0] == 1 and cos.dtype == sin.dtype == torch.float32
+            and 0 < x.numel() <= SMALL and x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+            and available())
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`moelab.model.apply_rope` at one position in one call (same arithmetic in float32)."""
+    y = torch.empty_like(x)
+    dh, r = x.shape[-1], cos.shape[-1]
+    _library().moelab_rope(x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), x.numel() // dh, dh, r,
+                           cos.data_ptr(), sin.data_ptr())
+    return y

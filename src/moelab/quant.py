@@ -172,7 +172,7 @@ class FloatWeight(LinearWeight):
         if x_MK.dtype != self.dtype:
             return self(x_MK.to(self.dtype)).to(x_MK.dtype)
         if self.native is not None and x_MK.shape[0] <= NATIVE_MAX_ROWS[None]:
-            return native.linear(self.native, x_MK).to(self.dtype)
+            return _native(self.native, x_MK)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise.default(x_MK, self.w, None, "none", [], "")
         return F.linear(x_MK, self.w)
@@ -222,7 +222,7 @@ class Int8Weight(LinearWeight):
 
     def __call__(self, x_MK: Tensor) -> Tensor:
         if self.native is not None and (x_MK.shape[0] <= NATIVE_MAX_ROWS["int8"] or not self.kernel):
-            return native.linear(self.native, x_MK).to(x_MK.dtype)
+            return _native(self.native, x_MK)
         if not self.kernel:
             return F.linear(x_MK, self.dequantize(x_MK.dtype))
         if x_MK.dtype != KERNEL_DTYPE:
@@ -280,7 +280,7 @@ class Int4Weight(LinearWeight):
 
     def __call__(self, x_MK: Tensor) -> Tensor:
         if self.native is not None:
-            return native.linear(self.native, x_MK).to(x_MK.dtype)
+            return _native(self.native, x_MK)
         if not self.kernel:
             return F.linear(x_MK, self.dequantize(x_MK.dtype))
         if x_MK.dtype != KERNEL_DTYPE:
@@ -316,6 +316,11 @@ class Int4Weight(LinearWeight):
 
     def tensors(self) -> dict[str, Tensor]:
         return {"qweight": pack_nibbles(self.codes()), "scale_zero": self.scales_zeros()}
+
+
+def _native(w: native.NativeWeight, x_MK: Tensor) -> Tensor:
+    y = native.linear(w, x_MK)
+    return y if y.dtype == x_MK.dtype else y.to(x_MK.dtype)
 
 
 def _check_int4_shape(N: int, K: int, group_size: int) -> None:

@@ -93,7 +93,7 @@ def decode_experts(chosen: list[ExpertWeights], weights: list[float], activation
     gate_ups, downs = [ew.gate_up.native for ew in chosen], [ew.down.native for ew in chosen]
     if native.same_format(gate_ups) and native.same_format(downs):
         y_1D = native.moe_decode(gate_ups, downs, weights, x_1D, activation)
-        return y_1D.to(dtype or x_1D.dtype)
+        return y_1D if y_1D.dtype == (dtype or x_1D.dtype) else y_1D.to(dtype or x_1D.dtype)
     h_kH = torch.cat([ew.gate_up(x_1D) for ew in chosen])
     w_k1 = torch.tensor(weights, dtype=h_kH.dtype, device=h_kH.device)[:, None]
     a_kI = activate(h_kH, activation).mul_(w_k1)

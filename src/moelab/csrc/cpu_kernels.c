@@ -214,7 +214,7 @@ static inline void unit(const weight_t *w, int u, const act_t *a, float *out) {
 }
 
 /* y [M, N] = x [M, K] · Wᵀ. Rows of x are prepared once; W is read once per tile of up to 32 rows of x. */
-int moelab_linear(const weight_t *w, const float *x, int m, float *y, int threads) {
+static int linear_f32(const weight_t *w, const float *x, int m, float *y, int threads) {
     const int k = w->k, n = w->n, tile = 32, ur = unit_rows(w);
     act_t *acts = calloc((size_t)m, sizeof(act_t));
     if (!acts) return -1;
@@ -245,8 +245,8 @@ static inline float gelu(float v) { return 0.5f * v * (1.f + erff(v * 0.70710678
  * gate_up_j: [H, D] (SwiGLU: gate rows then up rows, H = 2I; GELU: H = I), down_j: [D, I]. One parallel region:
  * the k first products (rows split statically across threads), the activations, then the k second products
  * accumulated into y (each thread owns the same rows of y for every expert, so no reduction is needed). */
-int moelab_moe_decode(const weight_t *const *gate_up, const weight_t *const *down, int k, const float *route,
-                      const float *x, float *y, int activation, int threads) {
+static int moe_decode_f32(const weight_t *const *gate_up, const weight_t *const *down, int k, const float *route,
+                          const float *x, float *y, int activation, int threads) {
     const int D = gate_up[0]->k, H = gate_up[0]->n, I = down[0]->k, ug = unit_rows(gate_up[0]),
               ud = unit_rows(down[0]);
     act_t ax = {0}, *aa = calloc((size_t)k, sizeof(act_t));
@@ -298,8 +298,8 @@ static inline __m512 load16(const void *p, size_t i, int bf16) {
     return bf16 ? bf16x16((const uint16_t *)p + i, 0xFFFF) : _mm512_loadu_ps((const float *)p + i);
 }
 
-int moelab_decode_attention(const float *q, const void *k, const void *v, float *out, int B, int H, int G, int L,
-                            int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
+static int attention_f32(const float *q, const void *k, const void *v, float *out, int B, int H, int G, int L,
+                         int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
                             long long vsl, int kv_bf16, float scale, int threads) {
     const int rep = H / G;
     int err = 0;
@@ -357,4 +357,114 @@ int moelab_decode_attention(const float *q, const void *k, const void *v, float 
         free(s);
     }
     return err;
+}
+
+/* ------------------------------------------------------------------ entry points: float32 or bfloat16 in and out */
+
+/* p as float32: p itself, or a converted copy in *tmp (freed by the caller). */
+static const float *as_f32(const void *p, size_t n, int bf16, float **tmp) {
+    *tmp = NULL;
+    if (!bf16) return (const float *)p;
+    *tmp = malloc(sizeof(float) * (n ? n : 1));
+    if (*tmp)
+        for (size_t i = 0; i < n; i++) (*tmp)[i] = bf16_to_f32(((const uint16_t *)p)[i]);
+    return *tmp;
+}
+
+/* Where to compute an output of n floats: y itself, or a buffer in *tmp to convert into y afterwards. */
+static float *out_f32(void *y, size_t n, int bf16, float **tmp) {
+    *tmp = bf16 ? malloc(sizeof(float) * (n ? n : 1)) : NULL;
+    return bf16 ? *tmp : (float *)y;
+}
+
+static void finish(void *y, float *tmp, size_t n, int bf16) {
+    if (bf16 && tmp)
+        for (size_t i = 0; i < n; i++) ((uint16_t *)y)[i] = f32_to_bf16(tmp[i]);
+    free(tmp);
+}
+
+/* y [M, N] = x [M, K] · Wᵀ; x and y float32 or bfloat16 (flags). */
+int moelab_linear(const weight_t *w, const void *x, int x_bf16, int m, void *y, int y_bf16, int threads) {
+    float *xt, *yt;
+    const float *xf = as_f32(x, (size_t)m * w->k, x_bf16, &xt);
+    float *yf = out_f32(y, (size_t)m * w->n, y_bf16, &yt);
+    int err = !xf || !yf || linear_f32(w, xf, m, yf, threads);
+    if (!err) finish(y, yt, (size_t)m * w->n, y_bf16); else free(yt);
+    free(xt);
+    return err;
+}
+
+int moelab_moe_decode(const weight_t *const *gate_up, const weight_t *const *down, int k, const float *route,
+                      const void *x, int x_bf16, void *y, int y_bf16, int activation, int threads) {
+    float *xt, *yt;
+    const float *xf = as_f32(x, (size_t)gate_up[0]->k, x_bf16, &xt);
+    float *yf = out_f32(y, (size_t)down[0]->n, y_bf16, &yt);
+    int err = !xf || !yf || moe_decode_f32(gate_up, down, k, route, xf, yf, activation, threads);
+    if (!err) finish(y, yt, (size_t)down[0]->n, y_bf16); else free(yt);
+    free(xt);
+    return err;
+}
+
+int moelab_decode_attention(const void *q, int q_bf16, const void *k, const void *v, void *out, int B, int H, int G,
+                            int L, int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
+                            long long vsl, int kv_bf16, float scale, int threads) {
+    float *qt, *ot;
+    size_t n = (size_t)B * H * Dh;
+    const float *qf = as_f32(q, n, q_bf16, &qt);
+    float *of = out_f32(out, n, q_bf16, &ot);
+    int err = !qf || !of || attention_f32(qf, k, v, of, B, H, G, L, Dh, ksb, ksg, ksl, vsb, vsg, vsl, kv_bf16, scale,
+                                          threads);
+    if (!err) finish(out, ot, n, q_bf16); else free(ot);
+    free(qt);
+    return err;
+}
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+static inline float load_elem(const void *p, size_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store_elem(void *p, size_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* RMSNorm of `rows` rows of width `dim`, as moelab.model.rms_norm: n = x / sqrt(mean(x²) + eps) in float32,
+ * rounded to x's dtype, then y = w ⊙ n in that dtype; row i takes weight row i % w_rows (x, y, w: one dtype). */
+int moelab_rms_norm(const void *x, void *y, const void *w, int bf16, int rows, int dim, int w_rows, float eps) {
+    for (int i = 0; i < rows; i++) {
+        size_t o = (size_t)i * dim, wo = (size_t)(i % w_rows) * dim;
+        float ss = 0.f;
+        for (int d = 0; d < dim; d++) {
+            float v = load_elem(x, o + d, bf16);
+            ss += v * v;
+        }
+        float r = 1.f / sqrtf(ss / (float)dim + eps);
+        for (int d = 0; d < dim; d++) {
+            float n = load_elem(x, o + d, bf16) * r;
+            if (bf16) n = round_bf16(n);
+            store_elem(y, o + d, load_elem(w, wo + d, bf16) * n, bf16);
+        }
+    }
+    return 0;
+}
+
+/* Rotate-half RoPE of `rows` rows of width dh at one position, as moelab.model.apply_rope: the first r channels,
+ * halves a = x[:r/2], b = x[r/2:r]: y = (x·cos + [−b, a]·sin) in float32, rounded to x's dtype; the rest copied. */
+int moelab_rope(const void *x, void *y, int bf16, int rows, int dh, int r, const float *cos, const float *sin) {
+    const int h = r / 2;
+    for (int i = 0; i < rows; i++) {
+        size_t o = (size_t)i * dh;
+        for (int d = 0; d < r; d++) {
+            float v = load_elem(x, o + d, bf16);
+            float rot = d < h ? -load_elem(x, o + d + h, bf16) : load_elem(x, o + d - h, bf16);
+            float a = v * cos[d], b = rot * sin[d];
+            store_elem(y, o + d, a + b, bf16);
+        }
+        for (int d = r; d < dh; d++) store_elem(y, o + d, load_elem(x, o + d, bf16), bf16);
+    }
+    return 0;
 }
