@@ -211,3 +211,48 @@ def test_an_expert_gets_one_format():
     cfg = MoEConfig(d_model=64, d_expert=48, n_experts=2, top_k=1)
     store = store_experts(MoE(cfg).experts, "int4", 32)
     assert {(ew.gate_up.quant, ew.down.quant) for ew in store.weights} == {("int8", "int8")}
+
+
+@pytest.mark.skipif(not __import__("moelab").native.available(), reason="moelab's CPU kernels do not run here")
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("variant", [dict(qk_norm="head"), dict(qkv_bias=True, o_bias=True), dict(rotary_dim=32)])
+def test_fused_attention_step_computes_what_the_modules_do(quant, variant):
+    """A bfloat16 model converted for inference decodes token by token through `Attention.decode_step` (one
+    kernel call per attention block); with it switched off, through the modules one by one. Every intermediate
+    is rounded at the same points, so the logits and the cache are equal."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, max_seq_len=96,
+                      moe=MoEConfig(d_model=128, d_expert=64, n_experts=4, top_k=2), **variant)
+    model = MoETransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:  # not the zeros and ones they start as
+                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.3)
+    model = prepare_inference(model.to(torch.bfloat16), quant)
+    ids = torch.randint(0, 64, (1, 70))
+    calls = []
+
+    def decode(fused: bool):
+        saved = Attention.decode_step
+        if not fused:
+            Attention.decode_step = lambda *a: None
+        else:
+            def counted(*a):
+                out = saved(*a)
+                calls.append(out is not None)
+                return out
+            Attention.decode_step = counted
+        try:
+            cache, out = KVCache(), []
+            with torch.no_grad():
+                model(ids[:, :5], cache=cache)
+                for t in range(5, 70):  # past the cache's first 64 positions
+                    out.append(model(ids[:, t:t + 1], cache=cache).logits)
+            return torch.cat(out, 1), cache
+        finally:
+            Attention.decode_step = saved
+
+    (fused, cache_f), (plain, cache_p) = decode(True), decode(False)
+    assert sum(calls) == 2 * 65  # every decode step of both layers took the one call
+    assert torch.equal(fused, plain)
+    assert torch.equal(cache_f.k[1][:, :, :70], cache_p.k[1][:, :, :70])

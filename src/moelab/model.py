@@ -159,6 +159,15 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k [B, G, S, Dk] and v [B, G, S, Dv] to layer `layer`; its keys and values so far (views)."""
+        L, S = self.reserve(layer, k, v), k.shape[2]
+        self.k[layer][:, :, L:L + S] = k
+        self.v[layer][:, :, L:L + S] = v
+        self.lengths[layer] = L + S
+        return self.k[layer][:, :, :L + S], self.v[layer][:, :, :L + S]
+
+    def reserve(self, layer: int, k: Tensor, v: Tensor) -> int:
+        """Make room in layer `layer`'s buffers for k's S positions (k, v: [B, G, S, ·], for shapes and dtype);
+        the current length L, where they go."""
         while len(self.k) <= layer:
             self.k.append(None)
             self.v.append(None)
@@ -171,10 +180,7 @@ class KVCache:
                 if bufs[layer] is not None:
                     grown[:, :, :L] = bufs[layer][:, :, :L]
                 bufs[layer] = grown
-        self.k[layer][:, :, L:L + S] = k
-        self.v[layer][:, :, L:L + S] = v
-        self.lengths[layer] = L + S
-        return self.k[layer][:, :, :L + S], self.v[layer][:, :, :L + S]
+        return L
 
 
 class Attention(nn.Module):
@@ -210,6 +216,29 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         out = attend(q, k, v, start, self.scale, self.window, self.sinks, cache.pad if cache is not None else None)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
+
+    def decode_step(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor | None:
+        """x + self(norm(x)) for one token (B = S = 1) in one call of moelab's kernel (`native.attention_block`:
+        the same roundings), or None where that does not apply (then the caller runs the modules): weights on
+        moelab's kernels, no sinks, window, padding, full q/k norm or autograd."""
+        wqkv, wo = getattr(self.wqkv, "w", None), getattr(self.wo, "w", None)
+        if (torch.is_grad_enabled() or x.shape[:2] != (1, 1) or cache.pad is not None or self.sinks is not None
+                or self.qk_norm == "full" or getattr(wqkv, "native", None) is None
+                or getattr(wo, "native", None) is None):
+            return None
+        L = cache.length
+        if self.window is not None and self.window <= L:
+            return None
+        heads = x.new_empty(1, self.n_kv, 1, self.hd)
+        if not native.attention_block_supported(x, norm.weight, heads, cos, self.n_heads):
+            return None
+        L = cache.reserve(self.layer, heads, heads)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm == "head" else None
+        out = native.attention_block(x, norm.weight, norm.eps, wqkv.native, self.wqkv.bias, norms, cos, sin,
+                                     cache.k[self.layer], cache.v[self.layer], L, wo.native, self.wo.bias,
+                                     self.n_heads, self.scale)
+        cache.lengths[self.layer] = L + 1
+        return out
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, S, Dh], k and v [B, G, S, Dh]: projected, q/k-normed and rotated."""
@@ -316,7 +345,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
                 stats: bool | None = None):
-        x = x + self._scaled(self._drop(self.attn(self.attn_norm(x), cos, sin, cache, start)))
+        fused = None
+        if cache is not None and self.residual_scale == 1.0 and isinstance(self.attn, Attention):
+            fused = self.attn.decode_step(x, self.attn_norm, cos, sin, cache)
+        if fused is None:
+            x = x + self._scaled(self._drop(self.attn(self.attn_norm(x), cos, sin, cache, start)))
+        else:
+            x = fused
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, stats)

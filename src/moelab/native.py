@@ -122,6 +122,9 @@ def _library() -> ctypes.CDLL | None:
     lib.moelab_moe_decode.argtypes = [ptr, ptr, i, ptr, ptr, i, ptr, i, i, i]
     lib.moelab_rms_norm.argtypes = [ptr, ptr, ptr, i, i, i, i, ctypes.c_float]
     lib.moelab_rope.argtypes = [ptr, ptr, i, i, i, i, ptr, ptr]
+    f = ctypes.c_float
+    lib.moelab_attention_block.argtypes = [ptr, i, ptr, f, ptr, ptr, ptr, ptr, f, ptr, ptr, i, ptr, ptr, ll, ll, i,
+                                           ptr, ptr, i, i, i, f, ptr, i]
     lib.moelab_decode_attention.argtypes = [ptr, i, ptr, ptr, ptr, i, i, i, i, i, ll, ll, ll, ll, ll, ll, i,
                                             ctypes.c_float, i]
     return lib
@@ -293,15 +296,58 @@ def rope_supported(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """Whether `rope` takes these: one position (cos, sin [1, r], float32), x small, contiguous, float32 or
     bfloat16, on the CPU outside autograd."""
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
-            and x.shape[-2] == 1 and cos.shape[0] == 1 and cos.dtype == sin.dtype == torch.float32
-            and 0 < x.numel() <= SMALL and x.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+            and x.shape[-2] == 1 and cos.shape[0] == 1 and cos.dtype == sin.dtype
+            and cos.dtype in (torch.float32, torch.bfloat16) and 0 < x.numel() <= SMALL and x.is_contiguous()
             and available())
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """`moelab.model.apply_rope` at one position in one call (same arithmetic in float32)."""
+    """`moelab.model.apply_rope` at one position in one call (same arithmetic in float32; tables of a bfloat16
+    model are bfloat16, which torch's code promotes exactly)."""
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
     y = torch.empty_like(x)
     dh, r = x.shape[-1], cos.shape[-1]
     _library().moelab_rope(x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), x.numel() // dh, dh, r,
                            cos.data_ptr(), sin.data_ptr())
     return y
+
+
+def attention_block_supported(x: Tensor, norm_weight: Tensor, kv_like: Tensor, cos: Tensor, n_heads: int) -> bool:
+    """Whether `attention_block` takes one token x [1, 1, D] with kv heads shaped as kv_like [1, G, 1, Dh]."""
+    G, Dh = kv_like.shape[1], kv_like.shape[-1]
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and norm_weight.dtype == x.dtype
+            and x.is_contiguous() and Dh % 16 == 0 and n_heads % G == 0 and n_heads // G <= 16
+            and cos.dtype in (torch.float32, torch.bfloat16) and cos.shape[0] == 1 and cos.shape[-1] <= Dh
+            and available())
+
+
+def attention_block(x: Tensor, norm_weight: Tensor, eps: float, wqkv: NativeWeight, qkv_bias: Tensor | None,
+                    qk_norms: tuple[Tensor, Tensor, float] | None, cos: Tensor, sin: Tensor, k_buf: Tensor,
+                    v_buf: Tensor, L: int, wo: NativeWeight, o_bias: Tensor | None, n_heads: int,
+                    scale: float | None) -> Tensor:
+    """x + attention(RMSNorm(x)) for one token, appending its key and value at position L of the cache buffers
+    [1, G, capacity, Dh] (`csrc/cpu_kernels.c`, moelab_attention_block, states the steps and roundings)."""
+    G, Dh = k_buf.shape[1], k_buf.shape[-1]
+    if k_buf.dtype != x.dtype or v_buf.stride() != k_buf.stride() or k_buf.stride(-1) != 1:
+        raise ValueError("attention_block: the cache buffers must share x's dtype and one layout")
+    qb, ob = _as(qkv_bias, x.dtype), _as(o_bias, x.dtype)
+    q_w, k_w, qk_eps = qk_norms if qk_norms is not None else (None, None, 0.0)
+    q_w, k_w = _as(q_w, x.dtype), _as(k_w, x.dtype)
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    out = torch.empty_like(x)
+    err = _library().moelab_attention_block(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), norm_weight.data_ptr(), eps, ctypes.addressof(wqkv.desc),
+        _ptr(qb), _ptr(q_w), _ptr(k_w), qk_eps, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], k_buf.data_ptr(),
+        v_buf.data_ptr(), k_buf.stride(1), k_buf.stride(2), L, ctypes.addressof(wo.desc), _ptr(ob), n_heads, G, Dh,
+        Dh ** -0.5 if scale is None else scale, out.data_ptr(), torch.get_num_threads())
+    if err:
+        raise MemoryError("moelab native attention_block: out of memory for its buffers")
+    return out
+
+
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()

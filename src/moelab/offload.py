@@ -11,7 +11,8 @@ needs room for another; what is evicted is chosen by the policy:
   recently used — expert popularity in trained MoE models is skewed and stable (Mixtral, Jiang et al.
   2024, §5; DeepSeek-V3's load statistics), which frequency keeps and recency forgets.
 Space is made *before* an expert is read, so the experts held never exceed the capacity; the only excess
-is what a caller still computes with after it was evicted (at most a token's k experts of one layer).
+is what a caller still computes with after it was evicted: at most k − 1 of a token's k experts of one layer (the
+last one fetched is in the cache).
 Creating a cache fixes glibc's mmap threshold (`return_freed_memory`), so that the memory of evicted
 experts goes back to the system instead of fragmenting the heap.
 

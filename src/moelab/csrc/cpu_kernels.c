@@ -468,3 +468,48 @@ int moelab_rope(const void *x, void *y, int bf16, int rows, int dh, int r, const
     }
     return 0;
 }
+
+/* y = round(a + b) elementwise in the dtype (bfloat16: each sum rounded, as torch adds two bfloat16 tensors). */
+static void add_into(void *y, const void *a, const void *b, size_t n, int bf16) {
+    for (size_t i = 0; i < n; i++) store_elem(y, i, load_elem(a, i, bf16) + load_elem(b, i, bf16), bf16);
+}
+
+/* One decode step of a grouped-query attention block for one token (B = S = 1), as moelab.model computes it,
+ * each intermediate rounded to the model's dtype where the torch code holds it in that dtype:
+ *   h = RMSNorm(x; norm_w);  q|k|v = h·Wqkvᵀ (+ bias);  q, k = head RMSNorm (q_w, k_w: optional) then RoPE;
+ *   k, v appended to the cache at position L;  a = attention(q; keys and values 0..L);  out = x + (a·Woᵀ (+ bias)).
+ * x, out, the weights of the norms and biases, and the cache: one dtype (bf16 flag); cache element (g, j, d) at
+ * g·sg + j·sl + d. Returns nonzero when out of memory. */
+int moelab_attention_block(const void *x, int bf16, const void *norm_w, float eps, const weight_t *wqkv,
+                           const void *qkv_bias, const void *q_w, const void *k_w, float qk_eps, const float *cos,
+                           const float *sin, int r, void *kbuf, void *vbuf, long long sg, long long sl, int L,
+                           const weight_t *wo, const void *o_bias, int H, int G, int Dh, float scale, void *out,
+                           int threads) {
+    const int D = wqkv->k, nq = H * Dh, nk = G * Dh, nqkv = nq + 2 * nk;
+    const size_t es = bf16 ? 2 : 4;
+    char *mem = malloc(es * ((size_t)D + 2 * (size_t)nqkv + 2 * (size_t)nq + (size_t)D));
+    if (!mem) return 1;
+    void *h = mem, *qkv = mem + es * D, *qk = (char *)qkv + es * nqkv, *att = (char *)qk + es * nqkv,
+         *o = (char *)att + es * 2 * nq;
+    int err = 0;
+    moelab_rms_norm(x, h, norm_w, bf16, 1, D, 1, eps);
+    err |= moelab_linear(wqkv, h, bf16, 1, qkv, bf16, threads);
+    if (qkv_bias) add_into(qkv, qkv, qkv_bias, (size_t)nqkv, bf16);
+    if (q_w) {
+        moelab_rms_norm(qkv, qkv, q_w, bf16, H, Dh, 1, qk_eps);
+        moelab_rms_norm((char *)qkv + es * nq, (char *)qkv + es * nq, k_w, bf16, G, Dh, 1, qk_eps);
+    }
+    moelab_rope(qkv, qk, bf16, H + G, Dh, r, cos, sin);
+    for (int g = 0; g < G; g++) {
+        size_t at = (size_t)g * sg + (size_t)L * sl;
+        memcpy((char *)kbuf + es * at, (char *)qk + es * ((size_t)nq + (size_t)g * Dh), es * Dh);
+        memcpy((char *)vbuf + es * at, (char *)qkv + es * ((size_t)nq + nk + (size_t)g * Dh), es * Dh);
+    }
+    err |= moelab_decode_attention(qk, bf16, kbuf, vbuf, att, 1, H, G, L + 1, Dh, 0, sg, sl, 0, sg, sl, bf16, scale,
+                                   threads);
+    err |= moelab_linear(wo, att, bf16, 1, o, bf16, threads);
+    if (o_bias) add_into(o, o, o_bias, (size_t)D, bf16);
+    add_into(out, x, o, (size_t)D, bf16);
+    free(mem);
+    return err;
+}
