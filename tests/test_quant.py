@@ -132,7 +132,8 @@ def test_without_the_kernels_a_weight_is_dequantized_then_multiplied(fmt, monkey
     assert torch.equal(slow.dequantize(), fast.dequantize())
     want = x.double() @ slow.dequantize(torch.float64).T
     assert rel(slow(x), want) < 1e-6  # float32 x stays float32 here
-    assert rel(fast(x), kernel_input(fast, x) @ fast.dequantize(torch.float64).T) < 1e-5
+    exact = 1e-5 if fast.native is not None else BF16_BOUND  # torch's kernels round their output to bfloat16
+    assert rel(fast(x), kernel_input(fast, x).double() @ fast.dequantize(torch.float64).T) < exact
     assert rel(fast(x), want) < 0.01  # the kernel's activations: bfloat16, or int8 per block of 32
     assert torch.equal(load_linear_weight(q, slow.tensors()).dequantize(), fast.dequantize())
 
