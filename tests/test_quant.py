@@ -251,3 +251,13 @@ def test_stored_weights_are_checked_before_packing():
             load_linear_weight(q, cut)
         with pytest.raises(ValueError, match="is stored as"):
             load_linear_weight(q, {"weight": w})
+
+
+@pytest.mark.parametrize("quant_name", ["int8", "int4"])
+def test_quantizing_by_blocks_of_rows_changes_nothing(quant_name, monkeypatch):
+    """Large weights are quantized QUANTIZE_ROWS rows at a time (bounded temporaries): the same codes and scales."""
+    W = torch.randn(80, 128)
+    whole = linear_weight(W, quant_name)
+    monkeypatch.setattr(quant, "QUANTIZE_ROWS", 32)  # 80 rows: blocks of 32, 32 and 16
+    blocks = linear_weight(W, quant_name)
+    assert all(torch.equal(a, b) for a, b in zip(whole.tensors().values(), blocks.tensors().values()))

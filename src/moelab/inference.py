@@ -133,6 +133,27 @@ def install_linear(slot: Slot, linear: InferenceLinear) -> None:
     setattr(slot.parent, slot.attr, linear)
 
 
+def slot_tensors(model: MoETransformer, slot: Slot) -> list[str]:
+    """The state-dict names of the float tensors a slot is made of (a tied head: the embedding's)."""
+    if slot.attr == "head" and model.head is None:
+        return ["embed.weight"]
+    return [f"{slot.prefix}{part}.{kind}" for part in slot.parts for kind in ("weight", "bias")
+            if getattr(getattr(slot.parent, part), kind, None) is not None]
+
+
+@torch.no_grad()
+def convert_slot(model: MoETransformer, slot: Slot, quant: str | None, group_size: int) -> None:
+    """Replace the float linears of one slot by their `InferenceLinear` (nothing when converted already)."""
+    if isinstance(getattr(slot.parent, slot.attr, None), InferenceLinear):
+        return
+    if slot.attr == "head" and model.head is None:  # tied: the head's own copy of the embedding
+        parts = [model.embed]
+    else:
+        parts = [getattr(slot.parent, part) for part in slot.parts]
+    bias = torch.cat([m.bias for m in parts]) if getattr(parts[0], "bias", None) is not None else None
+    install_linear(slot, _linear(torch.cat([m.weight for m in parts]), bias, quant, group_size))
+
+
 @torch.no_grad()
 def prepare_inference(model: MoETransformer, quant: str | None = None, group_size: int = 32) -> MoETransformer:
     """Convert `model` in place for inference (module docstring) and return it in eval mode. ValueError for an
@@ -140,14 +161,7 @@ def prepare_inference(model: MoETransformer, quant: str | None = None, group_siz
     check_quant(quant, group_size)
     model.eval().requires_grad_(False)
     for slot in linear_slots(model):
-        if isinstance(getattr(slot.parent, slot.attr, None), InferenceLinear):
-            continue
-        if slot.attr == "head" and model.head is None:  # tied: the head's own copy of the embedding
-            parts = [model.embed]
-        else:
-            parts = [getattr(slot.parent, part) for part in slot.parts]
-        bias = torch.cat([m.bias for m in parts]) if getattr(parts[0], "bias", None) is not None else None
-        install_linear(slot, _linear(torch.cat([m.weight for m in parts]), bias, quant, group_size))
+        convert_slot(model, slot, quant, group_size)
     for _, moe in moe_stores(model):
         if isinstance(moe.experts, Experts):
             moe.experts = store_experts(moe.experts, quant, group_size)

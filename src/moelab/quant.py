@@ -215,9 +215,11 @@ class Int8Weight(LinearWeight):
 
     @classmethod
     def quantize(cls, w: Tensor) -> Int8Weight:
-        w = w.detach().float()
-        scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).to(KERNEL_DTYPE)
-        q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+        def rows(w: Tensor) -> tuple[Tensor, Tensor]:
+            w = w.detach().float()
+            scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).to(KERNEL_DTYPE)
+            return torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8), scale
+        q, scale = _by_rows(rows, w)
         return cls(q, scale)
 
     def __call__(self, x_MK: Tensor) -> Tensor:
@@ -271,12 +273,16 @@ class Int4Weight(LinearWeight):
     def quantize(cls, w: Tensor, group_size: int) -> Int4Weight:
         N, K = w.shape
         _check_int4_shape(N, K, group_size)
-        g = w.detach().float().reshape(N, K // group_size, group_size)
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = ((hi - lo).clamp_min(1e-6) / 15).to(KERNEL_DTYPE).float()  # rounded first: q uses the stored values
-        zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
-        q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8).reshape(N, K)
-        return cls(None, torch.stack([scale, zero], -1).transpose(0, 1), codes=q)
+
+        def rows(w: Tensor) -> tuple[Tensor, Tensor]:
+            g = w.detach().float().reshape(w.shape[0], K // group_size, group_size)
+            lo, hi = g.amin(-1), g.amax(-1)
+            scale = ((hi - lo).clamp_min(1e-6) / 15).to(KERNEL_DTYPE).float()  # rounded first: q uses stored values
+            zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
+            q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
+            return q.reshape(w.shape[0], K), torch.stack([scale, zero], -1)
+        q, scale_zero = _by_rows(rows, w)
+        return cls(None, scale_zero.transpose(0, 1), codes=q)
 
     def __call__(self, x_MK: Tensor) -> Tensor:
         if self.native is not None:
@@ -316,6 +322,15 @@ class Int4Weight(LinearWeight):
 
     def tensors(self) -> dict[str, Tensor]:
         return {"qweight": pack_nibbles(self.codes()), "scale_zero": self.scales_zeros()}
+
+
+QUANTIZE_ROWS = 4096  # rows quantized at once: bounds the float32 temporaries (a 32k-row head would need ~1 GB)
+
+
+def _by_rows(fn, w: Tensor) -> tuple[Tensor, Tensor]:
+    """fn applied to blocks of QUANTIZE_ROWS rows of w, its two outputs concatenated along the rows."""
+    parts = [fn(block) for block in w.split(QUANTIZE_ROWS)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _native(w: native.NativeWeight, x_MK: Tensor) -> Tensor:

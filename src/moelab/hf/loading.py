@@ -31,7 +31,7 @@ from moelab.hf.adapters import Adapter, adapter_for
 from moelab.hf.reader import Checkpoint
 from moelab.hf.streaming import ExpertReader, expert_parts, is_routed_expert, match_tensors, stream_into
 from moelab.hf_config import HFConfig, load_json
-from moelab.inference import expert_quant, prepare_inference
+from moelab.inference import convert_slot, expert_quant, linear_slots, prepare_inference, slot_tensors
 from moelab.model import MoETransformer
 from moelab.offload import (
     ExpertCache,
@@ -171,13 +171,26 @@ def _stream(ckpt: Checkpoint, c: HFConfig, adapter: Adapter, cfg: ModelConfig, d
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}",
               disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
         state = model.state_dict(keep_vars=True)
-        stream_into(ckpt, resident, state, bar.update)
+        if apart:  # converted as read: one slot's float weights at a time are held, not the model's
+            by_target = {e.target: e for e in resident}
+            slots = [(slot, slot_tensors(model, slot)) for slot in linear_slots(model)]
+            in_slots = {n for _, names in slots for n in names if not n.startswith("embed.")}
+            stream_into(ckpt, [e for e in resident if e.target not in in_slots], state, bar.update)
+            for slot, names in slots:
+                stream_into(ckpt, [by_target[n] for n in names if n in by_target and n in in_slots], state,
+                            bar.update)
+                for n in names:
+                    if n in in_slots:
+                        state.pop(n)
+                convert_slot(model, slot, quant, group_size)
+        else:
+            stream_into(ckpt, resident, state, bar.update)
         targets = {e.target for e in found}
         for key, t in state.items():
             if key not in targets:
                 assert key.endswith("router.bias"), f"no Hugging Face tensor fills {key}"
                 t.data.zero_()
-        del state, t  # holds every float weight: converted ones must be freed as they are replaced
+        del state  # holds every float weight it still names: converted ones must be freed as they are replaced
         if in_memory:
             for i, block in enumerate(model.blocks):
                 if block.is_moe:
