@@ -257,7 +257,9 @@ def test_stored_weights_are_checked_before_packing():
 def test_quantizing_by_blocks_of_rows_changes_nothing(quant_name, monkeypatch):
     """Large weights are quantized QUANTIZE_ROWS rows at a time (bounded temporaries): the same codes and scales."""
     W = torch.randn(80, 128)
+    before = W.clone()
     whole = linear_weight(W, quant_name)
+    assert torch.equal(W, before)  # quantizing works in place on its own copy, never on the caller's float32 weight
     monkeypatch.setattr(quant, "QUANTIZE_ROWS", 32)  # 80 rows: blocks of 32, 32 and 16
     blocks = linear_weight(W, quant_name)
     assert all(torch.equal(a, b) for a, b in zip(whole.tensors().values(), blocks.tensors().values()))

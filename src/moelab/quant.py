@@ -215,10 +215,11 @@ class Int8Weight(LinearWeight):
 
     @classmethod
     def quantize(cls, w: Tensor) -> Int8Weight:
-        def rows(w: Tensor) -> tuple[Tensor, Tensor]:
-            w = w.detach().float()
+        def rows(src: Tensor) -> tuple[Tensor, Tensor]:
+            w = src.detach().float()
             scale = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).to(KERNEL_DTYPE)
-            return torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8), scale
+            w = w.clone() if w.data_ptr() == src.data_ptr() else w  # worked in place on a copy of its own
+            return w.div_(scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
         q, scale = _by_rows(rows, w)
         return cls(q, scale)
 
@@ -279,7 +280,8 @@ class Int4Weight(LinearWeight):
             lo, hi = g.amin(-1), g.amax(-1)
             scale = ((hi - lo).clamp_min(1e-6) / 15).to(KERNEL_DTYPE).float()  # rounded first: q uses stored values
             zero = (lo + 8 * scale).to(KERNEL_DTYPE).float()
-            q = torch.round((g - zero[..., None]) / scale[..., None] + 8).clamp_(0, 15).to(torch.uint8)
+            g = g.clone() if g.data_ptr() == w.data_ptr() else g  # a float32 w: its own copy, worked in place
+            q = g.sub_(zero[..., None]).div_(scale[..., None]).add_(8).round_().clamp_(0, 15).to(torch.uint8)
             return q.reshape(w.shape[0], K), torch.stack([scale, zero], -1)
         q, scale_zero = _by_rows(rows, w)
         return cls(None, scale_zero.transpose(0, 1), codes=q)
