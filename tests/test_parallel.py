@@ -63,9 +63,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn, args, timeout_s: float) -> None:
+def _worker(rank: int, world: int, rendezvous: str, fn, args, timeout_s: float) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
     try:
         fn(rank, world, *args)
@@ -75,7 +75,10 @@ def _worker(rank: int, world: int, port: int, fn, args, timeout_s: float) -> Non
 
 
 def spawn(world: int, fn, *args, timeout_s: float = 60.0) -> None:
-    mp.spawn(_worker, args=(world, _free_port(), fn, args, timeout_s), nprocs=world, join=True)
+    """Run fn(rank, world, *args) in `world` processes of one gloo group, which meet through a fresh file (no
+    port to pick before it is bound, so no race with other processes for it)."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "rendezvous"), fn, args, timeout_s), nprocs=world, join=True)
 
 
 def close(a, b, name: str, atol: float = 1e-10, rtol: float = 1e-8) -> None:
