@@ -104,6 +104,11 @@ def int4_kernel_available() -> bool:
     return _probe(check)
 
 
+def int8_kernel_runs(K: int, device: torch.device) -> bool:
+    """Whether torch's int8 kernel multiplies a weight of input width K on `device` (the CPU, K % 16 == 0)."""
+    return device.type == "cpu" and K % 16 == 0 and int8_kernel_available()
+
+
 def backend(quant: str | None, weight_shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> str:
     """Which kernel a [N, K] weight of format `quant` (float weights: of `dtype`) runs on for decode-sized inputs:
     "native" (moelab.native), "torch" (torch's CPU kernels above; float: oneDNN prepacked), or "plain"
@@ -117,7 +122,7 @@ def backend(quant: str | None, weight_shape: tuple[int, int], dtype: torch.dtype
     if native.supports(K, device) and (quant == "int8" or N % INT4_N_MULTIPLE == 0):
         return "native"
     if quant == "int8":
-        return "torch" if cpu and K % 16 == 0 and int8_kernel_available() else "plain"
+        return "torch" if int8_kernel_runs(K, device) else "plain"
     return "torch" if cpu and int4_kernel_available() else "plain"
 
 
@@ -211,7 +216,7 @@ class Int8Weight(LinearWeight):
         self.q, self.scale = aligned(qweight), aligned(scale.to(KERNEL_DTYPE))
         self.backend = backend("int8", qweight.shape, KERNEL_DTYPE, qweight.device)
         self.native = native.NativeWeight("int8", self.q, self.scale) if self.backend == "native" else None
-        self.kernel = qweight.device.type == "cpu" and self.in_features % 16 == 0 and int8_kernel_available()
+        self.kernel = int8_kernel_runs(self.in_features, qweight.device)  # torch's, for more rows than ours take
 
     @classmethod
     def quantize(cls, w: Tensor) -> Int8Weight:
