@@ -42,6 +42,7 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16")
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 ACTIVATIONS = {"swiglu": 0, "gelu": 1}
 BLOCK = 64  # K must be a multiple of it
+IO_DTYPES = (torch.float32, torch.bfloat16)  # activations the kernels take and return
 
 
 class _Weight(ctypes.Structure):
@@ -217,7 +218,7 @@ def same_format(weights: list[NativeWeight | None]) -> bool:
 
 def _io(x: Tensor) -> Tensor:
     """x as the kernels take it: float32 or bfloat16 (others converted to float32), contiguous."""
-    return (x if x.dtype in (torch.float32, torch.bfloat16) else x.float()).contiguous()
+    return (x if x.dtype in IO_DTYPES else x.float()).contiguous()
 
 
 def linear(w: NativeWeight, x_MK: Tensor) -> Tensor:
@@ -252,7 +253,7 @@ def attention_supported(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether `decode_attention` takes these: one query per row, kv in bfloat16 or float32 with unit stride along
     the head width, Dh % 16 == 0, at most 16 query heads per kv head, on the CPU."""
     H, G, Dh = q.shape[1], k.shape[1], q.shape[-1]
-    return (q.device.type == "cpu" and q.shape[2] == 1 and k.dtype == v.dtype in (torch.bfloat16, torch.float32)
+    return (q.device.type == "cpu" and q.shape[2] == 1 and k.dtype == v.dtype in IO_DTYPES
             and Dh % 16 == 0 and v.shape[-1] == Dh and k.stride(-1) == v.stride(-1) == 1 and H % G == 0
             and H // G <= 16 and available())
 
@@ -278,7 +279,7 @@ def rms_norm_supported(x: Tensor, weight: Tensor) -> bool:
     """Whether `rms_norm` takes these: a small contiguous CPU tensor outside autograd, weight of x's dtype (float32
     or bfloat16) shaped as x's trailing dimensions."""
     return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype == weight.dtype
-            and x.dtype in (torch.float32, torch.bfloat16) and 0 < x.numel() <= SMALL and x.is_contiguous()
+            and x.dtype in IO_DTYPES and 0 < x.numel() <= SMALL and x.is_contiguous()
             and weight.is_contiguous() and weight.shape == x.shape[x.dim() - weight.dim():] and available())
 
 
@@ -295,9 +296,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 def rope_supported(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
     """Whether `rope` takes these: one position (cos, sin [1, r], float32), x small, contiguous, float32 or
     bfloat16, on the CPU outside autograd."""
-    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
+    return (x.device.type == "cpu" and not torch.is_grad_enabled() and x.dtype in IO_DTYPES
             and x.shape[-2] == 1 and cos.shape[0] == 1 and cos.dtype == sin.dtype
-            and cos.dtype in (torch.float32, torch.bfloat16) and 0 < x.numel() <= SMALL and x.is_contiguous()
+            and cos.dtype in IO_DTYPES and 0 < x.numel() <= SMALL and x.is_contiguous()
             and available())
 
 
@@ -315,9 +316,9 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def attention_block_supported(x: Tensor, norm_weight: Tensor, kv_like: Tensor, cos: Tensor, n_heads: int) -> bool:
     """Whether `attention_block` takes one token x [1, 1, D] with kv heads shaped as kv_like [1, G, 1, Dh]."""
     G, Dh = kv_like.shape[1], kv_like.shape[-1]
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and norm_weight.dtype == x.dtype
+    return (x.device.type == "cpu" and x.dtype in IO_DTYPES and norm_weight.dtype == x.dtype
             and x.is_contiguous() and Dh % 16 == 0 and n_heads % G == 0 and n_heads // G <= 16
-            and cos.dtype in (torch.float32, torch.bfloat16) and cos.shape[0] == 1 and cos.shape[-1] <= Dh
+            and cos.dtype in IO_DTYPES and cos.shape[0] == 1 and cos.shape[-1] <= Dh
             and available())
 
 
