@@ -63,7 +63,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     return (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
 }
 
-static int act_alloc(act_t *a, int k, int fmt, int g) {
+static int act_alloc(act_t *a, int k, int g) {
     size_t nc = (size_t)k / 64, sz = 64 * 4 + (size_t)k * 2 + (size_t)k + nc * 8 + (size_t)k + nc * 64 * 2
                                       + ((size_t)k / 32 + 16) * 4;
     a->mem = aligned_alloc(64, (sz + 63) / 64 * 64);
@@ -78,7 +78,6 @@ static int act_alloc(act_t *a, int k, int fmt, int g) {
     a->xq = (int8_t *)p; p += k;
     a->neg = (__mmask64 *)p; p += nc * 8;
     a->gsum = (float *)p;
-    (void)fmt;
     return 0;
 }
 
@@ -219,7 +218,7 @@ static int linear_f32(const weight_t *w, const float *x, int m, float *y, int th
     act_t *acts = calloc((size_t)m, sizeof(act_t));
     if (!acts) return -1;
     int err = 0;
-    for (int i = 0; i < m; i++) err |= act_alloc(&acts[i], k, w->fmt, w->g);
+    for (int i = 0; i < m; i++) err |= act_alloc(&acts[i], k, w->g);
     if (!err) {
 #pragma omp parallel num_threads(threads)
         {
@@ -251,8 +250,8 @@ static int moe_decode_f32(const weight_t *const *gate_up, const weight_t *const 
               ud = unit_rows(down[0]);
     act_t ax = {0}, *aa = calloc((size_t)k, sizeof(act_t));
     float *h = malloc(sizeof(float) * (size_t)k * H), *av = malloc(sizeof(float) * (size_t)k * I);
-    int err = !aa || !h || !av || act_alloc(&ax, D, gate_up[0]->fmt, gate_up[0]->g);
-    for (int j = 0; j < k && !err; j++) err |= act_alloc(&aa[j], I, down[0]->fmt, down[0]->g);
+    int err = !aa || !h || !av || act_alloc(&ax, D, gate_up[0]->g);
+    for (int j = 0; j < k && !err; j++) err |= act_alloc(&aa[j], I, down[0]->g);
     if (!err) {
         act_prepare(&ax, x, gate_up[0]->fmt);
 #pragma omp parallel num_threads(threads)
