@@ -24,6 +24,7 @@ from moelab.inference import (
 )
 from moelab.model import Attention, KVCache
 from moelab.quant_experts import QuantizedExperts
+from moelab.routing import Router
 
 MOE = MoEConfig(d_model=64, d_expert=32, n_experts=6, top_k=2, n_shared=1)
 CONFIGS = {
@@ -256,3 +257,56 @@ def test_fused_attention_step_computes_what_the_modules_do(quant, variant):
     assert sum(calls) == 2 * 65  # every decode step of both layers took the one call
     assert torch.equal(fused, plain)
     assert torch.equal(cache_f.k[1][:, :, :70], cache_p.k[1][:, :, :70])
+
+
+@pytest.mark.skipif(not __import__("moelab").native.available(), reason="moelab's CPU kernels do not run here")
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("variant", [dict(norm_topk_prob=True), dict(norm_topk_prob=False, route_scale=2.0),
+                                     dict(norm_topk_prob=True, dtype=torch.float32)])
+def test_fused_moe_step_computes_what_the_modules_do(quant, variant):
+    """A model converted for inference decodes through `MoE.decode_step` (norm, routing, experts and residual in
+    one kernel call per MoE layer); with it switched off, through the norm module, the router (whose one-token
+    routing is the same kernel's) and the decode path: the logits are equal, and the tokens equal those of the
+    router on torch's kernels (whose float32 logits differ from the kernel's by rounding only)."""
+    dtype = variant.pop("dtype", torch.bfloat16)
+    if dtype == torch.float32 and quant is None:
+        pytest.skip("float32 weights stay on torch's kernels (moelab's take bfloat16, int8 and int4)")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, max_seq_len=64,
+                      moe=MoEConfig(d_model=128, d_expert=64, n_experts=8, top_k=2, **variant))
+    model = MoETransformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(mean=1.0, std=0.3)
+    model = prepare_inference(model.to(dtype), quant)
+    ids = torch.randint(0, 64, (1, 4))
+    calls = []
+
+    def counted(*a):
+        out = saved[0](*a)
+        calls.append(out is not None)
+        return out
+
+    saved = MoE.decode_step, Router.native_args
+
+    def decode(moe_step, native_route=saved[1]):
+        MoE.decode_step, Router.native_args = moe_step, native_route
+        try:
+            cache, out, tokens = KVCache(), [], ids
+            with torch.no_grad():
+                logits = model(ids, cache=cache).logits
+                for _ in range(12):
+                    tokens = logits[:, -1:].argmax(-1)
+                    logits = model(tokens, cache=cache).logits
+                    out.append(logits)
+            return torch.cat(out, 1)
+        finally:
+            MoE.decode_step, Router.native_args = saved
+
+    fused = decode(counted)
+    assert calls == [False] * 2 + [True] * 2 * 12  # the prompt (4 tokens) did not; every decode step did
+    assert torch.equal(fused, decode(lambda *a: None))
+    torch_router = decode(lambda *a: None, lambda *a: None)
+    assert torch.equal(fused.argmax(-1), torch_router.argmax(-1))
+    assert torch.allclose(fused.float(), torch_router.float(), atol=0.05 if dtype == torch.bfloat16 else 1e-4)

@@ -179,3 +179,57 @@ def test_rms_norm_and_rope_take_the_torch_arithmetic(dtype):
     for a, b in zip(fast[:2], slow[:2]):
         torch.testing.assert_close(a, b, rtol=ulp, atol=1e-6)
     assert torch.equal(fast[2], slow[2]) and torch.equal(fast[3], slow[3])
+
+
+@needs_kernels
+@pytest.mark.parametrize("renorm,scale", [(True, 1.0), (False, 1.0), (True, 2.5)])
+@pytest.mark.parametrize("D", [256, 200])  # 200: a row that ends inside a 16-lane block
+def test_route_is_top_k_softmax_of_the_float64_logits(renorm, scale, D):
+    """logits = x·Wᵀ; the k largest, best first; weights = softmax over the chosen (renorm) or the full softmax at
+    the chosen, times scale — against float64 on logits far enough apart that rounding cannot reorder them."""
+    E, k = 16, 4
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, D, generator=g)
+    W = torch.randn(E, D, generator=g)
+    W += torch.arange(E, dtype=torch.float32)[torch.randperm(E, generator=g), None] * 0.5 * x / x.norm() ** 2
+    z = x.double() @ W.double().T
+    logits, idx, weight = native.route(x, W, k, renorm, scale)
+    assert torch.allclose(logits.double(), z, rtol=1e-5, atol=1e-5)
+    want_idx = z.topk(k).indices
+    assert torch.equal(idx, want_idx)
+    p = torch.softmax(z.gather(1, want_idx), -1) if renorm else torch.softmax(z, -1).gather(1, want_idx)
+    assert torch.allclose(weight.double(), p * scale, rtol=1e-5, atol=1e-7)
+    bf = native.route(x.bfloat16(), W, k, renorm, scale)  # a bfloat16 x is taken exactly
+    assert all(torch.equal(a, b) for a, b in zip(bf, native.route(x.bfloat16().float(), W, k, renorm, scale)))
+
+
+@needs_kernels
+def test_route_breaks_ties_toward_the_lower_index():
+    W = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    W[5], W[2] = W[0], W[0] * 2  # logits: 2 > 0 = 5
+    x = W[0:1].clone()
+    assert native.route(x, W, 3, True, 1.0)[1].tolist() == [[2, 0, 5]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_moe_block_is_norm_route_experts_and_residual(fmt):
+    """out = x + Σⱼ wⱼ · FFN_idxⱼ(RMSNorm(x)), with idx, w the top-k softmax routing of RMSNorm(x) — against the
+    float64 composition on what the kernel multiplies; the chosen experts are the float64 top-k."""
+    D, I, E, k = 256, 128, 6, 2
+    g = torch.Generator().manual_seed(1)
+    experts = [(random_weight(fmt, 2 * I, D, seed=2 * e), random_weight(fmt, D, I, seed=2 * e + 1)) for e in range(E)]
+    table = native.expert_table([gu for (gu, _), _ in experts], [dn for _, (dn, _) in experts])
+    x, norm_w, router = torch.randn(1, 1, D, generator=g), torch.rand(D, generator=g) + 0.5, torch.randn(E, D, generator=g)
+    out, idx = native.moe_block(x, norm_w, 1e-6, router, k, True, 1.0, table, "swiglu")
+    h = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w.double())[0]
+    z = h @ router.double().T
+    want_idx = z.topk(k).indices[0]
+    assert torch.equal(idx, want_idx)
+    y = torch.zeros(1, D, dtype=torch.float64)
+    for r, e in zip(torch.softmax(z[0, want_idx], -1).tolist(), want_idx.tolist()):
+        (_, W_gu), (_, W_dn) = experts[e]
+        a = (seen(fmt, h.float()) @ W_gu.T).float()
+        y += seen(fmt, r * (F.silu(a[:, :I]) * a[:, I:])) @ W_dn.T
+    assert rel(out[0] - x[0], y) < 1e-4
+    assert native.expert_table([experts[0][0][0], None], [experts[0][1][0]] * 2) is None

@@ -345,13 +345,19 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
                 stats: bool | None = None):
+        # a decode step runs each half in one kernel call where it can (`decode_step`: None where it cannot)
+        fusable = self.residual_scale == 1.0 and not (self.training and self.dropout.p > 0)
         fused = None
-        if cache is not None and self.residual_scale == 1.0 and isinstance(self.attn, Attention):
+        if fusable and cache is not None and isinstance(self.attn, Attention):
             fused = self.attn.decode_step(x, self.attn_norm, cos, sin, cache)
         if fused is None:
             x = x + self._scaled(self._drop(self.attn(self.attn_norm(x), cos, sin, cache, start)))
         else:
             x = fused
+        if fusable and self.is_moe:
+            fused = self.ffn.decode_step(x, self.ffn_norm, stats)
+            if fused is not None:
+                return fused, MoEAux(n_tokens=1)
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, stats)

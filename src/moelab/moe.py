@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moelab import balance
+from moelab import balance, native
 from moelab.biased_experts import BiasedExperts
 from moelab.config import MoEConfig
 from moelab.experts import INIT_STD, Experts, ExpertStore, FeedForward
@@ -155,6 +155,21 @@ class MoE(nn.Module):
         seq_len = shape[-2] if len(shape) >= 3 else x_TD.shape[0]
         reduce = self.path.reduce if self.path is not None else None
         return y, layer_aux(self.cfg, routing, n_dropped, seq_len, reduce)
+
+    def decode_step(self, x: Tensor, norm: nn.Module, stats: bool | None = None) -> Tensor | None:
+        """x + self(norm(x))[0] for one token x [1, 1, D] in one call of moelab's kernels (`native.moe_block`:
+        the norm, `Router.native_args`' routing, the k experts, the residual add — the decode path's numbers
+        bit for bit), or None where that does not apply (then the caller runs the modules): statistics asked,
+        autograd, a path or backend set, shared experts, a router `native.route` does not take, or experts that
+        are not all on moelab's kernels in one format."""
+        if (stats or torch.is_grad_enabled() or x.shape[:2] != (1, 1) or self.path is not None
+                or self.cfg.backend != "auto" or self.shared is not None or autocast_dtype(x) is not None):
+            return None
+        table = getattr(self.experts, "native_table", lambda: None)()
+        args = self.router.native_args(x[0]) if table is not None else None
+        if args is None or norm.weight.dtype != x.dtype or self.router.weight.dtype != x.dtype:
+            return None
+        return native.moe_block(x, norm.weight, norm.eps, *args, table, self.experts.activation)[0]
 
     def _flatten(self, x: Tensor) -> Tensor:
         """x [..., D] → x_TD [T, D], after checking the width and the dtype."""

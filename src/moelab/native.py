@@ -128,6 +128,8 @@ def _library() -> ctypes.CDLL | None:
                                            ptr, ptr, i, i, i, f, ptr, i]
     lib.moelab_decode_attention.argtypes = [ptr, i, ptr, ptr, ptr, i, i, i, i, i, ll, ll, ll, ll, ll, ll, i,
                                             ctypes.c_float, i]
+    lib.moelab_route.argtypes = [ptr, i, ptr, i, i, i, i, f, ptr, ptr, ptr, i]
+    lib.moelab_moe_block.argtypes = [ptr, i, ptr, f, ptr, i, i, i, f, ptr, ptr, i, ptr, ptr, i]
     return lib
 
 
@@ -352,3 +354,60 @@ def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def route_supported(x_TD: Tensor, weight_ED: Tensor) -> bool:
+    """Whether `route` takes these: one token x [1, D] (float32 or bfloat16) and a float32 weight [E, D], on the
+    CPU outside autograd."""
+    return (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and x_TD.shape[0] == 1
+            and x_TD.dtype in IO_DTYPES and weight_ED.dtype == torch.float32 and weight_ED.is_contiguous()
+            and available())
+
+
+def route(x_1D: Tensor, weight_ED: Tensor, k: int, renorm: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k softmax routing of one token (`csrc/cpu_kernels.c`, route_f32, states it): logits [1, E] float32
+    = x·Wᵀ, the k largest [1, k] int64 in decreasing order (ties: the lower index), their weights [1, k] float32
+    (softmax over the chosen logits when `renorm`, else the full softmax at the chosen; times `scale`)."""
+    x = _io(x_1D)
+    E, D = weight_ED.shape
+    logits, idx, weight = torch.empty(1, E), torch.empty(1, k, dtype=torch.int64), torch.empty(1, k)
+    if _library().moelab_route(x.data_ptr(), int(x.dtype == torch.bfloat16), weight_ED.data_ptr(), E, D, k,
+                               int(renorm), scale, logits.data_ptr(), idx.data_ptr(), weight.data_ptr(),
+                               torch.get_num_threads()):
+        raise MemoryError("moelab native route: out of memory")
+    return logits, idx, weight
+
+
+class ExpertTable:
+    """The E experts of a layer as `moe_block` takes them: their first and second projections' descriptors (the
+    NativeWeights must outlive the table; it keeps them)."""
+
+    __slots__ = ("weights", "gate_up", "down", "n")
+
+    def __init__(self, gate_ups: list[NativeWeight], downs: list[NativeWeight]) -> None:
+        self.weights, self.n = (gate_ups, downs), len(gate_ups)
+        self.gate_up = (ctypes.c_void_p * self.n)(*(ctypes.addressof(w.desc) for w in gate_ups))
+        self.down = (ctypes.c_void_p * self.n)(*(ctypes.addressof(w.desc) for w in downs))
+
+
+def expert_table(gate_ups: list[NativeWeight | None], downs: list[NativeWeight | None]) -> ExpertTable | None:
+    """An ExpertTable of these experts, or None unless all run on these kernels in one format (`same_format`)."""
+    return ExpertTable(gate_ups, downs) if same_format(gate_ups) and same_format(downs) else None
+
+
+def moe_block(x: Tensor, norm_weight: Tensor, eps: float, router_ED: Tensor, k: int, renorm: bool, scale: float,
+              experts: ExpertTable, activation: str) -> tuple[Tensor, Tensor]:
+    """x + MoE(RMSNorm(x)) for one token x [1, 1, D] (float32 or bfloat16; the norm's weight in x's dtype), routed
+    by `route` (router_ED float32) to k of the table's experts; (out, the chosen experts [k] int64). The steps
+    and roundings: `csrc/cpu_kernels.c`, moelab_moe_block."""
+    if x.dtype not in IO_DTYPES or norm_weight.dtype != x.dtype or not x.is_contiguous():
+        raise ValueError("moe_block: x must be contiguous float32 or bfloat16, the norm's weight of its dtype")
+    out, idx = torch.empty_like(x), torch.empty(k, dtype=torch.int64)
+    E = router_ED.shape[0]
+    if E != experts.n:
+        raise ValueError(f"moe_block: the router has {E} experts, the table {experts.n}")
+    if _library().moelab_moe_block(x.data_ptr(), int(x.dtype == torch.bfloat16), norm_weight.data_ptr(), eps,
+                                   router_ED.data_ptr(), E, k, int(renorm), scale, experts.gate_up, experts.down,
+                                   ACTIVATIONS[activation], out.data_ptr(), idx.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("moelab native moe_block: out of memory for its buffers")
+    return out, idx

@@ -79,6 +79,14 @@ class QuantizedExperts(ExpertStore):
         y = self.weights[e].ffn(x_nD)
         return y if dtype is None else y.to(dtype)
 
+    def native_table(self) -> native.ExpertTable | None:
+        """The experts as one `native.moe_block` call takes them (built on first use), or None unless all run on
+        moelab's kernels in one format."""
+        if not hasattr(self, "_table"):
+            self._table = native.expert_table([ew.gate_up.native for ew in self.weights],
+                                              [ew.down.native for ew in self.weights])
+        return self._table
+
     def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
                dtype: torch.dtype | None = None) -> Tensor:
         return decode_experts([self.weights[e] for e in experts], weights, self.activation, x_1D, dtype)

@@ -522,3 +522,83 @@ int moelab_attention_block(const void *x, int bf16, const void *norm_w, float ep
     free(mem);
     return err;
 }
+
+/* Top-k softmax routing of one token, as moelab.routing.Router computes it for a "topk_softmax" router:
+ *   z = x·Wᵀ [E] in float32 (W [E, D] float32; each row's products summed in 16 lanes, then the lanes);
+ *   idx = the k largest z in decreasing order (ties: the lower index);
+ *   weight_j = softmax over the k chosen logits (renorm) or the softmax over all E at the chosen (otherwise),
+ *   times scale. x, W float32; logits [E] float32, idx [k] int64, weight [k] float32. */
+static void route_f32(const float *x, const float *w, int E, int D, int k, int renorm, float scale, float *z,
+                      long long *idx, float *weight, int threads) {
+    const __mmask16 tail = (__mmask16)((1u << (D % 16)) - 1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int e = 0; e < E; e++) {
+        const float *we = w + (size_t)e * D;
+        __m512 acc = _mm512_setzero_ps();
+        int d = 0;
+        for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(we + d), _mm512_loadu_ps(x + d), acc);
+        if (tail) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, we + d), _mm512_maskz_loadu_ps(tail, x + d), acc);
+        z[e] = _mm512_reduce_add_ps(acc);
+    }
+    for (int j = 0; j < k; j++) { /* selection: k passes over E (k, E small) */
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int i = 0; i < j && !taken; i++) taken = idx[i] == e;
+            if (!taken && (best < 0 || z[e] > z[best])) best = e;
+        }
+        idx[j] = best;
+    }
+    const float m = z[idx[0]];
+    float sum = 0.f;
+    if (renorm)
+        for (int j = 0; j < k; j++) sum += expf(z[idx[j]] - m);
+    else {
+        float zmax = z[0];
+        for (int e = 1; e < E; e++) zmax = fmaxf(zmax, z[e]);
+        for (int e = 0; e < E; e++) sum += expf(z[e] - zmax);
+        for (int j = 0; j < k; j++) weight[j] = expf(z[idx[j]] - zmax) / sum * scale;
+        return;
+    }
+    for (int j = 0; j < k; j++) weight[j] = expf(z[idx[j]] - m) / sum * scale;
+}
+
+int moelab_route(const void *x, int bf16, const float *w, int E, int D, int k, int renorm, float scale, float *logits,
+                 long long *idx, float *weight, int threads) {
+    float *xt;
+    const float *xf = as_f32(x, (size_t)D, bf16, &xt);
+    if (!xf) return 1;
+    route_f32(xf, w, E, D, k, renorm, scale, logits, idx, weight, threads);
+    free(xt);
+    return 0;
+}
+
+/* One decode step of an MoE feed-forward block for one token, as moelab.model computes it on the decode path:
+ *   h = RMSNorm(x; norm_w) (rounded to the dtype);  idx, weight = route(h) (route_f32);
+ *   y = Σ_j weight_j · FFN_idx_j(h) (moe_decode_f32, rounded to the dtype);  out = x + y.
+ * gate_up, down: the E experts' weights (one format); x, out, norm_w: one dtype (bf16 flag); the chosen experts
+ * are written to idx [k]. Returns nonzero when out of memory. */
+int moelab_moe_block(const void *x, int bf16, const void *norm_w, float eps, const float *router_w, int E, int k,
+                     int renorm, float scale, const weight_t *const *gate_up, const weight_t *const *down,
+                     int activation, void *out, long long *idx, int threads) {
+    const int D = gate_up[0]->k;
+    const size_t es = bf16 ? 2 : 4;
+    char *mem = malloc(2 * sizeof(void *) * (size_t)k + sizeof(float) * (2 * (size_t)D + (size_t)E + (size_t)k)
+                       + 2 * es * (size_t)D);
+    if (!mem) return 1;
+    const weight_t **gu = (const weight_t **)mem, **dn = gu + k;
+    float *hf = (float *)(dn + k), *yf = hf + D, *z = yf + D, *weight = z + E;
+    void *h = weight + k, *y = (char *)h + es * D;
+    moelab_rms_norm(x, h, norm_w, bf16, 1, D, 1, eps);
+    for (int d = 0; d < D; d++) hf[d] = load_elem(h, d, bf16);
+    route_f32(hf, router_w, E, D, k, renorm, scale, z, idx, weight, threads);
+    for (int j = 0; j < k; j++) {
+        gu[j] = gate_up[idx[j]];
+        dn[j] = down[idx[j]];
+    }
+    int err = moe_decode_f32(gu, dn, k, weight, hf, yf, activation, threads);
+    for (int d = 0; d < D; d++) store_elem(y, d, yf[d], bf16);
+    add_into(out, x, y, (size_t)D, bf16);
+    free(mem);
+    return err;
+}
