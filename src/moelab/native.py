@@ -402,10 +402,10 @@ def moe_block(x: Tensor, norm_weight: Tensor, eps: float, router_ED: Tensor, k: 
     and roundings: `csrc/cpu_kernels.c`, moelab_moe_block."""
     if x.dtype not in IO_DTYPES or norm_weight.dtype != x.dtype or not x.is_contiguous():
         raise ValueError("moe_block: x must be contiguous float32 or bfloat16, the norm's weight of its dtype")
-    out, idx = torch.empty_like(x), torch.empty(k, dtype=torch.int64)
     E = router_ED.shape[0]
-    if E != experts.n:
+    if experts.n != E:
         raise ValueError(f"moe_block: the router has {E} experts, the table {experts.n}")
+    out, idx = torch.empty_like(x), torch.empty(k, dtype=torch.int64)
     if _library().moelab_moe_block(x.data_ptr(), int(x.dtype == torch.bfloat16), norm_weight.data_ptr(), eps,
                                    router_ED.data_ptr(), E, k, int(renorm), scale, experts.gate_up, experts.down,
                                    ACTIVATIONS[activation], out.data_ptr(), idx.data_ptr(), torch.get_num_threads()):
