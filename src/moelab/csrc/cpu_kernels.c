@@ -81,42 +81,51 @@ static int act_alloc(act_t *a, int k, int g) {
     return 0;
 }
 
-/* Prepare x [K] for weights of format fmt (group size g for int4). */
+/* 16 floats → bfloat16, rounded to nearest even (NaN kept quiet), as f32_to_bf16. */
+static inline __m256i bf16_round16(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                         _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(64));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+/* Prepare x [K] for weights of format fmt (group size g for int4): per block of 32, sx = max|x| / 127 and
+ * x̂q = round(x · 127 / max|x|) (to nearest even, as nearbyintf), clamped to ±127. */
 static void act_prepare(act_t *a, const float *x, int fmt) {
     int k = a->k, nc = k / 64;
     if (fmt == F_BF16) {
-        for (int i = 0; i < k; i++) a->xb[i] = f32_to_bf16(x[i]);
+        for (int i = 0; i < k; i += 16) _mm256_storeu_si256((__m256i *)(a->xb + i), bf16_round16(_mm512_loadu_ps(x + i)));
         return;
     }
-    int8_t xq[64];
-    float bsum[2];
+    const __m512i lim = _mm512_set1_epi32(127), nlim = _mm512_set1_epi32(-127);
     for (int c = 0; c < nc; c++) {
-        float sx[2];
+        float sx[2], bsum[2];
+        __m512i xq = _mm512_setzero_si512();
         for (int h = 0; h < 2; h++) {
             const float *xs = x + 64 * c + 32 * h;
-            float amax = 0.f;
-            for (int i = 0; i < 32; i++) amax = fmaxf(amax, fabsf(xs[i]));
+            __m512 v0 = _mm512_loadu_ps(xs), v1 = _mm512_loadu_ps(xs + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
             float inv = amax > 0.f ? 127.f / amax : 0.f;
-            int sum = 0;
-            for (int i = 0; i < 32; i++) {
-                int v = (int)nearbyintf(xs[i] * inv);
-                v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                xq[32 * h + i] = (int8_t)v;
-                sum += v;
-            }
+            __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+            __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+            q0 = _mm512_max_epi32(_mm512_min_epi32(q0, lim), nlim);
+            q1 = _mm512_max_epi32(_mm512_min_epi32(q1, lim), nlim);
+            xq = _mm512_inserti32x4(xq, _mm512_cvtepi32_epi8(q0), 2 * h);
+            xq = _mm512_inserti32x4(xq, _mm512_cvtepi32_epi8(q1), 2 * h + 1);
             sx[h] = amax / 127.f;
-            bsum[h] = sx[h] * (float)sum;
+            bsum[h] = sx[h] * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         }
         if (fmt == F_INT8) {
-            __mmask64 m = 0;
-            for (int i = 0; i < 64; i++) {
-                a->xabs[64 * c + i] = (uint8_t)abs(xq[i]);
-                if (xq[i] < 0) m |= (__mmask64)1 << i;
-            }
-            a->neg[c] = m;
-            for (int l = 0; l < 16; l++) a->sxv[16 * c + l] = sx[l / 8];
+            _mm512_storeu_si512(a->xabs + 64 * c, _mm512_abs_epi8(xq));
+            a->neg[c] = _mm512_movepi8_mask(xq);
+            _mm512_storeu_ps(a->sxv + 16 * c,
+                             _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sx[0]), _mm512_set1_ps(sx[1])));
         } else {
-            memcpy(a->xq + 64 * c, xq, 64);
+            _mm512_storeu_si512(a->xq + 64 * c, xq);
             a->sx[2 * c] = sx[0];
             a->sx[2 * c + 1] = sx[1];
             int per = a->g / 32;
