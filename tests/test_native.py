@@ -222,7 +222,7 @@ def test_moe_block_is_norm_route_experts_and_residual(fmt):
     table = native.expert_table([gu for (gu, _), _ in experts], [dn for _, (dn, _) in experts])
     x, norm_w = torch.randn(1, 1, D, generator=g), torch.rand(D, generator=g) + 0.5
     router = torch.randn(E, D, generator=g)
-    out, idx = native.moe_block(x, norm_w, 1e-6, router, k, True, 1.0, table, "swiglu")
+    out, idx = native.moe_block(native.moe_args(norm_w, 1e-6, router, k, True, 1.0, table, "swiglu"), x)
     h = (x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm_w.double())[0]
     z = h @ router.double().T
     want_idx = z.topk(k).indices[0]

@@ -29,9 +29,10 @@ from torch import Tensor, nn
 
 from moelab import native
 from moelab.config import ModelConfig, RopeScaling
+from moelab.decode_plan import decode_plan
 from moelab.experts import INIT_STD, FeedForward
 from moelab.masked_attention import attend
-from moelab.moe import MoE, MoEAux
+from moelab.moe import MoE, MoEAux, autocast_dtype
 
 
 def residual_std(cfg: ModelConfig) -> float:
@@ -159,24 +160,24 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k [B, G, S, Dk] and v [B, G, S, Dv] to layer `layer`; its keys and values so far (views)."""
-        L, S = self.reserve(layer, k, v), k.shape[2]
+        L, S = self.reserve(layer, k.shape, v.shape, k), k.shape[2]
         self.k[layer][:, :, L:L + S] = k
         self.v[layer][:, :, L:L + S] = v
         self.lengths[layer] = L + S
         return self.k[layer][:, :, :L + S], self.v[layer][:, :, :L + S]
 
-    def reserve(self, layer: int, k: Tensor, v: Tensor) -> int:
-        """Make room in layer `layer`'s buffers for k's S positions (k, v: [B, G, S, ·], for shapes and dtype);
-        the current length L, where they go."""
+    def reserve(self, layer: int, k_shape: tuple[int, ...], v_shape: tuple[int, ...], like: Tensor) -> int:
+        """Make room in layer `layer`'s buffers for S more positions of keys [B, G, S, Dk] and values [B, G, S, Dv]
+        (new buffers: like's dtype and device); the current length L, where they go."""
         while len(self.k) <= layer:
             self.k.append(None)
             self.v.append(None)
             self.lengths.append(0)
-        L, S = self.lengths[layer], k.shape[2]
+        L, S = self.lengths[layer], k_shape[2]
         if self.k[layer] is None or self.k[layer].shape[2] < L + S:
             capacity = max(2 * L, L + S, 64)
-            for bufs, new in ((self.k, k), (self.v, v)):
-                grown = new.new_empty(*new.shape[:2], capacity, new.shape[3])
+            for bufs, shape in ((self.k, k_shape), (self.v, v_shape)):
+                grown = like.new_empty(*shape[:2], capacity, shape[3])
                 if bufs[layer] is not None:
                     grown[:, :, :L] = bufs[layer][:, :, :L]
                 bufs[layer] = grown
@@ -191,6 +192,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_width
+        self.rot = cfg.rotary_dim or self.hd  # channels RoPE rotates
         D = cfg.d_model
         self.wq = _init_linear(nn.Linear(D, self.n_heads * self.hd, bias=cfg.qkv_bias))
         self.wk = _init_linear(nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias))
@@ -217,26 +219,34 @@ class Attention(nn.Module):
         out = attend(q, k, v, start, self.scale, self.window, self.sinks, cache.pad if cache is not None else None)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
+    def native_args(self, norm: RMSNorm) -> native.BlockArgs | None:
+        """norm then this attention as one kernel call takes them (`native.attention_args`; kept until a tensor
+        they point into is replaced), or None where that call does not apply: weights not on moelab's kernels,
+        sinks, a sliding window, full q/k norm."""
+        wqkv, wo = getattr(self.wqkv, "w", None), getattr(self.wo, "w", None)
+        if (self.sinks is not None or self.window is not None or self.qk_norm == "full"
+                or getattr(wqkv, "native", None) is None or getattr(wo, "native", None) is None):
+            return None
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else ()
+        tensors = (norm.weight, self.wqkv.bias, self.wo.bias, *norms)
+        return native.cached(self, tuple(None if t is None else t.data_ptr() for t in tensors) + (wqkv, wo),
+                             lambda: native.attention_args(
+                                 norm.weight, norm.eps, wqkv.native, self.wqkv.bias,
+                                 (*norms, self.q_norm.eps) if norms else None, self.rot, wo.native,
+                                 self.wo.bias, self.n_heads, self.n_kv, self.hd, self.scale))
+
     def decode_step(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor | None:
         """x + self(norm(x)) for one token (B = S = 1) in one call of moelab's kernel (`native.attention_block`:
-        the same roundings), or None where that does not apply (then the caller runs the modules): weights on
-        moelab's kernels, no sinks, window, padding, full q/k norm or autograd."""
-        wqkv, wo = getattr(self.wqkv, "w", None), getattr(self.wo, "w", None)
-        if (torch.is_grad_enabled() or x.shape[:2] != (1, 1) or cache.pad is not None or self.sinks is not None
-                or self.qk_norm == "full" or getattr(wqkv, "native", None) is None
-                or getattr(wo, "native", None) is None):
+        the same roundings), or None where that does not apply (then the caller runs the modules): no
+        `native_args`, padding, autograd, or x of another dtype."""
+        if torch.is_grad_enabled() or x.shape[:2] != (1, 1) or cache.pad is not None or cos.shape[0] != 1:
             return None
-        L = cache.length
-        if self.window is not None and self.window <= L:
+        args = self.native_args(norm)
+        if args is None or args.dtype != x.dtype or not x.is_contiguous():
             return None
-        heads = x.new_empty(1, self.n_kv, 1, self.hd)
-        if not native.attention_block_supported(x, norm.weight, heads, cos, self.n_heads):
-            return None
-        L = cache.reserve(self.layer, heads, heads)
-        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm == "head" else None
-        out = native.attention_block(x, norm.weight, norm.eps, wqkv.native, self.wqkv.bias, norms, cos, sin,
-                                     cache.k[self.layer], cache.v[self.layer], L, wo.native, self.wo.bias,
-                                     self.n_heads, self.scale)
+        heads = (1, self.n_kv, 1, self.hd)
+        L = cache.reserve(self.layer, heads, heads, x)
+        out = native.attention_block(args, x, cos, sin, cache.k[self.layer], cache.v[self.layer], L)
         cache.lengths[self.layer] = L + 1
         return out
 
@@ -343,10 +353,15 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (1: none)
 
+    def fusable(self) -> bool:
+        """Whether the block is x + attn(norm(x)), then + ffn(norm(·)), as its halves' `decode_step`s compute it
+        (no residual scale, no dropout)."""
+        return self.residual_scale == 1.0 and not (self.training and self.dropout.p > 0)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
                 stats: bool | None = None):
         # a decode step runs each half in one kernel call where it can (`decode_step`: None where it cannot)
-        fusable = self.residual_scale == 1.0 and not (self.training and self.dropout.p > 0)
+        fusable = self.fusable()
         fused = None
         if fusable and cache is not None and isinstance(self.attn, Attention):
             fused = self.attn.decode_step(x, self.attn_norm, cos, sin, cache)
@@ -429,7 +444,13 @@ class MoETransformer(nn.Module):
         if self.cfg.embed_scale != 1.0:  # Granite's embedding_multiplier
             x = x * self.cfg.embed_scale
         auxes: list[MoEAux] = []
-        for block in self.blocks:
+        layers = self._native_layers(x, cos, cache, stats) if S == 1 and cache is not None and start == cache.length \
+            else None
+        if layers is not None:  # a decode step: every layer in one call of moelab's kernels (`_native_layers`)
+            x = native.decode_layers(layers, x, cos, sin, start)
+            cache.lengths[:] = [start + 1] * layers.n
+            auxes = [MoEAux(n_tokens=1) for _ in range(layers.n)]
+        for block in self.blocks if layers is None else ():
             x, aux = block(x, cos, sin, cache, start, stats)
             if aux is not None:
                 auxes.append(aux)
@@ -441,8 +462,27 @@ class MoETransformer(nn.Module):
         if targets is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (bf16 logits)
             loss = F.cross_entropy(wide.view(-1, logits.shape[-1]), targets.reshape(-1))
-        aux_loss = sum((a.total_loss for a in auxes), logits.new_zeros((), dtype=torch.float32))
+        aux_loss = sum((a.total_loss for a in auxes if a.losses), logits.new_zeros((), dtype=torch.float32))
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux=auxes)
+
+    def _native_layers(self, x: Tensor, cos: Tensor, cache: KVCache, stats: bool | None) -> native.LayerTable | None:
+        """Every layer of this decode step as one call of moelab's kernels takes them (`moelab.decode_plan`; the
+        blocks' `decode_step`s, layer after layer, bit for bit), with room for the token reserved in the cache; None
+        where the plan does not apply, statistics are asked for, or x is not one token of one row outside autograd
+        and autocast."""
+        if (stats or torch.is_grad_enabled() or x.shape[:2] != (1, 1) or cache.pad is not None or cos.shape[0] != 1
+                or autocast_dtype(x) is not None or not x.is_contiguous()):
+            return None
+        table = decode_plan(self, x.dtype).table
+        if table is None:
+            return None
+        L = cache.length
+        for i, (attn, _) in enumerate(table.blocks):
+            heads = (1, attn.struct.G, 1, attn.struct.Dh)
+            if cache.reserve(i, heads, heads, x) != L:
+                return None
+            table.set_cache(i, cache.k[i], cache.v[i])
+        return table
 
     def _check_ids(self, input_ids: Tensor) -> None:
         """[batch, seq] integer ids in [0, vocab_size): one min/max read (a host sync on a GPU)."""

@@ -124,12 +124,12 @@ def _library() -> ctypes.CDLL | None:
     lib.moelab_rms_norm.argtypes = [ptr, ptr, ptr, i, i, i, i, ctypes.c_float]
     lib.moelab_rope.argtypes = [ptr, ptr, i, i, i, i, ptr, ptr]
     f = ctypes.c_float
-    lib.moelab_attention_block.argtypes = [ptr, i, ptr, f, ptr, ptr, ptr, ptr, f, ptr, ptr, i, ptr, ptr, ll, ll, i,
-                                           ptr, ptr, i, i, i, f, ptr, i]
+    lib.moelab_attention_block.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ll, ll, i, i]
     lib.moelab_decode_attention.argtypes = [ptr, i, ptr, ptr, ptr, i, i, i, i, i, ll, ll, ll, ll, ll, ll, i,
                                             ctypes.c_float, i]
     lib.moelab_route.argtypes = [ptr, i, ptr, i, i, i, i, f, ptr, ptr, ptr, i]
-    lib.moelab_moe_block.argtypes = [ptr, i, ptr, f, ptr, i, i, i, f, ptr, ptr, i, ptr, ptr, i]
+    lib.moelab_moe_block.argtypes = [ptr, ptr, ptr, ptr, i]
+    lib.moelab_decode_layers.argtypes = [ptr, i, ptr, ptr, ptr, i, i]
     return lib
 
 
@@ -315,53 +315,107 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return y
 
 
-def attention_block_supported(x: Tensor, norm_weight: Tensor, kv_like: Tensor, cos: Tensor, n_heads: int) -> bool:
-    """Whether `attention_block` takes one token x [1, 1, D] with kv heads shaped as kv_like [1, G, 1, Dh]."""
-    G, Dh = kv_like.shape[1], kv_like.shape[-1]
-    return (x.device.type == "cpu" and x.dtype in IO_DTYPES and norm_weight.dtype == x.dtype
-            and x.is_contiguous() and Dh % 16 == 0 and n_heads % G == 0 and n_heads // G <= 16
-            and cos.dtype in IO_DTYPES and cos.shape[0] == 1 and cos.shape[-1] <= Dh
-            and available())
+class _AttnArgs(ctypes.Structure):
+    _fields_ = [("bf16", ctypes.c_int32), ("H", ctypes.c_int32), ("G", ctypes.c_int32), ("Dh", ctypes.c_int32),
+                ("rot", ctypes.c_int32), ("eps", ctypes.c_float), ("qk_eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("norm_w", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
+                ("q_w", ctypes.c_void_p), ("k_w", ctypes.c_void_p), ("o_bias", ctypes.c_void_p),
+                ("wqkv", ctypes.c_void_p), ("wo", ctypes.c_void_p)]
 
 
-def attention_block(x: Tensor, norm_weight: Tensor, eps: float, wqkv: NativeWeight, qkv_bias: Tensor | None,
-                    qk_norms: tuple[Tensor, Tensor, float] | None, cos: Tensor, sin: Tensor, k_buf: Tensor,
-                    v_buf: Tensor, L: int, wo: NativeWeight, o_bias: Tensor | None, n_heads: int,
-                    scale: float | None) -> Tensor:
-    """x + attention(RMSNorm(x)) for one token, appending its key and value at position L of the cache buffers
-    [1, G, capacity, Dh] (`csrc/cpu_kernels.c`, moelab_attention_block, states the steps and roundings)."""
-    G, Dh = k_buf.shape[1], k_buf.shape[-1]
-    if k_buf.dtype != x.dtype or v_buf.stride() != k_buf.stride() or k_buf.stride(-1) != 1:
-        raise ValueError("attention_block: the cache buffers must share x's dtype and one layout")
-    qb, ob = _as(qkv_bias, x.dtype), _as(o_bias, x.dtype)
+class _MoEArgs(ctypes.Structure):
+    _fields_ = [("bf16", ctypes.c_int32), ("E", ctypes.c_int32), ("k", ctypes.c_int32), ("renorm", ctypes.c_int32),
+                ("activation", ctypes.c_int32), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("norm_w", ctypes.c_void_p), ("router_w", ctypes.c_void_p), ("gate_up", ctypes.c_void_p),
+                ("down", ctypes.c_void_p)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn", ctypes.c_void_p), ("moe", ctypes.c_void_p), ("kbuf", ctypes.c_void_p),
+                ("vbuf", ctypes.c_void_p), ("sg", ctypes.c_longlong), ("sl", ctypes.c_longlong)]
+
+
+def cached(owner: object, key: tuple, build):
+    """owner's BlockArgs for `key`: build() on first use and whenever the key changes (one per owner)."""
+    hit = owner.__dict__.get("_native_args")
+    if hit is None or hit[0] != key:
+        hit = (key, build())
+        owner.__dict__["_native_args"] = hit
+    return hit[1]
+
+
+class BlockArgs:
+    """The fixed arguments of one block's kernel call — a C structure of pointers into weights and tensors that
+    it keeps alive — for activations of `dtype`. Not copied with a model (a copy's tensors live elsewhere)."""
+
+    __slots__ = ("struct", "keep", "dtype")
+
+    def __init__(self, struct: ctypes.Structure, keep: tuple, dtype: torch.dtype) -> None:
+        self.struct, self.keep, self.dtype = struct, keep, dtype
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+
+def attention_args(norm_weight: Tensor, eps: float, wqkv: NativeWeight, qkv_bias: Tensor | None,
+                   qk_norms: tuple[Tensor, Tensor, float] | None, rotary_dim: int, wo: NativeWeight,
+                   o_bias: Tensor | None, n_heads: int, n_kv: int, head_dim: int,
+                   scale: float | None) -> BlockArgs | None:
+    """`attention_block`'s fixed arguments for a grouped-query attention layer, or None where the kernel does not
+    take them: the norms' weights and the biases must share one dtype (float32 or bfloat16) and be contiguous,
+    head_dim % 16 == 0, at most 16 query heads per kv head, rotary_dim <= head_dim."""
     q_w, k_w, qk_eps = qk_norms if qk_norms is not None else (None, None, 0.0)
-    q_w, k_w = _as(q_w, x.dtype), _as(k_w, x.dtype)
-    cos, sin = cos.float().contiguous(), sin.float().contiguous()
-    out = torch.empty_like(x)
-    err = _library().moelab_attention_block(
-        x.data_ptr(), int(x.dtype == torch.bfloat16), norm_weight.data_ptr(), eps, ctypes.addressof(wqkv.desc),
-        _ptr(qb), _ptr(q_w), _ptr(k_w), qk_eps, cos.data_ptr(), sin.data_ptr(), cos.shape[-1], k_buf.data_ptr(),
-        v_buf.data_ptr(), k_buf.stride(1), k_buf.stride(2), L, ctypes.addressof(wo.desc), _ptr(ob), n_heads, G, Dh,
-        Dh ** -0.5 if scale is None else scale, out.data_ptr(), torch.get_num_threads())
-    if err:
-        raise MemoryError("moelab native attention_block: out of memory for its buffers")
-    return out
-
-
-def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
+    dtype = norm_weight.dtype
+    small = [t for t in (norm_weight, qkv_bias, q_w, k_w, o_bias) if t is not None]
+    if (dtype not in IO_DTYPES or any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"
+                                      for t in small)
+            or head_dim % 16 or n_heads % n_kv or n_heads // n_kv > 16 or rotary_dim > head_dim or not available()):
+        return None
+    struct = _AttnArgs(int(dtype == torch.bfloat16), n_heads, n_kv, head_dim, rotary_dim, eps, qk_eps,
+                       head_dim ** -0.5 if scale is None else scale, *(_ptr(t) for t in (norm_weight, qkv_bias, q_w,
+                                                                                         k_w, o_bias)),
+                       ctypes.addressof(wqkv.desc), ctypes.addressof(wo.desc))
+    return BlockArgs(struct, (*small, wqkv, wo), dtype)
 
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def route_supported(x_TD: Tensor, weight_ED: Tensor) -> bool:
-    """Whether `route` takes these: one token x [1, D] (float32 or bfloat16) and a float32 weight [E, D], on the
-    CPU outside autograd."""
-    return (x_TD.device.type == "cpu" and not torch.is_grad_enabled() and x_TD.shape[0] == 1
-            and x_TD.dtype in IO_DTYPES and weight_ED.dtype == torch.float32 and weight_ED.is_contiguous()
-            and available())
+def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    if cos.shape[0] != 1:
+        raise ValueError(f"rotary tables of {cos.shape[0]} positions: one position (a decode step) expected")
+    return cos.float().contiguous(), sin.float().contiguous()
+
+
+def attention_block(args: BlockArgs, x: Tensor, cos: Tensor, sin: Tensor, k_buf: Tensor, v_buf: Tensor,
+                    L: int) -> Tensor:
+    """x + attention(RMSNorm(x)) for one token x [1, 1, D] of args' dtype, appending its key and value at position
+    L of the cache buffers [1, G, capacity, Dh] (`csrc/cpu_kernels.c`, moelab_attention_block, states the steps
+    and roundings); cos, sin [1, rotary_dim]."""
+    _check_block_input(args, x)
+    _check_cache(args, k_buf, v_buf, L)
+    cos, sin = _tables(cos, sin)
+    out = torch.empty_like(x)
+    if _library().moelab_attention_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+                                         sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(1),
+                                         k_buf.stride(2), L, torch.get_num_threads()):
+        raise MemoryError("moelab native attention_block: out of memory for its buffers")
+    return out
+
+
+def _check_block_input(args: BlockArgs, x: Tensor) -> None:
+    if x.dtype != args.dtype or not x.is_contiguous() or x.numel() != x.shape[-1]:
+        raise ValueError(f"a block kernel takes one contiguous token of {args.dtype}: got {x.dtype} "
+                         f"{tuple(x.shape)}")
+
+
+def _check_cache(args: BlockArgs, k_buf: Tensor, v_buf: Tensor, L: int) -> None:
+    s = args.struct
+    if (k_buf.dtype != args.dtype or v_buf.stride() != k_buf.stride() or k_buf.shape != v_buf.shape
+            or k_buf.stride(-1) != 1 or k_buf.shape[0] != 1 or k_buf.shape[1] != s.G or k_buf.shape[-1] != s.Dh
+            or not 0 <= L < k_buf.shape[2]):
+        raise ValueError(f"the cache buffers must be [1, {s.G}, capacity > {L}, {s.Dh}] of {args.dtype}, one layout")
 
 
 def route(x_1D: Tensor, weight_ED: Tensor, k: int, renorm: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -395,19 +449,68 @@ def expert_table(gate_ups: list[NativeWeight | None], downs: list[NativeWeight |
     return ExpertTable(gate_ups, downs) if same_format(gate_ups) and same_format(downs) else None
 
 
-def moe_block(x: Tensor, norm_weight: Tensor, eps: float, router_ED: Tensor, k: int, renorm: bool, scale: float,
-              experts: ExpertTable, activation: str) -> tuple[Tensor, Tensor]:
-    """x + MoE(RMSNorm(x)) for one token x [1, 1, D] (float32 or bfloat16; the norm's weight in x's dtype), routed
-    by `route` (router_ED float32) to k of the table's experts; (out, the chosen experts [k] int64). The steps
-    and roundings: `csrc/cpu_kernels.c`, moelab_moe_block."""
-    if x.dtype not in IO_DTYPES or norm_weight.dtype != x.dtype or not x.is_contiguous():
-        raise ValueError("moe_block: x must be contiguous float32 or bfloat16, the norm's weight of its dtype")
-    E = router_ED.shape[0]
-    if experts.n != E:
-        raise ValueError(f"moe_block: the router has {E} experts, the table {experts.n}")
-    out, idx = torch.empty_like(x), torch.empty(k, dtype=torch.int64)
-    if _library().moelab_moe_block(x.data_ptr(), int(x.dtype == torch.bfloat16), norm_weight.data_ptr(), eps,
-                                   router_ED.data_ptr(), E, k, int(renorm), scale, experts.gate_up, experts.down,
-                                   ACTIVATIONS[activation], out.data_ptr(), idx.data_ptr(), torch.get_num_threads()):
+def moe_args(norm_weight: Tensor, eps: float, router_ED: Tensor, k: int, renorm: bool, scale: float,
+             experts: ExpertTable, activation: str) -> BlockArgs | None:
+    """`moe_block`'s fixed arguments for an MoE layer (router float32 [E, D], routed as `route`), or None where the
+    kernel does not take them (the norm's weight float32 or bfloat16, contiguous, on the CPU)."""
+    dtype = norm_weight.dtype
+    if (dtype not in IO_DTYPES or not norm_weight.is_contiguous() or norm_weight.device.type != "cpu"
+            or router_ED.dtype != torch.float32 or not router_ED.is_contiguous() or router_ED.shape[0] != experts.n
+            or not available()):
+        return None
+    struct = _MoEArgs(int(dtype == torch.bfloat16), experts.n, k, int(renorm), ACTIVATIONS[activation], eps, scale,
+                      norm_weight.data_ptr(), router_ED.data_ptr(), ctypes.addressof(experts.gate_up),
+                      ctypes.addressof(experts.down))
+    return BlockArgs(struct, (norm_weight, router_ED, experts), dtype)
+
+
+def moe_block(args: BlockArgs, x: Tensor) -> tuple[Tensor, Tensor]:
+    """x + MoE(RMSNorm(x)) for one token x [1, 1, D] of args' dtype, routed by `route` to k experts; (out, the
+    chosen experts [k] int64). The steps and roundings: `csrc/cpu_kernels.c`, moelab_moe_block."""
+    _check_block_input(args, x)
+    out, idx = torch.empty_like(x), torch.empty(args.struct.k, dtype=torch.int64)
+    if _library().moelab_moe_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), idx.data_ptr(),
+                                   torch.get_num_threads()):
         raise MemoryError("moelab native moe_block: out of memory for its buffers")
     return out, idx
+
+
+class LayerTable:
+    """The layers `decode_layers` runs — each its attention and MoE blocks' arguments (one dtype) and its cache
+    buffers, set by `set_cache` — as one C array, kept from step to step."""
+
+    def __init__(self, blocks: list[tuple[BlockArgs, BlockArgs]]) -> None:
+        if not blocks or any(a.dtype != blocks[0][0].dtype or m.dtype != a.dtype for a, m in blocks):
+            raise ValueError("decode_layers: the attention and MoE blocks must take one dtype")
+        self.blocks, self.dtype, self.n = blocks, blocks[0][0].dtype, len(blocks)
+        self.array = (_Layer * self.n)()
+        for slot, (attn, moe) in zip(self.array, blocks):
+            slot.attn, slot.moe = ctypes.addressof(attn.struct), ctypes.addressof(moe.struct)
+        self.buffers: list[tuple[Tensor, Tensor] | None] = [None] * self.n
+        self.capacity = 0
+
+    def set_cache(self, i: int, k_buf: Tensor, v_buf: Tensor) -> None:
+        """Layer i's keys and values go to k_buf, v_buf [1, G, capacity, Dh] (kept)."""
+        if self.buffers[i] is not None and self.buffers[i][0] is k_buf and self.buffers[i][1] is v_buf:
+            return
+        _check_cache(self.blocks[i][0], k_buf, v_buf, 0)
+        slot = self.array[i]
+        slot.kbuf, slot.vbuf, slot.sg, slot.sl = k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(1), k_buf.stride(2)
+        self.buffers[i] = (k_buf, v_buf)
+        self.capacity = min(b[0].shape[2] if b else 0 for b in self.buffers)
+
+
+def decode_layers(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int) -> Tensor:
+    """x after the table's layers — each `attention_block` then `moe_block` — for one token x [1, 1, D] at
+    position L, in one call (`csrc/cpu_kernels.c`, moelab_decode_layers); each layer's key and value are
+    appended at L (every layer's buffers must hold more than L positions)."""
+    if x.dtype != table.dtype or not x.is_contiguous() or x.numel() != x.shape[-1]:
+        raise ValueError(f"decode_layers takes one contiguous token of {table.dtype}: got {x.dtype} {tuple(x.shape)}")
+    if not 0 <= L < table.capacity:
+        raise ValueError(f"decode_layers: position {L} is outside the cache buffers ({table.capacity} positions)")
+    cos, sin = _tables(cos, sin)
+    out = x.clone()
+    if _library().moelab_decode_layers(table.array, table.n, out.data_ptr(), cos.data_ptr(), sin.data_ptr(), L,
+                                       torch.get_num_threads()):
+        raise MemoryError("moelab native decode_layers: out of memory for its buffers")
+    return out

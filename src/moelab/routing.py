@@ -138,23 +138,22 @@ class Router(nn.Module):
             self._cast, self._cast_key = w.detach().to(dtype), key
         return self._cast
 
-    def native_args(self, x_TD: Tensor) -> tuple[Tensor, int, bool, float] | None:
-        """(float32 weight, k, renorm, scale): how `native.route` routes x_TD — one token outside autograd, a
-        "topk_softmax" router without selection or logit bias and groups, on moelab's kernels — else None."""
+    def native_routing(self) -> tuple[Tensor, int, bool, float] | None:
+        """(float32 weight, k, renorm, scale) as `native.route` takes them — a "topk_softmax" router without
+        selection or logit bias and groups, outside autograd, with moelab's kernels available — else None."""
         cfg = self.cfg
-        if (x_TD.shape[0] != 1 or torch.is_grad_enabled() or cfg.router != "topk_softmax" or cfg.expert_bias
-                or cfg.biases or cfg.n_groups > 1):
+        if (torch.is_grad_enabled() or cfg.router != "topk_softmax" or cfg.expert_bias or cfg.biases
+                or cfg.n_groups > 1 or self.weight.device.type != "cpu" or not native.available()):
             return None
-        w = self._weight_as(torch.float32)
-        return (w, cfg.top_k, cfg.norm_topk_prob, cfg.route_scale) if native.route_supported(x_TD, w) else None
+        return self._weight_as(torch.float32), cfg.top_k, cfg.norm_topk_prob, cfg.route_scale
 
     def forward(self, x_TD: Tensor, with_probs: bool = True) -> Routing:
         """Route T tokens; `with_probs=False` skips the full distribution where routing does not need it
         (the layer asks for it only when it computes its statistics: see `moelab.moe`). One token at decode
-        routes in one kernel call where `native_args` says so (the same numbers up to float32 rounding)."""
+        routes in one kernel call where `native_routing` says so (the same numbers up to float32 rounding)."""
         cfg = self.cfg
         T = x_TD.shape[0]
-        args = self.native_args(x_TD)
+        args = self.native_routing() if T == 1 and x_TD.dtype in native.IO_DTYPES else None
         if args is not None:
             logits_TE, topk_idx_TK, weight_TK = native.route(x_TD, *args)
             return Routing(logits_TE, torch.softmax(logits_TE, -1) if with_probs else None, topk_idx_TK, weight_TK)

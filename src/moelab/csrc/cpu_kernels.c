@@ -492,41 +492,47 @@ static void add_into(void *y, const void *a, const void *b, size_t n, int bf16) 
     for (size_t i = 0; i < n; i++) store_elem(y, i, load_elem(a, i, bf16) + load_elem(b, i, bf16), bf16);
 }
 
+/* The fixed arguments of one grouped-query attention block (built once per layer by moelab/native.py). */
+typedef struct {
+    int32_t bf16;                        /* x, the norms' weights, the biases and the cache: bfloat16, else float32 */
+    int32_t H, G, Dh, rot;               /* query heads, kv heads, head width, rotated channels */
+    float eps, qk_eps, scale;
+    const void *norm_w, *qkv_bias, *q_w, *k_w, *o_bias;  /* the optional ones NULL when absent */
+    const weight_t *wqkv, *wo;
+} attn_args_t;
+
 /* One decode step of a grouped-query attention block for one token (B = S = 1), as moelab.model computes it,
  * each intermediate rounded to the model's dtype where the torch code holds it in that dtype:
  *   h = RMSNorm(x; norm_w);  q|k|v = h·Wqkvᵀ (+ bias);  q, k = head RMSNorm (q_w, k_w: optional) then RoPE;
  *   k, v appended to the cache at position L;  a = attention(q; keys and values 0..L);  out = x + (a·Woᵀ (+ bias)).
- * x, out, the weights of the norms and biases, and the cache: one dtype (bf16 flag); cache element (g, j, d) at
- * g·sg + j·sl + d. Returns nonzero when out of memory. */
-int moelab_attention_block(const void *x, int bf16, const void *norm_w, float eps, const weight_t *wqkv,
-                           const void *qkv_bias, const void *q_w, const void *k_w, float qk_eps, const float *cos,
-                           const float *sin, int r, void *kbuf, void *vbuf, long long sg, long long sl, int L,
-                           const weight_t *wo, const void *o_bias, int H, int G, int Dh, float scale, void *out,
-                           int threads) {
-    const int D = wqkv->k, nq = H * Dh, nk = G * Dh, nqkv = nq + 2 * nk;
+ * Cache element (g, j, d) at g·sg + j·sl + d. Returns nonzero when out of memory. */
+int moelab_attention_block(const attn_args_t *a, const void *x, void *out, const float *cos, const float *sin,
+                           void *kbuf, void *vbuf, long long sg, long long sl, int L, int threads) {
+    const int bf16 = a->bf16, H = a->H, G = a->G, Dh = a->Dh;
+    const int D = a->wqkv->k, nq = H * Dh, nk = G * Dh, nqkv = nq + 2 * nk;
     const size_t es = bf16 ? 2 : 4;
     char *mem = malloc(es * ((size_t)D + 2 * (size_t)nqkv + 2 * (size_t)nq + (size_t)D));
     if (!mem) return 1;
     void *h = mem, *qkv = mem + es * D, *qk = (char *)qkv + es * nqkv, *att = (char *)qk + es * nqkv,
          *o = (char *)att + es * 2 * nq;
     int err = 0;
-    moelab_rms_norm(x, h, norm_w, bf16, 1, D, 1, eps);
-    err |= moelab_linear(wqkv, h, bf16, 1, qkv, bf16, threads);
-    if (qkv_bias) add_into(qkv, qkv, qkv_bias, (size_t)nqkv, bf16);
-    if (q_w) {
-        moelab_rms_norm(qkv, qkv, q_w, bf16, H, Dh, 1, qk_eps);
-        moelab_rms_norm((char *)qkv + es * nq, (char *)qkv + es * nq, k_w, bf16, G, Dh, 1, qk_eps);
+    moelab_rms_norm(x, h, a->norm_w, bf16, 1, D, 1, a->eps);
+    err |= moelab_linear(a->wqkv, h, bf16, 1, qkv, bf16, threads);
+    if (a->qkv_bias) add_into(qkv, qkv, a->qkv_bias, (size_t)nqkv, bf16);
+    if (a->q_w) {
+        moelab_rms_norm(qkv, qkv, a->q_w, bf16, H, Dh, 1, a->qk_eps);
+        moelab_rms_norm((char *)qkv + es * nq, (char *)qkv + es * nq, a->k_w, bf16, G, Dh, 1, a->qk_eps);
     }
-    moelab_rope(qkv, qk, bf16, H + G, Dh, r, cos, sin);
+    moelab_rope(qkv, qk, bf16, H + G, Dh, a->rot, cos, sin);
     for (int g = 0; g < G; g++) {
         size_t at = (size_t)g * sg + (size_t)L * sl;
         memcpy((char *)kbuf + es * at, (char *)qk + es * ((size_t)nq + (size_t)g * Dh), es * Dh);
         memcpy((char *)vbuf + es * at, (char *)qkv + es * ((size_t)nq + nk + (size_t)g * Dh), es * Dh);
     }
-    err |= moelab_decode_attention(qk, bf16, kbuf, vbuf, att, 1, H, G, L + 1, Dh, 0, sg, sl, 0, sg, sl, bf16, scale,
+    err |= moelab_decode_attention(qk, bf16, kbuf, vbuf, att, 1, H, G, L + 1, Dh, 0, sg, sl, 0, sg, sl, bf16, a->scale,
                                    threads);
-    err |= moelab_linear(wo, att, bf16, 1, o, bf16, threads);
-    if (o_bias) add_into(o, o, o_bias, (size_t)D, bf16);
+    err |= moelab_linear(a->wo, att, bf16, 1, o, bf16, threads);
+    if (a->o_bias) add_into(o, o, a->o_bias, (size_t)D, bf16);
     add_into(out, x, o, (size_t)D, bf16);
     free(mem);
     return err;
@@ -582,32 +588,66 @@ int moelab_route(const void *x, int bf16, const float *w, int E, int D, int k, i
     return 0;
 }
 
+/* The fixed arguments of one MoE feed-forward block (built once per layer by moelab/native.py). */
+typedef struct {
+    int32_t bf16, E, k, renorm, activation;
+    float eps, scale;
+    const void *norm_w;                        /* x's dtype */
+    const float *router_w;                     /* [E, D] float32 */
+    const weight_t *const *gate_up, *const *down;  /* the E experts (one format) */
+} moe_args_t;
+
 /* One decode step of an MoE feed-forward block for one token, as moelab.model computes it on the decode path:
  *   h = RMSNorm(x; norm_w) (rounded to the dtype);  idx, weight = route(h) (route_f32);
  *   y = Σ_j weight_j · FFN_idx_j(h) (moe_decode_f32, rounded to the dtype);  out = x + y.
- * gate_up, down: the E experts' weights (one format); x, out, norm_w: one dtype (bf16 flag); the chosen experts
- * are written to idx [k]. Returns nonzero when out of memory. */
-int moelab_moe_block(const void *x, int bf16, const void *norm_w, float eps, const float *router_w, int E, int k,
-                     int renorm, float scale, const weight_t *const *gate_up, const weight_t *const *down,
-                     int activation, void *out, long long *idx, int threads) {
-    const int D = gate_up[0]->k;
+ * The chosen experts are written to idx [k] (unless NULL). Returns nonzero when out of memory. */
+int moelab_moe_block(const moe_args_t *a, const void *x, void *out, long long *idx, int threads) {
+    const int bf16 = a->bf16, E = a->E, k = a->k, D = a->gate_up[0]->k;
     const size_t es = bf16 ? 2 : 4;
-    char *mem = malloc(2 * sizeof(void *) * (size_t)k + sizeof(float) * (2 * (size_t)D + (size_t)E + (size_t)k)
-                       + 2 * es * (size_t)D);
+    char *mem = malloc((2 * sizeof(void *) + sizeof(long long)) * (size_t)k
+                       + sizeof(float) * (2 * (size_t)D + (size_t)E + (size_t)k) + 2 * es * (size_t)D);
     if (!mem) return 1;
     const weight_t **gu = (const weight_t **)mem, **dn = gu + k;
-    float *hf = (float *)(dn + k), *yf = hf + D, *z = yf + D, *weight = z + E;
+    long long *chosen = (long long *)(dn + k);
+    if (!idx) idx = chosen;
+    float *hf = (float *)(chosen + k), *yf = hf + D, *z = yf + D, *weight = z + E;
     void *h = weight + k, *y = (char *)h + es * D;
-    moelab_rms_norm(x, h, norm_w, bf16, 1, D, 1, eps);
+    moelab_rms_norm(x, h, a->norm_w, bf16, 1, D, 1, a->eps);
     for (int d = 0; d < D; d++) hf[d] = load_elem(h, d, bf16);
-    route_f32(hf, router_w, E, D, k, renorm, scale, z, idx, weight, threads);
+    route_f32(hf, a->router_w, E, D, k, a->renorm, a->scale, z, idx, weight, threads);
     for (int j = 0; j < k; j++) {
-        gu[j] = gate_up[idx[j]];
-        dn[j] = down[idx[j]];
+        gu[j] = a->gate_up[idx[j]];
+        dn[j] = a->down[idx[j]];
     }
-    int err = moe_decode_f32(gu, dn, k, weight, hf, yf, activation, threads);
+    int err = moe_decode_f32(gu, dn, k, weight, hf, yf, a->activation, threads);
     for (int d = 0; d < D; d++) store_elem(y, d, yf[d], bf16);
     add_into(out, x, y, (size_t)D, bf16);
     free(mem);
+    return err;
+}
+
+/* One layer of a decode step: its attention block's fixed arguments, its cache buffers, and its MoE block's. */
+typedef struct {
+    const attn_args_t *attn;
+    const moe_args_t *moe;
+    void *kbuf, *vbuf;
+    long long sg, sl;
+} layer_t;
+
+/* n layers of one decode step for one token at position L: x [D] (the residual stream, in the layers' dtype)
+ * is replaced by its value after them; each layer's k and v are appended at L. As moelab_attention_block then
+ * moelab_moe_block, layer by layer. Returns nonzero when out of memory. */
+int moelab_decode_layers(const layer_t *layers, int n, void *x, const float *cos, const float *sin, int L,
+                         int threads) {
+    if (n <= 0) return 0;
+    const size_t bytes = (size_t)layers[0].attn->wqkv->k * (layers[0].attn->bf16 ? 2 : 4);
+    void *t = malloc(bytes);
+    int err = !t;
+    for (int i = 0; i < n && !err; i++) {
+        const layer_t *l = &layers[i];
+        err |= moelab_attention_block(l->attn, x, t, cos, sin, l->kbuf, l->vbuf, l->sg, l->sl, L, threads);
+        err |= moelab_moe_block(l->moe, t, x, NULL, threads);
+    }
+    free(t);
     return err;
 }
