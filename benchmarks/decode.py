@@ -37,7 +37,11 @@ import sys
 import tempfile
 import time
 
-import torch
+# the engines import their own packages: none may find a script of this directory first (as transformers, which
+# imports a `kernels` package when present, once found one here)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
 
 GiB = 2**30
 BITS = {"bf16": "bf16", "int8": "8-bit", "int4": "4-bit", "BF16": "bf16", "Q8_0": "8-bit", "Q4_0": "4-bit"}

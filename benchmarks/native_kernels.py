@@ -15,8 +15,8 @@ The bandwidth probe is `torch.sum` over a fresh 1 GiB buffer (best of 3), before
 probe" = (weight bytes / time) / the probe's median. `NATIVE_MAX_ROWS` in `moelab.quant` comes from the M sweep
 (where the native column stops winning).
 
-    python benchmarks/kernels.py                 # Qwen3-MoE-30B-A3B-like widths: D 2048, expert 768
-    python benchmarks/kernels.py --rows 1,2,4,8,16,64 --formats int8
+    python benchmarks/native_kernels.py                 # Qwen3-MoE-30B-A3B-like widths: D 2048, expert 768
+    python benchmarks/native_kernels.py --rows 1,2,4,8,16,64 --formats int8
 """
 
 from __future__ import annotations
