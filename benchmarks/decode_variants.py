@@ -3,7 +3,7 @@ variants interleaved round by round so that a noisy machine slows them alike. Ea
 patches moelab and returns its undo; "current" is the code as it is.
 
     python benchmarks/decode_variants.py [--quant bf16|int8|int4] [--layers 4] [--rounds 4] [--new 48]
-        [--variants current,repeat_kv,fused_rms_norm]
+        [--variants current,per_block,modules,torch_router]
 
 Per variant: median decode-step ms over the rounds after the first (a warm-up), speed relative to the first
 variant, whether it emits the same greedy tokens and the relative difference of its last logits.
@@ -19,48 +19,46 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
-import moelab.model as mm
-from moelab import ModelConfig, MoEConfig, MoETransformer
+from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
 from moelab.inference import prepare_inference
-from moelab.model import KVCache
+from moelab.model import Attention, KVCache
+from moelab.routing import Router
 
 
 def current(model):
     return lambda: None
 
 
-def repeat_kv(model):
-    """The attention before enable_gqa: k and v repeated per query head, and a mask, every step."""
-    def attend(q, k, v, start, scale=None):
-        S, L = q.shape[2], k.shape[2]
-        if k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if start == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, scale=scale)
-        mask = torch.arange(L)[None, :] <= (start + torch.arange(S))[:, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    saved, mm._attend = mm._attend, attend
+def _patch(*targets):
+    """Replace each (owner, name) by a function returning None (the "does not apply" answer); the undo."""
+    saved = [(owner, name, owner.__dict__[name]) for owner, name in targets]
+    for owner, name, _ in saved:
+        setattr(owner, name, lambda *a, **k: None)
 
     def undo():
-        mm._attend = saved
+        for owner, name, f in saved:
+            setattr(owner, name, f)
     return undo
 
 
-def fused_rms_norm(model):
-    """RMSNorm through F.rms_norm (one op) instead of its five."""
-    def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
-    saved, mm.RMSNorm.forward = mm.RMSNorm.forward, forward
-
-    def undo():
-        mm.RMSNorm.forward = saved
-    return undo
+def per_block(model):
+    """No whole-step call (`decode_plan`): each block's attention and MoE halves in one kernel call each."""
+    return _patch((MoETransformer, "_native_layers"))
 
 
-VARIANTS = {f.__name__: f for f in (current, repeat_kv, fused_rms_norm)}
+def modules(model):
+    """No fused calls: the modules one by one (routing still on the kernel, as the modules route one token)."""
+    return _patch((MoETransformer, "_native_layers"), (Attention, "decode_step"), (MoE, "decode_step"))
+
+
+def torch_router(model):
+    """The modules, with one token's routing on torch's ops instead of the kernel."""
+    return _patch((MoETransformer, "_native_layers"), (Attention, "decode_step"), (MoE, "decode_step"),
+                  (Router, "native_routing"))
+
+
+VARIANTS = {f.__name__: f for f in (current, per_block, modules, torch_router)}
 
 
 def main() -> None:
@@ -70,7 +68,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--new", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--variants", default="current,repeat_kv,fused_rms_norm")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     names = a.variants.split(",")

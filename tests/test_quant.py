@@ -151,8 +151,9 @@ def test_int8_takes_misaligned_operands_and_any_width(K):
     sbuf = torch.zeros(49, dtype=torch.bfloat16)
     sbuf[1:] = ref.scale
     w = load_linear_weight("int8", {"qweight": q, "scale": sbuf[1:]})
-    xbuf = torch.randn(9 * K + 4, dtype=torch.bfloat16)
-    x = xbuf[4:].view(9, K)[1:]  # 8 rows starting 2·(K + 4) bytes into the buffer
+    M = quant.NATIVE_MAX_ROWS["int8"] + 1  # rows that take torch's kernel where it runs
+    xbuf = torch.randn((M + 1) * K + 4, dtype=torch.bfloat16)
+    x = xbuf[4:].view(M + 1, K)[1:]  # M rows starting 2·(K + 4) bytes into the buffer
     assert rel(w(x), x.double() @ w.dequantize(torch.float64).T) <= BF16_BOUND
     assert w.kernel == (K % 16 == 0)
 
