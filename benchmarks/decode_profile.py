@@ -20,9 +20,9 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import torch  # noqa: E402
 
 from moelab import native  # noqa: E402
+from moelab.attention import KVCache  # noqa: E402
 from moelab.hf import load  # noqa: E402
 from moelab.inference import prepare_inference  # noqa: E402
-from moelab.model import KVCache  # noqa: E402
 
 ENTRY_POINTS = ("moelab_decode_layers", "moelab_attention_block", "moelab_moe_block", "moelab_moe_decode",
                 "moelab_linear", "moelab_route", "moelab_rms_norm", "moelab_rope", "moelab_decode_attention")

@@ -21,8 +21,8 @@ import time
 import torch
 
 from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
+from moelab.attention import Attention, KVCache
 from moelab.inference import prepare_inference
-from moelab.model import Attention, KVCache
 from moelab.routing import Router
 
 

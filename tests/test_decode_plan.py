@@ -10,8 +10,8 @@ from torch import nn
 
 from moelab import ModelConfig, MoEConfig, MoETransformer, native
 from moelab import decode_plan as plan_module
+from moelab.attention import KVCache
 from moelab.inference import prepare_inference
-from moelab.model import KVCache
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"moelab's CPU kernels: {native.why_unavailable()}")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
+from moelab.attention import KVCache
 from moelab.generate import generate, generate_batch, next_token_probs, sample_next
-from moelab.model import KVCache
 
 LOGITS = [2.0, 1.0, 0.5, -1.0, 0.0]
 

@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 from moelab import hf  # noqa: E402
 from moelab.config import ModelConfig, MoEConfig, RopeScaling  # noqa: E402
 from moelab.generate import generate  # noqa: E402
-from moelab.model import MoETransformer, rope_inv_freq, yarn_attention_factor  # noqa: E402
+from moelab.layers import rope_inv_freq, yarn_attention_factor  # noqa: E402
+from moelab.model import MoETransformer  # noqa: E402
 from moelab.train_config import preset  # noqa: E402
 
 V = 97

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from moelab import ModelConfig, MoE, MoEConfig, MoETransformer, native
+from moelab.attention import Attention, KVCache
 from moelab.generate import generate
 from moelab.inference import (
     InferenceLinear,
@@ -22,7 +23,6 @@ from moelab.inference import (
     store_experts,
     weight_formats,
 )
-from moelab.model import Attention, KVCache
 from moelab.quant_experts import QuantizedExperts
 from moelab.routing import Router
 

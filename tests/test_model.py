@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from moelab import ModelConfig, MoEConfig, MoETransformer
+from moelab.attention import KVCache
 from moelab.config import RopeScaling
-from moelab.model import KVCache, apply_rope, rope_inv_freq, rope_tables, yarn_attention_factor, yarn_mscale
+from moelab.layers import apply_rope, rope_inv_freq, rope_tables, yarn_attention_factor, yarn_mscale
 
 MOE = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, n_shared=1)
 CONFIGS = {

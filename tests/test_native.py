@@ -163,7 +163,7 @@ def test_rms_norm_and_rope_take_the_torch_arithmetic(dtype):
     """The decode-row kernels against the torch code they replace (run with autograd on, which keeps them out):
     RoPE bit for bit (same float32 operations per element, partial rotary too); RMSNorm up to the order of its
     sum of squares (one unit in the last place of the output's dtype)."""
-    from moelab.model import apply_rope, rms_norm
+    from moelab.layers import apply_rope, rms_norm
 
     x = torch.randn(1, 6, 1, 64).to(dtype)
     w_heads = torch.randn(6, 1, 64).to(dtype)

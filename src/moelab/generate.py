@@ -12,7 +12,7 @@ this asks for the start of a document; a model exported to Hugging Face does the
 prepends the token, `moelab.hf.save`), so both give the same tokens.
 
 Many prompts at once (`generate_batch`): the prompts are left-padded to the longest and run as one batch;
-the cache's `pad` (`moelab.model.KVCache`) gives each row its own rotary positions and masks its padding
+the cache's `pad` (`moelab.attention.KVCache`) gives each row its own rotary positions and masks its padding
 out, so every prompt gets the tokens it gets alone (up to the rounding of batched products). Each decode
 step then runs B tokens through the model in one forward: the non-expert weights are read once for all B,
 and an MoE layer reads the distinct experts the B tokens chose — E·(1 − (1 − k/E)^B) of them for uniform
@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelab.model import KVCache, MoETransformer
+from moelab.attention import KVCache
+from moelab.model import MoETransformer
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:

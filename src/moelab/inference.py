@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from moelab.attention import Attention
 from moelab.experts import Experts
-from moelab.model import Attention, MoETransformer
+from moelab.model import MoETransformer
 from moelab.moe import MoE
 from moelab.quant import INT4_N_MULTIPLE, LinearWeight, check_quant, linear_weight
 from moelab.quant_experts import ExpertWeights, QuantizedExperts, expert_weights

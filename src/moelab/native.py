@@ -286,7 +286,7 @@ def rms_norm_supported(x: Tensor, weight: Tensor) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """`moelab.model.rms_norm` in one call (same roundings: normalised in float32, rounded to x's dtype, times
+    """`moelab.layers.rms_norm` in one call (same roundings: normalised in float32, rounded to x's dtype, times
     the weight in it)."""
     y = torch.empty_like(x)
     dim = x.shape[-1]
@@ -305,7 +305,7 @@ def rope_supported(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """`moelab.model.apply_rope` at one position in one call (same arithmetic in float32; tables of a bfloat16
+    """`moelab.layers.apply_rope` at one position in one call (same arithmetic in float32; tables of a bfloat16
     model are bfloat16, which torch's code promotes exactly)."""
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     y = torch.empty_like(x)

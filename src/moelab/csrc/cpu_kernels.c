@@ -450,7 +450,7 @@ static inline void store_elem(void *p, size_t i, float v, int bf16) {
         ((float *)p)[i] = v;
 }
 
-/* RMSNorm of `rows` rows of width `dim`, as moelab.model.rms_norm: n = x / sqrt(mean(x²) + eps) in float32,
+/* RMSNorm of `rows` rows of width `dim`, as moelab.layers.rms_norm: n = x / sqrt(mean(x²) + eps) in float32,
  * rounded to x's dtype, then y = w ⊙ n in that dtype; row i takes weight row i % w_rows (x, y, w: one dtype). */
 int moelab_rms_norm(const void *x, void *y, const void *w, int bf16, int rows, int dim, int w_rows, float eps) {
     for (int i = 0; i < rows; i++) {
@@ -470,7 +470,7 @@ int moelab_rms_norm(const void *x, void *y, const void *w, int bf16, int rows, i
     return 0;
 }
 
-/* Rotate-half RoPE of `rows` rows of width dh at one position, as moelab.model.apply_rope: the first r channels,
+/* Rotate-half RoPE of `rows` rows of width dh at one position, as moelab.layers.apply_rope: the first r channels,
  * halves a = x[:r/2], b = x[r/2:r]: y = (x·cos + [−b, a]·sin) in float32, rounded to x's dtype; the rest copied. */
 int moelab_rope(const void *x, void *y, int bf16, int rows, int dh, int r, const float *cos, const float *sin) {
     const int h = r / 2;
