@@ -216,7 +216,8 @@ def test_an_expert_gets_one_format():
 
 @pytest.mark.skipif(not __import__("moelab").native.available(), reason="moelab's CPU kernels do not run here")
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
-@pytest.mark.parametrize("variant", [dict(qk_norm="head"), dict(qkv_bias=True, o_bias=True), dict(rotary_dim=32)])
+@pytest.mark.parametrize("variant", [dict(qk_norm="head"), dict(qk_norm="full"), dict(qkv_bias=True, o_bias=True),
+                                     dict(rotary_dim=32)])
 def test_fused_attention_step_computes_what_the_modules_do(quant, variant, monkeypatch):
     """A bfloat16 model converted for inference decodes token by token in one kernel call for all its layers
     (`native.decode_layers`); without it, block by block through `Attention.decode_step` (one kernel call per

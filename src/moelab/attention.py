@@ -102,12 +102,12 @@ class Attention(nn.Module):
     def native_args(self, norm: RMSNorm) -> native.BlockArgs | None:
         """norm then this attention as one kernel call takes them (`native.attention_args`; kept until a tensor
         they point into is replaced), or None where that call does not apply: weights not on moelab's kernels,
-        sinks, a sliding window, full q/k norm."""
+        sinks, a sliding window."""
         wqkv, wo = getattr(self.wqkv, "w", None), getattr(self.wo, "w", None)
-        if (self.sinks is not None or self.window is not None or self.qk_norm == "full"
+        if (self.sinks is not None or self.window is not None
                 or getattr(wqkv, "native", None) is None or getattr(wo, "native", None) is None):
             return None
-        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm == "head" else ()
+        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm in ("head", "full") else ()
         tensors = (norm.weight, self.wqkv.bias, self.wo.bias, *norms)
         return native.cached(self, tuple(None if t is None else t.data_ptr() for t in tensors) + (wqkv, wo),
                              lambda: native.attention_args(

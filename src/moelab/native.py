@@ -316,11 +316,9 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class _AttnArgs(ctypes.Structure):
-    _fields_ = [("bf16", ctypes.c_int32), ("H", ctypes.c_int32), ("G", ctypes.c_int32), ("Dh", ctypes.c_int32),
-                ("rot", ctypes.c_int32), ("eps", ctypes.c_float), ("qk_eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("norm_w", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
-                ("q_w", ctypes.c_void_p), ("k_w", ctypes.c_void_p), ("o_bias", ctypes.c_void_p),
-                ("wqkv", ctypes.c_void_p), ("wo", ctypes.c_void_p)]
+    _fields_ = [*((n, ctypes.c_int32) for n in ("bf16", "H", "G", "Dh", "rot", "qk_full")),
+                *((n, ctypes.c_float) for n in ("eps", "qk_eps", "scale")),
+                *((n, ctypes.c_void_p) for n in ("norm_w", "qkv_bias", "q_w", "k_w", "o_bias", "wqkv", "wo"))]
 
 
 class _MoEArgs(ctypes.Structure):
@@ -363,15 +361,20 @@ def attention_args(norm_weight: Tensor, eps: float, wqkv: NativeWeight, qkv_bias
                    scale: float | None) -> BlockArgs | None:
     """`attention_block`'s fixed arguments for a grouped-query attention layer, or None where the kernel does not
     take them: the norms' weights and the biases must share one dtype (float32 or bfloat16) and be contiguous,
-    head_dim % 16 == 0, at most 16 query heads per kv head, rotary_dim <= head_dim."""
+    head_dim % 16 == 0, at most 16 query heads per kv head, rotary_dim <= head_dim. q/k norms (q_w, k_w, eps)
+    of width head_dim act per head; of width n_heads·head_dim and n_kv·head_dim, over all heads at once."""
     q_w, k_w, qk_eps = qk_norms if qk_norms is not None else (None, None, 0.0)
+    full = q_w is not None and q_w.numel() == n_heads * head_dim and n_heads > 1
+    if q_w is not None and (q_w.numel(), k_w.numel()) not in ((head_dim, head_dim),
+                                                              (n_heads * head_dim, n_kv * head_dim)):
+        return None
     dtype = norm_weight.dtype
     small = [t for t in (norm_weight, qkv_bias, q_w, k_w, o_bias) if t is not None]
     if (dtype not in IO_DTYPES or any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"
                                       for t in small)
             or head_dim % 16 or n_heads % n_kv or n_heads // n_kv > 16 or rotary_dim > head_dim or not available()):
         return None
-    struct = _AttnArgs(int(dtype == torch.bfloat16), n_heads, n_kv, head_dim, rotary_dim, eps, qk_eps,
+    struct = _AttnArgs(int(dtype == torch.bfloat16), n_heads, n_kv, head_dim, rotary_dim, int(full), eps, qk_eps,
                        head_dim ** -0.5 if scale is None else scale, *(_ptr(t) for t in (norm_weight, qkv_bias, q_w,
                                                                                          k_w, o_bias)),
                        ctypes.addressof(wqkv.desc), ctypes.addressof(wo.desc))

@@ -496,6 +496,7 @@ static void add_into(void *y, const void *a, const void *b, size_t n, int bf16) 
 typedef struct {
     int32_t bf16;                        /* x, the norms' weights, the biases and the cache: bfloat16, else float32 */
     int32_t H, G, Dh, rot;               /* query heads, kv heads, head width, rotated channels */
+    int32_t qk_full;                     /* q/k RMSNorm over all heads at once (q_w [H·Dh], k_w [G·Dh]), else per head */
     float eps, qk_eps, scale;
     const void *norm_w, *qkv_bias, *q_w, *k_w, *o_bias;  /* the optional ones NULL when absent */
     const weight_t *wqkv, *wo;
@@ -503,7 +504,8 @@ typedef struct {
 
 /* One decode step of a grouped-query attention block for one token (B = S = 1), as moelab.model computes it,
  * each intermediate rounded to the model's dtype where the torch code holds it in that dtype:
- *   h = RMSNorm(x; norm_w);  q|k|v = h·Wqkvᵀ (+ bias);  q, k = head RMSNorm (q_w, k_w: optional) then RoPE;
+ *   h = RMSNorm(x; norm_w);  q|k|v = h·Wqkvᵀ (+ bias);  q, k = RMSNorm per head, or over all heads (qk_full),
+ *   (q_w, k_w: optional) then RoPE;
  *   k, v appended to the cache at position L;  a = attention(q; keys and values 0..L);  out = x + (a·Woᵀ (+ bias)).
  * Cache element (g, j, d) at g·sg + j·sl + d. Returns nonzero when out of memory. */
 int moelab_attention_block(const attn_args_t *a, const void *x, void *out, const float *cos, const float *sin,
@@ -520,8 +522,9 @@ int moelab_attention_block(const attn_args_t *a, const void *x, void *out, const
     err |= moelab_linear(a->wqkv, h, bf16, 1, qkv, bf16, threads);
     if (a->qkv_bias) add_into(qkv, qkv, a->qkv_bias, (size_t)nqkv, bf16);
     if (a->q_w) {
-        moelab_rms_norm(qkv, qkv, a->q_w, bf16, H, Dh, 1, a->qk_eps);
-        moelab_rms_norm((char *)qkv + es * nq, (char *)qkv + es * nq, a->k_w, bf16, G, Dh, 1, a->qk_eps);
+        const int qr = a->qk_full ? 1 : H, kr = a->qk_full ? 1 : G, qd = a->qk_full ? nq : Dh, kd = a->qk_full ? nk : Dh;
+        moelab_rms_norm(qkv, qkv, a->q_w, bf16, qr, qd, 1, a->qk_eps);
+        moelab_rms_norm((char *)qkv + es * nq, (char *)qkv + es * nq, a->k_w, bf16, kr, kd, 1, a->qk_eps);
     }
     moelab_rope(qkv, qk, bf16, H + G, Dh, a->rot, cos, sin);
     for (int g = 0; g < G; g++) {
