@@ -368,10 +368,12 @@ def attention_args(norm_weight: Tensor, eps: float, wqkv: NativeWeight, qkv_bias
     if q_w is not None and (q_w.numel(), k_w.numel()) not in ((head_dim, head_dim),
                                                               (n_heads * head_dim, n_kv * head_dim)):
         return None
-    dtype = norm_weight.dtype
+    dtype, D, nq, nqkv = norm_weight.dtype, wqkv.k, n_heads * head_dim, (n_heads + 2 * n_kv) * head_dim
     small = [t for t in (norm_weight, qkv_bias, q_w, k_w, o_bias) if t is not None]
     if (dtype not in IO_DTYPES or any(t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu"
                                       for t in small)
+            or (norm_weight.numel(), wqkv.n, wo.k, wo.n) != (D, nqkv, nq, D)
+            or (qkv_bias is not None and qkv_bias.numel() != nqkv) or (o_bias is not None and o_bias.numel() != D)
             or head_dim % 16 or n_heads % n_kv or n_heads // n_kv > 16 or rotary_dim > head_dim or not available()):
         return None
     struct = _AttnArgs(int(dtype == torch.bfloat16), n_heads, n_kv, head_dim, rotary_dim, int(full), eps, qk_eps,
@@ -385,9 +387,9 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if cos.shape[0] != 1:
-        raise ValueError(f"rotary tables of {cos.shape[0]} positions: one position (a decode step) expected")
+def _tables(cos: Tensor, sin: Tensor, rotary_dim: int) -> tuple[Tensor, Tensor]:
+    if cos.shape != (1, rotary_dim) or sin.shape != cos.shape:
+        raise ValueError(f"rotary tables of shape {tuple(cos.shape)}: one position of {rotary_dim} channels expected")
     return cos.float().contiguous(), sin.float().contiguous()
 
 
@@ -396,9 +398,9 @@ def attention_block(args: BlockArgs, x: Tensor, cos: Tensor, sin: Tensor, k_buf:
     """x + attention(RMSNorm(x)) for one token x [1, 1, D] of args' dtype, appending its key and value at position
     L of the cache buffers [1, G, capacity, Dh] (`csrc/cpu_kernels.c`, moelab_attention_block, states the steps
     and roundings); cos, sin [1, rotary_dim]."""
-    _check_block_input(args, x)
+    _check_token(args.dtype, x)
     _check_cache(args, k_buf, v_buf, L)
-    cos, sin = _tables(cos, sin)
+    cos, sin = _tables(cos, sin, args.struct.rot)
     out = torch.empty_like(x)
     if _library().moelab_attention_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), cos.data_ptr(),
                                          sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(1),
@@ -407,10 +409,9 @@ def attention_block(args: BlockArgs, x: Tensor, cos: Tensor, sin: Tensor, k_buf:
     return out
 
 
-def _check_block_input(args: BlockArgs, x: Tensor) -> None:
-    if x.dtype != args.dtype or not x.is_contiguous() or x.numel() != x.shape[-1]:
-        raise ValueError(f"a block kernel takes one contiguous token of {args.dtype}: got {x.dtype} "
-                         f"{tuple(x.shape)}")
+def _check_token(dtype: torch.dtype, x: Tensor) -> None:
+    if x.dtype != dtype or not x.is_contiguous() or x.numel() != x.shape[-1]:
+        raise ValueError(f"a block kernel takes one contiguous token of {dtype}: got {x.dtype} {tuple(x.shape)}")
 
 
 def _check_cache(args: BlockArgs, k_buf: Tensor, v_buf: Tensor, L: int) -> None:
@@ -459,6 +460,7 @@ def moe_args(norm_weight: Tensor, eps: float, router_ED: Tensor, k: int, renorm:
     dtype = norm_weight.dtype
     if (dtype not in IO_DTYPES or not norm_weight.is_contiguous() or norm_weight.device.type != "cpu"
             or router_ED.dtype != torch.float32 or not router_ED.is_contiguous() or router_ED.shape[0] != experts.n
+            or not norm_weight.numel() == experts.weights[0][0].k == experts.weights[1][0].n == router_ED.shape[1]
             or not available()):
         return None
     struct = _MoEArgs(int(dtype == torch.bfloat16), experts.n, k, int(renorm), ACTIVATIONS[activation], eps, scale,
@@ -470,7 +472,7 @@ def moe_args(norm_weight: Tensor, eps: float, router_ED: Tensor, k: int, renorm:
 def moe_block(args: BlockArgs, x: Tensor) -> tuple[Tensor, Tensor]:
     """x + MoE(RMSNorm(x)) for one token x [1, 1, D] of args' dtype, routed by `route` to k experts; (out, the
     chosen experts [k] int64). The steps and roundings: `csrc/cpu_kernels.c`, moelab_moe_block."""
-    _check_block_input(args, x)
+    _check_token(args.dtype, x)
     out, idx = torch.empty_like(x), torch.empty(args.struct.k, dtype=torch.int64)
     if _library().moelab_moe_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), idx.data_ptr(),
                                    torch.get_num_threads()):
@@ -483,9 +485,11 @@ class LayerTable:
     buffers, set by `set_cache` — as one C array, kept from step to step."""
 
     def __init__(self, blocks: list[tuple[BlockArgs, BlockArgs]]) -> None:
-        if not blocks or any(a.dtype != blocks[0][0].dtype or m.dtype != a.dtype for a, m in blocks):
-            raise ValueError("decode_layers: the attention and MoE blocks must take one dtype")
-        self.blocks, self.dtype, self.n = blocks, blocks[0][0].dtype, len(blocks)
+        first = blocks[0][0] if blocks else None
+        if not blocks or any((a.dtype, m.dtype, a.struct.rot) != (first.dtype, first.dtype, first.struct.rot)
+                             for a, m in blocks):
+            raise ValueError("decode_layers: the attention and MoE blocks must take one dtype and one rotary width")
+        self.blocks, self.dtype, self.rot, self.n = blocks, first.dtype, first.struct.rot, len(blocks)
         self.array = (_Layer * self.n)()
         for slot, (attn, moe) in zip(self.array, blocks):
             slot.attn, slot.moe = ctypes.addressof(attn.struct), ctypes.addressof(moe.struct)
@@ -507,11 +511,10 @@ def decode_layers(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int
     """x after the table's layers — each `attention_block` then `moe_block` — for one token x [1, 1, D] at
     position L, in one call (`csrc/cpu_kernels.c`, moelab_decode_layers); each layer's key and value are
     appended at L (every layer's buffers must hold more than L positions)."""
-    if x.dtype != table.dtype or not x.is_contiguous() or x.numel() != x.shape[-1]:
-        raise ValueError(f"decode_layers takes one contiguous token of {table.dtype}: got {x.dtype} {tuple(x.shape)}")
+    _check_token(table.dtype, x)
     if not 0 <= L < table.capacity:
         raise ValueError(f"decode_layers: position {L} is outside the cache buffers ({table.capacity} positions)")
-    cos, sin = _tables(cos, sin)
+    cos, sin = _tables(cos, sin, table.rot)
     out = x.clone()
     if _library().moelab_decode_layers(table.array, table.n, out.data_ptr(), cos.data_ptr(), sin.data_ptr(), L,
                                        torch.get_num_threads()):
