@@ -147,10 +147,11 @@ class MoETransformer(nn.Module):
             x = native.decode_layers(layers, x, cos, sin, start)
             cache.lengths[:] = [start + 1] * layers.n
             auxes = [MoEAux(n_tokens=1) for _ in range(layers.n)]
-        for block in self.blocks if layers is None else ():
-            x, aux = block(x, cos, sin, cache, start, stats)
-            if aux is not None:
-                auxes.append(aux)
+        else:
+            for block in self.blocks:
+                x, aux = block(x, cos, sin, cache, start, stats)
+                if aux is not None:
+                    auxes.append(aux)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
         if self.cfg.logits_scaling != 1.0:  # Granite's logits_scaling
