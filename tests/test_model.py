@@ -1,4 +1,4 @@
-"""The language model: shapes, causality, KV-cache parity, the dense twin, RoPE and YaRN, errors."""
+"""The language model: shapes, causality, KV-cache parity, the dense twin, YaRN in the model, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from moelab import ModelConfig, MoEConfig, MoETransformer
 from moelab.attention import KVCache
 from moelab.config import RopeScaling
-from moelab.layers import apply_rope, rope_inv_freq, rope_tables, yarn_attention_factor, yarn_mscale
+from moelab.layers import rope_tables, yarn_attention_factor, yarn_mscale
 
 MOE = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, n_shared=1)
 CONFIGS = {
@@ -82,15 +82,6 @@ def test_causal_and_loss_matches_cross_entropy(name):
         torch.testing.assert_close(a.load, b.load)
 
 
-def test_rope_rotates_pairs_by_position_angle():
-    cos, sin = rope_tables(4, 8, theta=100.0)
-    x = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4).expand(1, 1, 8, 4)
-    y = apply_rope(x, cos, sin)
-    p = torch.arange(8, dtype=torch.float64)
-    torch.testing.assert_close(y[0, 0, :, 0].double(), torch.cos(p), atol=1e-6, rtol=0)  # freq θ^0 = 1
-    torch.testing.assert_close(y[0, 0, :, 2].double(), torch.sin(p), atol=1e-6, rtol=0)
-
-
 def test_dense_twin_has_no_moe_and_the_active_ffn_width():
     cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, moe=MOE, d_ff=48)
     twin = MoETransformer(cfg.dense_twin())
@@ -156,45 +147,6 @@ def test_update_expert_biases_reaches_every_moe_layer():
 # -- YaRN (Peng et al. 2023) -----------------------------------------------------------------------------
 
 
-def _yarn_reference(dim: int, theta: float, s: RopeScaling) -> list[float]:
-    """inv_freq of each rotary pair, one at a time, as the YaRN reference code defines it: the blend weight
-    rises linearly over pair indices from the correction dimension of beta_fast rotations to that of beta_slow."""
-    def correction_dim(rotations):
-        return dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
-
-    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
-    if s.truncate:
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    out = []
-    for i in range(dim // 2):
-        base = theta ** (-2 * i / dim)
-        w = min(max((i - low) / (high - low if high != low else 0.001), 0.0), 1.0)  # 0: keep, 1: divide by factor
-        out.append(base * (1 - w) + base / s.factor * w)
-    return out
-
-
-@pytest.mark.parametrize("s", [
-    RopeScaling(factor=40.0, original_max_seq_len=4096, mscale=1.0, mscale_all_dim=1.0),  # DeepSeek-V3
-    RopeScaling(factor=4.0, original_max_seq_len=64, beta_fast=16.0, beta_slow=2.0, truncate=False),
-    RopeScaling(factor=2.0, original_max_seq_len=10**6),  # every pair extrapolated (kept)
-    RopeScaling(factor=8.0, original_max_seq_len=256, beta_fast=64.0, beta_slow=0.5),
-])
-def test_yarn_frequencies_match_a_per_pair_reference(s):
-    dim, theta = 32, 10000.0
-    got = rope_inv_freq(dim, theta, s)
-    torch.testing.assert_close(got, torch.tensor(_yarn_reference(dim, theta, s), dtype=torch.float64),
-                               atol=0, rtol=1e-12)
-    plain = rope_inv_freq(dim, theta)
-    # the paper's invariants: pairs rotating >= beta_fast times over the original context keep their frequency,
-    # pairs rotating <= beta_slow times are interpolated by the factor, and nothing leaves that range
-    rotations = s.original_max_seq_len * plain / (2 * math.pi)
-    keep, interp = rotations >= s.beta_fast * 2, rotations <= s.beta_slow / 2  # margins cover the rounding
-    torch.testing.assert_close(got[keep], plain[keep], atol=0, rtol=1e-12)
-    torch.testing.assert_close(got[interp], plain[interp] / s.factor, atol=0, rtol=1e-12)
-    assert bool(((got <= plain * (1 + 1e-12)) & (got >= plain / s.factor * (1 - 1e-12))).all())
-
-
 def test_yarn_attention_factor_and_mla_softmax_scale():
     assert yarn_mscale(1.0) == 1.0 and yarn_mscale(0.5, 3.0) == 1.0
     assert yarn_mscale(40.0, 0.5) == pytest.approx(0.05 * math.log(40) + 1)
@@ -214,12 +166,6 @@ def test_yarn_attention_factor_and_mla_softmax_scale():
     assert model.blocks[0].attn.scale == pytest.approx(qk ** -0.5 * (0.07 * math.log(4) + 1) ** 2)
     gqa = MoETransformer(CONFIGS["gqa_dense_first"].replace(rope_scaling=ratio))
     assert gqa.rope_cos.shape == (32, 8)  # GQA rotates the whole head; its softmax scale is not changed
-
-
-def test_yarn_with_factor_one_is_plain_rope():
-    s = RopeScaling(factor=1.0, original_max_seq_len=16, mscale=1.0, mscale_all_dim=1.0)
-    for got, want in zip(rope_tables(16, 64, 500.0, s), rope_tables(16, 64, 500.0), strict=True):
-        torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(("changes", "match"), [
