@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import math
 import platform
 import sys
 import threading
@@ -105,6 +106,15 @@ def check_policy(policy: str) -> None:
     """ValueError naming the value when `policy` is not one of `POLICIES`."""
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is invalid: allowed {', '.join(map(repr, POLICIES))}")
+
+
+def check_budget(max_memory_gb: float | None, policy: str) -> None:
+    """ValueError naming the option when max_memory_gb or policy is out of range."""
+    number = isinstance(max_memory_gb, (int, float)) and not isinstance(max_memory_gb, bool)
+    if max_memory_gb is not None and not (number and 0 < max_memory_gb < math.inf):
+        raise ValueError(f"max_memory_gb={max_memory_gb!r} is invalid: allowed a number of GB > 0, or None (the "
+                         "whole model in memory)")
+    check_policy(policy)
 
 
 class ExpertCache:
@@ -341,3 +351,26 @@ def enable_prefetch(model: torch.nn.Module, on: bool = True) -> None:
     routers = {moe.experts.layer: moe.router for moe in model.moe_layers() if moe.experts in stores}
     for store, after in zip(stores, stores[1:] + [None]):
         store.next = (routers[after.layer], after.layer) if on and after is not None else None
+
+
+def offload_experts(model: torch.nn.Module, load: Callable[[Key], tuple[Any, int, int]], max_memory_gb: float,
+                    policy: str = "lru", prefetch: bool = False,
+                    on_close: Callable[[], object] | None = None) -> ExpertCache:
+    """Give every MoE layer of `model` (its other weights resident) an `OffloadedExperts` store over one
+    `ExpertCache` of (budget − resident bytes), filled by `load` (key → (weights, bytes, bytes read)); the
+    cache. ValueError saying how much is needed when the budget holds less than the resident weights plus one
+    expert (measured on expert 0 of the first MoE layer)."""
+    resident = resident_bytes(model)
+    moes = [(i, b.ffn) for i, b in enumerate(model.blocks) if b.is_moe]
+    one = load((moes[0][0], 0))[1]
+    budget = int(max_memory_gb * 1e9)
+    if budget < resident + one:
+        need = math.ceil((resident + one) / 1e6) / 1e3
+        raise ValueError(f"max_memory_gb={max_memory_gb!r} is below what this model needs in memory: "
+                         f"{resident / 1e9:.3f} GB of non-expert weights + {one / 1e9:.4f} GB for one expert; "
+                         f"allowed >= {need:.3f}")
+    cache = ExpertCache(budget - resident, load, policy, on_close=on_close)
+    for i, moe in moes:
+        moe.experts = OffloadedExperts(i, moe.cfg.n_experts, moe.cfg.activation, cache)
+    enable_prefetch(model, prefetch)
+    return cache

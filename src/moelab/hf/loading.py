@@ -18,7 +18,6 @@ staying in a fragmented heap (measured in docs/BENCHMARKS.md, "Memory budget").
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -33,14 +32,7 @@ from moelab.hf.streaming import ExpertReader, expert_parts, is_routed_expert, ma
 from moelab.hf_config import HFConfig, load_json
 from moelab.inference import convert_slot, expert_quant, linear_slots, prepare_inference, slot_tensors
 from moelab.model import MoETransformer
-from moelab.offload import (
-    ExpertCache,
-    OffloadedExperts,
-    check_policy,
-    enable_prefetch,
-    resident_bytes,
-    return_freed_memory,
-)
+from moelab.offload import check_budget, offload_experts, return_freed_memory
 from moelab.quant import check_quant
 from moelab.quant_experts import QuantizedExperts, expert_weights
 
@@ -122,7 +114,7 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str
     path = Path(path)
     c, adapter, cfg = read_hf_config(path)
     check_quant(quant, group_size)
-    _check_budget(max_memory_gb, policy)
+    check_budget(max_memory_gb, policy)
     if dtype is None:
         dtype = c.data.get("dtype") or c.data.get("torch_dtype") or "float32"
         dtype = dtype if dtype in _DTYPES else "float32"
@@ -142,16 +134,11 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str
     if not budget:
         ckpt.close()
         return model.eval()
-    try:
-        capacity = _cache_capacity(model, load_expert, max_memory_gb)
+    try:  # experts are read on demand
+        offload_experts(model, load_expert, max_memory_gb, policy, prefetch, on_close=ckpt.close)
     except BaseException:
         ckpt.close()
         raise
-    cache = ExpertCache(capacity, load_expert, policy, on_close=ckpt.close)  # experts are read on demand
-    for i, block in enumerate(model.blocks):
-        if block.is_moe:
-            block.ffn.experts = OffloadedExperts(i, cfg.moe.n_experts, cfg.moe.activation, cache)
-    enable_prefetch(model, prefetch)
     return model.eval()
 
 
@@ -199,30 +186,6 @@ def _stream(ckpt: Checkpoint, c: HFConfig, adapter: Adapter, cfg: ModelConfig, d
     if apart:
         prepare_inference(model, quant, group_size)
     return model, load_expert
-
-
-def _check_budget(max_memory_gb: float | None, policy: str) -> None:
-    """ValueError naming the option when max_memory_gb or policy is out of range."""
-    number = isinstance(max_memory_gb, (int, float)) and not isinstance(max_memory_gb, bool)
-    if max_memory_gb is not None and not (number and 0 < max_memory_gb < math.inf):
-        raise ValueError(f"max_memory_gb={max_memory_gb!r} is invalid: allowed a number of GB > 0, or None (the "
-                         "whole model in memory)")
-    check_policy(policy)
-
-
-def _cache_capacity(model: MoETransformer, load_expert, max_memory_gb: float) -> int:
-    """Bytes left for the expert cache: the budget minus the resident weights (as converted); ValueError
-    saying how much is needed when that is less than one expert (measured on expert 0 of the first MoE layer)."""
-    resident = resident_bytes(model)
-    first = next(i for i, b in enumerate(model.blocks) if b.is_moe)
-    one = load_expert((first, 0))[1]
-    budget = int(max_memory_gb * 1e9)
-    if budget < resident + one:
-        need = math.ceil((resident + one) / 1e6) / 1e3
-        raise ValueError(f"max_memory_gb={max_memory_gb!r} is below what this model needs in memory: "
-                         f"{resident / 1e9:.3f} GB of non-expert weights + {one / 1e9:.4f} GB for one expert; "
-                         f"allowed >= {need:.3f}")
-    return budget - resident
 
 
 def _expert_loader(reader: ExpertReader, quant: str | None, group_size: int, activation: str):
