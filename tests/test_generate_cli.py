@@ -91,10 +91,18 @@ def test_a_run_quantized_and_what_does_not_apply_to_it(hf_dir, tmp_path, capsys)
     model = prepare_inference(hf.load(hf_dir), "int4")
     assert re.findall(r"t\d+", capsys.readouterr().out) == ["t1", "t2"] + [f"t{i}" for i in generate(model, [1, 2], 3)]
     assert main(["generate", str(run), "--max-memory-gb", "1"]) == 2
-    assert "max_memory_gb applies to a Hugging Face directory" in capsys.readouterr().err
+    assert "max_memory_gb applies to a quantized run or a Hugging Face directory" in capsys.readouterr().err
     q4 = tmp_path / "q4"
     assert main(["convert", "--from-hf", str(hf_dir), str(q4), "--quant", "int4"]) == 0
     capsys.readouterr()
+    outs = []
+    for budget in ([], ["--max-memory-gb", "1"]):  # a quantized run's experts read on demand: the same tokens
+        assert main(["generate", str(q4), "--prompt", "t1 t2", "--max-new-tokens", "5", "--temperature", "0",
+                     *budget]) == 0
+        printed = capsys.readouterr()
+        outs.append((printed.out, printed.err))
+    assert re.findall(r"t\d+", outs[0][0]) == re.findall(r"t\d+", outs[1][0])
+    assert "hit rate" in outs[1][1] and "hit rate" not in outs[0][1]
     _error(capsys, [str(q4), "--quant", "int8"], "quant='int8'", "already quantized (int4)")
 
 

@@ -106,3 +106,41 @@ def test_damaged_or_newer_runs_are_named_errors(hf_dir, tmp_path):
         load_quantized(bad, config)
     with pytest.raises(ValueError, match="is not converted: run moelab.inference.prepare_inference"):
         quantized_state(hf.load(hf_dir))
+
+
+@pytest.mark.parametrize(("quant", "policy", "prefetch"), [("int8", "lru", False), ("int4", "lfu", True)])
+def test_a_quantized_run_within_a_budget_computes_what_it_does_in_memory(hf_dir, tmp_path, quant, policy, prefetch,
+                                                                         monkeypatch):
+    """The routed experts stay in model.safetensors and are read row by row on demand, already quantized:
+    the logits and tokens equal the run loaded whole, bit for bit, and the cache reads exactly the misses'
+    bytes as stored."""
+    from moelab.generate import generate
+    from moelab.offload import OffloadedExperts, expert_cache, resident_bytes
+
+    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant=quant)
+    whole, _ = load_run(run)
+    for cls in (Int8Weight, Int4Weight):
+        monkeypatch.setattr(cls, "quantize", classmethod(lambda *a: pytest.fail("re-quantized at load")))
+    probe, _ = load_run(run, max_memory_gb=1.0)
+    one = expert_cache(probe).get((0, 0)).nbytes
+    expert_cache(probe).close()
+    budget = (resident_bytes(probe) + 3 * one) / 1e9  # 3 of the 8 experts of the two layers
+    small, _ = load_run(run, max_memory_gb=budget, policy=policy, prefetch=prefetch)
+    cache = expert_cache(small)
+    assert isinstance(small.blocks[1].ffn.experts, OffloadedExperts) and 3 * one <= cache.capacity < 4 * one
+    assert resident_bytes(whole) - resident_bytes(small) == 8 * one
+    ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(small(ids).logits, whole(ids).logits)
+    assert generate(small, [1, 2, 3], 12) == generate(whole, [1, 2, 3], 12)
+    s = cache.stats
+    assert s.misses > 0 and s.evictions > 0 and s.hits > 0 and cache.used <= cache.capacity
+    with safe_open(str(RunDir(run).latest_checkpoint() / "model.safetensors"), framework="pt") as f:
+        stored = sum(f.get_slice(n)[0].numel() * f.get_slice(n)[0].element_size()
+                     for n in f.keys() if n.startswith("blocks.0.ffn.experts."))  # noqa: SIM118
+    assert s.bytes_read == stored * (s.misses + s.prefetched)
+    with pytest.raises(ValueError, match=r"max_memory_gb=1e-06 is below what this model needs in memory"):
+        load_run(run, max_memory_gb=1e-6)
+    with pytest.raises(ValueError, match=r"policy='mru' is invalid: allowed 'lru', 'lfu'"):
+        load_run(run, max_memory_gb=1.0, policy="mru")
+    cache.close()

@@ -198,10 +198,11 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
     """Continue each of `prompts` (a batch, `generate_batch`) with a moelab run or a Hugging Face directory.
 
     quant ("int8" / "int4", `moelab.quant`) converts the model for inference; max_memory_gb, policy and
-    prefetch keep the routed experts on disk within a budget (`moelab.hf.load`; a Hugging Face directory
-    only). progress: a loading progress bar (None: when stderr is a terminal). Returns the texts with
-    their timings, peak memory and (with a budget) the expert cache's statistics. ValueError naming the
-    option for settings that do not apply (a budget for a run, quantization off the CPU)."""
+    prefetch keep the routed experts on disk within a budget (`moelab.hf.load`, or for a quantized run
+    `moelab.quant_io.load_quantized`). progress: a loading progress bar (None: when stderr is a terminal).
+    Returns the texts with their timings, peak memory and (with a budget) the expert cache's statistics.
+    ValueError naming the option for settings that do not apply (a budget for a float run, quantization off
+    the CPU)."""
     from moelab.inference import check_inference_device, prepare_inference, weight_formats
     from moelab.models import load_model
     from moelab.offload import expert_cache
@@ -218,12 +219,9 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
         raise ValueError(f"device={device!r}: quantized and budgeted models run on the CPU (quant and "
                          "max_memory_gb use the CPU's kernels and read experts into CPU memory)")
     hf_dir = Path(path).is_dir() and is_hf_dir(Path(path)) and not RunDir(Path(path)).checkpoints()
-    if max_memory_gb is not None and not hf_dir:
-        raise ValueError(f"max_memory_gb applies to a Hugging Face directory (experts read from its safetensors "
-                         f"files); {path} is a moelab run: export it with `moelab convert --to-hf` first")
     t0 = time.perf_counter()
-    options = dict(quant=quant, group_size=group_size, max_memory_gb=max_memory_gb, policy=policy,
-                   prefetch=prefetch, progress=progress) if hf_dir else {}
+    budget = dict(max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch) if max_memory_gb is not None else {}
+    options = dict(quant=quant, group_size=group_size, progress=progress, **budget) if hf_dir else budget
     loaded = load_model(path, **options)
     model = loaded.model
     check_inference_device(model, device, str(path))

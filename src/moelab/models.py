@@ -40,7 +40,8 @@ class LoadedModel:
 
 def load_model(path: str | Path, **hf_options: Any) -> LoadedModel:
     """The model (eval mode) and tokenizer of a moelab run or a Hugging Face directory; `hf_options` go to
-    `moelab.hf.load` (e.g. dtype). ValueError / FileNotFoundError naming the path otherwise."""
+    `moelab.hf.load` (e.g. dtype), and to a run's `moelab.rundir.load_run` those of a memory budget
+    (max_memory_gb, policy, prefetch). ValueError / FileNotFoundError naming the path otherwise."""
     from moelab.data import load_tokenizer
     from moelab.rundir import TOKENIZER, RunDir, is_hf_dir, load_run
 
@@ -52,7 +53,8 @@ def load_model(path: str | Path, **hf_options: Any) -> LoadedModel:
 
         model, kind, tok_dir = hf.load(path, **hf_options), "hf", path
     else:
-        model, kind = load_run(path)[0], "run"
+        budget = {k: v for k, v in hf_options.items() if k in ("max_memory_gb", "policy", "prefetch")}
+        model, kind = load_run(path, **budget)[0], "run"
         tok_dir = path if (path / TOKENIZER).is_file() else path.parent.parent  # a checkpoint dir given directly
     tok_path = tok_dir / TOKENIZER
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None

@@ -31,8 +31,11 @@ from torch import Tensor
 
 from moelab.checkpoint import CheckpointError
 from moelab.config import ModelConfig
+from moelab.experts import ExpertStore
+from moelab.hf.reader import Checkpoint
 from moelab.inference import InferenceLinear, install_linear, linear_slots, moe_stores
 from moelab.model import MoETransformer
+from moelab.offload import check_budget, offload_experts
 from moelab.quant import check_quant, load_linear_weight
 from moelab.quant_experts import ExpertWeights, QuantizedExperts
 
@@ -95,10 +98,17 @@ def _weight(tensors: dict[str, Tensor], name: str):
 
 
 @torch.no_grad()
-def load_quantized(ckpt: str | Path, config: dict[str, Any]) -> MoETransformer:
+def load_quantized(ckpt: str | Path, config: dict[str, Any], *, max_memory_gb: float | None = None,
+                   policy: str = "lru", prefetch: bool = False) -> MoETransformer:
     """The model of a quantized checkpoint (`config`: its config.json), packed for this machine, in eval mode.
-    CheckpointError when a tensor is missing, unexpected or of an unknown format, or the layout is newer."""
+
+    max_memory_gb, policy, prefetch: a budget for the weights, as `moelab.hf.load` keeps one — the routed
+    experts stay in model.safetensors and are read on demand (one row of each stacked expert tensor, already
+    quantized) into one `moelab.offload.ExpertCache`. CheckpointError when a tensor is missing, unexpected or of
+    an unknown format, or the layout is newer; ValueError naming the option for a budget out of range or below
+    the resident weights plus one expert."""
     ckpt = Path(ckpt)
+    check_budget(max_memory_gb, policy)
     record = config["quant"]
     if record.get("layout") != LAYOUT:
         raise CheckpointError(f"{ckpt}: quantized layout {record.get('layout')!r} is not readable by this moelab "
@@ -118,13 +128,19 @@ def load_quantized(ckpt: str | Path, config: dict[str, Any]) -> MoETransformer:
             cat = {k: torch.cat([p[k] for p in parts], dim=_ROW_DIM[k]) for k in parts[0]}
             _, tensors = _weight(cat, slot.prefix + slot.attr)
             install_linear(slot, InferenceLinear(load_linear_weight(quants.pop(), tensors), cat.get("bias")))
+        stores = {}
         for prefix, moe in moe_stores(model):
-            projs = [_read(f, names, f"{prefix}{proj}.") for proj in ("gate_up", "down")]
-            (q_in, t_in), (q_out, t_out) = (_weight(t, prefix[:-1]) for t in projs)
-            experts = [ExpertWeights(load_linear_weight(q_in, {k: v[e] for k, v in t_in.items()}),
-                                     load_linear_weight(q_out, {k: v[e] for k, v in t_out.items()}),
-                                     moe.cfg.activation) for e in range(moe.cfg.n_experts)]
-            moe.experts = QuantizedExperts(experts)
+            if max_memory_gb is None:
+                projs = [_read(f, names, f"{prefix}{proj}.") for proj in ("gate_up", "down")]
+                (q_in, t_in), (q_out, t_out) = (_weight(t, prefix[:-1]) for t in projs)
+                experts = [ExpertWeights(load_linear_weight(q_in, {k: v[e] for k, v in t_in.items()}),
+                                         load_linear_weight(q_out, {k: v[e] for k, v in t_out.items()}),
+                                         moe.cfg.activation) for e in range(moe.cfg.n_experts)]
+                moe.experts = QuantizedExperts(experts)
+            else:  # left in the file: their names and formats only
+                stores[int(prefix.split(".")[1])] = [_names(names, f"{prefix}{proj}.", prefix[:-1])
+                                                     for proj in ("gate_up", "down")]
+                moe.experts = ExpertStore()
         rest = {n: f.get_tensor(n) for n in names}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [n for n in missing if not n.startswith(tuple(installed))]  # the converted linears' biases: set above
@@ -133,4 +149,39 @@ def load_quantized(ckpt: str | Path, config: dict[str, Any]) -> MoETransformer:
         raise CheckpointError(f"{ckpt}: model.safetensors does not fit the quantized model: unexpected "
                               f"{sorted(unexpected)[:5]}, missing {sorted(set(missing) | set(still_meta))[:5]}")
     model.set_rope_tables()
+    if max_memory_gb is not None:
+        reader = Checkpoint([ckpt / "model.safetensors"])
+        try:
+            offload_experts(model, _expert_loader(reader, stores, model.cfg.moe.activation), max_memory_gb, policy,
+                            prefetch, on_close=reader.close)
+        except BaseException:
+            reader.close()
+            raise
     return model.eval().requires_grad_(False)
+
+
+def _names(names: set[str], prefix: str, name: str) -> tuple[str | None, dict[str, str]]:
+    """(format, {key: tensor name}) of the stacked tensors prefix + key, taken out of `names`."""
+    found = {n[len(prefix):]: n for n in names if n.startswith(prefix) and "." not in n[len(prefix):]}
+    if not found:
+        raise CheckpointError(f"model.safetensors has no tensors {prefix}*: not a quantized run of this model")
+    names.difference_update(found.values())
+    quant = _QUANT_OF.get(tuple(sorted(k for k in found if k != "bias")), "?")
+    if quant == "?" or "bias" in found:
+        raise CheckpointError(f"{name}: tensors {sorted(found)} are no expert weight format (weight | qweight + "
+                              "scale | qweight + scale_zero)")
+    return quant, found
+
+
+def _expert_loader(reader: Checkpoint, stores: dict[int, list[tuple[str | None, dict[str, str]]]], activation: str):
+    """load((layer, e)) → (ExpertWeights, its bytes, bytes read): expert e's rows of the layer's stacked tensors,
+    read with one pread each and packed for this machine (nothing is quantized again)."""
+    def load(key):
+        layer, e = key
+        (q_in, n_in), (q_out, n_out) = stores[layer]
+        nread = sum(reader.info(n, e).nbytes for n in (*n_in.values(), *n_out.values()))
+        expert = ExpertWeights(load_linear_weight(q_in, {k: reader.read(n, e) for k, n in n_in.items()}),
+                               load_linear_weight(q_out, {k: reader.read(n, e) for k, n in n_out.items()}),
+                               activation)
+        return expert, expert.nbytes, nread
+    return load

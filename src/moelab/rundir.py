@@ -290,9 +290,11 @@ def _corpus_from_source(source: dict[str, Any]) -> Corpus:
     return Corpus(None, source.get("max_bytes"))
 
 
-def load_run(path: str | Path):
+def load_run(path: str | Path, *, max_memory_gb: float | None = None, policy: str = "lru", prefetch: bool = False):
     """The newest checkpoint of a run (or a checkpoint directory given directly) as a model in eval mode,
-    and its config dict; the checkpoint is verified against its manifest, nothing is unpickled."""
+    and its config dict; the checkpoint is verified against its manifest, nothing is unpickled.
+    max_memory_gb, policy, prefetch: a quantized run's routed experts stay on disk within that budget
+    (`moelab.quant_io.load_quantized`); ValueError for a budget on a float run."""
     from moelab.config import ModelConfig
     from moelab.model import MoETransformer
 
@@ -310,7 +312,10 @@ def load_run(path: str | Path):
     if "quant" in config:  # a quantized run (`moelab convert --quant`)
         from moelab.quant_io import load_quantized
 
-        return load_quantized(target, config), config
+        return load_quantized(target, config, max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch), config
+    if max_memory_gb is not None:
+        raise ValueError(f"max_memory_gb applies to a quantized run or a Hugging Face directory; {path} is a float "
+                         "run: convert it with `moelab convert --to-hf` (or `--from-hf ... --quant`) first")
     model = MoETransformer(ModelConfig.from_dict(config["model"]))
     ckpt_io.load_model_state(model, target, verified=True)
     return model.eval(), config
