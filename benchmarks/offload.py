@@ -2,8 +2,10 @@
 against the budget, and the peak memory of loading against the loaded model's size.
 
 Each row runs in a fresh process (its peak RSS its own): `moelab.hf.load(ckpt, quant=, max_memory_gb=,
-policy=, prefetch=)`, then one prompt of `--prompt` random tokens continued by `--new` tokens sampled at
-temperature 1 (seeded: every row draws the same tokens; `moelab.generate.generate_batch`). Sampled, not
+policy=, prefetch=)` — or, for a run converted by `moelab convert --from-hf CKPT RUN --quant int4` (give RUN and
+its format, `--quants int4`), `moelab.rundir.load_run(RUN, max_memory_gb=, ...)` — then one prompt of
+`--prompt` random tokens continued by `--new` tokens sampled at temperature 1 (seeded: every row draws the
+same tokens; `moelab.generate.generate_batch`). Sampled, not
 greedy: a random-weight model's greedy continuation soon repeats one token, whose experts then always hit
 the cache. Per row:
 - load s, and the loading peak: the rise of the process's peak RSS (VmHWM) over its RSS after importing torch
@@ -18,6 +20,7 @@ each row (`/proc/sys/vm/drop_caches`, root only; other processes lose their cach
 
     python benchmarks/offload.py CKPT                                   # bf16; budgets 2, 4, 6 GB + whole
     python benchmarks/offload.py CKPT --quants int4 --budgets 1,2 --new 24
+    python benchmarks/offload.py RUN --quants int4 --budgets 1,2 --new 24     # a quantized run
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ def loadavg() -> str:
 
 def cached_share(ckpt: str) -> float | None:
     """Share of the checkpoint's safetensors bytes in the page cache (util-linux `fincore`), or None."""
-    files = sorted(str(p) for p in Path(ckpt).glob("*.safetensors"))
+    files = sorted(str(p) for p in Path(ckpt).rglob("*.safetensors"))
     try:
         out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES,SIZE", *files],
                              capture_output=True, text=True, check=True).stdout.split()
@@ -70,8 +73,13 @@ def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bo
         f.write("5")  # VmHWM := VmRSS: the peaks below are this row's
     base = status("VmRSS:")
     t0 = time.perf_counter()
-    model = hf.load(ckpt, "bfloat16", quant=q, max_memory_gb=budget, policy=policy, prefetch=prefetch,
-                    progress=False)
+    if (Path(ckpt) / "checkpoints").is_dir():  # a run converted by `moelab convert --quant`: experts as stored
+        from moelab.rundir import load_run
+
+        model = load_run(ckpt, max_memory_gb=budget, policy=policy, prefetch=prefetch)[0]
+    else:
+        model = hf.load(ckpt, "bfloat16", quant=q, max_memory_gb=budget, policy=policy, prefetch=prefetch,
+                        progress=False)
     load_s, load_peak, resident = time.perf_counter() - t0, status("VmHWM:") - base, resident_bytes(model)
     prepare_inference(model, q)  # the whole model in bf16: the decode formats (a budgeted or quantized one has them)
     cache = expert_cache(model)
@@ -101,7 +109,7 @@ def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("ckpt", help="Hugging Face checkpoint directory (config.json + safetensors), or a quantized run")
     p.add_argument("--quants", default="bf16", help="comma-separated: bf16, int8, int4")
     p.add_argument("--budgets", default="2,4,6", help="comma-separated budgets in GB")
     p.add_argument("--policies", default="lru,lfu")
