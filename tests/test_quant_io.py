@@ -104,6 +104,15 @@ def test_damaged_or_newer_runs_are_named_errors(hf_dir, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"blocks.1.attn.wk: tensors \['qweight'\] are no weight format"):
         load_quantized(bad, config)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    save_file({**tensors, "extra.weight": torch.zeros(2)}, str(bad / "model.safetensors"))
+    for budget in (None, 1.0):  # the experts left on disk or not, the rest of the file must fit the model
+        with pytest.raises(CheckpointError, match=r"does not fit the quantized model: unexpected \['extra.weight'\]"):
+            load_quantized(bad, config, max_memory_gb=budget)
+    del tensors["blocks.0.ffn.experts.down.scale"]
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"blocks.0.ffn.experts: tensors \['qweight'\] are no expert weight"):
+        load_quantized(bad, config, max_memory_gb=1.0)
     with pytest.raises(ValueError, match="is not converted: run moelab.inference.prepare_inference"):
         quantized_state(hf.load(hf_dir))
 

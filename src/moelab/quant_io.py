@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from moelab.checkpoint import CheckpointError
@@ -35,7 +34,7 @@ from moelab.experts import ExpertStore
 from moelab.hf.reader import Checkpoint
 from moelab.inference import InferenceLinear, install_linear, linear_slots, moe_stores
 from moelab.model import MoETransformer
-from moelab.offload import check_budget, offload_experts
+from moelab.offload import check_budget, offload_experts, return_freed_memory
 from moelab.quant import check_quant, load_linear_weight
 from moelab.quant_experts import ExpertWeights, QuantizedExperts
 
@@ -80,9 +79,9 @@ def quantized_state(model: MoETransformer) -> dict[str, Tensor]:
     return {**out, **{k: v.contiguous() for k, v in state.items()}}
 
 
-def _read(f, names: set[str], prefix: str) -> dict[str, Tensor]:
+def _read(reader: Checkpoint, names: set[str], prefix: str) -> dict[str, Tensor]:
     """The tensors named prefix + key, by key; CheckpointError when there are none."""
-    found = {n[len(prefix):]: f.get_tensor(n) for n in names if n.startswith(prefix) and "." not in n[len(prefix):]}
+    found = {n[len(prefix):]: reader.read(n) for n in names if n.startswith(prefix) and "." not in n[len(prefix):]}
     if not found:
         raise CheckpointError(f"model.safetensors has no tensors {prefix}*: not a quantized run of this model")
     names.difference_update(prefix + k for k in found)
@@ -115,49 +114,58 @@ def load_quantized(ckpt: str | Path, config: dict[str, Any], *, max_memory_gb: f
                               f"(it reads layout {LAYOUT})")
     with torch.device("meta"):
         model = MoETransformer(ModelConfig.from_dict(config["model"]))
-    installed = []
-    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
-        names = set(f.keys())
-        for slot in linear_slots(model):
-            installed.append(f"{slot.prefix}{slot.attr}.")
-            parts = [_read(f, names, f"{slot.prefix}{part}.") for part in slot.parts]
-            quants = {_weight(p, slot.prefix + name)[0] for p, name in zip(parts, slot.parts)}
-            if len(quants) != 1 or len({tuple(sorted(p)) for p in parts}) != 1:
-                raise CheckpointError(f"{slot.prefix}{'/'.join(slot.parts)}: the parts of one fused weight differ in "
-                                      "format or bias")
-            cat = {k: torch.cat([p[k] for p in parts], dim=_ROW_DIM[k]) for k in parts[0]}
-            _, tensors = _weight(cat, slot.prefix + slot.attr)
-            install_linear(slot, InferenceLinear(load_linear_weight(quants.pop(), tensors), cat.get("bias")))
-        stores = {}
-        for prefix, moe in moe_stores(model):
-            if max_memory_gb is None:
-                projs = [_read(f, names, f"{prefix}{proj}.") for proj in ("gate_up", "down")]
-                (q_in, t_in), (q_out, t_out) = (_weight(t, prefix[:-1]) for t in projs)
-                experts = [ExpertWeights(load_linear_weight(q_in, {k: v[e] for k, v in t_in.items()}),
-                                         load_linear_weight(q_out, {k: v[e] for k, v in t_out.items()}),
-                                         moe.cfg.activation) for e in range(moe.cfg.n_experts)]
-                moe.experts = QuantizedExperts(experts)
-            else:  # left in the file: their names and formats only
-                stores[int(prefix.split(".")[1])] = [_names(names, f"{prefix}{proj}.", prefix[:-1])
-                                                     for proj in ("gate_up", "down")]
-                moe.experts = ExpertStore()
-        rest = {n: f.get_tensor(n) for n in names}
+    return_freed_memory()  # the per-tensor temporaries go back to the system, not into glibc's heap
+    reader = Checkpoint([ckpt / "model.safetensors"])  # read with pread: no memory map counts against the RSS
+    try:
+        stores = _fill(model, reader, max_memory_gb is not None)
+        model.set_rope_tables()
+        if max_memory_gb is not None:
+            offload_experts(model, _expert_loader(reader, stores, model.cfg.moe.activation), max_memory_gb, policy,
+                            prefetch, on_close=reader.close)
+    except BaseException:
+        reader.close()
+        raise
+    if max_memory_gb is None:
+        reader.close()
+    return model.eval().requires_grad_(False)
+
+
+def _fill(model: MoETransformer, reader: Checkpoint, budget: bool) -> dict[int, list]:
+    """Install the file's weights in the meta-device model: the converted linears, the routed experts (or with
+    a budget, an empty store per layer and, returned per layer, the names and formats of its stacked expert
+    tensors), then everything else; CheckpointError when the file does not fit the model."""
+    names, installed, stores = set(reader.names()), [], {}
+    for slot in linear_slots(model):
+        installed.append(f"{slot.prefix}{slot.attr}.")
+        parts = [_read(reader, names, f"{slot.prefix}{part}.") for part in slot.parts]
+        quants = {_weight(p, slot.prefix + name)[0] for p, name in zip(parts, slot.parts)}
+        if len(quants) != 1 or len({tuple(sorted(p)) for p in parts}) != 1:
+            raise CheckpointError(f"{slot.prefix}{'/'.join(slot.parts)}: the parts of one fused weight differ in "
+                                  "format or bias")
+        cat = {k: torch.cat([p[k] for p in parts], dim=_ROW_DIM[k]) for k in parts[0]}
+        _, tensors = _weight(cat, slot.prefix + slot.attr)
+        install_linear(slot, InferenceLinear(load_linear_weight(quants.pop(), tensors), cat.get("bias")))
+    for prefix, moe in moe_stores(model):
+        if not budget:
+            projs = [_read(reader, names, f"{prefix}{proj}.") for proj in ("gate_up", "down")]
+            (q_in, t_in), (q_out, t_out) = (_weight(t, prefix[:-1]) for t in projs)
+            experts = [ExpertWeights(load_linear_weight(q_in, {k: v[e] for k, v in t_in.items()}),
+                                     load_linear_weight(q_out, {k: v[e] for k, v in t_out.items()}),
+                                     moe.cfg.activation) for e in range(moe.cfg.n_experts)]
+            moe.experts = QuantizedExperts(experts)
+        else:  # left in the file: their names and formats only
+            stores[int(prefix.split(".")[1])] = [_names(names, f"{prefix}{proj}.", prefix[:-1])
+                                                 for proj in ("gate_up", "down")]
+            moe.experts = ExpertStore()
+    rest = {n: reader.read(n) for n in names}
     missing, unexpected = model.load_state_dict(rest, strict=False, assign=True)
     missing = [n for n in missing if not n.startswith(tuple(installed))]  # the converted linears' biases: set above
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unexpected or missing or [n for n in still_meta if not n.startswith("rope_")]:
-        raise CheckpointError(f"{ckpt}: model.safetensors does not fit the quantized model: unexpected "
-                              f"{sorted(unexpected)[:5]}, missing {sorted(set(missing) | set(still_meta))[:5]}")
-    model.set_rope_tables()
-    if max_memory_gb is not None:
-        reader = Checkpoint([ckpt / "model.safetensors"])
-        try:
-            offload_experts(model, _expert_loader(reader, stores, model.cfg.moe.activation), max_memory_gb, policy,
-                            prefetch, on_close=reader.close)
-        except BaseException:
-            reader.close()
-            raise
-    return model.eval().requires_grad_(False)
+        absent = sorted(set(missing) | set(still_meta))[:5]
+        raise CheckpointError(f"{reader.files[0].path} does not fit the quantized model: unexpected "
+                              f"{sorted(unexpected)[:5]}, missing {absent}")
+    return stores
 
 
 def _names(names: set[str], prefix: str, name: str) -> tuple[str | None, dict[str, str]]:
