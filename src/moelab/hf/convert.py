@@ -25,7 +25,6 @@ def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dt
     """
     from moelab import checkpoint as ckpt_io
     from moelab.hf import load
-    from moelab.inference import prepare_inference
     from moelab.quant import check_quant
     from moelab.quant_io import quant_record, quantized_state
     from moelab.rundir import DATA_DIR, METRICS, TOKENIZER, RunDir
@@ -35,11 +34,12 @@ def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dt
     if quant is not None:
         check_quant(quant, group_size)
     check_output_dir(run.path, overwrite)
-    model = load(hf_dir, dtype)
+    model = load(hf_dir, dtype, quant=quant, group_size=group_size)  # quantized as read: never whole in float
     config = {"model": model.cfg.to_dict(), "train": TrainConfig().to_dict()}
-    weights, optimizer = model, torch.optim.AdamW(model.parameters())  # no state until a step: nothing allocated
-    if quant is not None:
-        weights = quantized_state(prepare_inference(model, quant, group_size))
+    if quant is None:
+        weights, optimizer = model, torch.optim.AdamW(model.parameters())  # no state until a step: nothing allocated
+    else:
+        weights = quantized_state(model)
         config["quant"], optimizer = quant_record(quant, group_size), {"state": {}, "param_groups": []}
     run.path.mkdir(parents=True, exist_ok=True)
     with run.lock():
