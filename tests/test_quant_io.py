@@ -111,7 +111,7 @@ def test_damaged_or_newer_runs_are_named_errors(hf_dir, tmp_path):
             load_quantized(bad, config, max_memory_gb=budget)
     del tensors["blocks.0.ffn.experts.down.scale"]
     save_file(tensors, str(bad / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"blocks.0.ffn.experts: tensors \['qweight'\] are no expert weight"):
+    with pytest.raises(CheckpointError, match=r"blocks.0.ffn.experts: tensors \['qweight'\] are no weight format"):
         load_quantized(bad, config, max_memory_gb=1.0)
     with pytest.raises(ValueError, match="is not converted: run moelab.inference.prepare_inference"):
         quantized_state(hf.load(hf_dir))

@@ -79,16 +79,23 @@ def quantized_state(model: MoETransformer) -> dict[str, Tensor]:
     return {**out, **{k: v.contiguous() for k, v in state.items()}}
 
 
-def _read(reader: Checkpoint, names: set[str], prefix: str) -> dict[str, Tensor]:
-    """The tensors named prefix + key, by key; CheckpointError when there are none."""
-    found = {n[len(prefix):]: reader.read(n) for n in names if n.startswith(prefix) and "." not in n[len(prefix):]}
+def _keys(names: set[str], prefix: str) -> dict[str, str]:
+    """{key: name} of the tensors named prefix + key, taken out of `names`; CheckpointError when there are none."""
+    found = {n[len(prefix):]: n for n in names if n.startswith(prefix) and "." not in n[len(prefix):]}
     if not found:
         raise CheckpointError(f"model.safetensors has no tensors {prefix}*: not a quantized run of this model")
-    names.difference_update(prefix + k for k in found)
+    names.difference_update(found.values())
     return found
 
 
-def _weight(tensors: dict[str, Tensor], name: str):
+def _read(reader: Checkpoint, names: set[str], prefix: str) -> dict[str, Tensor]:
+    """The tensors named prefix + key, by key, read (`_keys`)."""
+    return {k: reader.read(n) for k, n in _keys(names, prefix).items()}
+
+
+def _weight(tensors: dict[str, Any], name: str):
+    """(format, the entries but the bias) of one weight's tensors (or tensor names) by key; CheckpointError when
+    the keys are no weight format."""
     quant = _QUANT_OF.get(tuple(sorted(k for k in tensors if k != "bias")), "?")
     if quant == "?":
         raise CheckpointError(f"{name}: tensors {sorted(tensors)} are no weight format (weight | qweight + scale | "
@@ -154,7 +161,7 @@ def _fill(model: MoETransformer, reader: Checkpoint, budget: bool) -> dict[int, 
                                      moe.cfg.activation) for e in range(moe.cfg.n_experts)]
             moe.experts = QuantizedExperts(experts)
         else:  # left in the file: their names and formats only
-            stores[int(prefix.split(".")[1])] = [_names(names, f"{prefix}{proj}.", prefix[:-1])
+            stores[int(prefix.split(".")[1])] = [_weight(_keys(names, f"{prefix}{proj}."), prefix[:-1])
                                                  for proj in ("gate_up", "down")]
             moe.experts = ExpertStore()
     rest = {n: reader.read(n) for n in names}
@@ -168,22 +175,10 @@ def _fill(model: MoETransformer, reader: Checkpoint, budget: bool) -> dict[int, 
     return stores
 
 
-def _names(names: set[str], prefix: str, name: str) -> tuple[str | None, dict[str, str]]:
-    """(format, {key: tensor name}) of the stacked tensors prefix + key, taken out of `names`."""
-    found = {n[len(prefix):]: n for n in names if n.startswith(prefix) and "." not in n[len(prefix):]}
-    if not found:
-        raise CheckpointError(f"model.safetensors has no tensors {prefix}*: not a quantized run of this model")
-    names.difference_update(found.values())
-    quant = _QUANT_OF.get(tuple(sorted(k for k in found if k != "bias")), "?")
-    if quant == "?" or "bias" in found:
-        raise CheckpointError(f"{name}: tensors {sorted(found)} are no expert weight format (weight | qweight + "
-                              "scale | qweight + scale_zero)")
-    return quant, found
-
-
 def _expert_loader(reader: Checkpoint, stores: dict[int, list[tuple[str | None, dict[str, str]]]], activation: str):
-    """load((layer, e)) → (ExpertWeights, its bytes, bytes read): expert e's rows of the layer's stacked tensors,
-    read with one pread each and packed for this machine (nothing is quantized again)."""
+    """load((layer, e)) → (ExpertWeights, its bytes, bytes read): expert e's rows of the layer's stacked tensors
+    (`stores`: per MoE layer, the format and {key: tensor name} of gate_up and of down), read with one pread
+    each and packed for this machine (nothing is quantized again)."""
     def load(key):
         layer, e = key
         (q_in, n_in), (q_out, n_out) = stores[layer]
