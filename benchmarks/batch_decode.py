@@ -9,7 +9,7 @@ inference (`moelab.inference.prepare_inference`, the `--quant` format). Per B it
   decode step to the end of the last, read off the routing record `generate_batch` fills);
 - distinct experts per MoE layer per decode step: measured (mean over layers and steps), the uniform
   prediction (`moelab.accounting.experts_touched`), and the same count for B tokens drawn from B different
-  prompts at random steps (`moelab.routing_stats.batch_economics` over the record: the choices without the
+  prompts at random steps (`moelab.analysis.routing_stats.batch_economics` over the record: the choices without the
   correlation of one step's tokens);
 - weight bytes one step reads (non-expert weights once + the touched experts) and their rate (GB/s): how
   close a step stays to the memory-bandwidth bound as B grows;
@@ -31,9 +31,9 @@ import torch
 
 from moelab import hf
 from moelab.accounting import experts_touched
-from moelab.generate import generate_batch
-from moelab.inference import decode_bytes, prepare_inference
-from moelab.routing_stats import batch_economics
+from moelab.analysis.routing_stats import batch_economics
+from moelab.inference.generate import generate_batch
+from moelab.inference.prepare import decode_bytes, prepare_inference
 
 
 class TimedRecord(list):

@@ -100,9 +100,9 @@ def moelab_engine(ckpt: str, quant: str, logits_out: str | None = None):
     """(step(ids) -> logits of the last position, reset(), GB/token at mid-generation). Variant "float" is the
     model as loaded, unconverted: the reference of the quality columns. With `logits_out`, the logits of every
     position of a fixed token sequence (QUALITY_TOKENS) are saved there first."""
-    from moelab.attention import KVCache
     from moelab.hf import load
-    from moelab.inference import decode_bytes, prepare_inference
+    from moelab.inference.prepare import decode_bytes, prepare_inference
+    from moelab.model.cache import KVCache
 
     with torch.no_grad():
         model = load(ckpt)

@@ -5,7 +5,7 @@ y += a·W_out[e] — reading k expert matrices, exactly the bytes of the dense t
 which reads one large matrix per projection instead. This script times, side by side in one run:
 
 - dense:        the twin, `FeedForward(d, k·f)` (`nn.Linear`, weights [out, in]);
-- stacked-mm:   moelab's decode kernel (`moelab.kernels.decode_ffn`): `torch.mm` on views of the
+- stacked-mm:   moelab's decode kernel (`moelab.layer.expert_ops.decode_ffn`): `torch.mm` on views of the
                 stacked [E, D, H] / [E, F, D] weights, i.e. [in, out] matrices;
 - linear-[out,in]: `F.linear` on a transposed copy of the stacks, [E, H, D] / [E, D, F] — the
                 `nn.Linear` / transformers 5 expert layout;
@@ -29,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moelab.experts import FeedForward
-from moelab.kernels import activate, decode_ffn, onednn_matmul_available
+from moelab.layer.expert_ops import activate, decode_ffn, onednn_matmul_available
+from moelab.layer.experts import FeedForward
 
 D_MODEL, D_EXPERT = 1024, 512
 EVICT_BYTES = 4 * 32 * 2**20  # 4x this machine's 32 MiB L3

@@ -1,7 +1,7 @@
 """Where a decode step's time goes: inside moelab's kernel calls, or in the Python and torch ops around them.
 
 Loads a Hugging Face checkpoint (`moelab.hf.load`, optionally quantized as it reads), decodes greedily and
-times every call into moelab's kernels (`moelab.native`'s C entry points) within the step; the rest of the
+times every call into moelab's kernels (`moelab.inference.native`'s C entry points) within the step; the rest of the
 step is Python and torch. The memory-read probe runs in the same process before the timed steps.
 
     python benchmarks/decode_profile.py CKPT_DIR [--quant bf16|int8|int4] [--steps 60] [--threads 2]
@@ -19,10 +19,10 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import torch  # noqa: E402
 
-from moelab import native  # noqa: E402
-from moelab.attention import KVCache  # noqa: E402
 from moelab.hf import load  # noqa: E402
-from moelab.inference import prepare_inference  # noqa: E402
+from moelab.inference import native  # noqa: E402
+from moelab.inference.prepare import prepare_inference  # noqa: E402
+from moelab.model.cache import KVCache  # noqa: E402
 
 ENTRY_POINTS = ("moelab_decode_layers", "moelab_attention_block", "moelab_moe_block", "moelab_moe_decode",
                 "moelab_linear", "moelab_route", "moelab_rms_norm", "moelab_rope", "moelab_decode_attention")

@@ -20,10 +20,13 @@ import time
 
 import torch
 
-from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
-from moelab.attention import Attention, KVCache
-from moelab.inference import prepare_inference
-from moelab.routing import Router
+from moelab import ModelConfig, MoEConfig
+from moelab.inference.prepare import prepare_inference
+from moelab.layer.moe import MoE
+from moelab.layer.routing import Router
+from moelab.model.attention import Attention
+from moelab.model.cache import KVCache
+from moelab.model.transformer import MoETransformer
 
 
 def current(model):

@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.optim import make_optimizer
+from moelab import ModelConfig, MoEConfig
+from moelab.config.train import TrainConfig
+from moelab.model.transformer import MoETransformer
 from moelab.parallel import ParallelContext, exchange_stats
-from moelab.train_config import TrainConfig
+from moelab.training.optim import make_optimizer
 
 
 def _free_port() -> int:

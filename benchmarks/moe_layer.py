@@ -1,7 +1,7 @@
 """Time the moelab MoE layer against its dense twin and against transformers' sparse MoE blocks.
 
 The dense twin is a SwiGLU FFN with the MoE layer's *active* size: hidden width k·f (plus the shared
-experts' width where the layer has them), `moelab.experts.FeedForward` on torch's ordinary path.
+experts' width where the layer has them), `moelab.layer.experts.FeedForward` on torch's ordinary path.
 Ratio = time / dense twin's time, so 1.0 means the layer costs exactly its active parameters.
 
 Every candidate runs in one process on the same input, interleaved (one run of each, in a shuffled order), repeated;
@@ -57,9 +57,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moelab import MoE, MoEConfig
-from moelab.experts import FeedForward
-from moelab.kernels import activate, fast_linear, onednn_matmul_available
+from moelab import MoEConfig
+from moelab.layer.expert_ops import activate, fast_linear, onednn_matmul_available
+from moelab.layer.experts import FeedForward
+from moelab.layer.moe import MoE
 
 D_MODEL, D_EXPERT = 1024, 512
 TARGETS = {("fwd+bwd", 8): 1.15, ("fwd+bwd", 64): 1.15, ("fwd+bwd", 256): 1.35}  # (mode, E) at T = 4096
@@ -76,7 +77,7 @@ HF_IMPLS = ("grouped_mm", "eager", "batched_mm")
 
 class DenseTwinSameKernel(nn.Module):
     """The dense twin's weights, computed with the experts' float32 matmul kernel (oneDNN), forward and
-    backward (`moelab.kernels.fast_linear`)."""
+    backward (`moelab.layer.expert_ops.fast_linear`)."""
 
     def __init__(self, twin: FeedForward) -> None:
         super().__init__()

@@ -1,19 +1,20 @@
-"""How fast does each kernel read its weights? moelab's own CPU kernels (`moelab.native`) against torch's, side by
-side in one process, at the shapes of a real MoE decode step, with the memory-read bound measured in between.
+"""How fast does each kernel read its weights? moelab's own CPU kernels (`moelab.inference.native`) against
+torch's, side by side in one process, at the shapes of a real MoE decode step, with the memory-read bound measured
+in between.
 
 For every format (bf16, int8, int4 g32) and row count M of x, one product x [M, K] · Wᵀ is timed over a pool of
 distinct weights larger than the last-level cache (as in a model, whose weights exceed it), cycling through them,
 so every product reads its weight from memory:
 
-- native:  `moelab.native.linear` (int8 / int4: activations quantized per block of 32 to int8);
+- native:  `moelab.inference.native.linear` (int8 / int4: activations quantized per block of 32 to int8);
 - torch:   bf16 — oneDNN's prepacked inner product (`mkldnn._linear_pointwise`), the float path before;
            int8 — `aten._weight_int8pack_mm`; int4 — `aten._weight_int4pack_mm_for_cpu` (both bfloat16 x);
 - and one MoE layer's k = 8 experts at M = 1: `native.moe_decode` (one call) against the per-expert loop
   `quant_experts.decode_experts` on torch's kernels (2k products).
 
 The bandwidth probe is `torch.sum` over a fresh 1 GiB buffer (best of 3), before and after each format; "% of
-probe" = (weight bytes / time) / the probe's median. `NATIVE_MAX_ROWS` in `moelab.quant` comes from the M sweep
-(where the native column stops winning).
+probe" = (weight bytes / time) / the probe's median. `NATIVE_MAX_ROWS` in `moelab.inference.formats` comes from the M
+sweep (where the native column stops winning).
 
     python benchmarks/native_kernels.py                 # Qwen3-MoE-30B-A3B-like widths: D 2048, expert 768
     python benchmarks/native_kernels.py --rows 1,2,4,8,16,64 --formats int8
@@ -28,9 +29,9 @@ import time
 
 import torch
 
-from moelab import native
-from moelab.quant import Int4Weight, Int8Weight
-from moelab.quant_experts import ExpertWeights, decode_experts
+from moelab.inference import native
+from moelab.inference.formats import Int4Weight, Int8Weight
+from moelab.inference.quantized_experts import ExpertWeights, decode_experts
 
 POOL_BYTES = 192 * 2**20  # 6x this machine's 32 MiB L3
 

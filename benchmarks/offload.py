@@ -9,7 +9,7 @@ same tokens; `moelab.generate.generate_batch`). Sampled, not
 greedy: a random-weight model's greedy continuation soon repeats one token, whose experts then always hit
 the cache. Per row:
 - load s, and the loading peak: the rise of the process's peak RSS (VmHWM) over its RSS after importing torch
-  and moelab, against the loaded model's resident bytes (`moelab.offload.resident_bytes`);
+  and moelab, against the loaded model's resident bytes (`moelab.inference.offload.resident_bytes`);
 - decode tok/s (the clock starts after the prefill), the cache's hit rate and the bytes it read from the
   checkpoint per decode token (decode steps only);
 - the peak RSS rise over the whole run, against the budget.
@@ -63,9 +63,9 @@ def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bo
     import torch
 
     from moelab import hf
-    from moelab.generate import generate_batch
-    from moelab.inference import prepare_inference
-    from moelab.offload import expert_cache, resident_bytes
+    from moelab.inference.generate import generate_batch
+    from moelab.inference.offload import expert_cache, resident_bytes
+    from moelab.inference.prepare import prepare_inference
 
     torch.set_num_threads(threads)
     q = None if quant == "bf16" else quant
@@ -74,7 +74,7 @@ def child(ckpt: str, quant: str, budget: float | None, policy: str, prefetch: bo
     base = status("VmRSS:")
     t0 = time.perf_counter()
     if (Path(ckpt) / "checkpoints").is_dir():  # a run converted by `moelab convert --quant`: experts as stored
-        from moelab.rundir import load_run
+        from moelab.runs.load import load_run
 
         model = load_run(ckpt, max_memory_gb=budget, policy=policy, prefetch=prefetch)[0]
     else:

@@ -2,7 +2,7 @@
 
 The run (a moelab run directory, e.g. one written by `moelab train --preset tiny`) is loaded once per format,
 converted by `moelab.inference.prepare_inference` (int8 per output channel; int4 group-wise at each group size
-asked for) and evaluated by `moelab.evaluation.evaluate_text` on held-out text — the same windows, tokens and
+asked for) and evaluated by `moelab.training.evaluation.evaluate_text` on held-out text — the same windows, tokens and
 separator for every format. Prints, per format: bytes of the converted weights (`weight_bytes`), loss in
 nats/token, perplexity and its change against the unconverted float model, bits per byte.
 
@@ -17,11 +17,11 @@ import os
 
 import torch
 
-from moelab.corpus import Corpus
-from moelab.evaluation import evaluate_text
-from moelab.inference import InferenceLinear, prepare_inference
-from moelab.models import load_model
-from moelab.quant_experts import QuantizedExperts
+from moelab.data.corpus import Corpus
+from moelab.inference.prepare import InferenceLinear, prepare_inference
+from moelab.inference.quantized_experts import QuantizedExperts
+from moelab.runs.load import load_model
+from moelab.training.evaluation import evaluate_text
 
 
 def weight_bytes(model: torch.nn.Module) -> int:

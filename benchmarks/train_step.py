@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from moelab.generate import generate
-from moelab.model import MoETransformer
-from moelab.optim import make_optimizer
-from moelab.train_config import preset
+from moelab.config.train import preset
+from moelab.inference.generate import generate
+from moelab.model.transformer import MoETransformer
+from moelab.training.optim import make_optimizer
 
 
 def train_step_seconds(model, opt, x) -> float:

@@ -34,7 +34,7 @@ MIX_VOCAB = 32000 * 4096
 
 
 def test_accounting_imports_without_torch():
-    code = ("import sys, moelab.accounting, moelab.card; from moelab.accounting import count_params; "
+    code = ("import sys, moelab.accounting, moelab.accounting.card; from moelab.accounting import count_params; "
             "count_params('deepseek-v3'); "
             "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

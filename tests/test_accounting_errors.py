@@ -141,7 +141,7 @@ def test_absurd_moelab_config_is_refused_by_name():
 def test_largest_allowed_config_is_costed_quickly():
     """At every bound at once (2^31 widths, 10 000 layers, 2^20 experts, top-2^19) the card still computes,
     with expert parallelism over 2 and over 2^20 ranks (remote_ranks must not build 2^20-choose-2^19)."""
-    from moelab.card import CardSettings, card_report
+    from moelab.accounting.card import CardSettings, card_report
 
     cfg = {**mixtral(), "hidden_size": 2**31, "vocab_size": 2**31, "num_hidden_layers": 10_000,
            "intermediate_size": 2**31, "num_local_experts": 2**20, "num_experts_per_tok": 2**19}

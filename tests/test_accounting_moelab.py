@@ -15,10 +15,11 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from moelab import ModelConfig, MoEConfig, paths  # noqa: E402
+from moelab import ModelConfig, MoEConfig  # noqa: E402
 from moelab.accounting import count_params  # noqa: E402
-from moelab.experts import Experts  # noqa: E402
-from moelab.model import MoETransformer  # noqa: E402
+from moelab.layer import paths  # noqa: E402
+from moelab.layer.experts import Experts  # noqa: E402
+from moelab.model.transformer import MoETransformer  # noqa: E402
 
 D = 32
 

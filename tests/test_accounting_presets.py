@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from moelab.accounting import count_params, list_presets, published
-from moelab.card import fmt_params
+from moelab.accounting.card import fmt_params
 
 CONVENTION = {"all_embeddings": "active", "no_input_embedding": "active_no_input_embedding",
               "no_embeddings": "active_no_embeddings"}
@@ -139,15 +139,16 @@ def test_docs_table_lists_every_preset_with_current_numbers():
 
 
 def test_accounting_and_card_import_without_torch():
-    """moelab.accounting, moelab.card, moelab.config and moelab.train_config need no torch (a machine that only
+    """moelab.accounting, moelab.accounting.card, moelab.config and moelab.config.train need no torch (a machine that
+    only
     sizes models): import them with torch made unimportable."""
     import subprocess
     import sys
 
     code = ("import sys; sys.modules['torch'] = None\n"
             "from moelab.accounting import count_params\n"
-            "from moelab.card import card_report\n"
-            "from moelab.train_config import TrainConfig, preset\n"
+            "from moelab.accounting.card import card_report\n"
+            "from moelab.config.train import TrainConfig, preset\n"
             "assert count_params('mixtral-8x7b').total > 4e10 and card_report('tiny')['total_params'] > 0\n"
             "print('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

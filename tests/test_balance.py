@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from moelab import MoE, MoEConfig
-from moelab.balance import expert_counts, router_entropy, seq_aux_loss, switch_loss, update_expert_bias, z_loss
+from moelab import MoEConfig
+from moelab.layer.balance import expert_counts, router_entropy, seq_aux_loss, switch_loss, update_expert_bias, z_loss
+from moelab.layer.moe import MoE
 
 
 @pytest.mark.parametrize("E,k", [(4, 1), (8, 2), (16, 4)])

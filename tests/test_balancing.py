@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from moelab.balancing import METHODS, method_overrides, run_balancing
+from moelab.cli.balancing import METHODS, method_overrides, run_balancing
 
 SMALL = {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "d_ff": 64, "moe.d_expert": 32,
          "moe.n_experts": 8, "vocab_size": 300, "batch_size": 4, "seq_len": 32, "max_corpus_bytes": 100_000,

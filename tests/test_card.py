@@ -1,4 +1,4 @@
-"""`moelab card`: the CLI (subprocess of `python -m moelab card`) and `moelab.card.run`."""
+"""`moelab card`: the CLI (subprocess of `python -m moelab card`) and `moelab.accounting.card.run`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from moelab import card
-from moelab.accounting import count_params, decode_step, experts_touched, to_spec
+from moelab.accounting import card, count_params, decode_step, experts_touched, to_spec
 
 REQUIRED = ("total_params", "active_params", "active_params_no_input_embedding", "active_params_no_embeddings",
             "activation_ratio")
@@ -83,7 +82,7 @@ def test_cli_errors_are_clear(tmp_path):
 
 def test_training_presets_are_counted_too():
     """`moelab card tiny` counts the ModelConfig that `moelab train --preset tiny` builds."""
-    from moelab.train_config import preset
+    from moelab.config.train import preset
 
     out = cli("tiny", "tiny-deepseek", "--json")
     assert out.returncode == 0, out.stderr
@@ -165,7 +164,7 @@ def test_expert_parallel_activation_precision_and_default_link(capsys):
 
 
 def test_expert_parallel_cli_end_to_end(capsys):
-    from moelab.cli import main
+    from moelab.cli.main import main
 
     assert main(["card", "mixtral-8x7b", "llama-3.1-8b", "--expert-parallel", "4"]) == 0
     out = capsys.readouterr().out

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.checkpoint import (
+from moelab import ModelConfig, MoEConfig
+from moelab.model.transformer import MoETransformer
+from moelab.runs.checkpoint import (
     CheckpointError,
     list_checkpoints,
     load_model_state,

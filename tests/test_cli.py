@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moelab.checkpoint import list_checkpoints
+from moelab.runs.checkpoint import list_checkpoints
 
 TINY = ["--preset", "tiny", "--d-model", "32", "--n-heads", "2", "--n-kv-heads", "2", "--n-layers", "2",
         "--d-ff", "64", "--moe-d-expert", "32", "--moe-n-experts", "4", "--vocab-size", "384", "--batch-size", "4",
@@ -240,7 +240,7 @@ def test_invalid_utf8_data(tmp_path):
 
 # 10. every flag documented (help, default, allowed values); --version; bad values named
 def test_help_version_and_bad_flag_values():
-    from moelab.cli import build_parser
+    from moelab.cli.main import build_parser
 
     train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
     for action in train_parser._actions:

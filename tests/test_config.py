@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moelab import ModelConfig, MoEConfig
-from moelab.train_config import TrainConfig
+from moelab.config.train import TrainConfig
 
 BAD_MOE = [
     (dict(top_k=9, n_experts=8), "top_k=9.*n_experts"),

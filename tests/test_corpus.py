@@ -7,8 +7,8 @@ import pydoc_data.topics
 
 import pytest
 
-from moelab import corpus as C
-from moelab import data as D
+from moelab.data import corpus as C
+from moelab.data import tokens as D
 
 VOCAB = 512
 

@@ -14,9 +14,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moelab import corpus as C
-from moelab import data as D
-from moelab.data import END_OF_TEXT, TokenData
+from moelab.data import corpus as C
+from moelab.data import tokenizer as T
+from moelab.data import tokens as D
+from moelab.data.tokenizer import END_OF_TEXT
+from moelab.data.tokens import TokenData
 
 VOCAB = 512
 UNUSUAL = ["", " ", "a", "hello world", "  leading and trailing  ", "héllo wörld ß", "日本語のテキスト",
@@ -58,28 +60,28 @@ def _write_corpus(root, files: dict[str, str | bytes]) -> None:
 # ------------------------------------------------------------------------------------------------ tokenizer
 @pytest.mark.parametrize("text", UNUSUAL)
 def test_round_trip(tok, text):
-    ids = D.encode(tok, text)
+    ids = T.encode(tok, text)
     assert all(0 <= i < tok.get_vocab_size() for i in ids)
-    assert D.decode(tok, ids) == text
+    assert T.decode(tok, ids) == text
 
 
 def test_empty_string(tok):
-    assert D.encode(tok, "") == []
-    assert D.decode(tok, []) == ""
+    assert T.encode(tok, "") == []
+    assert T.decode(tok, []) == ""
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60))
 def test_round_trip_any_text(tok, text):
-    assert D.decode(tok, D.encode(tok, text)) == text
+    assert T.decode(tok, T.encode(tok, text)) == text
 
 
 def test_vocabulary(tok):
     assert tok.token_to_id(END_OF_TEXT) is not None
-    assert D.encode(tok, END_OF_TEXT) == [tok.token_to_id(END_OF_TEXT)]
+    assert T.encode(tok, END_OF_TEXT) == [tok.token_to_id(END_OF_TEXT)]
     assert 257 < tok.get_vocab_size() <= VOCAB
     # every byte has its own token: a character never seen in training still encodes, byte by byte
-    assert len(D.encode(tok, "\U0001f99c")) == 4
+    assert len(T.encode(tok, "\U0001f99c")) == 4
 
 
 def test_tokenizer_deterministic_and_loadable(tmp_path, tok):
@@ -90,8 +92,8 @@ def test_tokenizer_deterministic_and_loadable(tmp_path, tok):
     from tokenizers import Tokenizer
 
     text = "def f(x):\n    return x  # naïve 🙂"
-    assert Tokenizer.from_file(str(a)).encode(text).ids == D.encode(tok, text)
-    assert D.encode(D.load_tokenizer(a), text) == D.encode(tok, text)
+    assert Tokenizer.from_file(str(a)).encode(text).ids == T.encode(tok, text)
+    assert T.encode(T.load_tokenizer(a), text) == T.encode(tok, text)
 
 
 def test_transformers_loads_tokenizer_json(tmp_path, tok):
@@ -100,7 +102,7 @@ def test_transformers_loads_tokenizer_json(tmp_path, tok):
     tok.save(str(path))
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     text = "import os\nprint('héllo')  # 日本"
-    assert hf(text, add_special_tokens=False)["input_ids"] == D.encode(tok, text)
+    assert hf(text, add_special_tokens=False)["input_ids"] == T.encode(tok, text)
     assert hf.convert_tokens_to_ids(END_OF_TEXT) == tok.token_to_id(END_OF_TEXT)
 
 

@@ -1,4 +1,4 @@
-"""moelab.decode_plan: the whole decode step in one kernel call is planned once and rebuilt exactly when the
+"""moelab.inference.engine: the whole decode step in one kernel call is planned once and rebuilt exactly when the
 model changes in a way its pointers would not see — a weight replaced, a tensor moved by `Module.to`, a router
 updated in place — and then still computes what the modules compute."""
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from moelab import ModelConfig, MoEConfig, MoETransformer, native
-from moelab import decode_plan as plan_module
-from moelab.attention import KVCache
-from moelab.inference import prepare_inference
+from moelab import ModelConfig, MoEConfig
+from moelab.inference import engine as plan_module
+from moelab.inference import native
+from moelab.inference.prepare import prepare_inference
+from moelab.model.cache import KVCache
+from moelab.model.transformer import MoETransformer
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"moelab's CPU kernels: {native.why_unavailable()}")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from moelab.dispatch import combine, permute, token_choice_capacity
-from moelab.routing import Routing
+from moelab.layer.dispatch import combine, permute, token_choice_capacity
+from moelab.layer.routing import Routing
 
 
 def routing_of(token_idx, expert_idx, weight, E):

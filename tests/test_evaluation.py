@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.data import train_tokenizer
-from moelab.evaluation import evaluate_text, evaluate_tokens, token_stream
+from moelab import ModelConfig, MoEConfig
+from moelab.data.tokenizer import train_tokenizer
+from moelab.model.transformer import MoETransformer
+from moelab.training.evaluation import evaluate_text, evaluate_tokens, token_stream
 from tiny_run import moelab, train_tiny_run
 
 CFG = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,

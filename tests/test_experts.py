@@ -1,4 +1,4 @@
-"""The expert stores (moelab.experts) against the per-expert reference FFN of tests/reference.py."""
+"""The expert stores (moelab.layer.experts) against the per-expert reference FFN of tests/reference.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moelab import MoEConfig
-from moelab.experts import Experts, ExpertStore, FeedForward
+from moelab.layer.experts import Experts, ExpertStore, FeedForward
 from reference import expert_ffn
 
 

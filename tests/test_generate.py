@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.attention import KVCache
-from moelab.generate import generate, generate_batch, next_token_probs, sample_next
+from moelab import ModelConfig, MoEConfig
+from moelab.inference.generate import generate, generate_batch, next_token_probs, sample_next
+from moelab.model.cache import KVCache
+from moelab.model.transformer import MoETransformer
 
 LOGITS = [2.0, 1.0, 0.5, -1.0, 0.0]
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from moelab import hf
-from moelab.cli import main
-from moelab.config import ModelConfig, MoEConfig
-from moelab.generate import generate
-from moelab.inference import prepare_inference
-from moelab.model import MoETransformer
-from moelab.offload import expert_cache, resident_bytes
+from moelab.cli.main import main
+from moelab.config.model import ModelConfig, MoEConfig
+from moelab.inference.generate import generate
+from moelab.inference.offload import expert_cache, resident_bytes
+from moelab.inference.prepare import prepare_inference
+from moelab.model.transformer import MoETransformer
 
 V = 64
 CFG = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=48,

@@ -19,11 +19,12 @@ from safetensors.torch import save_file
 transformers = pytest.importorskip("transformers")
 
 from moelab import hf  # noqa: E402
-from moelab.config import ModelConfig, MoEConfig, RopeScaling  # noqa: E402
-from moelab.generate import generate  # noqa: E402
-from moelab.layers import rope_inv_freq, yarn_attention_factor  # noqa: E402
-from moelab.model import MoETransformer  # noqa: E402
-from moelab.train_config import preset  # noqa: E402
+from moelab.config.model import ModelConfig, MoEConfig  # noqa: E402
+from moelab.config.rope import RopeScaling  # noqa: E402
+from moelab.config.train import preset  # noqa: E402
+from moelab.inference.generate import generate  # noqa: E402
+from moelab.model.rope import rope_inv_freq, yarn_attention_factor  # noqa: E402
+from moelab.model.transformer import MoETransformer  # noqa: E402
 
 V = 97
 COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -286,7 +287,7 @@ def test_no_weights_and_pickles_refused(mixtral_dir, tmp_path):
 
 def test_truncated_or_corrupt_weights_name_the_file(mixtral_dir, tmp_path, capsys):
     """A truncated (or otherwise unreadable) safetensors file is a ValueError naming it; convert writes nothing."""
-    from moelab.cli import main
+    from moelab.cli.main import main
 
     (tmp_path / "src").mkdir()
     src = _copy_with(mixtral_dir, tmp_path / "src")
@@ -373,10 +374,10 @@ def _tokenizer_json(path) -> None:
 
 
 def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
-    from moelab.card import card_report
-    from moelab.cli import main
-    from moelab.generate import generate_text
-    from moelab.rundir import load_run
+    from moelab.accounting.card import card_report
+    from moelab.cli.generate import generate_text
+    from moelab.cli.main import main
+    from moelab.runs.load import load_run
 
     src = tmp_path / "src"
     src.mkdir()
@@ -419,10 +420,10 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
 _MEMORY_CHILD = textwrap.dedent("""
     import resource, sys, torch, moelab.hf as hf
     from moelab.config import ModelConfig
-    from moelab.model import MoETransformer
-    from moelab.offload import resident_bytes
-    from moelab import native
-    from moelab.quant import int4_kernel_available, int8_kernel_available, packed_float_available
+    from moelab.model.transformer import MoETransformer
+    from moelab.inference.offload import resident_bytes
+    from moelab.inference import native
+    from moelab.inference.formats import int4_kernel_available, int8_kernel_available, packed_float_available
 
     with torch.device("meta"):  # one-time cost of torch's meta-device machinery (~75 MB), not per model
         MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=8,
@@ -452,7 +453,7 @@ def test_lazy_loading_peak_memory(tmp_path):
     (streamed: each tensor read straight into its place, no file mapped). Quantized as read, the loaded model is
     4-6x smaller and each linear's float weights are held until it is converted (one at a time): the bound adds
     ~20 MB for the conversion's temporaries and the heap the tensors below glibc's mmap threshold
-    (`moelab.offload`) leave behind (measured: int8 1.12x, int4 1.43x of these 40 and 26 MB models)."""
+    (`moelab.inference.offload`) leave behind (measured: int8 1.12x, int4 1.43x of these 40 and 26 MB models)."""
     cfg = ModelConfig(vocab_size=1024, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, max_seq_len=64,
                       moe=MoEConfig(d_model=256, d_expert=512, n_experts=24, top_k=2))
     with torch.device("meta"):

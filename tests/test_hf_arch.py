@@ -1,4 +1,4 @@
-"""moelab.hf_arch against transformers: which layers are MoE, the attention's head width and KV heads, and
+"""moelab.config.hf_arch against transformers: which layers are MoE, the attention's head width and KV heads, and
 the window of each layer, read off the model (or config) transformers builds from the same config — from
 its full `to_dict()` and from the minimal dict of the fields set here (so absent fields must mean what the
 transformers class makes of them)."""
@@ -10,8 +10,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
-from moelab.hf_arch import head_dim, kv_heads, layer_windows, moe_layers  # noqa: E402
-from moelab.hf_config import HFConfig  # noqa: E402
+from moelab.config.hf import HFConfig  # noqa: E402
+from moelab.config.hf_arch import head_dim, kv_heads, layer_windows, moe_layers  # noqa: E402
 
 T = transformers
 BASE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,

@@ -1,4 +1,4 @@
-"""moelab.hf_config: the one rule for absent, null and zero fields, aliases, bounds and types (no torch)."""
+"""moelab.config.hf: the one rule for absent, null and zero fields, aliases, bounds and types (no torch)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moelab.hf_config import MAX_EXPERTS, MAX_INT, MAX_LAYERS, HFConfig, load_json
+from moelab.config.hf import MAX_EXPERTS, MAX_INT, MAX_LAYERS, HFConfig, load_json
 
 
 def reader(**fields) -> HFConfig:

@@ -21,9 +21,9 @@ transformers = pytest.importorskip("transformers")
 
 from moelab import hf  # noqa: E402
 from moelab.accounting import count_params  # noqa: E402
-from moelab.card import card_report  # noqa: E402
-from moelab.config import ModelConfig, MoEConfig  # noqa: E402
-from moelab.model import MoETransformer  # noqa: E402
+from moelab.accounting.card import card_report  # noqa: E402
+from moelab.config.model import ModelConfig, MoEConfig  # noqa: E402
+from moelab.model.transformer import MoETransformer  # noqa: E402
 from test_hf import COMMON, V, _ids, assert_same, saved_checkpoints  # noqa: E402
 
 T = transformers

@@ -1,7 +1,7 @@
 """A moelab-trained run exported with `moelab convert --to-hf` loads in transformers with the same float32
 logits, the same greedy continuation and the same tokenizer — for each architecture the exporter picks.
 
-Each run is a real `moelab.train.train` of a tiny model for 80 steps on a small prose corpus written to
+Each run is a real `moelab.training.train.train` of a tiny model for 80 steps on a small prose corpus written to
 tmp_path (it memorises the corpus quickly, so greedy continuations are varied text, not one repeated token):
 a Mixtral-like config (softmax top-2, route_scale folded into the exported down projections), a Qwen2-MoE-like
 one (dense first layer, sigmoid-gated shared expert, q/k/v biases, untied head) and a DeepSeek-V3-like one (MLA
@@ -23,13 +23,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moelab import ModelConfig, MoEConfig, hf  # noqa: E402
-from moelab.cli import main  # noqa: E402
-from moelab.config import RopeScaling  # noqa: E402
-from moelab.data import END_OF_TEXT, decode, encode, load_tokenizer, prompt_ids  # noqa: E402
-from moelab.generate import generate  # noqa: E402
-from moelab.rundir import load_run  # noqa: E402
-from moelab.train import train  # noqa: E402
-from moelab.train_config import TrainConfig  # noqa: E402
+from moelab.cli.main import main  # noqa: E402
+from moelab.config.rope import RopeScaling  # noqa: E402
+from moelab.config.train import TrainConfig  # noqa: E402
+from moelab.data.tokenizer import END_OF_TEXT, decode, encode, load_tokenizer, prompt_ids  # noqa: E402
+from moelab.inference.generate import generate  # noqa: E402
+from moelab.runs.load import load_run  # noqa: E402
+from moelab.training.train import train  # noqa: E402
 
 TEXT = """A mixture of experts replaces one feed-forward block with many smaller experts and a router.
 The router scores every token against every expert and sends it to the best few of them.
@@ -80,7 +80,7 @@ PROMPTS = ["The router", "Shared experts", "When the"]
 
 @pytest.fixture(scope="module", params=list(RUNS))
 def exported(request, tmp_path_factory):
-    """(arch, run dir, exported Hugging Face dir): trained with moelab.train.train, exported by the CLI."""
+    """(arch, run dir, exported Hugging Face dir): trained with moelab.training.train.train, exported by the CLI."""
     arch = request.param
     root = tmp_path_factory.mktemp(f"trained-{arch}")
     corpus = root / "corpus.txt"

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from moelab import ModelConfig, MoE, MoEConfig, MoETransformer, native
-from moelab.attention import Attention, KVCache
-from moelab.generate import generate
-from moelab.inference import (
+from moelab import ModelConfig, MoEConfig
+from moelab.inference import native
+from moelab.inference.generate import generate
+from moelab.inference.prepare import (
     InferenceLinear,
     check_inference_device,
     decode_bytes,
@@ -23,8 +23,12 @@ from moelab.inference import (
     store_experts,
     weight_formats,
 )
-from moelab.quant_experts import QuantizedExperts
-from moelab.routing import Router
+from moelab.inference.quantized_experts import QuantizedExperts
+from moelab.layer.moe import MoE
+from moelab.layer.routing import Router
+from moelab.model.attention import Attention
+from moelab.model.cache import KVCache
+from moelab.model.transformer import MoETransformer
 
 MOE = MoEConfig(d_model=64, d_expert=32, n_experts=6, top_k=2, n_shared=1)
 CONFIGS = {
@@ -178,10 +182,10 @@ def test_trained_model_keeps_its_validation_perplexity(tmp_path):
     perplexity: int8 within 2 %, int4 g32 within 10 % (measured: within 0.1 % here; docs/BENCHMARKS.md, "Decode",
     for the tiny preset). Codes grouped along the wrong axis move it by a factor of ~8; rounding subtler than
     that is for the quantizer tests of test_quant.py."""
-    from moelab.config import TrainConfig
-    from moelab.data import prepare_data, unigram_entropy
-    from moelab.evaluation import evaluate_tokens
-    from moelab.train import train
+    from moelab.config.train import TrainConfig
+    from moelab.data.tokens import prepare_data, unigram_entropy
+    from moelab.training.evaluation import evaluate_tokens
+    from moelab.training.train import train
 
     cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
                       moe=MoEConfig(d_model=64, d_expert=32, n_experts=4, top_k=2))
@@ -214,7 +218,7 @@ def test_an_expert_gets_one_format():
     assert {(ew.gate_up.quant, ew.down.quant) for ew in store.weights} == {("int8", "int8")}
 
 
-@pytest.mark.skipif(not __import__("moelab").native.available(), reason="moelab's CPU kernels do not run here")
+@pytest.mark.skipif(not native.available(), reason="moelab's CPU kernels do not run here")
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("variant", [dict(qk_norm="head"), dict(qk_norm="full"), dict(qkv_bias=True, o_bias=True),
                                      dict(rotary_dim=32)])
@@ -264,13 +268,13 @@ def test_fused_attention_step_computes_what_the_modules_do(quant, variant, monke
     assert all(torch.equal(c.k[1][:, :, :70], cache_p.k[1][:, :, :70]) for c in (cache_w, cache_b))
 
 
-@pytest.mark.skipif(not __import__("moelab").native.available(), reason="moelab's CPU kernels do not run here")
+@pytest.mark.skipif(not native.available(), reason="moelab's CPU kernels do not run here")
 @pytest.mark.parametrize("quant", [None, "int8", "int4"])
 @pytest.mark.parametrize("variant", [dict(norm_topk_prob=True), dict(norm_topk_prob=False, route_scale=2.0),
                                      dict(norm_topk_prob=True, dtype=torch.float32)])
 def test_fused_moe_step_computes_what_the_modules_do(quant, variant, monkeypatch):
     """A model converted for inference decodes each token in one kernel call for all its layers
-    (`native.decode_layers`, planned by `moelab.decode_plan`); without that, block by block through
+    (`native.decode_layers`, planned by `moelab.inference.engine`); without that, block by block through
     `MoE.decode_step` (norm, routing, experts and residual in one call); without that too, through the norm
     module, the router (whose one-token routing is the same kernel's) and the decode path. The three give equal
     logits and caches, and the tokens of the router on torch's kernels (float32 logits equal up to rounding)."""

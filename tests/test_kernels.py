@@ -1,4 +1,4 @@
-"""The kernels (moelab.kernels) against per-row loops, forward and backward: every grouped backend, the
+"""The kernels (moelab.layer.expert_ops) against per-row loops, forward and backward: every grouped backend, the
 grouped_mm autograd, the fused routed FFN, the oneDNN linear, the activation."""
 
 from __future__ import annotations
@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab import fused
-from moelab.fused import _padded_rows, routed_ffn
-from moelab.kernels import (
+from moelab.layer import fused
+from moelab.layer.expert_ops import (
     _GroupedMM,
     activate,
     activate_backward,
@@ -17,7 +16,8 @@ from moelab.kernels import (
     grouped_mm_available,
     matmul_fn,
 )
-from moelab.policy import grouped_backend
+from moelab.layer.fused import _padded_rows, routed_ffn
+from moelab.layer.policy import grouped_backend
 
 
 def reference(x, counts, w_in, w_out, activation):

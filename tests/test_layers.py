@@ -1,4 +1,4 @@
-"""moelab.layers: rotary embeddings against their definition (a rotation by the position angle) and YaRN's
+"""moelab.model.rope: rotary embeddings against their definition (a rotation by the position angle) and YaRN's
 frequencies against a per-pair reference written from the paper's formulas."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from moelab.config import RopeScaling
-from moelab.layers import apply_rope, rope_inv_freq, rope_tables
+from moelab.config.rope import RopeScaling
+from moelab.model.rope import apply_rope, rope_inv_freq, rope_tables
 
 
 def test_rope_rotates_pairs_by_position_angle():

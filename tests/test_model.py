@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.attention import KVCache
-from moelab.config import RopeScaling
-from moelab.layers import rope_tables, yarn_attention_factor, yarn_mscale
+from moelab import ModelConfig, MoEConfig
+from moelab.config.rope import RopeScaling
+from moelab.model.cache import KVCache
+from moelab.model.rope import rope_tables, yarn_attention_factor, yarn_mscale
+from moelab.model.transformer import MoETransformer
 
 MOE = MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2, n_shared=1)
 CONFIGS = {

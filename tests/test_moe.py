@@ -9,8 +9,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moelab import MoE, MoEAux, MoEConfig
-from moelab.kernels import grouped_mm_available
+from moelab import MoEConfig
+from moelab.layer.expert_ops import grouped_mm_available
+from moelab.layer.moe import MoE, MoEAux
 from reference import moe_reference
 
 D, I = 8, 8  # tiny widths, 16-byte aligned so grouped_mm can run in float32
@@ -250,7 +251,7 @@ def test_backends_agree_in_float32_on_a_larger_batch():
 def test_statistics_rule_grad_or_asked(name, monkeypatch):
     """Statistics are computed with grad enabled or when asked (`stats=True`), with the same values under
     no_grad as with grad; an inference forward that does not ask computes none of them."""
-    from moelab import balance
+    from moelab.layer import balance
 
     moe = make(name, "loop", z_loss_coef=1e-2, aux_loss_coef=1e-2)
     x = torch.randn(2, 5, D, dtype=torch.float64)
@@ -287,7 +288,7 @@ def test_statistics_rule_grad_or_asked(name, monkeypatch):
 def test_cpu_autocast_runs_the_experts_in_bfloat16_and_matches_float32(path, monkeypatch):
     """Training or evaluating with `TrainConfig(dtype="bfloat16")` wraps float32 layers in CPU autocast:
     every expert path runs in bfloat16 (the router stays float32) and agrees with the float32 layer."""
-    from moelab import experts, paths, policy
+    from moelab.layer import experts, paths, policy
 
     if path == "grouped_mm" and not grouped_mm_available("cpu", torch.bfloat16):
         pytest.skip("this torch build has no grouped_mm on the CPU")

@@ -1,4 +1,4 @@
-"""moelab's own CPU kernels (moelab.native): every format's product against float64 on the weights and the
+"""moelab's own CPU kernels (moelab.inference.native): every format's product against float64 on the weights and the
 quantized activations the kernel states it multiplies, the tiled int4 layout against its definition, one MoE
 layer's decode against a per-expert float64 loop, the activation quantizer against a hand computation, and the
 thread count not changing a bit. Skipped, naming why, where the kernels cannot be built (the formats then run
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moelab import native
+from moelab.inference import native
 
 needs_kernels = pytest.mark.skipif(not native.available(), reason=f"moelab's CPU kernels: {native.why_unavailable()}")
 
@@ -163,7 +163,8 @@ def test_rms_norm_and_rope_take_the_torch_arithmetic(dtype):
     """The decode-row kernels against the torch code they replace (run with autograd on, which keeps them out):
     RoPE bit for bit (same float32 operations per element, partial rotary too); RMSNorm up to the order of its
     sum of squares (one unit in the last place of the output's dtype)."""
-    from moelab.layers import apply_rope, rms_norm
+    from moelab.model.norm import rms_norm
+    from moelab.model.rope import apply_rope
 
     x = torch.randn(1, 6, 1, 64).to(dtype)
     w_heads = torch.randn(6, 1, 64).to(dtype)

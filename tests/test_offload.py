@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from moelab import hf
-from moelab.config import ModelConfig, MoEConfig
-from moelab.generate import generate, generate_batch
-from moelab.inference import prepare_inference
-from moelab.model import MoETransformer
-from moelab.offload import POLICIES, ExpertCache, OffloadedExperts, expert_cache, resident_bytes
+from moelab.config.model import ModelConfig, MoEConfig
+from moelab.inference.generate import generate, generate_batch
+from moelab.inference.offload import POLICIES, ExpertCache, OffloadedExperts, expert_cache, resident_bytes
+from moelab.inference.prepare import prepare_inference
+from moelab.model.transformer import MoETransformer
 
 SIZE = 100  # bytes of one fake expert
 
@@ -205,9 +205,9 @@ _BUDGET_CHILD = textwrap.dedent("""
     import sys, torch, moelab.hf as hf
     from moelab.config import ModelConfig, MoEConfig
     from moelab.generate import generate, generate_batch
-    from moelab.inference import prepare_inference
-    from moelab.model import MoETransformer
-    from moelab.offload import expert_cache, resident_bytes
+    from moelab.inference.prepare import prepare_inference
+    from moelab.model.transformer import MoETransformer
+    from moelab.inference.offload import expert_cache, resident_bytes
 
     path, budget, quant, policy = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
     quant = None if quant == "none" else quant

@@ -27,7 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab import ModelConfig, MoE, MoEConfig, MoETransformer
+from moelab import ModelConfig, MoEConfig
+from moelab.config.train import TrainConfig
+from moelab.layer.moe import MoE
+from moelab.model.transformer import MoETransformer
 from moelab.parallel import (
     AllToAllPath,
     apply_expert_parallel,
@@ -39,8 +42,7 @@ from moelab.parallel import (
     shard_expert_state,
     sync_gradients,
 )
-from moelab.train import train
-from moelab.train_config import TrainConfig
+from moelab.training.train import train
 
 D, I = 8, 8
 
@@ -361,7 +363,7 @@ def train_cfg(n: int, **over) -> TrainConfig:
 
 
 def _torchrun_like(rank: int, world: int, port: int, fn, args) -> None:
-    """What torchrun gives a worker: the env:// variables; moelab.train sets the group up itself."""
+    """What torchrun gives a worker: the env:// variables; moelab.training.train sets the group up itself."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), MOELAB_DIST_TIMEOUT="60")
     torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""The path policy (moelab.policy) and the paths (moelab.paths): which path runs, and each path's MoE layer
+"""The path policy (moelab.layer.policy) and the paths (moelab.layer.paths): which path runs, and each path's MoE layer
 against the per-token float64 reference (tests/reference.py), forward and backward."""
 
 from __future__ import annotations
@@ -6,11 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab import MoE, MoEConfig, kernels, paths, policy
-from moelab.experts import Experts, ExpertStore
-from moelab.fused import routed_ffn
-from moelab.kernels import decode_ffn, grouped_mm_available
-from moelab.policy import DECODE, FUSED, GROUPED, INFERENCE_GROUPED_MAX_ROWS, choose_path
+from moelab import MoEConfig
+from moelab.layer import expert_ops as kernels
+from moelab.layer import paths, policy
+from moelab.layer.expert_ops import decode_ffn, grouped_mm_available
+from moelab.layer.experts import Experts, ExpertStore
+from moelab.layer.fused import routed_ffn
+from moelab.layer.moe import MoE
+from moelab.layer.policy import DECODE, FUSED, GROUPED, INFERENCE_GROUPED_MAX_ROWS, choose_path
 from reference import moe_reference
 
 MOE_CONFIGS = {
@@ -128,7 +131,7 @@ def test_moe_inference_paths_match_the_reference(name, dtype, threshold, grouped
     """Under no_grad the auto backend skips autograd (T > 1; fused, grouped_mm or loop path) or decodes a
     single token directly (`decode_ffn`, token-choice routers): outputs and statistics equal the
     reference and the grad path."""
-    from moelab import experts
+    from moelab.layer import experts
 
     if threshold is not None:
         monkeypatch.setattr(policy, "FUSED_MIN_EXPERT_SIZE", threshold)

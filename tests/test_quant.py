@@ -1,4 +1,5 @@
-"""Inference weight formats (moelab.quant): every format's product against dequantize-then-matmul in float64,
+"""Inference weight formats (moelab.inference.formats): every
+format's product against dequantize-then-matmul in float64,
 the quantizers against their error bounds computed here, the portable form, the fallback off the kernels, the
 quantized expert store against the per-token reference of tests/reference.py, and the named errors."""
 
@@ -9,11 +10,14 @@ import copy
 import pytest
 import torch
 
-from moelab import MoE, MoEConfig, native, quant
-from moelab.inference import store_experts
-from moelab.policy import DECODE, GROUPED, choose_path
-from moelab.quant import Int4Weight, linear_weight, load_linear_weight, pack_nibbles, unpack_nibbles
-from moelab.quant_experts import QuantizedExperts, expert_weights
+from moelab import MoEConfig
+from moelab.inference import formats as quant
+from moelab.inference import native
+from moelab.inference.formats import Int4Weight, linear_weight, load_linear_weight, pack_nibbles, unpack_nibbles
+from moelab.inference.prepare import store_experts
+from moelab.inference.quantized_experts import QuantizedExperts, expert_weights
+from moelab.layer.moe import MoE
+from moelab.layer.policy import DECODE, GROUPED, choose_path
 from reference import moe_reference
 
 FORMATS = [(None, 32), ("int8", 32), ("int4", 32), ("int4", 64), ("int4", 128)]

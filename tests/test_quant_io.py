@@ -1,4 +1,4 @@
-"""Quantized runs (moelab.quant_io, `moelab convert --quant`): written once, loaded back without re-quantizing to
+"""Quantized runs (moelab.runs.quantized, `moelab convert --quant`): written once, loaded back without re-quantizing to
 the very model `prepare_inference` makes; the on-disk layout; `moelab generate` / `moelab eval` on such a run;
 the named errors."""
 
@@ -12,13 +12,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from moelab import ModelConfig, MoEConfig, MoETransformer, hf
-from moelab.checkpoint import CheckpointError
-from moelab.cli import main
-from moelab.inference import prepare_inference
-from moelab.quant import Int4Weight, Int8Weight
-from moelab.quant_io import LAYOUT, load_quantized, quantized_state
-from moelab.rundir import RunDir, load_run
+from moelab import ModelConfig, MoEConfig, hf
+from moelab.cli.main import main
+from moelab.inference.formats import Int4Weight, Int8Weight
+from moelab.inference.prepare import prepare_inference
+from moelab.model.transformer import MoETransformer
+from moelab.runs.checkpoint import CheckpointError
+from moelab.runs.load import load_run
+from moelab.runs.quantized import LAYOUT, load_quantized, quantized_state
+from moelab.runs.rundir import RunDir
 
 V = 96
 
@@ -123,8 +125,8 @@ def test_a_quantized_run_within_a_budget_computes_what_it_does_in_memory(hf_dir,
     """The routed experts stay in model.safetensors and are read row by row on demand, already quantized:
     the logits and tokens equal the run loaded whole, bit for bit, and the cache reads exactly the misses'
     bytes as stored."""
-    from moelab.generate import generate
-    from moelab.offload import OffloadedExperts, expert_cache, resident_bytes
+    from moelab.inference.generate import generate
+    from moelab.inference.offload import OffloadedExperts, expert_cache, resident_bytes
 
     run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant=quant)
     whole, _ = load_run(run)

@@ -13,9 +13,10 @@ import subprocess
 import pytest
 import torch
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.data import train_tokenizer
-from moelab.routing_report import collect_routing, routing_report, write_report
+from moelab import ModelConfig, MoEConfig
+from moelab.analysis.routing_report import collect_routing, routing_report, write_report
+from moelab.data.tokenizer import train_tokenizer
+from moelab.model.transformer import MoETransformer
 from tiny_run import moelab, train_tiny_run
 
 _rng = random.Random(0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moelab.accounting import experts_touched
-from moelab.routing_stats import (
+from moelab.analysis.routing_stats import (
     balance,
     batch_economics,
     coactivation,

@@ -10,12 +10,13 @@ import time
 
 import pytest
 
-from moelab.rundir import RunDir, RunLock, RunLockedError, load_run
+from moelab.runs.load import load_run
+from moelab.runs.rundir import RunDir, RunLock, RunLockedError
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from moelab.rundir import RunLock
+from moelab.runs.rundir import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("held", flush=True)

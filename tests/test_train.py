@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from moelab import ModelConfig, MoEConfig, MoETransformer
-from moelab.data import prepare_data, unigram_entropy
-from moelab.generate import generate_text
-from moelab.rundir import load_run
-from moelab.train import lr_at, train
-from moelab.train_config import TrainConfig
+from moelab import ModelConfig, MoEConfig
+from moelab.cli.generate import generate_text
+from moelab.config.train import TrainConfig
+from moelab.data.tokens import prepare_data, unigram_entropy
+from moelab.model.transformer import MoETransformer
+from moelab.runs.load import load_run
+from moelab.training.optim import lr_at
+from moelab.training.train import train
 
 TINY = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64,
                    moe=MoEConfig(d_model=64, d_expert=64, n_experts=4, top_k=2))

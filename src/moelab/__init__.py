@@ -14,7 +14,7 @@ from moelab.config import ModelConfig, MoEConfig
 __version__ = "0.1.0"
 __all__ = ["MoEConfig", "ModelConfig", "MoE", "MoEAux", "MoETransformer", "__version__"]
 
-_LAZY = {"MoE": "moelab.moe", "MoEAux": "moelab.moe", "MoETransformer": "moelab.model"}
+_LAZY = {"MoE": "moelab.layer.moe", "MoEAux": "moelab.layer.moe", "MoETransformer": "moelab.model.transformer"}
 
 
 def __getattr__(name: str):

@@ -1,3 +1,3 @@
-from moelab.cli import main
+from moelab.cli.main import main
 
 raise SystemExit(main())

@@ -10,9 +10,9 @@ preset name:
 
 Modules: spec.py (the `ModelSpec` every number is computed from, and moelab's own layout),
 hf_configs.py (Hugging Face config → ModelSpec, per `model_type`; it reads configs with
-`moelab.hf_config` and takes their per-architecture meaning from `moelab.hf_arch`, both shared with
+`moelab.config.hf` and takes their per-architecture meaning from `moelab.config.hf_arch`, both shared with
 `moelab.hf`), presets.py (shipped configs), counts.py, costs.py, expert_parallel.py. Rendering lives
-in `moelab.card`.
+in `moelab.accounting.card`.
 """
 
 from moelab.accounting.costs import (

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moelab.accounting.spec import ModelSpec, spec_from_model_config
-from moelab.config import ModelConfig
+from moelab.config.model import ModelConfig
 
 CATEGORIES = ("input_embedding", "attention", "dense_ffn", "routed_experts", "shared_experts", "routers",
               "norms", "output_head")

@@ -39,7 +39,7 @@ from typing import Any
 
 from moelab.accounting.costs import bytes_per_param, serving_params
 from moelab.accounting.spec import ExpertBank, ModelSpec
-from moelab.hf_arch import EXPERT_FIELDS
+from moelab.config.hf_arch import EXPERT_FIELDS
 
 DEFAULT_LINK_BANDWIDTH = 50e9  # bytes/s: one 400 Gb/s InfiniBand NDR NIC per GPU, the IB figure of DeepSeek-V3 §3.2.2
 

@@ -6,11 +6,11 @@ checkpoint with `transformers` would hold. One builder, `_decoder`, covers every
 grouped-query or latent attention and SwiGLU FFNs or experts; DBRX, JetMoE and Llama 4's vision
 encoder have their own.
 
-Fields are read through `moelab.hf_config.HFConfig`, whose docstring states the one rule for absent,
+Fields are read through `moelab.config.hf.HFConfig`, whose docstring states the one rule for absent,
 null and zero fields (sizes required; documented defaults taken and listed in the ModelSpec's notes;
 null only where transformers gives it a meaning). What the fields mean for each model_type — which
 layers are MoE, KV heads, head width, biases, q/k norm, windows, experts, group-limited routing, MLA
-widths — comes from `moelab.hf_arch`, which `moelab.hf` uses to load weights too.
+widths — comes from `moelab.config.hf_arch`, which `moelab.hf` uses to load weights too.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moelab import hf_arch
 from moelab.accounting.spec import AttentionSpec, ExpertBank, FFNSpec, LayerSpec, ModelSpec, swiglu_params
-from moelab.config import ModelConfig
-from moelab.hf_config import HFConfig, load_json
+from moelab.config import hf_arch
+from moelab.config.hf import HFConfig, load_json
+from moelab.config.model import ModelConfig
 
 # -- building blocks ---------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from importlib import resources
 from typing import Any
 
 from moelab.accounting.spec import ModelSpec, spec_from_model_config
-from moelab.train_config import PRESETS, preset
+from moelab.config.train import PRESETS, preset
 
 
 def _files() -> dict[str, Any]:

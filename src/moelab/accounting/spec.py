@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from moelab.config import ModelConfig
-from moelab.hf_config import MAX_EXPERTS, MAX_INT, MAX_LAYERS
+from moelab.config.hf import MAX_EXPERTS, MAX_INT, MAX_LAYERS
+from moelab.config.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
     wq d×H·(nope+rope) without q_lora_rank; wkv_a d×(r_kv + rope); kv_a_norm r_kv;
     wkv_b r_kv×H·(nope+v); wo H·v×d.
     Plus the embedding V×d, the head V×d unless tied, and a final RMSNorm d.
-    Integer fields beyond the bounds of `moelab.hf_config` (n_layers <= MAX_LAYERS, moe.n_experts <=
+    Integer fields beyond the bounds of `moelab.config.hf` (n_layers <= MAX_LAYERS, moe.n_experts <=
     MAX_EXPERTS, others <= MAX_INT) are a ValueError, as for a Hugging Face config.
     """
     _check_bounds(cfg)

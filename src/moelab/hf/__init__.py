@@ -12,9 +12,9 @@ docs/HF.md.
 """
 
 from moelab.hf.adapters import CHECKPOINT_ADAPTERS, adapter_matching
-from moelab.hf.convert import convert_from_hf, convert_to_hf
 from moelab.hf.export import save
 from moelab.hf.loading import load, read_hf_config
+from moelab.runs.convert import convert_from_hf, convert_to_hf
 
 __all__ = ["load", "save", "convert_from_hf", "convert_to_hf", "read_hf_config", "CHECKPOINT_ADAPTERS",
            "adapter_matching"]

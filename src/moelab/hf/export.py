@@ -4,7 +4,7 @@ The architecture is the one the model's config matches (`adapter_matching`); the
 (`moelab.hf.adapters`), read backwards, gives each Hugging Face tensor from the moelab state dict. With a
 moelab tokenizer, the export keeps moelab's prompt rule: the tokenizer prepends <|endoftext|> (its
 post-processor), which is also the config's bos and eos token, so `tokenizer(prompt)` gives the ids
-`moelab generate` continues from and generation stops where moelab's does (see `moelab.generate`).
+`moelab generate` continues from and generation stops where moelab's does (see `moelab.inference.generate`).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _end_of_text(tokenizer_json: str | Path | None) -> tuple[str, int] | None:
     """(token, id) of moelab's end-of-text special token in a tokenizer.json, or None."""
-    from moelab.data import END_OF_TEXT
+    from moelab.data.tokenizer import END_OF_TEXT
 
     if tokenizer_json is None:
         return None

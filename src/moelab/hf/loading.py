@@ -6,12 +6,12 @@ safetensors files with `pread` instead of mapping them), so peak memory is the l
 expert. The routed experts take one of three forms:
 - in memory, float: the stacked `Experts` store, filled tensor by tensor (a trainable model);
 - in memory, quantized (`quant`): read one expert at a time and converted
-  (`moelab.quant_experts.expert_weights`) into a `QuantizedExperts` store; the other linear layers are
+  (`moelab.inference.quantized_experts.expert_weights`) into a `QuantizedExperts` store; the other linear layers are
   converted too (`moelab.inference`);
 - within a memory budget (`max_memory_gb`): not loaded at all — each MoE layer gets an
-  `moelab.offload.OffloadedExperts` store reading them on demand into one cache shared by all layers,
+  `moelab.inference.offload.OffloadedExperts` store reading them on demand into one cache shared by all layers,
   converted to `quant`'s format as they are read; the other layers are converted for inference.
-Loading fixes glibc's mmap threshold for the process (`moelab.offload.return_freed_memory`): weights freed
+Loading fixes glibc's mmap threshold for the process (`moelab.inference.offload.return_freed_memory`): weights freed
 as they are converted, here or by a later `prepare_inference`, then go back to the system instead of
 staying in a fragmented heap (measured in docs/BENCHMARKS.md, "Memory budget").
 """
@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moelab.config import ModelConfig
-from moelab.experts import ExpertStore
+from moelab.config.hf import HFConfig, load_json
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters import Adapter, adapter_for
 from moelab.hf.reader import Checkpoint
 from moelab.hf.streaming import ExpertReader, expert_parts, is_routed_expert, match_tensors, stream_into
-from moelab.hf_config import HFConfig, load_json
-from moelab.inference import convert_slot, expert_quant, linear_slots, prepare_inference, slot_tensors
-from moelab.model import MoETransformer
-from moelab.offload import check_budget, offload_experts, return_freed_memory
-from moelab.quant import check_quant
-from moelab.quant_experts import QuantizedExperts, expert_weights
+from moelab.inference.formats import check_quant
+from moelab.inference.offload import check_budget, offload_experts, return_freed_memory
+from moelab.inference.prepare import convert_slot, expert_quant, linear_slots, prepare_inference, slot_tensors
+from moelab.inference.quantized_experts import QuantizedExperts, expert_weights
+from moelab.layer.experts import ExpertStore
+from moelab.model.transformer import MoETransformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,13 +97,13 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str
     tensor by tensor (module docstring). dtype: of the moelab weights (default: the config's
     `dtype`/`torch_dtype`, else float32).
 
-    quant: None, "int8" or "int4" (`moelab.quant`, int4 groups of `group_size`): the routed experts are
+    quant: None, "int8" or "int4" (`moelab.inference.formats`, int4 groups of `group_size`): the routed experts are
         quantized as they are read, and the model is converted for inference (`prepare_inference`: the other
         linear layers in the same format). None without a budget: the plain float model.
     max_memory_gb: a budget in GB (10⁹ bytes) for the weights. The non-expert weights stay resident; the
         routed experts stay in the checkpoint's files and are read on demand into one `ExpertCache` of
         (budget − resident bytes), evicting by `policy` ("lru" or "lfu"), optionally prefetching the next
-        layer's predicted experts (`prefetch`); see `moelab.offload`. None: the whole model in memory.
+        layer's predicted experts (`prefetch`); see `moelab.inference.offload`. None: the whole model in memory.
     progress: a progress bar of the bytes read on stderr (None: when stderr is a terminal).
 
     Raises ValueError naming the field or tensor for an unsupported architecture, option or quant, a

@@ -1,6 +1,6 @@
 """Streaming a Hugging Face checkpoint into a model: every tensor once, straight into its place, and the
 routed experts one at a time (`ExpertReader`) — at load for a quantized store, or on demand for a store
-that streams them within a memory budget (`moelab.offload`).
+that streams them within a memory budget (`moelab.inference.offload`).
 
 Memory: a tensor the model holds as stored (no transpose, permutation, scale or slice) is read straight
 into the model's memory; any other is read into one scratch buffer that is reused — a stacked expert
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from moelab.config import ModelConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters import Entry
 from moelab.hf.reader import Checkpoint
 

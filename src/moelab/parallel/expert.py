@@ -20,7 +20,7 @@ Matching the single-process run (global batch = the ranks' batches concatenated 
   first choices of the global batch, then all second choices, ...) is < C. Each rank all-gathers the
   per-(choice, expert) counts [K, E] of every rank and computes that global position exactly, so the
   same assignments are dropped as in one process.
-- The losses and statistics come from the layer's own `moelab.moe.layer_aux`, with the path's `reduce`
+- The losses and statistics come from the layer's own `moelab.layer.moe.layer_aux`, with the path's `reduce`
   (an all-reduce sum over the group): load [E] is summed over ranks (so the aux-loss-free bias update,
   applied on every rank, stays identical everywhere and equals the single-process one), dropped_frac
   and router_entropy are global means, n_tokens is T_global. The Switch loss E · Σᵢ fᵢ · Pᵢ takes the
@@ -45,12 +45,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from moelab.dispatch import Dispatch, combine, permute, token_choice_capacity
-from moelab.experts import Experts
-from moelab.moe import MoE
-from moelab.paths import Path
-from moelab.policy import grouped_backend
-from moelab.routing import Routing
+from moelab.layer.dispatch import Dispatch, combine, permute, token_choice_capacity
+from moelab.layer.experts import Experts
+from moelab.layer.moe import MoE
+from moelab.layer.paths import Path
+from moelab.layer.policy import grouped_backend
+from moelab.layer.routing import Routing
 
 
 @dataclass
@@ -253,7 +253,7 @@ def _check_layer(moe: MoE, N: int) -> None:
         raise ValueError(f"n_experts={moe.cfg.n_experts} is not divisible by the expert-parallel world size "
                          f"{N}: choose a world size that divides n_experts")
     if not isinstance(moe.experts, Experts):
-        raise ValueError(f"expert parallelism needs the stacked dense expert store (moelab.experts.Experts); "
+        raise ValueError(f"expert parallelism needs the stacked dense expert store (moelab.layer.experts.Experts); "
                          f"this layer holds {type(moe.experts).__name__}")
 
 

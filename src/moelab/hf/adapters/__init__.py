@@ -24,9 +24,9 @@ biased router and experts, clamped SwiGLU; MXFP4 experts dequantized on load). A
 may carry YaRN rope scaling (`rope_scaling` / `rope_parameters` with rope_type "yarn" → `RopeScaling`); other
 scalings are refused.
 
-config.json is read with `moelab.hf_config.HFConfig` (its docstring holds the rule for absent, null and
+config.json is read with `moelab.config.hf.HFConfig` (its docstring holds the rule for absent, null and
 zero fields) and what its fields mean per model_type — MoE layers, KV heads, head width, biases, windows,
-experts, routing groups, MLA widths, RoPE — comes from `moelab.hf_arch`, which `moelab.accounting` uses
+experts, routing groups, MLA widths, RoPE — comes from `moelab.config.hf_arch`, which `moelab.accounting` uses
 to count the same architectures: an adapter adds only what moelab's ModelConfig needs besides.
 
 One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `deepseek`, `granite`, `glm`,
@@ -35,7 +35,8 @@ One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `de
 
 from __future__ import annotations
 
-from moelab.config import ModelConfig
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Entry, ffn_entries
 from moelab.hf.adapters.deepseek import DeepseekV2, DeepseekV3
 from moelab.hf.adapters.glm import Glm4Moe
@@ -44,7 +45,6 @@ from moelab.hf.adapters.granite import GraniteMoe
 from moelab.hf.adapters.mixtral import Mixtral
 from moelab.hf.adapters.olmoe import Olmoe
 from moelab.hf.adapters.qwen import Qwen2Moe, Qwen3Moe
-from moelab.hf_config import HFConfig
 
 __all__ = ["Adapter", "Entry", "ffn_entries", "CHECKPOINT_ADAPTERS", "adapter_for", "adapter_matching"]
 

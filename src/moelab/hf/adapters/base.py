@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moelab import hf_arch
-from moelab.config import ModelConfig, MoEConfig
-from moelab.hf_config import HFConfig
+from moelab.config import hf_arch
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig, MoEConfig
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class Adapter:
     # -- config ------------------------------------------------------------------------------------
     def config_from_hf(self, c: HFConfig) -> ModelConfig:
         """The moelab config of a config.json: what every architecture shares is read here (its meaning
-        per model_type from `moelab.hf_arch`), the rest by `moe_fields` and `attention_fields`."""
+        per model_type from `moelab.config.hf_arch`), the rest by `moe_fields` and `attention_fields`."""
         _silu(c)
         qkv_bias, o_bias = hf_arch.attention_biases(c)
         if o_bias and "o_bias" not in self.options:

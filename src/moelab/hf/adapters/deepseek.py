@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelab import hf_arch
-from moelab.config import ModelConfig
+from moelab.config import hf_arch
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Check, Entry, ffn_entries
-from moelab.hf_config import HFConfig
 
 
 def _deinterleave(n: int) -> tuple[int, ...]:

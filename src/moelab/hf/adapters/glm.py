@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelab import hf_arch
-from moelab.config import ModelConfig
+from moelab.config import hf_arch
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Check
 from moelab.hf.adapters.deepseek import DeepseekV3, deepseek_block_checks
-from moelab.hf_config import HFConfig
 
 
 class Glm4Moe(DeepseekV3):

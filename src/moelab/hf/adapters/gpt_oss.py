@@ -5,7 +5,7 @@ Attention: grouped-query with biases on q/k/v/o (`attention_bias`, default true)
 the even ones) → `ModelConfig.o_bias`, `attn_sinks`, `sliding_window`, `sliding_every` (the layer types
 must alternate regularly: windowed layers every k-th from layer 0).
 MoE: router logits x·Wᵀ + b, top-k of them, softmax over the chosen k ("topk_softmax" with
-norm_topk_prob, `MoEConfig.biases`); experts with biases and the clamped SwiGLU (`moelab.biased_experts`),
+norm_topk_prob, `MoEConfig.biases`); experts with biases and the clamped SwiGLU (`moelab.layer.biased_experts`),
 stored stacked: `experts.gate_up_proj` [E, D, 2F] (gate and up interleaved), `gate_up_proj_bias` [E, 2F],
 `down_proj` [E, F, D], `down_proj_bias` [E, D]. The published checkpoints hold the two expert matrices in
 MXFP4 (`*_blocks` + `*_scales`), dequantized on load (`moelab.hf.mxfp4`); export writes them unquantized.
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelab import hf_arch
-from moelab.biased_experts import ALPHA, LIMIT
-from moelab.config import ModelConfig
+from moelab.config import hf_arch
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Check, Entry, gqa_checks, plain_moe_checks
 from moelab.hf.mxfp4 import dequantize_mxfp4
-from moelab.hf_config import HFConfig
+from moelab.layer.biased_experts import ALPHA, LIMIT
 
 
 class GptOss(Adapter):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelab.config import ModelConfig
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Check, Entry, gqa_checks, plain_moe_checks
-from moelab.hf_config import HFConfig
 
 _MULTIPLIERS = {"embedding_multiplier": "embed_scale", "residual_multiplier": "residual_scale",
                 "logits_scaling": "logits_scaling", "attention_multiplier": "attn_scale"}

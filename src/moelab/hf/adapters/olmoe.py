@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelab.config import ModelConfig
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Check, gqa_checks, plain_moe_checks
-from moelab.hf_config import HFConfig
 
 
 class Olmoe(Adapter):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moelab import hf_arch
-from moelab.config import ModelConfig
+from moelab.config import hf_arch
+from moelab.config.hf import HFConfig
+from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Check, Entry, ffn_entries, gqa_checks
-from moelab.hf_config import HFConfig
 
 
 class _Qwen(Adapter):

@@ -1,0 +1,337 @@
+"""The `moelab` command: thin — it parses arguments, calls a library function, prints.
+
+    moelab demo                       MoE vs its dense twin on the default corpus, in minutes
+    moelab train --preset tiny ...    train one model (every config field is a flag: --d-model,
+                                      --moe-n-experts, --lr, ...; --dense trains the dense twin)
+    moelab generate PATH --prompt TEXT   a run or a Hugging Face directory (--prompt again: a batch;
+                                      --quant int8|int4; --max-memory-gb: experts read from disk)
+    moelab eval PATH --data TEXT      loss, perplexity and bits per byte on held-out text
+    moelab routing PATH --out DIR     what the experts do: routing.json, figures, report.html
+    moelab card MODEL... [--json]     total/active parameters and what they cost
+    moelab convert --from-hf DIR OUT | --to-hf RUN OUT
+
+Errors a user can cause (bad values, missing files, a run in use, a diverged run...) print one line,
+`moelab <command>: error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from moelab import __version__
+from moelab.cli.flags import FieldType, add_config_flags, check_preset, config_overrides, setting
+from moelab.config.model import ModelConfig
+from moelab.config.train import PRESETS, TrainConfig, preset, with_overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from moelab.runs.rundir import RunDir
+    from moelab.training.train import train
+
+    check_preset(args.preset)
+    overrides = config_overrides(args)
+    if args.resume and args.preset is None:  # flags not given keep the run's values
+        run = RunDir(args.out)
+        run.require_resumable()
+        saved = run.read_config()
+        model_cfg, train_cfg = with_overrides(ModelConfig.from_dict(saved["model"]),
+                                              TrainConfig.from_dict(saved["train"]), overrides)
+    else:
+        model_cfg, train_cfg = preset(args.preset or "tiny", **overrides)
+    if args.dense:
+        model_cfg = model_cfg.dense_twin()
+    result = train(model_cfg, train_cfg, args.out, data_path=args.data, resume=args.resume, progress=not args.quiet,
+                   new_data=args.new_data, data_errors=args.data_errors)
+    if result.is_main:
+        print(f"run: {result.run_dir}  steps: {result.steps}  validation loss: {result.final_val_loss:.4f}  "
+              f"training tokens/s: {result.tokens_per_s:,.0f}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    overrides = dict(args.set or [])
+    if args.experiment == "balancing":
+        from moelab.cli.balancing import run_balancing
+
+        run_balancing(args.out or "runs/balancing", preset_name=args.preset, steps=args.steps, data_path=args.data,
+                      progress=not args.quiet, overrides=overrides)
+        return 0
+    from moelab.cli.demo import run_demo
+
+    if overrides:
+        raise ValueError("--set applies to --experiment balancing; the MoE-vs-dense demo runs its preset")
+    run_demo(args.out or "runs/demo", preset_name=args.preset, steps=args.steps, data_path=args.data,
+             progress=not args.quiet)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from moelab.cli.generate import generate_texts
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            lines = [line.rstrip("\n") for line in f if line.strip()]
+        if not lines:
+            raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt: one prompt per non-empty line")
+        prompts += lines
+    prompts = prompts or [""]
+    if args.max_memory_gb is None and (args.cache_policy is not None or args.prefetch):
+        raise ValueError("--cache-policy and --prefetch apply with --max-memory-gb (a budget for the experts)")
+    report = generate_texts(args.run, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, device=args.device, quant=args.quant, group_size=args.group_size,
+                            max_memory_gb=args.max_memory_gb, policy=args.cache_policy or "lru",
+                            prefetch=args.prefetch, progress=False if args.quiet else None)
+    for i, (prompt, text) in enumerate(zip(prompts, report.texts)):
+        if len(prompts) > 1:
+            print(f"--- prompt {i + 1} ---")
+        print(prompt + text)
+    for line in report.summary():
+        print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from moelab.data.corpus import Corpus
+    from moelab.runs.load import load_model
+    from moelab.training.evaluation import evaluate_text
+
+    loaded = load_model(args.path)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
+    result = evaluate_text(loaded.model, loaded.tokenizer, Corpus(args.data, errors=args.data_errors).documents(),
+                           loaded.stop_id, seq_len=args.seq_len, batch_size=args.batch_size,
+                           max_tokens=args.max_tokens, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps({"path": str(args.path), "data": str(args.data), **result.to_dict()}, indent=2))
+    else:
+        print(f"{args.path} on {args.data}: loss {result.loss:.4f} nats/token, perplexity {result.perplexity:.4g}, "
+              f"{result.bits_per_byte:.4f} bits/byte ({result.tokens:,} tokens, {result.bytes:,} bytes, "
+              f"{result.documents} documents, windows of {result.seq_len})")
+    return 0
+
+
+def cmd_routing(args: argparse.Namespace) -> int:
+    from moelab.analysis.routing_report import collect_routing, routing_report, write_report
+    from moelab.data.corpus import Corpus, default_corpus_tail
+    from moelab.runs.load import load_model
+
+    loaded = load_model(args.path)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
+    if args.data:
+        sources = []
+        for spec in args.data:
+            path, _, label = spec.partition("=")
+            sources.append((label or os.path.basename(os.path.normpath(path)), Corpus(path).documents()))
+    else:  # the default corpus's held-out tail, code and prose apart
+        sources = [(kind, default_corpus_tail(kind, TrainConfig().max_corpus_bytes)) for kind in ("code", "prose")]
+    record = collect_routing(loaded.model, loaded.tokenizer, sources, loaded.stop_id, tokens=args.tokens,
+                             seq_len=args.seq_len, progress=not args.quiet)
+    report = routing_report(record, decode=loaded.tokenizer.id_to_token)
+    report["model"] = str(args.path)
+    page = write_report(report, args.out, title=f"routing of {args.path}")
+    for e in report["layers"]:
+        print(f"layer {e['layer']:>3}: load entropy {e['entropy']:.3f}  dead {e['dead_experts']:>3}/"
+              f"{report['n_experts']}  max/mean {e['max_violation']:.2f}  "
+              f"NMI(label) {e['specialisation']['normalised_mutual_information']:.3f}")
+    print(f"{args.out}/routing.json and {page} written ({report['tokens']:,} tokens)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from moelab import hf
+
+    if args.from_hf:
+        out = hf.convert_from_hf(args.source, args.out, overwrite=args.overwrite, quant=args.quant,
+                                 group_size=args.group_size)
+        print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
+    else:
+        if args.quant is not None:
+            raise ValueError("--quant applies to --from-hf (a Hugging Face export holds float weights)")
+        out = hf.convert_to_hf(args.source, args.out, overwrite=args.overwrite)
+        print(f"Hugging Face model written to {out} (transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `moelab train: error: argument --d-model: 'abc' is not an integer (see
+    moelab train --help)`, exit status 2 (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="moelab", description="Mixture-of-Experts transformers: build, train, "
+                                     "run, count and inspect them.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+
+    p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them",
+                       description="Experiments on the default corpus: moe-vs-dense (default) trains a tiny MoE and "
+                       "its dense twin (same active parameters) on the same tokens; balancing trains the MoE three "
+                       "times — no balancing, the Switch auxiliary loss, the auxiliary-loss-free bias — and compares "
+                       "their expert load and validation loss.", **fmt)
+    p.add_argument("--experiment", default="moe-vs-dense", choices=["moe-vs-dense", "balancing"],
+                   help="which experiment")
+    p.add_argument("--out", default=None, help="directory for the runs and the comparison (None: runs/demo or "
+                   "runs/balancing)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="training preset")
+    p.add_argument("--steps", type=FieldType("int | None"), default=None,
+                   help="optimizer steps per model (None: the preset's)")
+    p.add_argument("--data", default=None, help="text file or directory (None: the Python standard library)")
+    p.add_argument("--set", action="append", type=setting, metavar="FIELD=VALUE",
+                   help="balancing only: a setting for all its runs, e.g. --set moe.n_experts=64 --set lr=0.01")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train one model; writes metrics.jsonl, checkpoints and plots to --out",
+                       description="Train one model into a run directory. A new run never overwrites one; --resume "
+                       "continues the newest checkpoint with the run's own settings, tokenizer and data (flags given "
+                       "again must agree with the run, except the resumable ones: "
+                       f"{', '.join(TrainConfig.RESUMABLE)}). One process at a time writes a run (run.lock).")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help=f"training preset: {', '.join(sorted(PRESETS))} (default: tiny; on --resume, the run's "
+                        "settings)")
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="text file or directory (default: the Python standard library; on --resume, the run's data)")
+    p.add_argument("--data-errors", default="strict", choices=["strict", "replace"],
+                   help="text that is not valid UTF-8: strict = refuse it, naming the file; replace = bad bytes "
+                        "become U+FFFD (default: strict)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (an error when there is none)")
+    p.add_argument("--new-data", action="store_true",
+                   help="with --resume and --data: continue training on other text, tokenized with the run's "
+                        "tokenizer (without it, text that differs from the run's is refused)")
+    p.add_argument("--dense", action="store_true", help="train the dense twin (same active parameters)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="continue prompts with a run or a Hugging Face model (KV-cached decoding)",
+                       description="Continue one prompt or a batch of prompts (decoded together, left-padded) with "
+                       "the newest checkpoint of a run or a Hugging Face directory (config.json + safetensors + "
+                       "tokenizer.json). A run's prompt is encoded after the end-of-text token every training document "
+                       "starts with; the longest prompt + new tokens must fit the model's max_seq_len. A prompt stops "
+                       "early at an end-of-text token. The texts go to stdout; tokens/s, peak memory and (with "
+                       "--max-memory-gb) the expert cache's hit rate and bytes read from disk per token to stderr.",
+                       **fmt)
+    p.add_argument("run", metavar="PATH", help="run directory (its newest checkpoint and tokenizer.json are used) or "
+                   "Hugging Face model directory")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="text to continue (may be empty); repeat for a batch of prompts (None: one empty prompt)")
+    p.add_argument("--prompts-file", default=None, metavar="FILE",
+                   help="UTF-8 text file, one prompt per non-empty line, added after the --prompt ones")
+    p.add_argument("--max-new-tokens", type=FieldType("int | None"), default=None,
+                   help="tokens to generate at most (None: up to 100, as many as the model's context leaves)")
+    p.add_argument("--temperature", type=FieldType("float"), default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=FieldType("float"), default=0.95, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--seed", type=FieldType("int"), default=0, help="sampling seed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (--quant and --max-memory-gb: cpu)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the experts and the other linear layers, at load (None: the "
+                   "checkpoint's float weights)")
+    p.add_argument("--group-size", type=FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--max-memory-gb", type=FieldType("float | None"), default=None, metavar="GB",
+                   help="memory budget for the weights in GB (10^9 bytes), Hugging Face directories only: the "
+                   "non-expert weights stay in memory, the routed experts are read from the safetensors files on "
+                   "demand into a cache of the rest (None: the whole model in memory)")
+    p.add_argument("--cache-policy", default=None, choices=["lru", "lfu"],
+                   help="which expert the cache evicts, with --max-memory-gb: least recently or least frequently "
+                   "used (None: lru)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="with --max-memory-gb: read the next layer's predicted experts on a background thread")
+    p.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run or Hugging Face model on text",
+                       description="Evaluate a model on held-out text: every document after the model's separator "
+                       "token, in consecutive windows; prints cross-entropy (nats/token), perplexity and bits per "
+                       "byte.", **fmt)
+    p.add_argument("path", help="a moelab run directory or a Hugging Face model directory")
+    p.add_argument("--data", required=True, help="text file or directory to evaluate on")
+    p.add_argument("--data-errors", default="strict", choices=["strict", "replace"],
+                   help="text that is not valid UTF-8: refuse it, or replace bad bytes with U+FFFD")
+    p.add_argument("--seq-len", type=FieldType("int | None"), default=None,
+                   help="tokens per window (None: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=FieldType("int"), default=8, help="windows per forward pass")
+    p.add_argument("--max-tokens", type=FieldType("int | None"), default=None,
+                   help="stop adding documents once this many tokens are reached (None: all the text)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("routing", help="what a model's experts do on text: load, balance, specialisation, "
+                       "prefetch predictability, batch economics (routing.json, PNGs, report.html)",
+                       description="Route held-out text through a run or a Hugging Face model and write "
+                       "DIR/routing.json, PNG figures and a self-contained DIR/report.html (schema: docs/ROUTING.md).",
+                       **fmt)
+    p.add_argument("path", help="a moelab run directory or a Hugging Face model directory")
+    p.add_argument("--data", action="append", metavar="PATH[=LABEL]",
+                   help="labelled text (repeat for several: e.g. --data src/=code --data docs/=prose); default: the "
+                        "default corpus's held-out tail, labelled code and prose")
+    p.add_argument("--tokens", type=FieldType("int"), default=4096, help="tokens routed per label")
+    p.add_argument("--seq-len", type=FieldType("int"), default=256, help="tokens per sequence (at most max_seq_len)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_routing)
+
+    from moelab.accounting import card
+
+    p = sub.add_parser("card", help="total and active parameters, FLOPs, memory and accelerators for models")
+    card.add_arguments(p)
+    p.set_defaults(func=card.run)
+
+    p = sub.add_parser("convert", help="Hugging Face MoE checkpoint <-> moelab run directory")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--from-hf", dest="from_hf", action="store_true",
+                      help="SOURCE is a Hugging Face model directory (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+                           "DeepSeek-V3); OUT becomes a moelab run directory")
+    mode.add_argument("--to-hf", dest="to_hf", action="store_true",
+                      help="SOURCE is a moelab run (newest checkpoint); OUT becomes a Hugging Face model directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty OUT, replacing the files the conversion writes (without it a "
+                        "non-empty OUT is refused)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="with --from-hf: store the weights quantized (int8 per output channel, int4 group-wise); "
+                        "the run is for inference (generate, eval)")
+    p.add_argument("--group-size", type=FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("out", metavar="OUT")
+    p.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moelab.runs.rundir import RunLockedError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RunLockedError) as e:
+        if isinstance(e, BrokenPipeError):
+            return _closed_stdout()
+        what = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename and e.strerror else str(e)
+        print(f"moelab {args.command}: error: {what}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _closed_stdout() -> int:
+    """The reader of our output went away (`moelab card ... | head -1`): stop quietly, as `head` expects."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush does not fail again
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Any model a user points moelab at: a moelab run (or one of its checkpoints) or a Hugging Face directory.
+
+    loaded = load_model(path)          # LoadedModel(model, tokenizer, kind, path)
+    loaded.model                       # an eval-mode MoETransformer
+    loaded.tokenizer                   # the tokenizers.Tokenizer of its tokenizer.json (None when absent)
+
+A run directory is read with `load_run` (verified, no pickle); a directory holding a
+Hugging Face `config.json` (with `model_type`) and safetensors weights with `moelab.hf.load`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moelab.config.model import ModelConfig
+from moelab.data.tokenizer import END_OF_TEXT, load_tokenizer, prompt_ids
+from moelab.model.transformer import MoETransformer
+from moelab.runs import checkpoint as ckpt_io
+from moelab.runs.rundir import TOKENIZER, RunDir
+
+
+@dataclass
+class LoadedModel:
+    model: MoETransformer
+    tokenizer: Any  # tokenizers.Tokenizer or None
+    kind: str  # "run" or "hf"
+    path: Path
+    stop_id: int | None = None  # where generation stops: the run's <|endoftext|>, or config.json's eos_token_id
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """The ids a text prompt is continued from: a run's rule ([<|endoftext|>] + tokens, `moelab.data`), or
+        a Hugging Face tokenizer's own special tokens (its post-processor, e.g. a BOS)."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json: a text prompt cannot be encoded")
+        if self.kind == "run":
+            return prompt_ids(self.tokenizer, text)
+        return self.tokenizer.encode(text, add_special_tokens=True).ids
+
+
+def load_model(path: str | Path, **hf_options: Any) -> LoadedModel:
+    """The model (eval mode) and tokenizer of a moelab run or a Hugging Face directory; `hf_options` go to
+    `moelab.hf.load` (e.g. dtype), and to a run's `moelab.rundir.load_run` those of a memory budget
+    (max_memory_gb, policy, prefetch). ValueError / FileNotFoundError naming the path otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a moelab run directory or a Hugging Face model directory")
+    if is_hf_dir(path) and not RunDir(path).checkpoints():
+        from moelab import hf
+
+        model, kind, tok_dir = hf.load(path, **hf_options), "hf", path
+    else:
+        budget = {k: v for k, v in hf_options.items() if k in ("max_memory_gb", "policy", "prefetch")}
+        model, kind = load_run(path, **budget)[0], "run"
+        tok_dir = path if (path / TOKENIZER).is_file() else path.parent.parent  # a checkpoint dir given directly
+    tok_path = tok_dir / TOKENIZER
+    tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
+    if kind == "hf":
+        eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
+        stop = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
+    else:
+        stop = tokenizer.token_to_id(END_OF_TEXT) if tokenizer is not None else None
+    return LoadedModel(model, tokenizer, kind, path, stop)
+
+
+def load_run(path: str | Path, *, max_memory_gb: float | None = None, policy: str = "lru", prefetch: bool = False):
+    """The newest checkpoint of a run (or a checkpoint directory given directly) as a model in eval mode,
+    and its config dict; the checkpoint is verified against its manifest, nothing is unpickled.
+    max_memory_gb, policy, prefetch: a quantized run's routed experts stay on disk within that budget
+    (`moelab.runs.quantized.load_quantized`); ValueError for a budget on a float run."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"run directory {path} does not exist")
+    target = path if (path / "manifest.json").is_file() else RunDir(path).latest_checkpoint()
+    if target is None:
+        hint = (" — it looks like a Hugging Face model directory (config.json with model_type): convert it with "
+                f"`moelab convert --from-hf {path} RUN`" if is_hf_dir(path) else "")
+        raise ValueError(f"{path} is not a moelab run: it holds no checkpoint (checkpoints/step_*, written by "
+                         f"`moelab train` or `moelab convert --from-hf`){hint}")
+    ckpt_io.verify(target)
+    config = ckpt_io.read_config(target)
+    if "quant" in config:  # a quantized run (`moelab convert --quant`)
+        from moelab.runs.quantized import load_quantized
+
+        return load_quantized(target, config, max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch), config
+    if max_memory_gb is not None:
+        raise ValueError(f"max_memory_gb applies to a quantized run or a Hugging Face directory; {path} is a float "
+                         "run: convert it with `moelab convert --to-hf` (or `--from-hf ... --quant`) first")
+    model = MoETransformer(ModelConfig.from_dict(config["model"]))
+    ckpt_io.load_model_state(model, target, verified=True)
+    return model.eval(), config
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A directory holding a Hugging Face config.json (one with a `model_type` string)."""
+    try:
+        return isinstance(json.loads((path / "config.json").read_text()).get("model_type"), str)
+    except (OSError, ValueError, AttributeError):
+        return False
