@@ -5,8 +5,8 @@ y += a·W_out[e] — reading k expert matrices, exactly the bytes of the dense t
 which reads one large matrix per projection instead. This script times, side by side in one run:
 
 - dense:        the twin, `FeedForward(d, k·f)` (`nn.Linear`, weights [out, in]);
-- stacked-mm:   moelab's decode kernel (`moelab.layer.expert_ops.decode_ffn`): `torch.mm` on views of the
-                stacked [E, D, H] / [E, F, D] weights, i.e. [in, out] matrices;
+- stacked-mm:   what the stacked store computes per expert (`moelab.layer.experts.Experts.ffn`): `torch.mm` on
+                views of the stacked [E, D, H] / [E, F, D] weights, i.e. [in, out] matrices;
 - linear-[out,in]: `F.linear` on a transposed copy of the stacks, [E, H, D] / [E, D, F] — the
                 `nn.Linear` / transformers 5 expert layout;
 - onednn-[out,in]: the same copy through oneDNN's inner product (`torch.ops.mkldnn._linear_pointwise`).
@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moelab.layer.expert_ops import activate, decode_ffn, onednn_matmul_available
+from moelab.layer.expert_ops import activate, onednn_matmul_available
 from moelab.layer.experts import FeedForward
 
 D_MODEL, D_EXPERT = 1024, 512
@@ -56,7 +56,8 @@ def candidates(dtype: torch.dtype, E: int, k: int) -> dict:
 
     out = {
         "dense": lambda experts: dense(x),
-        "stacked-mm": lambda experts: decode_ffn(x, experts, weights, w_in, w_out, "swiglu"),
+        "stacked-mm": lambda experts: sum(w * (activate(x @ w_in[e], "swiglu") @ w_out[e])
+                                          for e, w in zip(experts, weights)),
         "linear-[out,in]": linear_out_in,
     }
     if onednn_matmul_available(dtype):

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from moelab import ModelConfig, MoEConfig
-from moelab.inference import native
 from moelab.inference.generate import generate
 from moelab.inference.prepare import (
     InferenceLinear,
@@ -25,7 +24,6 @@ from moelab.inference.prepare import (
 )
 from moelab.inference.quantized_experts import QuantizedExperts
 from moelab.layer.moe import MoE
-from moelab.layer.routing import Router
 from moelab.model.attention import Attention
 from moelab.model.cache import KVCache
 from moelab.model.transformer import MoETransformer
@@ -216,112 +214,3 @@ def test_an_expert_gets_one_format():
     cfg = MoEConfig(d_model=64, d_expert=48, n_experts=2, top_k=1)
     store = store_experts(MoE(cfg).experts, "int4", 32)
     assert {(ew.gate_up.quant, ew.down.quant) for ew in store.weights} == {("int8", "int8")}
-
-
-@pytest.mark.skipif(not native.available(), reason="moelab's CPU kernels do not run here")
-@pytest.mark.parametrize("quant", [None, "int8", "int4"])
-@pytest.mark.parametrize("variant", [dict(qk_norm="head"), dict(qk_norm="full"), dict(qkv_bias=True, o_bias=True),
-                                     dict(rotary_dim=32)])
-def test_fused_attention_step_computes_what_the_modules_do(quant, variant, monkeypatch):
-    """A bfloat16 model converted for inference decodes token by token in one kernel call for all its layers
-    (`native.decode_layers`); without it, block by block through `Attention.decode_step` (one kernel call per
-    attention block); without that too, through the attention modules one by one. Every intermediate is rounded
-    at the same points, so the logits and the caches are equal."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, max_seq_len=96,
-                      moe=MoEConfig(d_model=128, d_expert=64, n_experts=4, top_k=2), **variant)
-    model = MoETransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:  # not the zeros and ones they start as
-                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.3)
-    model = prepare_inference(model.to(torch.bfloat16), quant)
-    ids = torch.randint(0, 64, (1, 70))
-    calls = []
-    saved = Attention.decode_step
-
-    def counted(*a):
-        out = saved(*a)
-        calls.append(out is not None)
-        return out
-
-    def decode():
-        cache, out = KVCache(), []
-        with torch.no_grad():
-            model(ids[:, :5], cache=cache)
-            for t in range(5, 70):  # past the cache's first 64 positions
-                out.append(model(ids[:, t:t + 1], cache=cache).logits)
-        return torch.cat(out, 1), cache
-
-    layers = native.decode_layers
-    monkeypatch.setattr(native, "decode_layers", lambda *a: calls.append("layers") or layers(*a))
-    whole, cache_w = decode()
-    assert calls == ["layers"] * 65
-    calls.clear()
-    monkeypatch.setattr(MoETransformer, "_native_layers", lambda *a: None)
-    monkeypatch.setattr(Attention, "decode_step", counted)
-    blocks, cache_b = decode()
-    assert sum(calls) == 2 * 65  # every decode step of both layers took the one call
-    monkeypatch.setattr(Attention, "decode_step", lambda *a: None)
-    plain, cache_p = decode()
-    assert torch.equal(whole, plain) and torch.equal(blocks, plain)
-    assert all(torch.equal(c.k[1][:, :, :70], cache_p.k[1][:, :, :70]) for c in (cache_w, cache_b))
-
-
-@pytest.mark.skipif(not native.available(), reason="moelab's CPU kernels do not run here")
-@pytest.mark.parametrize("quant", [None, "int8", "int4"])
-@pytest.mark.parametrize("variant", [dict(norm_topk_prob=True), dict(norm_topk_prob=False, route_scale=2.0),
-                                     dict(norm_topk_prob=True, dtype=torch.float32)])
-def test_fused_moe_step_computes_what_the_modules_do(quant, variant, monkeypatch):
-    """A model converted for inference decodes each token in one kernel call for all its layers
-    (`native.decode_layers`, planned by `moelab.inference.engine`); without that, block by block through
-    `MoE.decode_step` (norm, routing, experts and residual in one call); without that too, through the norm
-    module, the router (whose one-token routing is the same kernel's) and the decode path. The three give equal
-    logits and caches, and the tokens of the router on torch's kernels (float32 logits equal up to rounding)."""
-    dtype = variant.pop("dtype", torch.bfloat16)
-    if dtype == torch.float32 and quant is None:
-        pytest.skip("float32 weights stay on torch's kernels (moelab's take bfloat16, int8 and int4)")
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, max_seq_len=96,
-                      moe=MoEConfig(d_model=128, d_expert=64, n_experts=8, top_k=2, **variant))
-    model = MoETransformer(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(mean=1.0, std=0.3)
-    model = prepare_inference(model.to(dtype), quant)
-    ids = torch.randint(0, 64, (1, 4))
-    calls = {"layers": 0, "moe": 0}
-    layers, moe_step = native.decode_layers, MoE.decode_step
-
-    def count(name, f):
-        def counted(*a):
-            out = f(*a)
-            calls[name] += out is not None
-            return out
-        return counted
-
-    def decode():
-        cache, out = KVCache(), []
-        with torch.no_grad():
-            logits = model(ids, cache=cache).logits
-            for _ in range(70):  # past the cache's first 64 positions
-                logits = model(logits[:, -1:].argmax(-1), cache=cache).logits
-                out.append(logits)
-        return torch.cat(out, 1), cache
-
-    monkeypatch.setattr(native, "decode_layers", count("layers", layers))
-    monkeypatch.setattr(MoE, "decode_step", count("moe", moe_step))
-    whole, cache_w = decode()
-    assert calls == {"layers": 70, "moe": 0}  # every decode step took the one call
-    monkeypatch.setattr(MoETransformer, "_native_layers", lambda *a: None)
-    blocks, cache_b = decode()
-    assert calls == {"layers": 70, "moe": 2 * 70}
-    monkeypatch.setattr(MoE, "decode_step", lambda *a: None)
-    modules, cache_m = decode()
-    assert torch.equal(whole, blocks) and torch.equal(blocks, modules)
-    assert all(torch.equal(c.k[1][:, :, :74], cache_m.k[1][:, :, :74]) for c in (cache_w, cache_b))
-    monkeypatch.setattr(Router, "native_routing", lambda *a: None)
-    torch_router, _ = decode()
-    assert torch.equal(whole.argmax(-1), torch_router.argmax(-1))
-    assert torch.allclose(whole.float(), torch_router.float(), atol=0.05 if dtype == torch.bfloat16 else 1e-4)

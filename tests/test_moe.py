@@ -295,7 +295,7 @@ def test_cpu_autocast_runs_the_experts_in_bfloat16_and_matches_float32(path, mon
     monkeypatch.setattr(policy, "FUSED_MIN_EXPERT_SIZE", 10**9 if path == "loop" else 0)
     monkeypatch.setattr(policy, "INFERENCE_GROUPED_MAX_ROWS", 10**9 if path == "grouped_mm" else 0)
     taken = []
-    for module, name in ((paths, "routed_ffn"), (experts, "decode_ffn")):
+    for module, name in ((paths, "routed_ffn"), (experts, "weighted_sum")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
     moe = make("mixtral", "auto", torch.float32)
@@ -313,7 +313,7 @@ def test_cpu_autocast_runs_the_experts_in_bfloat16_and_matches_float32(path, mon
     assert y.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         assert moe.router(x).logits.dtype == torch.float32  # router math stays float32
-    assert taken == {"fused": ["routed_ffn"], "decode": ["decode_ffn"]}.get(path, [])
+    assert taken == {"fused": ["routed_ffn"], "decode": ["weighted_sum"]}.get(path, [])
     torch.testing.assert_close(y.float(), y_ref, atol=5e-2, rtol=5e-2)
     if grad:
         y.float().sum().backward()

@@ -9,8 +9,8 @@ import torch
 from moelab import MoEConfig
 from moelab.layer import expert_ops as kernels
 from moelab.layer import paths, policy
-from moelab.layer.expert_ops import decode_ffn, grouped_mm_available
-from moelab.layer.experts import Experts, ExpertStore
+from moelab.layer.expert_ops import grouped_mm_available
+from moelab.layer.experts import Experts, ExpertStore, weighted_sum
 from moelab.layer.fused import routed_ffn
 from moelab.layer.moe import MoE
 from moelab.layer.policy import DECODE, FUSED, GROUPED, INFERENCE_GROUPED_MAX_ROWS, choose_path
@@ -129,7 +129,7 @@ def test_a_store_without_stacked_weights_runs_on_the_per_expert_paths(name):
 @pytest.mark.parametrize("name", MOE_CONFIGS)
 def test_moe_inference_paths_match_the_reference(name, dtype, threshold, grouped_max_rows, monkeypatch):
     """Under no_grad the auto backend skips autograd (T > 1; fused, grouped_mm or loop path) or decodes a
-    single token directly (`decode_ffn`, token-choice routers): outputs and statistics equal the
+    single token directly (`weighted_sum` of its k experts, token-choice routers): outputs and statistics equal the
     reference and the grad path."""
     from moelab.layer import experts
 
@@ -139,7 +139,7 @@ def test_moe_inference_paths_match_the_reference(name, dtype, threshold, grouped
         monkeypatch.setattr(policy, "INFERENCE_GROUPED_MAX_ROWS", grouped_max_rows)
     moe, ref = _auto_moe_and_reference(name, dtype, seed=1)
     decoded, taken = [], []
-    monkeypatch.setattr(experts, "decode_ffn", lambda *a: decoded.append(1) or decode_ffn(*a))
+    monkeypatch.setattr(experts, "weighted_sum", lambda *a: decoded.append(1) or weighted_sum(*a))
     monkeypatch.setattr(paths, "routed_ffn", lambda *a: taken.append("fused") or routed_ffn(*a))
     for backend, fn in list(kernels.GROUPED_BACKENDS.items()):
         monkeypatch.setitem(kernels.GROUPED_BACKENDS, backend, lambda *a, b=backend, fn=fn: taken.append(b) or fn(*a))

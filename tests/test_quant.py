@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from moelab import MoEConfig
+from moelab.inference import backend, native
 from moelab.inference import formats as quant
-from moelab.inference import native
 from moelab.inference.formats import Int4Weight, linear_weight, load_linear_weight, pack_nibbles, unpack_nibbles
 from moelab.inference.prepare import store_experts
 from moelab.inference.quantized_experts import QuantizedExperts, expert_weights
@@ -61,7 +61,7 @@ def test_float_weight_is_exact_and_on_the_fastest_kernel_here(dtype):
     w = torch.randn(48, 64, dtype=dtype)
     fw = linear_weight(w)
     ours = dtype == torch.bfloat16 and native.available()
-    assert fw.backend == ("native" if ours else "torch" if quant.packed_float_available(dtype) else "plain")
+    assert fw.backend == ("native" if ours else "torch" if backend.packed_float_available(dtype) else "plain")
     assert fw.packed == (fw.backend == "torch")
     assert torch.equal(fw.dequantize(dtype), w) and fw.nbytes == 48 * 64 * dtype.itemsize
 
@@ -128,7 +128,8 @@ def test_without_the_kernels_a_weight_is_dequantized_then_multiplied(fmt, monkey
     q, G = fmt
     W, x = torch.randn(48, 128), torch.randn(3, 128)
     fast = linear_weight(W, q, G)
-    monkeypatch.setattr(quant, "int8_kernel_available", lambda: False)
+    monkeypatch.setattr(backend, "int8_kernel_available", lambda: False)
+    monkeypatch.setattr(backend, "int4_kernel_available", lambda: False)
     monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
     monkeypatch.setattr(native, "available", lambda: False)
     slow = linear_weight(W, q, G)

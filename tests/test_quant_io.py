@@ -18,6 +18,7 @@ from moelab.inference.formats import Int4Weight, Int8Weight
 from moelab.inference.prepare import prepare_inference
 from moelab.model.transformer import MoETransformer
 from moelab.runs.checkpoint import CheckpointError
+from moelab.runs.convert import convert_from_hf
 from moelab.runs.load import load_run
 from moelab.runs.quantized import LAYOUT, load_quantized, quantized_state
 from moelab.runs.rundir import RunDir
@@ -47,7 +48,7 @@ def hf_dir(request, tmp_path_factory):
 
 @pytest.mark.parametrize(("quant", "group_size"), [("int8", 32), ("int4", 32), ("int4", 64)])
 def test_a_quantized_run_loads_back_without_requantizing(hf_dir, tmp_path, quant, group_size, monkeypatch):
-    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant=quant, group_size=group_size)
+    run = convert_from_hf(hf_dir, tmp_path / "run", quant=quant, group_size=group_size)
     config = json.loads((run / "config.json").read_text())
     assert config["quant"] == {"format": quant, "group_size": group_size, "layout": LAYOUT}
     want = prepare_inference(hf.load(hf_dir), quant, group_size)
@@ -61,7 +62,7 @@ def test_a_quantized_run_loads_back_without_requantizing(hf_dir, tmp_path, quant
 
 
 def test_the_layout_on_disk(hf_dir, tmp_path):
-    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant="int4")
+    run = convert_from_hf(hf_dir, tmp_path / "run", quant="int4")
     with safe_open(str(RunDir(run).latest_checkpoint() / "model.safetensors"), framework="pt") as f:
         shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}  # noqa: SIM118
         dtypes = {n: f.get_slice(n).get_dtype() for n in f.keys()}  # noqa: SIM118
@@ -94,7 +95,7 @@ def test_cli_convert_generate_and_eval_a_quantized_run(hf_dir, tmp_path, capsys)
 
 
 def test_damaged_or_newer_runs_are_named_errors(hf_dir, tmp_path):
-    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant="int8")
+    run = convert_from_hf(hf_dir, tmp_path / "run", quant="int8")
     ckpt = RunDir(run).latest_checkpoint()
     config = json.loads((ckpt / "config.json").read_text())
     with pytest.raises(CheckpointError, match="quantized layout 99 is not readable"):
@@ -128,7 +129,7 @@ def test_a_quantized_run_within_a_budget_computes_what_it_does_in_memory(hf_dir,
     from moelab.inference.generate import generate
     from moelab.inference.offload import OffloadedExperts, expert_cache, resident_bytes
 
-    run = hf.convert_from_hf(hf_dir, tmp_path / "run", quant=quant)
+    run = convert_from_hf(hf_dir, tmp_path / "run", quant=quant)
     whole, _ = load_run(run)
     for cls in (Int8Weight, Int4Weight):
         monkeypatch.setattr(cls, "quantize", classmethod(lambda *a: pytest.fail("re-quantized at load")))

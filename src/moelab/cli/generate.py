@@ -78,7 +78,7 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
     the CPU)."""
     from moelab.inference.formats import check_quant
     from moelab.inference.offload import expert_cache
-    from moelab.inference.prepare import check_inference_device, prepare_inference, weight_formats
+    from moelab.inference.prepare import check_inference_device
     from moelab.runs.load import is_hf_dir, load_model
     from moelab.runs.rundir import RunDir
     from moelab.training.train import check_device
@@ -94,16 +94,10 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
     hf_dir = Path(path).is_dir() and is_hf_dir(Path(path)) and not RunDir(Path(path)).checkpoints()
     t0 = time.perf_counter()
     budget = dict(max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch) if max_memory_gb is not None else {}
-    options = dict(quant=quant, group_size=group_size, progress=progress, **budget) if hf_dir else budget
-    loaded = load_model(path, **options)
+    options = dict(quant=quant, group_size=group_size, for_training=device != "cpu", **budget)  # off the CPU: plain
+    loaded = load_model(path, **options, **(dict(progress=progress) if hf_dir else {}))
     model = loaded.model
     check_inference_device(model, device, str(path))
-    if quant is not None and not hf_dir:
-        held = {f for f in weight_formats(model) if f is not None}
-        if held and held != {quant}:
-            raise ValueError(f"quant={quant!r}: {path} is already quantized ({', '.join(sorted(held))}); "
-                             "it cannot be converted again")
-        prepare_inference(model, quant, group_size)
     model.to(device)
     load_s = time.perf_counter() - t0
     ids = [loaded.prompt_ids(p) for p in prompts]

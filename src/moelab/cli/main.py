@@ -143,16 +143,16 @@ def cmd_routing(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from moelab import hf
+    from moelab.runs.convert import convert_from_hf, convert_to_hf
 
     if args.from_hf:
-        out = hf.convert_from_hf(args.source, args.out, overwrite=args.overwrite, quant=args.quant,
-                                 group_size=args.group_size)
+        out = convert_from_hf(args.source, args.out, overwrite=args.overwrite, quant=args.quant,
+                              group_size=args.group_size)
         print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
     else:
         if args.quant is not None:
             raise ValueError("--quant applies to --from-hf (a Hugging Face export holds float weights)")
-        out = hf.convert_to_hf(args.source, args.out, overwrite=args.overwrite)
+        out = convert_to_hf(args.source, args.out, overwrite=args.overwrite)
         print(f"Hugging Face model written to {out} (transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 

@@ -90,16 +90,18 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, keep_experts: bool = True
 @torch.no_grad()
 def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str | None = None,
          group_size: int = 32, max_memory_gb: float | None = None, policy: str = "lru", prefetch: bool = False,
-         progress: bool | None = None) -> MoETransformer:
-    """A Hugging Face MoE checkpoint directory → MoETransformer (eval mode).
+         progress: bool | None = None, for_training: bool = False) -> MoETransformer:
+    """A Hugging Face MoE checkpoint directory → MoETransformer (eval mode), ready to decode on the inference path.
 
     Reads `config.json` and `model.safetensors` or the shards named in `model.safetensors.index.json`,
     tensor by tensor (module docstring). dtype: of the moelab weights (default: the config's
     `dtype`/`torch_dtype`, else float32).
 
     quant: None, "int8" or "int4" (`moelab.inference.formats`, int4 groups of `group_size`): the routed experts are
-        quantized as they are read, and the model is converted for inference (`prepare_inference`: the other
-        linear layers in the same format). None without a budget: the plain float model.
+        converted as they are read, and the model for inference (`prepare_inference`: the other linear layers in the
+        same format, the inference engine installed). None: float weights in `dtype`, converted the same way.
+    for_training: the plain trainable model instead (float parameters, no inference conversion; no quant or
+        budget).
     max_memory_gb: a budget in GB (10⁹ bytes) for the weights. The non-expert weights stay resident; the
         routed experts stay in the checkpoint's files and are read on demand into one `ExpertCache` of
         (budget − resident bytes), evicting by `policy` ("lru" or "lfu"), optionally prefetching the next
@@ -122,12 +124,16 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str
         raise ValueError(f"dtype={dtype!r} is invalid: allowed {', '.join(map(repr, _DTYPES))} or a torch.dtype")
     dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
     budget = max_memory_gb is not None
+    if for_training and (quant is not None or budget):
+        raise ValueError(f"for_training=True loads the float trainable model: quant={quant!r} and "
+                         f"max_memory_gb={max_memory_gb!r} apply to inference only (leave them None)")
     if cfg.moe is not None and cfg.moe.biases and (quant is not None or budget):
         raise ValueError(f"{path}: quant and max_memory_gb are not supported for {adapter.model_type}'s biased "
                          "experts (moe.biases): load it without them (quant=None, max_memory_gb=None)")
     ckpt = Checkpoint(_weight_files(path, lazily=budget))
     try:
-        model, load_expert = _stream(ckpt, c, adapter, cfg, dtype, quant, group_size, budget, path.name, progress)
+        model, load_expert = _stream(ckpt, c, adapter, cfg, dtype, quant, group_size, budget, not for_training,
+                                     path.name, progress)
     except BaseException:
         ckpt.close()
         raise
@@ -143,22 +149,22 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str
 
 
 def _stream(ckpt: Checkpoint, c: HFConfig, adapter: Adapter, cfg: ModelConfig, dtype: torch.dtype,
-            quant: str | None, group_size: int, budget: bool, name: str, progress: bool | None):
-    """The model with every tensor but the budgeted experts read, converted for inference when quantized
-    or budgeted; and the loader of one expert (for the budget's cache), or None."""
+            quant: str | None, group_size: int, budget: bool, inference: bool, name: str, progress: bool | None):
+    """The model with every tensor but the budgeted experts read, converted for inference (as read) unless it is
+    for training; and the loader of one expert (for the budget's cache), or None."""
     found = match_tensors(ckpt, adapter.entries(cfg, c), cfg, adapter.model_type)
-    apart = quant is not None or budget  # the routed experts go to another store than Experts
+    apart = inference and cfg.moe is not None and not cfg.moe.biases  # routed experts to another store than Experts
     return_freed_memory()  # weights freed as they are converted (here or by prepare_inference) go back to the system
     resident = [e for e in found if not (apart and is_routed_expert(e))]
     model = _empty_model(cfg, dtype, keep_experts=not apart)
     reader = ExpertReader(ckpt, expert_parts(found, cfg.moe.n_experts), dtype) if apart else None
     load_expert = _expert_loader(reader, quant, group_size, cfg.moe.activation) if apart else None
-    in_memory = quant is not None and not budget
+    in_memory = apart and not budget
     total = sum(ckpt.info(e.hf_name).nbytes for e in resident) + (len(reader.parts) * reader.nbytes if in_memory else 0)
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {name}",
               disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
         state = model.state_dict(keep_vars=True)
-        if apart:  # converted as read: one slot's float weights at a time are held, not the model's
+        if inference:  # converted as read: one slot's float weights at a time are held, not the model's
             by_target = {e.target: e for e in resident}
             slots = [(slot, slot_tensors(model, slot)) for slot in linear_slots(model)]
             in_slots = {n for _, names in slots for n in names if not n.startswith("embed.")}
@@ -183,7 +189,7 @@ def _stream(ckpt: Checkpoint, c: HFConfig, adapter: Adapter, cfg: ModelConfig, d
                 if block.is_moe:
                     block.ffn.experts = QuantizedExperts([load_expert((i, e), bar.update)[0]
                                                           for e in range(cfg.moe.n_experts)])
-    if apart:
+    if inference:
         prepare_inference(model, quant, group_size)
     return model, load_expert
 

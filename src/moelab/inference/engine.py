@@ -1,72 +1,242 @@
-"""A whole decode step on moelab's kernels: every layer's kernel arguments gathered once and checked cheaply at
-each step, so that a step is one kernel call (`native.decode_layers`) instead of a walk over the layers.
+"""The inference engine: the one object that owns every call into moelab's kernels for a prepared model.
 
-    plan = decode_plan(model, dtype)   # the model's DecodePlan (rebuilt when stale); plan.table None: not applicable
+The model and the MoE layer run torch code only. The engine is applied to a built model (as gpt-fast applies
+quantization): `prepare_inference` installs it as the model's decode step (`MoETransformer.decoder`), and the
+model's forward hands it each decode step.
 
-A plan applies where every block is an MoE block whose attention and MoE layer each take one kernel call
-(`Attention.native_args`, `MoE.native_args`) and which adds both halves to the residual stream as they are (no
-residual scale, no dropout). It holds pointers into the model's tensors, so it is rebuilt when they could have
-moved: when torch registers a parameter, buffer or submodule anywhere (counted through torch's global
-registration hooks: a weight or module replaced), when a tensor it points into has new storage (a `.data`
-swap, as `Module.to` makes), when a router's weight changed in place (the kernel reads a float32 copy of it), and
-when the model's training flag flips. Changes in place are seen by the kernels directly.
+    engine = InferenceEngine(model)          # prepare_inference does this: model.decoder = engine
+    engine.refresh()                         # (re)build the kernels' arguments now
+    engine.describe()                        # per layer, which half runs where: ["kernel", "torch"], ...
+
+What runs where is decided here, in `_attention_args` and `_ffn_args`:
+- A decode step takes the kernels when it is one token of one row (no padding), outside autograd, autocast and
+  training mode, with no statistics asked and no forward hook on the modules the kernels stand in for; otherwise
+  the blocks' torch code runs the step (the engine answers None).
+- Each block's attention half runs on `native.attention_block` (norm, q|k|v, q/k norm, RoPE, cache append,
+  attention, o, residual) when it is grouped-query attention with its projections on moelab's kernels and no sinks,
+  window or residual scale; else on the block's torch code (`Block.attn_half`).
+- Each block's FFN half runs on `native.moe_block` (norm, top-k softmax routing, the k experts, residual) when it is
+  an MoE layer with a plain top-k softmax router (no selection or logit bias, no groups), no shared experts, no
+  installed path, and experts all on moelab's kernels in one format; else on torch code (`Block.ffn_half`).
+- When every half of every block is on the kernels, the whole step is one call (`native.decode_layers`).
+
+When the kernels' arguments are rebuilt — never guessed from data pointers: on first use; after `invalidate()`,
+which the model calls when its tensors are moved or cast (`Module._apply`); when an object the arguments were built
+from is no longer the model's (a replaced norm, projection, weight, expert store or router: checked by identity at
+each step); and when a router's weight was changed in place (its version counter: the kernel reads a float32 copy
+of a bfloat16 router). Other in-place changes to weights are read by the kernels directly.
+
+The kernels compute in float32 with the roundings of the torch code they replace (cpu_kernels.c states them); they
+are not bit-identical to it (sums run in another order), so logits agree to float rounding and greedy tokens agree
+except at near-ties (tested against the torch code and a float64 reference).
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from moelab.inference import native
-
-_registrations = 0
-
-
-def _count(*_) -> None:
-    global _registrations
-    _registrations += 1
+from moelab.inference.quantized_experts import QuantizedExperts
+from moelab.layer.moe import MoE, MoEAux, autocast_dtype
+from moelab.model.attention import Attention
+from moelab.model.cache import KVCache
 
 
-for _hook in (nn.modules.module.register_module_parameter_registration_hook,
-              nn.modules.module.register_module_buffer_registration_hook,
-              nn.modules.module.register_module_module_registration_hook):
-    _hook(_count)
+@dataclass
+class BlockPlan:
+    """One block's kernel arguments: `attn` for `native.attention_block`, `ffn` for `native.moe_block` (None: that half
+    runs the block's torch code)."""
+
+    attn: native.BlockArgs | None
+    ffn: native.BlockArgs | None
 
 
-class DecodePlan:
-    """The layers of `model` as `native.decode_layers` takes them for activations of `dtype` (`table`; None where
-    the model does not take one call), and what tells when they are stale (`valid`)."""
+def _attention_args(block: nn.Module) -> native.BlockArgs | None:
+    """The attention half's kernel arguments, or None where `native.attention_block` does not take it (module doc)."""
+    attn, norm = block.attn, block.attn_norm
+    if not isinstance(attn, Attention) or attn.sinks is not None or attn.window is not None \
+            or block.residual_scale != 1.0:
+        return None
+    wqkv, wo = getattr(attn.wqkv, "w", None), getattr(attn.wo, "w", None)
+    if getattr(wqkv, "native", None) is None or getattr(wo, "native", None) is None:
+        return None
+    norms = (attn.q_norm.weight.detach(), attn.k_norm.weight.detach()) if attn.qk_norm in ("head", "full") else ()
+    return native.attention_args(norm.weight.detach(), norm.eps, wqkv.native, attn.wqkv.bias,
+                                 (*norms, attn.q_norm.eps) if norms else None, attn.rot, wo.native, attn.wo.bias,
+                                 attn.n_heads, attn.n_kv, attn.hd, attn.scale)
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
-        self.dtype, self.training, self.registrations = dtype, model.training, _registrations
+
+def _router_args(moe: MoE) -> tuple[Tensor, int, bool, float] | None:
+    """(float32 router weight [E, D], k, renorm, scale) as `native.route` takes them, or None for a router it does not
+    take (not top-k softmax, a selection or logit bias, groups, off the CPU)."""
+    cfg, w = moe.cfg, moe.router.weight
+    if (cfg.router != "topk_softmax" or cfg.expert_bias or cfg.biases or cfg.n_groups > 1
+            or w.device.type != "cpu"):
+        return None
+    return w.detach().float().contiguous(), cfg.top_k, cfg.norm_topk_prob, cfg.route_scale
+
+
+def _expert_table(moe: MoE) -> native.ExpertTable | None:
+    """The routed experts as `native.moe_block` takes them, or None unless all run on the kernels in one format."""
+    if not isinstance(moe.experts, QuantizedExperts):
+        return None
+    weights = moe.experts.weights
+    return native.expert_table([ew.gate_up.native for ew in weights], [ew.down.native for ew in weights])
+
+
+def _ffn_args(block: nn.Module) -> native.BlockArgs | None:
+    """The FFN half's kernel arguments, or None where `native.moe_block` does not take it (module docstring)."""
+    moe, norm = block.ffn, block.ffn_norm
+    if not block.is_moe or moe.path is not None or moe.cfg.backend != "auto" or moe.shared is not None \
+            or block.residual_scale != 1.0 or norm.weight.dtype != moe.router.weight.dtype:
+        return None
+    routing, table = _router_args(moe), _expert_table(moe)
+    if routing is None or table is None:
+        return None
+    return native.moe_args(norm.weight.detach(), norm.eps, *routing, table, moe.experts.activation)
+
+
+def _watched(block: nn.Module) -> list[tuple[object, str]]:
+    """The (parent, attribute) pairs whose objects a block's kernel arguments are built from."""
+    pairs = [(block, "attn_norm"), (block, "attn"), (block, "ffn_norm"), (block, "ffn"),
+             (block.attn_norm, "weight"), (block.ffn_norm, "weight")]
+    attn = block.attn
+    for name in ("wqkv", "wo", "q_norm", "k_norm"):
+        if hasattr(attn, name):
+            pairs.append((attn, name))
+            sub = getattr(attn, name)
+            for leaf in ("w", "weight", "bias"):
+                if sub is not None and hasattr(sub, leaf):
+                    pairs.append((sub, leaf))
+    if block.is_moe:
+        pairs += [(block.ffn, "router"), (block.ffn, "experts"), (block.ffn, "shared"), (block.ffn, "path"),
+                  (block.ffn.router, "weight")]
+    return pairs
+
+
+class InferenceEngine:
+    """The kernels' side of a prepared model's decode step (module docstring). Installed as `model.decoder`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.blocks: list[BlockPlan] = []
         self.table: native.LayerTable | None = None
-        self.tensors: list[tuple[Tensor, int]] = []
-        self.routers: list[tuple[Tensor, int]] = []
-        blocks = []
+        self.dtype: torch.dtype | None = None
+        self._built = False
+        self._watch: list[tuple[object, str, object]] = []
+        self._routers: list[tuple[Tensor, int]] = []
+        self._hooked: list[nn.Module] = []
+
+    # ------------------------------------------------------------------------------------------ building
+
+    def invalidate(self) -> None:
+        """Rebuild the kernels' arguments before the next step (the model calls this when its tensors move)."""
+        self._built = False
+
+    def refresh(self) -> None:
+        """Build every block's kernel arguments from the model as it is now."""
+        model = self.model
+        self.blocks, self.table, self._watch, self._routers, self._hooked = [], None, [], [], []
+        self.dtype = model.embed.weight.dtype
+        available = native.available() and model.embed.weight.device.type == "cpu"
         for block in model.blocks:
-            attn_args = getattr(block.attn, "native_args", None)  # grouped-query attention only
-            if not block.is_moe or not block.fusable() or attn_args is None:
-                return
-            attn, moe = attn_args(block.attn_norm), block.ffn.native_args(block.ffn_norm)
-            if attn is None or moe is None or attn.dtype != dtype or moe.dtype != dtype:
-                return
-            blocks.append((attn, moe))
-            self.tensors += [(t, t.data_ptr()) for t in (*attn.keep, *moe.keep) if isinstance(t, Tensor)]
-            self.routers.append((block.ffn.router.weight, block.ffn.router.weight._version))
-        self.table = native.LayerTable(blocks) if blocks else None
+            plan = BlockPlan(_attention_args(block), _ffn_args(block)) if available else BlockPlan(None, None)
+            for half in (plan.attn, plan.ffn):
+                if half is not None and half.dtype != self.dtype:
+                    plan = BlockPlan(None, None)
+            self.blocks.append(plan)
+            self._watch += [(parent, name, getattr(parent, name)) for parent, name in _watched(block)]
+            if block.is_moe:
+                self._routers.append((block.ffn.router.weight, block.ffn.router.weight._version))
+            self._hooked += list(block.modules())
+        self._watch.append((model, "blocks", model.blocks))
+        whole = self.blocks and all(p.attn is not None and p.ffn is not None for p in self.blocks)
+        if whole and len({p.attn.struct.rot for p in self.blocks}) == 1:
+            self.table = native.LayerTable([(p.attn, p.ffn) for p in self.blocks])
+        self._built = True
 
-    def valid(self, model: nn.Module, dtype: torch.dtype) -> bool:
-        return (self.registrations == _registrations and self.dtype == dtype and self.training == model.training
-                and all(t.data_ptr() == p for t, p in self.tensors) and all(w._version == v for w, v in self.routers))
+    def _current(self) -> bool:
+        """Whether the arguments were built from the objects the model holds now (identity, not data pointers)."""
+        return (all(getattr(parent, name, None) is obj for parent, name, obj in self._watch)
+                and all(w._version == v for w, v in self._routers))
 
-    def __deepcopy__(self, memo: dict) -> None:
-        return None  # a copy's tensors live elsewhere: it builds its own
+    def describe(self) -> list[tuple[str, str]]:
+        """Per layer, where (attention half, FFN half) run at decode: "kernel" or "torch"."""
+        if not self._built or not self._current():
+            self.refresh()
+        return [("kernel" if p.attn is not None else "torch", "kernel" if p.ffn is not None else "torch")
+                for p in self.blocks]
+
+    # ------------------------------------------------------------------------------------------ a step
+
+    def _applies(self, x: Tensor, cos: Tensor, cache: KVCache, start: int, stats: bool | None) -> bool:
+        return (not stats and not torch.is_grad_enabled() and x.shape[:2] == (1, 1) and cache.pad is None
+                and cos.shape[0] == 1 and start == cache.length and x.is_contiguous() and autocast_dtype(x) is None
+                and not _global_hooks() and not any(m._forward_hooks or m._forward_pre_hooks for m in self._hooked))
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int,
+                 stats: bool | None) -> tuple[Tensor, list[MoEAux]] | None:
+        """x after every block for one decode step on the kernels where they apply (module docstring), and one
+        MoEAux per MoE layer; None where the kernels do not take this step."""
+        if not self._built or not self._current():
+            self.refresh()
+        if x.dtype != self.dtype or not any(p.attn or p.ffn for p in self.blocks) \
+                or not self._applies(x, cos, cache, start, stats):
+            return None
+        blocks = self.model.blocks
+        if self.table is not None:
+            L = cache.length
+            for i, plan in enumerate(self.blocks):
+                s = plan.attn.struct
+                if cache.reserve(i, (1, s.G, 1, s.Dh), (1, s.G, 1, s.Dh), x) != L:
+                    return None
+                self.table.set_cache(i, cache.k[i], cache.v[i])
+            x = native.decode_layers(self.table, x, cos, sin, start)
+            cache.lengths[:] = [start + 1] * len(blocks)
+            return x, [MoEAux(n_tokens=1) for b in blocks if b.is_moe]
+        auxes = []
+        for i, (block, plan) in enumerate(zip(blocks, self.blocks)):
+            if plan.attn is not None:
+                s = plan.attn.struct
+                L = cache.reserve(i, (1, s.G, 1, s.Dh), (1, s.G, 1, s.Dh), x)
+                x = native.attention_block(plan.attn, x, cos, sin, cache.k[i], cache.v[i], L)
+                cache.lengths[i] = L + 1
+            else:
+                x = block.attn_half(x, cos, sin, cache, start)
+            if plan.ffn is not None:
+                x, aux = native.moe_block(plan.ffn, x)[0], MoEAux(n_tokens=1)
+            else:
+                x, aux = block.ffn_half(x, stats)
+            if aux is not None:
+                auxes.append(aux)
+        return x, auxes
+
+    # ------------------------------------------------------------------------------------------ copies
+
+    def __deepcopy__(self, memo: dict) -> InferenceEngine:
+        """An engine for the copied model (built on its first step): the kernels' arguments point into the tensors of
+        the model they were built from."""
+        model = memo.get(id(self.model))
+        return InferenceEngine(model if model is not None else copy.deepcopy(self.model, memo))
+
+    def __getstate__(self) -> dict:
+        return {"model": self.model}  # the kernels' arguments are rebuilt wherever the model is loaded
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model"])
 
 
-def decode_plan(model: nn.Module, dtype: torch.dtype) -> DecodePlan:
-    """model's DecodePlan for activations of `dtype`, built on first use and whenever it is stale."""
-    plan = model.__dict__.get("_decode_plan")
-    if plan is None or not plan.valid(model, dtype):
-        plan = DecodePlan(model, dtype)
-        model.__dict__["_decode_plan"] = plan
-    return plan
+def _global_hooks() -> bool:
+    """Whether a global forward hook is registered (torch.nn.modules.module.register_module_forward_hook)."""
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
+def install_engine(model: nn.Module) -> InferenceEngine:
+    """model.decoder = an InferenceEngine of the model (built on its first step); the engine."""
+    model.decoder = InferenceEngine(model)
+    return model.decoder

@@ -31,7 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from moelab.inference.formats import INT4_N_MULTIPLE, LinearWeight, check_quant, linear_weight
+from moelab.inference.backend import INT4_N_MULTIPLE
+from moelab.inference.engine import InferenceEngine, install_engine
+from moelab.inference.formats import LinearWeight, check_quant, linear_weight
 from moelab.inference.quantized_experts import ExpertWeights, QuantizedExperts, expert_weights
 from moelab.layer.experts import Experts
 from moelab.layer.moe import MoE
@@ -157,7 +159,8 @@ def convert_slot(model: MoETransformer, slot: Slot, quant: str | None, group_siz
 
 @torch.no_grad()
 def prepare_inference(model: MoETransformer, quant: str | None = None, group_size: int = 32) -> MoETransformer:
-    """Convert `model` in place for inference (module docstring) and return it in eval mode. ValueError for an
+    """Convert `model` in place for inference (module docstring), install its inference engine (`model.decoder`,
+    `moelab.inference.engine`: the decode step on moelab's kernels) and return it in eval mode. ValueError for an
     unsupported quant or group size. Idempotent: what is converted already is kept."""
     check_quant(quant, group_size)
     model.eval().requires_grad_(False)
@@ -166,7 +169,47 @@ def prepare_inference(model: MoETransformer, quant: str | None = None, group_siz
     for _, moe in moe_stores(model):
         if isinstance(moe.experts, Experts):
             moe.experts = store_experts(moe.experts, quant, group_size)
+    if not isinstance(model.decoder, InferenceEngine):
+        install_engine(model)
+        model.register_state_dict_post_hook(_portable_state_hook)
+    model.decoder.invalidate()
     return model
+
+
+_ROW_DIM = {"weight": 0, "qweight": 0, "scale": 0, "scale_zero": 1, "bias": 0}  # the out_features dimension
+
+
+def portable_state(model: MoETransformer, state: dict[str, Tensor], prefix: str = "") -> None:
+    """Rewrite `state` (model's state dict, keys under `prefix`) in place into the portable layout of a converted
+    model (`moelab.runs.quantized` states it): each converted linear as its float parts' names with their portable
+    tensors (`LinearWeight.tensors()`, fused q|k|v split back into wq, wk, wv), each converted expert store as its
+    experts' tensors stacked per projection. Nothing kernel-specific is ever in it."""
+    for slot in linear_slots(model):
+        linear = getattr(slot.parent, slot.attr, None)
+        if not isinstance(linear, InferenceLinear):
+            continue
+        tensors = dict(linear.w.tensors())
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias
+        for name in [n for n in state if n.startswith(f"{prefix}{slot.prefix}{slot.attr}.")]:
+            del state[name]
+        rows = slot.rows or (linear.out_features,)
+        for key, t in tensors.items():
+            for part, block in zip(slot.parts, t.split(list(rows), dim=_ROW_DIM[key])):
+                state[f"{prefix}{slot.prefix}{part}.{key}"] = block
+    for store_prefix, moe in moe_stores(model):
+        if not isinstance(moe.experts, QuantizedExperts):
+            continue
+        for proj in ("gate_up", "down"):
+            per_expert = [getattr(ew, proj).tensors() for ew in moe.experts.weights]
+            if len({tuple(t) for t in per_expert}) != 1:
+                raise ValueError(f"{store_prefix[:-1]}: the experts' {proj} weights are in different formats")
+            for key in per_expert[0]:
+                state[f"{prefix}{store_prefix}{proj}.{key}"] = torch.stack([t[key] for t in per_expert])
+
+
+def _portable_state_hook(module: MoETransformer, state: dict[str, Tensor], prefix: str, local_metadata) -> None:
+    portable_state(module, state, prefix)
 
 
 def weight_formats(model: nn.Module) -> Counter:

@@ -18,7 +18,7 @@ from torch import Tensor
 from moelab.inference import native
 from moelab.inference.formats import LinearWeight, linear_weight
 from moelab.layer.expert_ops import activate, in_width
-from moelab.layer.experts import ExpertStore
+from moelab.layer.experts import ExpertStore, weighted_sum
 
 
 class ExpertWeights:
@@ -79,14 +79,6 @@ class QuantizedExperts(ExpertStore):
         y = self.weights[e].ffn(x_nD)
         return y if dtype is None else y.to(dtype)
 
-    def native_table(self) -> native.ExpertTable | None:
-        """The experts as one `native.moe_block` call takes them (built on first use), or None unless all run on
-        moelab's kernels in one format."""
-        if not hasattr(self, "_table"):
-            self._table = native.expert_table([ew.gate_up.native for ew in self.weights],
-                                              [ew.down.native for ew in self.weights])
-        return self._table
-
     def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
                dtype: torch.dtype | None = None) -> Tensor:
         return decode_experts([self.weights[e] for e in experts], weights, self.activation, x_1D, dtype)
@@ -95,17 +87,11 @@ class QuantizedExperts(ExpertStore):
 def decode_experts(chosen: list[ExpertWeights], weights: list[float], activation: str, x_1D: Tensor,
                    dtype: torch.dtype | None = None) -> Tensor:
     """y [1, D] = Σⱼ wⱼ · FFN_j(x) over the k `chosen` experts: one call of moelab's kernels where every chosen
-    weight runs on them in one format (`moelab.inference.native.moe_decode`); otherwise the k first projections, one
-    activation over the k rows [k, H], the routing weights applied to its [k, I] output, then the k second
-    projections accumulated (fused into the product where the format can)."""
+    weight runs on them in one format (`moelab.inference.native.moe_decode`), else the stores' torch decode
+    (`moelab.layer.experts.weighted_sum` of the experts' FFNs)."""
     gate_ups, downs = [ew.gate_up.native for ew in chosen], [ew.down.native for ew in chosen]
     if native.same_format(gate_ups) and native.same_format(downs):
         y_1D = native.moe_decode(gate_ups, downs, weights, x_1D, activation)
         return y_1D if y_1D.dtype == (dtype or x_1D.dtype) else y_1D.to(dtype or x_1D.dtype)
-    h_kH = torch.cat([ew.gate_up(x_1D) for ew in chosen])
-    w_k1 = torch.tensor(weights, dtype=h_kH.dtype, device=h_kH.device)[:, None]
-    a_kI = activate(h_kH, activation).mul_(w_k1)
-    y_1D = chosen[0].down(a_kI[:1])
-    for j in range(1, len(chosen)):
-        y_1D = chosen[j].down.add(a_kI[j:j + 1], y_1D)
+    y_1D = weighted_sum([ew.ffn for ew in chosen], weights, x_1D)
     return y_1D if dtype is None else y_1D.to(dtype)

@@ -1,5 +1,5 @@
-"""Compute kernels of the expert FFNs: the activation, the float32 oneDNN linear, the grouped products
-(loop, padded, grouped_mm with its autograd) and the decode step's FFN; the fused routed FFN is in
+"""Compute kernels of the expert FFNs: the activation, the float32 oneDNN linear and the grouped products
+(loop, padded, grouped_mm with its autograd); the fused routed FFN is in
 `moelab.layer.fused`. Plain functions on tensors: which one runs is decided by `moelab.layer.policy`; the weights
 are owned by `moelab.layer.experts`. Measurements behind the rules here: docs/BENCHMARKS.md ("Path policy,
 kernels and layout").
@@ -192,21 +192,3 @@ def grouped_ffn(x_AD: Tensor, counts: Tensor, w_in: Tensor, w_out: Tensor, activ
     """Expert e on rows [start_e, start_e + counts[e]) of x_AD → unweighted outputs [A, D]; `backend` is
     one of GROUPED_BACKENDS (`moelab.layer.policy.grouped_backend` resolves "auto" and checks usability)."""
     return GROUPED_BACKENDS[backend](x_AD, counts, w_in, w_out, activation)
-
-
-# ----------------------------------------------------------------------------------------- decode step
-
-def decode_ffn(x_1D: Tensor, experts: list[int], weights: list[float], w_in: Tensor, w_out: Tensor,
-               activation: str) -> Tensor:
-    """One token through its chosen experts, for inference: y = Σⱼ wⱼ · FFN_{eⱼ}(x).
-
-    No sort, gather or scatter: per chosen expert two products on views of the stacked weights, the
-    routing weight folded into the second (`addmm`'s alpha); the first `addmm` has beta = 0 (its input
-    is ignored), so no zero tensor is made.
-    """
-    y_1D = None
-    for e, w in zip(experts, weights):
-        a_1I = activate(torch.mm(x_1D, w_in[e]), activation)
-        y_1D = torch.addmm(x_1D, a_1I, w_out[e], beta=0, alpha=w) if y_1D is None \
-            else y_1D.addmm_(a_1I, w_out[e], alpha=w)
-    return y_1D

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab.config.model import MoEConfig
-from moelab.layer.expert_ops import activate, decode_ffn, grouped_ffn, in_width
+from moelab.layer.expert_ops import activate, grouped_ffn, in_width
 
 INIT_STD = 0.02  # N(0, 0.02) initial weights (GPT-2, Radford et al. 2019)
 
@@ -37,6 +37,16 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w_out(activate(self.w_in(x), self.activation))
+
+
+def weighted_sum(ffns: list, weights: list[float], x_1D: Tensor) -> Tensor:
+    """y [1, D] = Σⱼ wⱼ · ffnⱼ(x) for one token through its k chosen experts: the one torch implementation of a
+    decode step's experts (every store's `decode`; moelab's kernels have their own, `native.moe_decode`)."""
+    y_1D = None
+    for ffn, w in zip(ffns, weights):
+        out = ffn(x_1D)
+        y_1D = out.mul_(w) if y_1D is None else y_1D.add_(out, alpha=w)
+    return y_1D
 
 
 class ExpertStore(nn.Module):
@@ -67,11 +77,7 @@ class ExpertStore(nn.Module):
 
     def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
                dtype: torch.dtype | None = None) -> Tensor:
-        y_1D = None
-        for e, w in zip(experts, weights):
-            out = self.ffn(x_1D, e, dtype)
-            y_1D = out.mul_(w) if y_1D is None else y_1D.add_(out, alpha=w)
-        return y_1D
+        return weighted_sum([lambda x, e=e: self.ffn(x, e, dtype) for e in experts], weights, x_1D)
 
     def stacked(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor] | None:
         return None
@@ -105,14 +111,6 @@ class Experts(ExpertStore):
         if dtype is not None:
             w_in, w_out = w_in.to(dtype), w_out.to(dtype)
         return activate(x_nD @ w_in, self.activation) @ w_out
-
-    def decode(self, x_1D: Tensor, experts: list[int], weights: list[float],
-               dtype: torch.dtype | None = None) -> Tensor:
-        """`kernels.decode_ffn` on views of the stacked weights (under autocast: the chosen experts cast)."""
-        w_in, w_out = self.w_in, self.w_out
-        if dtype is not None:
-            w_in, w_out, experts = w_in[experts].to(dtype), w_out[experts].to(dtype), list(range(len(experts)))
-        return decode_ffn(x_1D, experts, weights, w_in, w_out, self.activation)
 
     @torch.no_grad()
     def keep(self, start: int, stop: int) -> None:

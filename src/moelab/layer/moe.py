@@ -27,7 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from moelab.config.model import MoEConfig
-from moelab.inference import native
 from moelab.layer import balance
 from moelab.layer.biased_experts import BiasedExperts
 from moelab.layer.experts import INIT_STD, Experts, ExpertStore, FeedForward
@@ -156,32 +155,6 @@ class MoE(nn.Module):
         seq_len = shape[-2] if len(shape) >= 3 else x_TD.shape[0]
         reduce = self.path.reduce if self.path is not None else None
         return y, layer_aux(self.cfg, routing, n_dropped, seq_len, reduce)
-
-    def native_args(self, norm: nn.Module) -> native.BlockArgs | None:
-        """norm then this layer as one kernel call takes them (`native.moe_args`; kept until a tensor they point
-        into is replaced), or None where that call does not apply: a path or backend set, shared experts, a
-        router `native.route` does not take, or experts not all on moelab's kernels in one format."""
-        if self.path is not None or self.cfg.backend != "auto" or self.shared is not None:
-            return None
-        table = getattr(self.experts, "native_table", lambda: None)()
-        routing = self.router.native_routing() if table is not None else None
-        if routing is None or norm.weight.dtype != self.router.weight.dtype:
-            return None
-        w = routing[0]
-        return native.cached(self, (norm.weight.data_ptr(), w.data_ptr(), table),
-                             lambda: native.moe_args(norm.weight, norm.eps, *routing, table, self.experts.activation))
-
-    def decode_step(self, x: Tensor, norm: nn.Module, stats: bool | None = None) -> Tensor | None:
-        """x + self(norm(x))[0] for one token x [1, 1, D] in one call of moelab's kernels (`native.moe_block`:
-        the norm, `Router.native_routing`'s routing, the k experts, the residual add — the decode path's numbers
-        bit for bit), or None where that does not apply (then the caller runs the modules): no `native_args`,
-        statistics asked, autograd, autocast, or x of another dtype."""
-        if stats or torch.is_grad_enabled() or x.shape[:2] != (1, 1) or autocast_dtype(x) is not None:
-            return None
-        args = self.native_args(norm)
-        if args is None or args.dtype != x.dtype or not x.is_contiguous():
-            return None
-        return native.moe_block(args, x)[0]
 
     def _flatten(self, x: Tensor) -> Tensor:
         """x [..., D] → x_TD [T, D], after checking the width and the dtype."""

@@ -25,18 +25,23 @@ Legend: T = tokens, D = model width, A = kept assignments, E = experts.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from moelab.config.model import MoEConfig
 from moelab.layer.dispatch import combine, permute, token_choice_capacity
+from moelab.layer.experts import ExpertStore
 from moelab.layer.fused import routed_ffn
 from moelab.layer.routing import Routing
 
-if TYPE_CHECKING:
-    from moelab.layer.moe import MoE
+
+class RoutedLayer(Protocol):
+    """What a path reads of the layer it runs (an `MoE`): its config and its expert store."""
+
+    cfg: MoEConfig
+    experts: ExpertStore
 
 
 class Path:
@@ -45,7 +50,7 @@ class Path:
     name = "path"
     reduce: Callable[[Tensor], object] | None = None
 
-    def __call__(self, layer: MoE, x_TD: Tensor, routing: Routing,
+    def __call__(self, layer: RoutedLayer, x_TD: Tensor, routing: Routing,
                  dtype: torch.dtype | None) -> tuple[Tensor, Tensor | int]:
         raise NotImplementedError
 

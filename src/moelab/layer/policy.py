@@ -20,17 +20,12 @@ docs/BENCHMARKS.md ("Path policy").
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from moelab.layer.expert_ops import GROUPED_BACKENDS, grouped_mm_usable
-from moelab.layer.paths import DecodePath, FusedPath, GroupedPath, Path
+from moelab.layer.paths import DecodePath, FusedPath, GroupedPath, Path, RoutedLayer
 from moelab.layer.routing import Routing
-
-if TYPE_CHECKING:
-    from moelab.layer.moe import MoE
 
 FUSED_MIN_EXPERT_SIZE = 512 * 256
 INFERENCE_GROUPED_MAX_ROWS = 4096
@@ -58,7 +53,7 @@ def grouped_backend(requested: str, x: Tensor, stacked: tuple[Tensor, Tensor] | 
     return requested
 
 
-def choose_path(layer: MoE, x_TD: Tensor, routing: Routing) -> Path:
+def choose_path(layer: RoutedLayer, x_TD: Tensor, routing: Routing) -> Path:
     """The path for this forward (module docstring); x_TD in the dtype the experts compute in."""
     if layer.path is not None:
         return layer.path

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config.model import MoEConfig
-from moelab.inference import native
 from moelab.layer.expert_ops import fast_linear
 from moelab.layer.experts import INIT_STD
 
@@ -127,42 +126,17 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=INIT_STD)
         self.bias.zero_()
 
-    def _weight_as(self, dtype: torch.dtype) -> Tensor:
-        """The weight in `dtype`; outside autograd a cast is kept until the weight changes (a bfloat16 model's
-        router runs in float32: at decode, casting it anew every token is a copy per layer)."""
-        w = self.weight
-        if w.dtype == dtype or torch.is_grad_enabled():
-            return w.to(dtype)
-        key = (w.data_ptr(), w._version, dtype, w.device)
-        if getattr(self, "_cast_key", None) != key:
-            self._cast, self._cast_key = w.detach().to(dtype), key
-        return self._cast
-
-    def native_routing(self) -> tuple[Tensor, int, bool, float] | None:
-        """(float32 weight, k, renorm, scale) as `native.route` takes them — a "topk_softmax" router without
-        selection or logit bias and groups, outside autograd, with moelab's kernels available — else None."""
-        cfg = self.cfg
-        if (torch.is_grad_enabled() or cfg.router != "topk_softmax" or cfg.expert_bias or cfg.biases
-                or cfg.n_groups > 1 or self.weight.device.type != "cpu" or not native.available()):
-            return None
-        return self._weight_as(torch.float32), cfg.top_k, cfg.norm_topk_prob, cfg.route_scale
-
     def forward(self, x_TD: Tensor, with_probs: bool = True) -> Routing:
         """Route T tokens; `with_probs=False` skips the full distribution where routing does not need it
-        (the layer asks for it only when it computes its statistics: see `moelab.layer.moe`). One token at decode
-        routes in one kernel call where `native_routing` says so (the same numbers up to float32 rounding)."""
+        (the layer asks for it only when it computes its statistics: see `moelab.layer.moe`)."""
         cfg = self.cfg
         T = x_TD.shape[0]
-        args = self.native_routing() if T == 1 and x_TD.dtype in native.IO_DTYPES else None
-        if args is not None:
-            logits_TE, topk_idx_TK, weight_TK = native.route(x_TD, *args)
-            return Routing(logits_TE, torch.softmax(logits_TE, -1) if with_probs else None, topk_idx_TK, weight_TK)
         dtype = torch.promote_types(x_TD.dtype, torch.float32)  # float32 at least, whatever comes in
         linear = fast_linear if torch.is_grad_enabled() or T * cfg.n_experts >= ROUTER_ONEDNN_MIN else F.linear
         device = x_TD.device.type
         no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
         with no_autocast:  # router math stays float32 under autocast too
-            logits_TE = linear(x_TD.to(dtype), self._weight_as(dtype))
+            logits_TE = linear(x_TD.to(dtype), self.weight.to(dtype))
             if cfg.biases:
                 logits_TE = logits_TE + self.logit_bias.to(dtype)
         if cfg.router == "expert_choice":

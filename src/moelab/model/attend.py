@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moelab.inference import native
-
 
 def allowed_keys(S: int, L: int, start: int, window: int | None, pad: Tensor | None, device: torch.device) -> Tensor:
     """allowed (bool) for queries at start..start+S-1 over keys 0..L-1: [S, L], or [B, 1, S, L] with `pad` [B]
@@ -47,15 +45,12 @@ def sink_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: floa
 
 
 def one_query_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
-    """out [B, H, 1, Dh] for one new query per row over all L keys (a decode step), in float32 at least: moelab's
-    kernel (`native.decode_attention`, the cache read in place) where it runs, else the H/G query heads of each kv
-    head as the rows of one float product. Not `scaled_dot_product_attention`: its CPU kernel costs 0.1-0.3 ms
-    at one query, and a bfloat16 product of a new shape each step costs ~1 ms (docs/BENCHMARKS.md)."""
+    """out [B, H, 1, Dh] for one new query per row over all L keys (a decode step), in float32 at least: the H/G
+    query heads of each kv head as the rows of one float product. Not `scaled_dot_product_attention`: its CPU kernel
+    costs 0.1-0.3 ms at one query, and a bfloat16 product of a new shape each step costs ~1 ms (docs/BENCHMARKS.md)."""
     B, H, _, Dh = q.shape
     G = k.shape[1]
     scale = Dh ** -0.5 if scale is None else scale
-    if native.attention_supported(q, k, v):
-        return native.decode_attention(q, k, v, scale)
     dtype = torch.promote_types(q.dtype, torch.float32)
     scores = (q.reshape(B, G, H // G, Dh).to(dtype) @ k.to(dtype).transpose(-1, -2)).mul_(scale)  # [B, G, H/G, L]
     return (torch.softmax(scores, dim=-1) @ v.to(dtype)).view(B, H, 1, v.shape[-1]).to(q.dtype)

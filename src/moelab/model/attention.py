@@ -15,11 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from moelab.config.model import ModelConfig
-from moelab.inference import native
 from moelab.model.attend import attend
 from moelab.model.cache import KVCache
 from moelab.model.init import init_linear, residual_std
-from moelab.model.norm import RMSNorm, rms_norm
+from moelab.model.norm import RMSNorm
 from moelab.model.rope import apply_rope, yarn_mscale
 
 
@@ -58,37 +57,6 @@ class Attention(nn.Module):
         out = attend(q, k, v, start, self.scale, self.window, self.sinks, cache.pad if cache is not None else None)
         return self.wo(out.transpose(1, 2).reshape(B, S, self.wo.in_features))
 
-    def native_args(self, norm: RMSNorm) -> native.BlockArgs | None:
-        """norm then this attention as one kernel call takes them (`native.attention_args`; kept until a tensor
-        they point into is replaced), or None where that call does not apply: weights not on moelab's kernels,
-        sinks, a sliding window."""
-        wqkv, wo = getattr(self.wqkv, "w", None), getattr(self.wo, "w", None)
-        if (self.sinks is not None or self.window is not None
-                or getattr(wqkv, "native", None) is None or getattr(wo, "native", None) is None):
-            return None
-        norms = (self.q_norm.weight, self.k_norm.weight) if self.qk_norm in ("head", "full") else ()
-        tensors = (norm.weight, self.wqkv.bias, self.wo.bias, *norms)
-        return native.cached(self, tuple(None if t is None else t.data_ptr() for t in tensors) + (wqkv, wo),
-                             lambda: native.attention_args(
-                                 norm.weight, norm.eps, wqkv.native, self.wqkv.bias,
-                                 (*norms, self.q_norm.eps) if norms else None, self.rot, wo.native,
-                                 self.wo.bias, self.n_heads, self.n_kv, self.hd, self.scale))
-
-    def decode_step(self, x: Tensor, norm: RMSNorm, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor | None:
-        """x + self(norm(x)) for one token (B = S = 1) in one call of moelab's kernel (`native.attention_block`:
-        the same roundings), or None where that does not apply (then the caller runs the modules): no
-        `native_args`, padding, autograd, or x of another dtype."""
-        if torch.is_grad_enabled() or x.shape[:2] != (1, 1) or cache.pad is not None or cos.shape[0] != 1:
-            return None
-        args = self.native_args(norm)
-        if args is None or args.dtype != x.dtype or not x.is_contiguous():
-            return None
-        heads = (1, self.n_kv, 1, self.hd)
-        L = cache.reserve(self.layer, heads, heads, x)
-        out = native.attention_block(args, x, cos, sin, cache.k[self.layer], cache.v[self.layer], L)
-        cache.lengths[self.layer] = L + 1
-        return out
-
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """q [B, H, S, Dh], k and v [B, G, S, Dh]: projected, q/k-normed and rotated."""
         B, S, _ = x.shape
@@ -106,28 +74,15 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _qkv_fused(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """`_qkv` from the fused projection (inference), q and k normed and rotated as one tensor of H + G heads
-        (the same arithmetic, half the ops: they count at decode)."""
+        """`_qkv` from the fused projection (inference): one product for q, k and v."""
         B, S, _ = x.shape
         H, G = self.n_heads, self.n_kv
         qkv = self.wqkv(x).view(B, S, H + 2 * G, self.hd).transpose(1, 2)  # [B, H + 2G, S, Dh]
         qk, v = qkv[:, :H + G], qkv[:, H + G:]
+        q, k = qk[:, :H], qk[:, H:]
         if self.qk_norm == "head":
-            qk = rms_norm(qk, self._qk_norm_weight(), self.q_norm.eps)
-        qk = apply_rope(qk, cos, sin)
-        return qk[:, :H], qk[:, H:], v
-
-
-    def _qk_norm_weight(self) -> Tensor:
-        """[H + G, 1, Dh]: q_norm's weight for the query heads, k_norm's for the key heads (kept until they change)."""
-        wq, wk = self.q_norm.weight, self.k_norm.weight
-        key = (wq.data_ptr(), wq._version, wk.data_ptr(), wk._version)
-        if torch.is_grad_enabled():
-            return torch.cat([wq.expand(self.n_heads, self.hd), wk.expand(self.n_kv, self.hd)])[:, None]
-        if getattr(self, "_qk_key", None) != key:
-            w = torch.cat([wq.expand(self.n_heads, self.hd), wk.expand(self.n_kv, self.hd)])[:, None]
-            self._qk_w, self._qk_key = w, key
-        return self._qk_w
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
 class MLAttention(nn.Module):

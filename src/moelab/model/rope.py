@@ -11,7 +11,6 @@ from torch import Tensor
 
 from moelab.config.model import ModelConfig
 from moelab.config.rope import RopeScaling
-from moelab.inference import native
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -76,8 +75,6 @@ def model_rope_tables(cfg: ModelConfig) -> tuple[Tensor, Tensor]:
 def apply_rope(x_BHSD: Tensor, cos_SD: Tensor, sin_SD: Tensor) -> Tensor:
     """Rotate-half RoPE; with tables narrower than the head (partial rotary, `ModelConfig.rotary_dim`) the
     first channels rotate and the rest pass through unchanged."""
-    if native.rope_supported(x_BHSD, cos_SD, sin_SD):  # one position (a decode step): one call
-        return native.rope(x_BHSD, cos_SD, sin_SD)
     r = cos_SD.shape[-1]
     if r < x_BHSD.shape[-1]:
         return torch.cat([apply_rope(x_BHSD[..., :r], cos_SD, sin_SD), x_BHSD[..., r:]], dim=-1)

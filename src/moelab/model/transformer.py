@@ -15,6 +15,11 @@ padding. Its tokens then take positions p − pad[b] (each prompt's rotary posit
 and attend only to keys at positions ≥ pad[b], so padding changes no real token's output; a pad query
 attends to itself alone (finite, and read by no one).
 
+The model holds no kernels. An inference engine (`moelab.inference.engine`, installed by `prepare_inference`) may
+install a decode step on a built model (`MoETransformer.decoder`): outside training mode, the forward hands it
+each step's embedded tokens with the cache, and runs the blocks' own torch code wherever it answers None.
+Moving or casting the model (`Module.to`, `.float()`, ...) tells the installed step to rebuild.
+
 Legend: B = batch, S = sequence (new tokens), L = cached + new positions, H = heads, G = kv heads,
 Dh = head width, D = model width, V = vocabulary.
 """
@@ -22,16 +27,15 @@ Dh = head width, D = model width, V = vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab.config.model import ModelConfig
-from moelab.inference import native
-from moelab.inference.engine import decode_plan
 from moelab.layer.experts import INIT_STD, FeedForward
-from moelab.layer.moe import MoE, MoEAux, autocast_dtype
+from moelab.layer.moe import MoE, MoEAux
 from moelab.model.attention import Attention, MLAttention
 from moelab.model.cache import KVCache
 from moelab.model.init import init_linear, residual_std
@@ -53,26 +57,17 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         self.residual_scale = cfg.residual_scale  # Granite's residual_multiplier (1: none)
 
-    def fusable(self) -> bool:
-        """Whether the block is x + attn(norm(x)), then + ffn(norm(·)), as its halves' `decode_step`s compute it
-        (no residual scale, no dropout)."""
-        return self.residual_scale == 1.0 and not (self.training and self.dropout.p > 0)
-
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int,
-                stats: bool | None = None):
-        # a decode step runs each half in one kernel call where it can (`decode_step`: None where it cannot)
-        fusable = self.fusable()
-        fused = None
-        if fusable and cache is not None and isinstance(self.attn, Attention):
-            fused = self.attn.decode_step(x, self.attn_norm, cos, sin, cache)
-        if fused is None:
-            x = x + self._scaled(self._drop(self.attn(self.attn_norm(x), cos, sin, cache, start)))
-        else:
-            x = fused
-        if fusable and self.is_moe:
-            fused = self.ffn.decode_step(x, self.ffn_norm, stats)
-            if fused is not None:
-                return fused, MoEAux(n_tokens=1)
+                stats: bool | None = None) -> tuple[Tensor, MoEAux | None]:
+        """x [B, S, D] → (x after both halves, the MoE layer's MoEAux or None for a dense block)."""
+        return self.ffn_half(self.attn_half(x, cos, sin, cache, start), stats)
+
+    def attn_half(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None, start: int) -> Tensor:
+        """x + residual_scale · dropout(attn(attn_norm(x)))."""
+        return x + self._scaled(self._drop(self.attn(self.attn_norm(x), cos, sin, cache, start)))
+
+    def ffn_half(self, x: Tensor, stats: bool | None = None) -> tuple[Tensor, MoEAux | None]:
+        """x + residual_scale · dropout(ffn(ffn_norm(x))), and the MoE layer's MoEAux (None for a dense FFN)."""
         h = self.ffn_norm(x)
         if self.is_moe:
             y, aux = self.ffn(h, stats)
@@ -85,6 +80,17 @@ class Block(nn.Module):
 
     def _scaled(self, y: Tensor) -> Tensor:
         return y if self.residual_scale == 1.0 else y * self.residual_scale
+
+
+class DecodeStep(Protocol):
+    """A decode step installed on a built model by an inference engine (`moelab.inference.engine`): called with the
+    embedded tokens x [B, S, D], the rotary tables, the cache and the start position, it returns (x after every
+    block, one MoEAux per MoE layer) — or None where it does not apply, and the blocks' own code runs."""
+
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int,
+                 stats: bool | None) -> tuple[Tensor, list[MoEAux]] | None: ...
+
+    def invalidate(self) -> None: ...
 
 
 @dataclass
@@ -112,6 +118,14 @@ class MoETransformer(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else init_linear(nn.Linear(cfg.d_model, cfg.vocab_size, bias=False))
         self.set_rope_tables()
+        self.decoder: DecodeStep | None = None  # installed by an inference engine (module docstring)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to / float / cuda / ... move or cast the tensors: an installed decode step, which holds pointers
+        into them, is told to rebuild before its next step."""
+        if self.decoder is not None:
+            self.decoder.invalidate()
+        return super()._apply(fn, recurse)
 
     def set_rope_tables(self) -> None:
         """(Re)compute the rotary tables from the config, in float32 on the default device (buffers not saved
@@ -144,12 +158,11 @@ class MoETransformer(nn.Module):
         if self.cfg.embed_scale != 1.0:  # Granite's embedding_multiplier
             x = x * self.cfg.embed_scale
         auxes: list[MoEAux] = []
-        layers = self._native_layers(x, cos, cache, stats) if S == 1 and cache is not None and start == cache.length \
-            else None
-        if layers is not None:  # a decode step: every layer in one call of moelab's kernels (`_native_layers`)
-            x = native.decode_layers(layers, x, cos, sin, start)
-            cache.lengths[:] = [start + 1] * layers.n
-            auxes = [MoEAux(n_tokens=1) for _ in range(layers.n)]
+        stepped = None
+        if self.decoder is not None and cache is not None and not self.training:
+            stepped = self.decoder(x, cos, sin, cache, start, stats)  # None where the installed step does not apply
+        if stepped is not None:
+            x, auxes = stepped
         else:
             for block in self.blocks:
                 x, aux = block(x, cos, sin, cache, start, stats)
@@ -165,25 +178,6 @@ class MoETransformer(nn.Module):
             loss = F.cross_entropy(wide.view(-1, logits.shape[-1]), targets.reshape(-1))
         aux_loss = sum((a.total_loss for a in auxes if a.losses), logits.new_zeros((), dtype=torch.float32))
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux=auxes)
-
-    def _native_layers(self, x: Tensor, cos: Tensor, cache: KVCache, stats: bool | None) -> native.LayerTable | None:
-        """Every layer of this decode step as one call of moelab's kernels takes them (`moelab.inference.engine`; the
-        blocks' `decode_step`s, layer after layer, bit for bit), with room for the token reserved in the cache; None
-        where the plan does not apply, statistics are asked for, or x is not one token of one row outside autograd
-        and autocast."""
-        if (stats or torch.is_grad_enabled() or x.shape[:2] != (1, 1) or cache.pad is not None or cos.shape[0] != 1
-                or autocast_dtype(x) is not None or not x.is_contiguous()):
-            return None
-        table = decode_plan(self, x.dtype).table
-        if table is None:
-            return None
-        L = cache.length
-        for i, (attn, _) in enumerate(table.blocks):
-            heads = (1, attn.struct.G, 1, attn.struct.Dh)
-            if cache.reserve(i, heads, heads, x) != L:
-                return None
-            table.set_cache(i, cache.k[i], cache.v[i])
-        return table
 
     def _check_ids(self, input_ids: Tensor) -> None:
         """[batch, seq] integer ids in [0, vocab_size): one min/max read (a host sync on a GPU)."""

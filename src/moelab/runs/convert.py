@@ -34,7 +34,8 @@ def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dt
     if quant is not None:
         check_quant(quant, group_size)
     check_output_dir(run.path, overwrite)
-    model = load(hf_dir, dtype, quant=quant, group_size=group_size)  # quantized as read: never whole in float
+    # quantized as read (never whole in float); a float run stores the plain trainable model's weights
+    model = load(hf_dir, dtype, quant=quant, group_size=group_size, for_training=quant is None)
     config = {"model": model.cfg.to_dict(), "train": TrainConfig().to_dict()}
     if quant is None:
         weights, optimizer = model, torch.optim.AdamW(model.parameters())  # no state until a step: nothing allocated
@@ -60,14 +61,17 @@ def convert_to_hf(run_dir: str | Path, out_dir: str | Path, max_shard_bytes: int
                   overwrite: bool = False) -> Path:
     """A moelab run (its newest checkpoint) or checkpoint directory → a Hugging Face model directory
     (`moelab.hf.save`); a non-empty `out_dir` is refused unless `overwrite`."""
-    from moelab.runs.rundir import RunDir
+    from moelab.runs import checkpoint as ckpt_io
     from moelab.runs.load import load_run
+    from moelab.runs.rundir import RunDir
 
     check_output_dir(Path(out_dir), overwrite)
-    model, config = load_run(run_dir)
-    if "quant" in config:
-        raise ValueError(f"{run_dir} holds a {config['quant']['format']}-quantized model: a Hugging Face export needs "
+    target = Path(run_dir) if (Path(run_dir) / "manifest.json").is_file() else RunDir(run_dir).latest_checkpoint()
+    quant = ckpt_io.read_config(target).get("quant") if target is not None else None
+    if quant is not None:
+        raise ValueError(f"{run_dir} holds a {quant['format']}-quantized model: a Hugging Face export needs "
                          "float weights (convert the original checkpoint, or export the float run)")
+    model, config = load_run(run_dir, for_training=True)
     tok = RunDir(run_dir).tokenizer_path
     return save(model, out_dir, tokenizer_json=tok if tok.is_file() else None, max_shard_bytes=max_shard_bytes,
                 overwrite=overwrite)

@@ -17,6 +17,7 @@ from typing import Any
 
 from moelab.config.model import ModelConfig
 from moelab.data.tokenizer import END_OF_TEXT, load_tokenizer, prompt_ids
+from moelab.inference.prepare import prepare_inference
 from moelab.model.transformer import MoETransformer
 from moelab.runs import checkpoint as ckpt_io
 from moelab.runs.rundir import TOKENIZER, RunDir
@@ -52,8 +53,9 @@ def load_model(path: str | Path, **hf_options: Any) -> LoadedModel:
 
         model, kind, tok_dir = hf.load(path, **hf_options), "hf", path
     else:
-        budget = {k: v for k, v in hf_options.items() if k in ("max_memory_gb", "policy", "prefetch")}
-        model, kind = load_run(path, **budget)[0], "run"
+        options = {k: v for k, v in hf_options.items()
+                   if k in ("quant", "group_size", "max_memory_gb", "policy", "prefetch", "for_training")}
+        model, kind = load_run(path, **options)[0], "run"
         tok_dir = path if (path / TOKENIZER).is_file() else path.parent.parent  # a checkpoint dir given directly
     tok_path = tok_dir / TOKENIZER
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None
@@ -65,11 +67,15 @@ def load_model(path: str | Path, **hf_options: Any) -> LoadedModel:
     return LoadedModel(model, tokenizer, kind, path, stop)
 
 
-def load_run(path: str | Path, *, max_memory_gb: float | None = None, policy: str = "lru", prefetch: bool = False):
-    """The newest checkpoint of a run (or a checkpoint directory given directly) as a model in eval mode,
-    and its config dict; the checkpoint is verified against its manifest, nothing is unpickled.
+def load_run(path: str | Path, *, quant: str | None = None, group_size: int = 32, max_memory_gb: float | None = None,
+             policy: str = "lru", prefetch: bool = False, for_training: bool = False):
+    """The newest checkpoint of a run (or a checkpoint directory given directly) as a model in eval mode, ready to
+    decode on the inference path, and its config dict; the checkpoint is verified against its manifest, nothing is
+    unpickled. A float run is converted for inference (`prepare_inference(model, quant, group_size)`: float weights
+    for quant None); a quantized run (`moelab convert --quant`) loads in its own format.
     max_memory_gb, policy, prefetch: a quantized run's routed experts stay on disk within that budget
-    (`moelab.runs.quantized.load_quantized`); ValueError for a budget on a float run."""
+    (`moelab.runs.quantized.load_quantized`). for_training: the plain trainable float model (no conversion).
+    ValueError for a budget on a float run, another quant than a quantized run's own, or for_training with either."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"run directory {path} does not exist")
@@ -84,12 +90,20 @@ def load_run(path: str | Path, *, max_memory_gb: float | None = None, policy: st
     if "quant" in config:  # a quantized run (`moelab convert --quant`)
         from moelab.runs.quantized import load_quantized
 
+        held = config["quant"]["format"]
+        if for_training or (quant is not None and quant != held):
+            raise ValueError(f"{path} is {held}-quantized: it cannot be converted again (quant={quant!r}) or trained "
+                             "(convert the original float checkpoint instead)")
         return load_quantized(target, config, max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch), config
+    if for_training and quant is not None:
+        raise ValueError(f"for_training=True loads the float trainable model: quant={quant!r} applies to inference only")
     if max_memory_gb is not None:
         raise ValueError(f"max_memory_gb applies to a quantized run or a Hugging Face directory; {path} is a float "
                          "run: convert it with `moelab convert --to-hf` (or `--from-hf ... --quant`) first")
     model = MoETransformer(ModelConfig.from_dict(config["model"]))
     ckpt_io.load_model_state(model, target, verified=True)
+    if not for_training:
+        prepare_inference(model, quant, group_size)
     return model.eval(), config
 
 

@@ -39,7 +39,6 @@ from moelab.inference.formats import check_quant, load_linear_weight
 from moelab.inference.quantized_experts import ExpertWeights, QuantizedExperts
 
 LAYOUT = 1
-_ROW_DIM = {"weight": 0, "qweight": 0, "scale": 0, "scale_zero": 1, "bias": 0}  # the out_features dimension
 _QUANT_OF = {("weight",): None, ("qweight", "scale"): "int8", ("qweight", "scale_zero"): "int4"}
 
 
@@ -50,33 +49,15 @@ def quant_record(quant: str, group_size: int) -> dict[str, Any]:
 
 
 def quantized_state(model: MoETransformer) -> dict[str, Tensor]:
-    """The tensors of a model converted by `prepare_inference`, in the layout of the module docstring."""
-    state = model.state_dict()
-    out: dict[str, Tensor] = {}
+    """The tensors of a model converted by `prepare_inference`, in the layout of the module docstring (its
+    `state_dict`, which `prepare_inference` makes portable: `moelab.inference.prepare.portable_state`)."""
     for slot in linear_slots(model):
-        linear = getattr(slot.parent, slot.attr)
-        if not isinstance(linear, InferenceLinear):
+        if not isinstance(getattr(slot.parent, slot.attr), InferenceLinear):
             raise ValueError(f"{slot.prefix}{slot.attr} is not converted: run moelab.inference.prepare_inference")
-        tensors = dict(linear.w.tensors())
-        if linear.bias is not None:
-            tensors["bias"] = linear.bias
-        rows = slot.rows or (linear.out_features,)
-        for key, t in tensors.items():
-            for part, block in zip(slot.parts, t.split(list(rows), dim=_ROW_DIM[key])):
-                out[f"{slot.prefix}{part}.{key}"] = block.contiguous()
-        prefix = f"{slot.prefix}{slot.attr}."
-        for name in [n for n in state if n.startswith(prefix)]:
-            del state[name]
     for prefix, moe in moe_stores(model):
         if not isinstance(moe.experts, QuantizedExperts):
             raise ValueError(f"{prefix[:-1]} holds a {type(moe.experts).__name__}: only converted experts are saved")
-        for proj in ("gate_up", "down"):
-            per_expert = [getattr(ew, proj).tensors() for ew in moe.experts.weights]
-            if len({tuple(t) for t in per_expert}) != 1:
-                raise ValueError(f"{prefix[:-1]}: the experts' {proj} weights are in different formats")
-            for key in per_expert[0]:
-                out[f"{prefix}{proj}.{key}"] = torch.stack([t[key] for t in per_expert])
-    return {**out, **{k: v.contiguous() for k, v in state.items()}}
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
 def _keys(names: set[str], prefix: str) -> dict[str, str]:

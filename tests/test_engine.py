@@ -1,0 +1,233 @@
+"""moelab.inference.engine: the one object that owns the kernels' calls for a prepared model. Its decode step against
+the model's own torch code (an independent implementation: model/ and layer/ hold no kernel), what it takes and
+what it leaves to torch, when it rebuilds, and the cases a user meets: deepcopy, state_dict, inference_mode,
+forward hooks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from moelab import ModelConfig, MoEConfig
+from moelab.inference import engine as engine_module
+from moelab.inference import native
+from moelab.inference.engine import InferenceEngine
+from moelab.inference.prepare import prepare_inference
+from moelab.model.cache import KVCache
+from moelab.model.transformer import MoETransformer
+
+needs_kernels = pytest.mark.skipif(not native.available(), reason=f"moelab's CPU kernels: {native.why_unavailable()}")
+
+
+def small_model(quant: str | None = "int8", seed: int = 0, dtype=torch.bfloat16, **model) -> MoETransformer:
+    torch.manual_seed(seed)
+    moe = {k: model.pop(k) for k in ("norm_topk_prob", "route_scale", "n_shared") if k in model}
+    cfg = ModelConfig(vocab_size=64, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, max_seq_len=96,
+                      moe=MoEConfig(d_model=128, d_expert=64, n_experts=8, top_k=2, **moe), **model)
+    m = MoETransformer(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "norm" in name:  # not the zeros and ones they start as
+                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.3)
+    return prepare_inference(m.to(dtype), quant)
+
+
+def decode(model: MoETransformer, steps: int = 70, prompt: int = 4) -> tuple[torch.Tensor, KVCache]:
+    """Logits of `steps` greedy decode steps after a prompt (past the cache's first 64 positions), and the cache."""
+    ids = (torch.arange(prompt)[None] * 5) % 64
+    cache, out = KVCache(), []
+    with torch.no_grad():
+        logits = model(ids, cache=cache).logits
+        for _ in range(steps):
+            logits = model(logits[:, -1:].argmax(-1), cache=cache).logits
+            out.append(logits)
+    return torch.cat(out, 1), cache
+
+
+def by_torch(model: MoETransformer, steps: int = 70) -> tuple[torch.Tensor, KVCache]:
+    """The same steps with the engine removed: the model's torch code alone."""
+    engine, model.decoder = model.decoder, None
+    try:
+        return decode(model, steps)
+    finally:
+        model.decoder = engine
+
+
+def teacher_forced(model: MoETransformer, ids: torch.Tensor) -> torch.Tensor:
+    """Decode-step logits when every step is fed the given next id (so the two paths see the same tokens)."""
+    cache, out = KVCache(), []
+    with torch.no_grad():
+        model(ids[:, :4], cache=cache)
+        for t in range(4, ids.shape[1]):
+            out.append(model(ids[:, t:t + 1], cache=cache).logits)
+    return torch.cat(out, 1).float()
+
+
+@pytest.fixture
+def steps(monkeypatch) -> dict:
+    """Counts of what ran each decode step: whole-step calls, per-block kernel calls, rebuilds."""
+    calls = {"layers": 0, "attention": 0, "moe": 0, "refresh": 0}
+    for name, attr in (("layers", "decode_layers"), ("attention", "attention_block"), ("moe", "moe_block")):
+        real = getattr(native, attr)
+        monkeypatch.setattr(native, attr, lambda *a, real=real, name=name: calls.__setitem__(name, calls[name] + 1)
+                            or real(*a))
+    refresh = InferenceEngine.refresh
+    monkeypatch.setattr(InferenceEngine, "refresh",
+                        lambda self: calls.__setitem__("refresh", calls["refresh"] + 1) or refresh(self))
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+@pytest.mark.parametrize("variant", [dict(qk_norm="head"), dict(qk_norm="full", norm_topk_prob=False, route_scale=2.0),
+                                     dict(qkv_bias=True, o_bias=True, rotary_dim=16)])
+def test_the_engine_decodes_what_the_torch_code_computes(quant, variant, steps):
+    """Every decode step is one kernel call for all layers, and its logits are the torch code's on the same weights
+    to bfloat16 rounding (the kernels sum in float32 in another order), teacher-forced so both see the same tokens;
+    the caches hold the same keys to bfloat16 rounding."""
+    model = small_model(quant, **variant)
+    assert model.decoder.describe() == [("kernel", "kernel")] * 2
+    ids = torch.randint(0, 64, (1, 74), generator=torch.Generator().manual_seed(1))
+    fast = teacher_forced(model, ids)
+    assert steps["layers"] == 70 and steps["attention"] == steps["moe"] == 0 and steps["refresh"] == 1
+    engine, model.decoder = model.decoder, None
+    slow = teacher_forced(model, ids)
+    model.decoder = engine
+    scale = slow.abs().max()
+    assert (fast - slow).abs().max() <= 0.03 * scale
+    assert (fast.argmax(-1) == slow.argmax(-1)).float().mean() >= 0.95  # near-ties may flip; most steps agree
+    _, cache_fast = decode(model, 8)
+    _, cache_slow = by_torch(model, 8)
+    torch.testing.assert_close(cache_fast.k[1][:, :, :12].float(), cache_slow.k[1][:, :, :12].float(), atol=0.05,
+                               rtol=0.02)
+
+
+@needs_kernels
+def test_blocks_the_kernels_cannot_take_run_their_torch_code_in_the_same_step(steps):
+    """Shared experts keep the FFN half in torch (its attention half still on the kernel); a residual scale keeps both
+    halves in torch; the step's logits are the torch code's."""
+    model = small_model("int8", n_shared=1)
+    assert model.decoder.describe() == [("kernel", "torch")] * 2
+    fast, _ = decode(model, 6)
+    assert steps["layers"] == 0 and steps["attention"] == 2 * 6 and steps["moe"] == 0
+    slow, _ = by_torch(model, 6)
+    assert (fast.float() - slow.float()).abs().max() <= 0.03 * slow.float().abs().max()
+    scaled = small_model("int8", residual_scale=0.5)
+    assert scaled.decoder.describe() == [("torch", "torch")] * 2
+    fp32 = small_model(None, dtype=torch.float32)  # float32 weights stay on torch's kernels
+    assert fp32.decoder.describe() == [("torch", "torch")] * 2
+
+
+@needs_kernels
+def test_what_the_engine_leaves_to_torch(steps):
+    """Statistics asked for, autograd, a batch of two rows, or training mode: the torch code runs the step."""
+    model = small_model()
+    ids = torch.tensor([[1, 2, 3]])
+    cache = KVCache()
+    with torch.no_grad():
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache, stats=True)
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), cache=KVCache())
+    model(ids[:, :1], cache=cache)  # grad enabled
+    assert steps["layers"] == 0
+    with torch.no_grad():
+        model(ids[:, :1], cache=cache)
+    assert steps["layers"] == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("change", ["replace a norm", "move with .to", "router in place", "replace the experts"])
+def test_a_changed_model_is_rebuilt_and_still_computes_what_its_torch_code_does(change, steps):
+    """One build serves every step; each change the engine cannot read in place makes it rebuild (identity of the
+    objects it was built from, the model's `_apply`, a router's version) and the result still equals torch."""
+    model = small_model()
+    decode(model, 4)
+    decode(model, 4)
+    assert steps["refresh"] == 1
+    block = model.blocks[1]
+    with torch.no_grad():
+        if change == "replace a norm":
+            block.attn_norm = copy.deepcopy(block.attn_norm)
+            block.attn_norm.weight.mul_(1.5)
+        elif change == "move with .to":
+            model.to(torch.float32).to(torch.bfloat16)
+        elif change == "router in place":
+            block.ffn.router.weight.mul_(-1)
+        else:
+            block.ffn.experts = copy.deepcopy(block.ffn.experts)
+    fast, _ = decode(model, 6)
+    assert steps["refresh"] == 2
+    slow, _ = by_torch(model, 6)
+    assert (fast.float() - slow.float()).abs().max() <= 0.03 * slow.float().abs().max()
+
+
+@needs_kernels
+def test_a_forward_hook_still_fires():
+    """A hook on a module the kernels stand in for: the step runs the torch code, so the hook sees every step."""
+    model = small_model()
+    seen = []
+    handle = model.blocks[0].ffn.router.register_forward_hook(lambda m, i, o: seen.append(1))
+    decode(model, 5)
+    assert len(seen) == 6  # the prompt and five steps
+    handle.remove()
+    seen.clear()
+    decode(model, 5)
+    assert seen == []
+
+
+@needs_kernels
+def test_deepcopy_state_dict_pickle_and_inference_mode():
+    """A prepared model deep-copies (the copy gets its own engine and decodes the same tokens), its state_dict holds
+    the portable tensors (what a quantized run stores), it round-trips through torch.save, and it decodes under
+    torch.inference_mode as under no_grad."""
+    model = small_model("int4")
+    tokens, _ = decode(model, 10)
+    twin = copy.deepcopy(model)
+    assert isinstance(twin.decoder, InferenceEngine) and twin.decoder.model is twin
+    assert torch.equal(decode(twin, 10)[0], tokens)
+    state = model.state_dict()
+    assert {"blocks.0.attn.wq.qweight", "blocks.0.attn.wk.scale_zero", "blocks.0.ffn.experts.gate_up.qweight",
+            "head.qweight", "embed.weight"} <= set(state)
+    assert not any(".wqkv." in k for k in state)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own object, in memory: the pickle is not untrusted
+    assert torch.equal(decode(loaded, 10)[0], tokens)
+    ids = torch.tensor([[3, 1, 4]])
+    cache_a, cache_b = KVCache(), KVCache()
+    with torch.inference_mode():
+        a = [model(ids, cache=cache_a).logits] + [model(ids[:, :1], cache=cache_a).logits for _ in range(3)]
+    with torch.no_grad():
+        b = [model(ids, cache=cache_b).logits] + [model(ids[:, :1], cache=cache_b).logits for _ in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@needs_kernels
+def test_the_whole_step_refuses_what_would_write_outside_the_cache():
+    model = small_model()
+    decode(model, 2)
+    table = model.decoder.table
+    x = torch.zeros(1, 1, 128, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(1, 32)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.decode_layers(table, x, cos, sin, 10_000)
+    with pytest.raises(ValueError, match="one contiguous token"):
+        native.decode_layers(table, x.float(), cos, sin, 1)
+
+
+def test_model_and_layer_hold_no_kernel():
+    """The decode step is installed on the model from outside: a model built alone has none, runs torch code, and
+    prepare_inference installs exactly one engine (idempotent)."""
+    torch.manual_seed(0)
+    m = MoETransformer(ModelConfig(vocab_size=32, d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, max_seq_len=16,
+                                   moe=MoEConfig(d_model=64, d_expert=32, n_experts=4, top_k=2)))
+    assert m.decoder is None
+    prepare_inference(m)
+    engine = m.decoder
+    prepare_inference(m)
+    assert m.decoder is engine and isinstance(engine, engine_module.InferenceEngine)
