@@ -105,7 +105,7 @@ def moelab_engine(ckpt: str, quant: str, logits_out: str | None = None):
     from moelab.model.cache import KVCache
 
     with torch.no_grad():
-        model = load(ckpt)
+        model = load(ckpt, for_training=True)  # unconverted: the "float" reference; the others converted below
         if quant != "float":
             prepare_inference(model, None if quant == "bf16" else quant)
         if logits_out:

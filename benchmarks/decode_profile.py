@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from moelab.hf import load  # noqa: E402
 from moelab.inference import native  # noqa: E402
-from moelab.inference.prepare import prepare_inference  # noqa: E402
+from moelab.inference.native import build  # noqa: E402
 from moelab.model.cache import KVCache  # noqa: E402
 
 ENTRY_POINTS = ("moelab_decode_layers", "moelab_attention_block", "moelab_moe_block", "moelab_moe_decode",
@@ -64,13 +64,11 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     with torch.no_grad():
-        model = load(a.ckpt, quant=None if a.quant == "bf16" else a.quant)
-        if a.quant == "bf16":
-            prepare_inference(model, None)
+        model = load(a.ckpt, quant=None if a.quant == "bf16" else a.quant)  # converted for inference as it reads
     if not native.available():
         sys.exit(f"moelab's kernels do not run here: {native.why_unavailable()}")
-    timed = TimedLibrary(native._library())
-    native._library = lambda: timed
+    timed = TimedLibrary(build.library())
+    build.library = lambda: timed
     cache, ids = KVCache(), torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ids = model(ids, cache=cache).logits[:, -1].argmax(-1, keepdim=True)

@@ -48,7 +48,7 @@ def main() -> None:
     formats += [(f"int4 g{g}", "int4", g) for g in map(int, a.group_sizes.split(","))]
     rows = []
     for label, quant, group_size in formats:
-        loaded = load_model(a.run)
+        loaded = load_model(a.run, for_training=True)
         if quant != "raw":
             prepare_inference(loaded.model, quant, group_size)
         nbytes = weight_bytes(loaded.model)

@@ -9,7 +9,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from moelab.inference.native.build import _library
+from moelab.inference.native import build
 from moelab.inference.native.ops import (
     ACTIVATIONS,
     IO_DTYPES,
@@ -124,9 +124,10 @@ def attention_block(args: BlockArgs, x: Tensor, cos: Tensor, sin: Tensor, k_buf:
     _check_cache(args, k_buf, v_buf, L)
     cos, sin = _tables(cos, sin, args.struct.rot)
     out = torch.empty_like(x)
-    if _library().moelab_attention_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), cos.data_ptr(),
-                                         sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(1),
-                                         k_buf.stride(2), L, torch.get_num_threads()):
+    lib = build.library()
+    if lib.moelab_attention_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+                                  sin.data_ptr(), k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(1), k_buf.stride(2),
+                                  L, torch.get_num_threads()):
         raise MemoryError("moelab native attention_block: out of memory for its buffers")
     return out
 
@@ -207,7 +208,7 @@ def moe_block(args: BlockArgs, x: Tensor) -> tuple[Tensor, Tensor]:
     _check_args(args, _MoEArgs)
     _check_token(args.dtype, x)
     out, idx = torch.empty_like(x), torch.empty(args.struct.k, dtype=torch.int64)
-    if _library().moelab_moe_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), idx.data_ptr(),
+    if build.library().moelab_moe_block(ctypes.addressof(args.struct), x.data_ptr(), out.data_ptr(), idx.data_ptr(),
                                    torch.get_num_threads()):
         raise MemoryError("moelab native moe_block: out of memory for its buffers")
     return out, idx
@@ -260,7 +261,7 @@ def decode_layers(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int
         raise ValueError(f"decode_layers: position {L} is outside the cache buffers ({table.capacity} positions)")
     cos, sin = _tables(cos, sin, table.rot)
     out = x.clone()
-    if _library().moelab_decode_layers(table.array, table.n, out.data_ptr(), cos.data_ptr(), sin.data_ptr(), L,
+    if build.library().moelab_decode_layers(table.array, table.n, out.data_ptr(), cos.data_ptr(), sin.data_ptr(), L,
                                        torch.get_num_threads()):
         raise MemoryError("moelab native decode_layers: out of memory for its buffers")
     return out

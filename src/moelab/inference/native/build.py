@@ -82,7 +82,8 @@ def _build() -> Path:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels (compiled on first use), or None where they cannot be built here (`why_unavailable`)."""
     if why_unavailable() is not None:
         return None
     try:

@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from moelab.inference.native.build import _library
+from moelab.inference.native import build
 from moelab.inference.native.layout import quantize_activations, tile_int4
 
 FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
@@ -41,7 +41,7 @@ class _Weight(ctypes.Structure):
 @functools.cache
 def available() -> bool:
     """Whether the kernels are built and multiply correctly here (each format checked against float64)."""
-    if _library() is None:
+    if build.library() is None:
         return False
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 128, generator=g)
@@ -195,7 +195,7 @@ def linear(w: NativeWeight, x_MK: Tensor) -> Tensor:
         return x.new_empty(0, w.n)
     y = torch.empty(x.shape[0], w.n, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
-    if _library().moelab_linear(ctypes.addressof(w.desc), x.data_ptr(), bf16, x.shape[0], y.data_ptr(), bf16,
+    if build.library().moelab_linear(ctypes.addressof(w.desc), x.data_ptr(), bf16, x.shape[0], y.data_ptr(), bf16,
                                 torch.get_num_threads()):
         raise MemoryError("moelab native linear: out of memory for its activation buffers")
     return y
@@ -229,7 +229,7 @@ def moe_decode(gate_ups: list[NativeWeight], downs: list[NativeWeight], route: l
     gu = (ctypes.c_void_p * k)(*(ctypes.addressof(w.desc) for w in gate_ups))
     dn = (ctypes.c_void_p * k)(*(ctypes.addressof(w.desc) for w in downs))
     r = (ctypes.c_float * k)(*route)
-    if _library().moelab_moe_decode(gu, dn, k, r, x.data_ptr(), bf16, y.data_ptr(), bf16, ACTIVATIONS[activation],
+    if build.library().moelab_moe_decode(gu, dn, k, r, x.data_ptr(), bf16, y.data_ptr(), bf16, ACTIVATIONS[activation],
                                     torch.get_num_threads()):
         raise MemoryError("moelab native moe_decode: out of memory for its activation buffers")
     return y
@@ -268,7 +268,7 @@ def route(x_1D: Tensor, weight_ED: Tensor, k: int, renorm: bool, scale: float) -
     _check_rows("x_1D", x_1D, D, rows=1)
     x = _io(x_1D)
     logits, idx, weight = torch.empty(1, E), torch.empty(1, k, dtype=torch.int64), torch.empty(1, k)
-    if _library().moelab_route(x.data_ptr(), int(x.dtype == torch.bfloat16), weight_ED.data_ptr(), E, D, k,
+    if build.library().moelab_route(x.data_ptr(), int(x.dtype == torch.bfloat16), weight_ED.data_ptr(), E, D, k,
                                int(renorm), scale, logits.data_ptr(), idx.data_ptr(), weight.data_ptr(),
                                torch.get_num_threads()):
         raise MemoryError("moelab native route: out of memory")
