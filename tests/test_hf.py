@@ -112,10 +112,27 @@ saved = saved_checkpoints(ARCHS, _tiny_hf)
 
 
 def test_load_matches_transformers(saved):
+    """The model hf.load gives is converted for inference with its engine installed (the README's path decodes on the
+    fast path) and computes transformers' logits; for_training=True gives the plain trainable model, which does too;
+    int8 as read computes what int8 after a whole float load computes."""
+    from moelab.inference.engine import InferenceEngine
+    from moelab.inference.prepare import InferenceLinear, prepare_inference
+
     arch, hf_model, path = saved
     ours = hf.load(path)
-    assert isinstance(ours, MoETransformer)
+    assert isinstance(ours, MoETransformer) and isinstance(ours.decoder, InferenceEngine)
+    assert isinstance(ours.head, InferenceLinear) and not any(p.requires_grad for p in ours.parameters())
     assert_same(hf_model, ours)
+    trainable = hf.load(path, for_training=True)
+    assert trainable.decoder is None and all(p.requires_grad for n, p in trainable.named_parameters()
+                                             if "router" not in n or not trainable.cfg.moe.freeze_router)
+    assert_same(hf_model, trainable)
+    with pytest.raises(ValueError, match="for_training=True loads the float trainable model"):
+        hf.load(path, quant="int8", for_training=True)
+    ids = _ids()
+    with torch.no_grad():  # int8 as read = int8 after a whole float load (every tensor of a slot read: gate and up)
+        want = prepare_inference(trainable, "int8")(ids).logits
+        assert torch.equal(hf.load(path, quant="int8")(ids).logits, want)
 
 
 def test_loads_stacked_expert_layout(saved, tmp_path):

@@ -165,12 +165,14 @@ def _stream(ckpt: Checkpoint, c: HFConfig, adapter: Adapter, cfg: ModelConfig, d
               disable=not (sys.stderr.isatty() if progress is None else progress)) as bar:
         state = model.state_dict(keep_vars=True)
         if inference:  # converted as read: one slot's float weights at a time are held, not the model's
-            by_target = {e.target: e for e in resident}
+            by_target: dict[str, list] = {}  # a target may be filled by several tensors (gate and up rows of w_in)
+            for e in resident:
+                by_target.setdefault(e.target, []).append(e)
             slots = [(slot, slot_tensors(model, slot)) for slot in linear_slots(model)]
             in_slots = {n for _, names in slots for n in names if not n.startswith("embed.")}
             stream_into(ckpt, [e for e in resident if e.target not in in_slots], state, bar.update)
             for slot, names in slots:
-                stream_into(ckpt, [by_target[n] for n in names if n in by_target and n in in_slots], state,
+                stream_into(ckpt, [e for n in names if n in in_slots for e in by_target.get(n, ())], state,
                             bar.update)
                 for n in names:
                     if n in in_slots:
