@@ -9,6 +9,7 @@
     moelab routing PATH --out DIR     what the experts do: routing.json, figures, report.html
     moelab card MODEL... [--json]     total/active parameters and what they cost
     moelab convert --from-hf DIR OUT | --to-hf RUN OUT
+    moelab serve PATH [--port 8000]   an OpenAI-compatible server with continuous batching (moelab[serve])
 
 Errors a user can cause (bad values, missing files, a run in use, a diverged run...) print one line,
 `moelab <command>: error: ...`, and exit with status 2.
@@ -92,6 +93,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for line in report.summary():
         print(line, file=sys.stderr)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from moelab.serve.server import serve
+    except ImportError as e:
+        raise ValueError(f"the server needs FastAPI and uvicorn ({e}): pip install 'moelab[serve]'") from None
+    if args.max_memory_gb is None and (args.cache_policy is not None or args.prefetch):
+        raise ValueError("--cache-policy and --prefetch apply with --max-memory-gb (a budget for the experts)")
+    return serve(args.run, host=args.host, port=args.port, quant=args.quant, group_size=args.group_size,
+                 max_memory_gb=args.max_memory_gb, policy=args.cache_policy or "lru", prefetch=args.prefetch,
+                 max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_in_flight=args.max_tokens_in_flight,
+                 api_key=args.api_key, model_name=args.model_name)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -250,6 +264,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --max-memory-gb: read the next layer's predicted experts on a background thread")
     p.add_argument("--quiet", action="store_true", help="no loading progress bar")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve a run, a quantized run or a Hugging Face directory over the OpenAI API "
+                       "(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics), decoding the requests "
+                       "in one running batch that requests join and leave at every step. SIGTERM or Ctrl-C: stop "
+                       "accepting, finish the open requests, exit 0.", **fmt)
+    p.add_argument("run", metavar="PATH", help="run directory or Hugging Face model directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (another than loopback: use --api-key)")
+    p.add_argument("--port", type=FieldType("int"), default=8000, help="TCP port")
+    p.add_argument("--max-batch", type=FieldType("int"), default=16, help="requests decoded together at most")
+    p.add_argument("--max-queue", type=FieldType("int"), default=64,
+                   help="requests waiting for a row at most; past it a request gets 429 with Retry-After")
+    p.add_argument("--max-tokens-in-flight", type=FieldType("int | None"), default=None, metavar="N",
+                   help="KV positions the running batch may hold (rows x the longest prompt + max_tokens among "
+                   "them); a request waits until it fits (None: bounded by --max-batch and the context only)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (None: no key)")
+    p.add_argument("--model-name", default=None, help="the model's id in the API (None: the directory's name)")
+    p.add_argument("--quant", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization at load (None: the checkpoint's weights)")
+    p.add_argument("--group-size", type=FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--max-memory-gb", type=FieldType("float | None"), default=None, metavar="GB",
+                   help="memory budget for the weights (GB): routed experts read from disk into a cache (None: all "
+                   "in memory)")
+    p.add_argument("--cache-policy", default=None, choices=["lru", "lfu"], help="expert cache eviction policy")
+    p.add_argument("--prefetch", action="store_true", help="with --max-memory-gb: prefetch the next layer's experts")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a run or Hugging Face model on text",
                        description="Evaluate a model on held-out text: every document after the model's separator "

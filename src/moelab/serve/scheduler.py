@@ -83,6 +83,17 @@ class Request:
         return len(self.prompt) + self.max_tokens
 
 
+def check_options(max_batch: int, max_queue: int, max_tokens_in_flight: int | None, prefill_chunk: int = 1) -> None:
+    """ValueError naming the engine option that is out of range."""
+    for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                            ("prefill_chunk", prefill_chunk, 1), ("max_tokens_in_flight", max_tokens_in_flight, 2)):
+        if name == "max_tokens_in_flight" and value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= {lo}"
+                             + (" or None" if name == "max_tokens_in_flight" else ""))
+
+
 class Engine:
     """Continuous batching over `model` (eval mode). `decode(ids) -> str` turns ids into text (stop strings are
     matched on it); `stop_id`: the end-of-text id (a row stops there, the id not part of its output).
@@ -97,13 +108,7 @@ class Engine:
                  max_batch: int = 16, max_queue: int = 64, max_tokens_in_flight: int | None = None,
                  prefill_chunk: int = 256, expert_stats: bool = True,
                  on_step: Callable[[dict], None] | None = None) -> None:
-        for name, value, lo in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                                ("prefill_chunk", prefill_chunk, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise ValueError(f"{name}={value!r} is invalid: allowed an integer >= {lo}")
-        if max_tokens_in_flight is not None and (not isinstance(max_tokens_in_flight, int) or max_tokens_in_flight < 1):
-            raise ValueError(f"max_tokens_in_flight={max_tokens_in_flight!r} is invalid: allowed an integer >= 1 "
-                             "or None")
+        check_options(max_batch, max_queue, max_tokens_in_flight, prefill_chunk)
         self.model, self.decode, self.stop_id = model.eval(), decode, stop_id
         self.max_batch, self.max_queue, self.max_tokens_in_flight = max_batch, max_queue, max_tokens_in_flight
         self.prefill_chunk, self.expert_stats, self.on_step = prefill_chunk, expert_stats, on_step

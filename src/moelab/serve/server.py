@@ -11,6 +11,7 @@ finish, then the app's shutdown stops the engine once it has drained; `serve` re
 from __future__ import annotations
 
 import ipaddress
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from moelab.serve.app import Served, create_app
 from moelab.serve.metrics import Metrics
-from moelab.serve.scheduler import Engine
+from moelab.serve.scheduler import Engine, check_options
 
 
 def load(path: str | Path, *, quant: str | None = None, group_size: int = 32, max_memory_gb: float | None = None,
@@ -87,6 +88,7 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, quant:
     """Serve a checkpoint until SIGTERM / SIGINT; 0 once the open requests have drained."""
     if not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port={port!r} is invalid: allowed an integer in [0, 65535]")
+    check_options(max_batch, max_queue, max_tokens_in_flight)
     if api_key is not None and not api_key:
         raise ValueError("api_key is empty: give a token, or leave --api-key out")
     if api_key is None and not _loopback(host):
@@ -101,10 +103,18 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, quant:
 
 
 def run(app: Any, host: str, port: int, log_level: str = "info") -> None:
-    """uvicorn over `app` in this thread until a signal (graceful: open responses finish first)."""
+    """uvicorn over `app` in this thread until SIGTERM / SIGINT (graceful: open responses finish first; a second
+    SIGINT forces the exit). Returns normally then: uvicorn itself re-raises the signal after its shutdown, which
+    would end the process with status −15 instead of 0 once the requests have drained."""
     import uvicorn
 
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
 
 
 def _loopback(host: str) -> bool:
