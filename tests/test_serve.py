@@ -317,15 +317,18 @@ def test_malformed_requests_get_4xx_naming_the_field_and_the_server_still_answer
 
 
 def test_one_failing_request_fails_alone(server, monkeypatch):
-    """An exception while sampling one request (top_p=0.5 marks it here) is that request's 500; the requests in
-    the same batch complete with their own tokens."""
+    """An exception while sampling one request's third token (top_p=0.5 marks it here) is that request's 500; the
+    request decoded in the same batch completes with its own tokens, and the server goes on."""
     from moelab.serve import scheduler
 
     real = scheduler.sample_next
+    draws = []
 
     def faulty(logits, temperature, top_p, generator):
         if top_p == 0.5:
-            raise RuntimeError("planted fault")
+            draws.append(1)
+            if len(draws) == 3:  # its third token: in a decode step of the running batch
+                raise RuntimeError("planted fault")
         return real(logits, temperature, top_p, generator)
 
     monkeypatch.setattr(scheduler, "sample_next", faulty)
@@ -338,9 +341,12 @@ def test_one_failing_request_fails_alone(server, monkeypatch):
     t = threading.Thread(target=good)
     t.start()
     with pytest.raises(openai.InternalServerError, match="planted fault"):
-        server.client.completions.create(model="tiny", prompt="t5", max_tokens=5, temperature=1.0, top_p=0.5)
+        server.client.completions.create(model="tiny", prompt="t5", max_tokens=5, temperature=1.0, top_p=0.5,
+                                         timeout=60)
     t.join(60)
-    assert results["good"] == _solo(server.loaded.model, "t3 t4", 20)
+    assert results["good"] == _solo(server.loaded.model, "t3 t4", 20) and len(draws) == 3
+    assert server.client.completions.create(model="tiny", prompt="t3", max_tokens=2, temperature=0).choices[0].text \
+        == _solo(server.loaded.model, "t3", 2)
 
 
 def test_a_killed_client_frees_its_slot_and_a_full_queue_answers_429(hf_dir):
