@@ -1,0 +1,260 @@
+"""Serving throughput and latency under N concurrent streaming clients, against the bound of bytes read per step.
+
+    python benchmarks/serve.py --model DIR [--clients 1,2,4,8,16,32,64] [--max-tokens 64] [--quant int4]
+    python benchmarks/serve.py --url http://127.0.0.1:8080 --model DIR   # a server already running (llama-server)
+    python benchmarks/serve.py --make-tiny DIR                           # a small random checkpoint to try it on
+
+With --model alone it starts `moelab serve DIR` on a free loopback port (max-batch = the largest N) and stops it at
+the end; with --url it drives that server instead (any OpenAI-compatible one: llama.cpp's `llama-server
+--parallel N` for instance) and uses --model only for the bound. For each N, N client threads each send
+--requests streaming /v1/completions requests one after another; reported: aggregate output tokens/s (tokens over the
+wall time of the N-client phase; each request's usage.completion_tokens), time to first token and inter-token
+latency p50 / p99 (per SSE chunk with text),
+and, from moelab's /metrics, the mean decode batch and the distinct experts touched per MoE layer per decode step next
+to the uniform-routing count E·(1 − (1 − k/E)^B).
+
+The bound (tokens/s no engine can beat at batch B on this machine): a decode step reads the non-expert weights once,
+the experts the batch touches in every MoE layer, and the KV cache of the B rows; over the read bandwidth measured in
+this run (one pass over a 512 MB tensor), B / (bytes per step / bandwidth). The touched experts are the measured ones
+for moelab, the uniform formula otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
+
+
+def stream_one(url: str, model: str, prompt: str, max_tokens: int, seed: int = 0) -> dict:
+    """One streaming completion (sampled at temperature 1 with `seed`, so that concurrent streams differ as users'
+    do): the send time, the arrival time of each chunk with text, the tokens generated."""
+    u = urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
+            "stream": True,
+            "stream_options": {"include_usage": True}}
+    if os.environ.get("SERVE_BENCH_IGNORE_EOS"):
+        body["ignore_eos"] = True  # llama-server: decode all max_tokens like moelab on a random model
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"{url}: HTTP {resp.status}: {resp.read()[:300]!r}")
+    arrivals, tokens = [], None
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        obj = json.loads(line[6:])
+        if obj.get("usage"):
+            tokens = obj["usage"].get("completion_tokens")
+        choices = obj.get("choices") or [{}]
+        if choices[0].get("text"):
+            arrivals.append(time.perf_counter())
+    conn.close()
+    return {"sent": t0, "arrivals": arrivals, "tokens": tokens if tokens is not None else len(arrivals)}
+
+
+def metrics(url: str) -> dict[str, float]:
+    u = urlparse(url)
+    try:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    except OSError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("moelab_") and " " in line and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def phase(url: str, model: str, n: int, requests: int, max_tokens: int) -> dict:
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        for r in range(requests):
+            res = stream_one(url, model, PROMPT + f"# client {i} request {r}\n", max_tokens, seed=1000 * i + r)
+            with lock:
+                results.append(res)
+
+    before = metrics(url)
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = metrics(url)
+    tokens = sum(r["tokens"] for r in results)
+    ttft = sorted(r["arrivals"][0] - r["sent"] for r in results if r["arrivals"])
+    itl = sorted(b - a for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:]))
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    steps, layer_steps = d.get("moelab_decode_steps_total", 0), d.get("moelab_moe_layer_steps_total", 0)
+    return {"n": n, "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99), "itl_p50": _pct(itl, 50), "itl_p99": _pct(itl, 99),
+            "batch": d["moelab_decode_rows_total"] / steps if steps else None,
+            "touched": d["moelab_experts_touched_total"] / layer_steps if layer_steps else None,
+            "touched_uniform": d["moelab_experts_touched_uniform_total"] / layer_steps if layer_steps else None}
+
+
+def _pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
+
+
+def read_bandwidth(mb: int = 512) -> float:
+    """Bytes/s of one read pass over a tensor far larger than the caches (best of 3)."""
+    import torch
+
+    x = torch.ones(mb * 2**20 // 4)
+    x.sum()
+    best = min(_timed(x.sum) for _ in range(3))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def model_bytes(path: str, quant: str | None) -> dict:
+    """Bytes the decode step reads: the non-expert weights, one routed expert, KV per position; E, k, MoE layers."""
+    from moelab.inference.offload import resident_bytes
+    from moelab.serve.server import load
+
+    loaded = load(path, quant=quant)
+    model = loaded.model
+    moes = model.moe_layers()
+    cfg = model.cfg
+    expert_total = sum(sum(p.numel() * p.element_size() for p in m.experts.parameters()) +
+                       sum(b.numel() * b.element_size() for b in m.experts.buffers()) for m in moes)
+    total = resident_bytes(model) if quant else sum(p.numel() * p.element_size() for p in model.parameters())
+    per_expert = expert_total / (len(moes) * cfg.moe.n_experts) if moes else 0.0
+    itemsize = next(model.parameters()).element_size() if not quant else 4
+    kv_per_pos = 2 * cfg.n_layers * cfg.n_kv_heads * (cfg.d_model // cfg.n_heads) * itemsize
+    return {"non_expert": total - expert_total, "per_expert": per_expert, "kv_per_pos": kv_per_pos,
+            "n_experts": cfg.moe.n_experts, "top_k": cfg.moe.top_k, "n_moe": len(moes)}
+
+
+def bound(sizes: dict, batch: float, touched: float | None, context: int, bandwidth: float) -> float:
+    from moelab.accounting.costs import experts_touched
+
+    if touched is None:
+        touched = experts_touched(sizes["n_experts"], sizes["top_k"], max(1, round(batch)))
+    step = sizes["non_expert"] + sizes["n_moe"] * touched * sizes["per_expert"] + batch * context * sizes["kv_per_pos"]
+    return batch / (step / bandwidth)
+
+
+def make_tiny(out: str) -> None:
+    """A small random Qwen3-MoE-like checkpoint (d 256, 4 layers, 16 experts top-4, BPE vocabulary 2048)."""
+    import sysconfig
+
+    import torch
+
+    from moelab import hf
+    from moelab.config.model import ModelConfig, MoEConfig
+    from moelab.data.tokenizer import train_tokenizer
+    from moelab.model.transformer import MoETransformer
+
+    out_p = Path(out)
+    texts = [f.read_text(errors="ignore") for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:40]]
+    train_tokenizer(texts, 2048, out_p.parent / (out_p.name + ".tokenizer.json"))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=512,
+                      moe=MoEConfig(d_model=256, d_expert=256, n_experts=16, top_k=4))
+    hf.save(MoETransformer(cfg), out_p, tokenizer_json=out_p.parent / (out_p.name + ".tokenizer.json"))
+    print(f"wrote {out_p}")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint directory (served by moelab, and the weights of the bound)")
+    p.add_argument("--url", help="an OpenAI-compatible server already running (None: start `moelab serve --model`)")
+    p.add_argument("--model-name", default=None, help="the model id to send (None: the server's first)")
+    p.add_argument("--clients", default="1,2,4,8,16,32,64")
+    p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--quant", default=None, choices=["int8", "int4"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the moelab server")
+    p.add_argument("--make-tiny", metavar="DIR", help="write a small random checkpoint to DIR and exit")
+    args = p.parse_args()
+    if args.make_tiny:
+        return make_tiny(args.make_tiny)
+    if not args.model:
+        p.error("--model is required (the served weights, for the bound)")
+    ns = [int(n) for n in args.clients.split(",")]
+    proc = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "moelab", "serve", args.model, "--port", str(port), "--max-batch", str(max(ns)),
+               "--max-queue", str(4 * max(ns))] + (["--quant", args.quant] if args.quant else [])
+        env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            try:
+                u = urlparse(url)
+                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+                conn.request("GET", "/v1/models")
+                models = json.loads(conn.getresponse().read())["data"]
+                break
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.25)
+        else:
+            raise SystemExit(f"{url} did not answer")
+        name = args.model_name or models[0]["id"]
+        stream_one(url, name, PROMPT, 4)  # warm-up
+        bw = read_bandwidth()
+        sizes = model_bytes(args.model, args.quant)
+        context = 20 + args.max_tokens  # ~ prompt tokens + new ones
+        print(f"server {url} ({'moelab serve' if proc else 'external'}), model {args.model}, quant {args.quant}, "
+              f"read bandwidth {bw / 1e9:.1f} GB/s; non-expert {sizes['non_expert'] / 1e6:.1f} MB, expert "
+              f"{sizes['per_expert'] / 1e6:.2f} MB x {sizes['n_experts']} x {sizes['n_moe']} layers, "
+              f"top-{sizes['top_k']}")
+        print("|  N | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | batch | experts/layer/step (uniform) "
+              "| bound tokens/s | of bound |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for n in ns:
+            r = phase(url, name, n, args.requests, args.max_tokens)
+            batch = r["batch"] if r["batch"] is not None else n
+            b = bound(sizes, batch, r["touched"], context, bw)
+            touched = (f"{r['touched']:.2f} ({r['touched_uniform']:.2f})" if r["touched"] is not None else "n/a")
+            print(f"| {n} | {r['tokens_per_s']:.1f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
+                  f"{1e3 * r['itl_p50']:.1f} / {1e3 * r['itl_p99']:.1f} | {batch:.1f} | {touched} | {b:.0f} | "
+                  f"{100 * r['tokens_per_s'] / b:.1f} % |", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    main()
