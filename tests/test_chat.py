@@ -1,5 +1,7 @@
 """moelab.data.chat: chat templates rendered as transformers' apply_chat_template renders them."""
 
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("transformers")
@@ -63,3 +65,38 @@ def test_bad_input_is_a_named_error(checkpoint, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"chat_template": "{% for %}"}')
     with pytest.raises(ValueError, match="does not parse"):
         ChatTemplate.from_dir(tmp_path)
+
+
+# -- public MoE chat templates, as their checkpoints ship them (tests/data/chat_templates/*.json, "_source") --------
+PUBLIC = sorted((Path(__file__).parent / "data" / "chat_templates").glob("*.json"))
+ALTERNATING = [
+    [{"role": "user", "content": "Bonjour"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "héllo \"x\""}],
+]
+
+
+@pytest.mark.parametrize("path", PUBLIC, ids=lambda p: p.stem)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_public_templates_render_as_transformers(path, add_generation_prompt, tmp_path):
+    """`ChatTemplate.render` against transformers' apply_chat_template on a public MoE checkpoint's template (only
+    Mixtral-8x7B-Instruct's so far: the exact Qwen3-MoE and OLMoE-Instruct texts are still to be added)."""
+    import json
+
+    data = json.loads(path.read_text())
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")),
+                                  bos_token=data["bos_token"], eos_token=data["eos_token"])
+    tok.chat_template = data["chat_template"]
+    tok.save_pretrained(tmp_path)
+    mine = ChatTemplate.from_dir(tmp_path)
+    for chat in ALTERNATING:
+        assert mine.render(chat, add_generation_prompt=add_generation_prompt) == tok.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if "roles must alternate" not in data["chat_template"]:
+        return
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]  # the template's own refusal
+    with pytest.raises(Exception) as theirs:
+        tok.apply_chat_template(bad, tokenize=False)
+    with pytest.raises(ValueError, match="roles must alternate") as ours:
+        mine.render(bad)
+    assert "roles must alternate" in str(theirs.value) and "roles must alternate" in str(ours.value)
