@@ -27,7 +27,6 @@ def load(path: str | Path, *, quant: str | None = None, group_size: int = 32, ma
     """The `moelab.runs.load.LoadedModel` of a run, a quantized run or a Hugging Face directory, with the load
     options of `moelab generate` (quantized at load, experts on disk within a memory budget)."""
     from moelab.inference.formats import check_quant
-    from moelab.inference.prepare import prepare_inference, weight_formats
     from moelab.runs.load import is_hf_dir, load_model
     from moelab.runs.rundir import RunDir
 
@@ -35,13 +34,8 @@ def load(path: str | Path, *, quant: str | None = None, group_size: int = 32, ma
     path = Path(path)
     hf_dir = path.is_dir() and is_hf_dir(path) and not RunDir(path).checkpoints()
     budget = dict(max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch) if max_memory_gb is not None else {}
-    loaded = load_model(path, **(dict(quant=quant, group_size=group_size, progress=progress, **budget)
-                                 if hf_dir else budget))
-    if quant is not None and not hf_dir:
-        held = {f for f in weight_formats(loaded.model) if f is not None}
-        if held and held != {quant}:
-            raise ValueError(f"quant={quant!r}: {path} is already quantized ({', '.join(sorted(held))})")
-        prepare_inference(loaded.model, quant, group_size)
+    loaded = load_model(path, quant=quant, group_size=group_size, **budget,
+                        **(dict(progress=progress) if hf_dir else {}))  # converted for inference (moelab.runs.load)
     if loaded.tokenizer is None:
         raise ValueError(f"{path} has no tokenizer.json: the server needs one to read prompts and write text")
     return loaded
