@@ -3,6 +3,7 @@
     python benchmarks/serve.py --model DIR [--clients 1,2,4,8,16,32,64] [--max-tokens 64] [--quant int4]
     python benchmarks/serve.py --url http://127.0.0.1:8080 --model DIR   # a server already running (llama-server)
     python benchmarks/serve.py --make-tiny DIR                           # a small random checkpoint to try it on
+    ... --plot tokens_per_s.png                                          # tokens/s against N, with the bound
 
 With --model alone it starts `moelab serve DIR` on a free loopback port (max-batch = the largest N) and stops it at
 the end; with --url it drives that server instead (any OpenAI-compatible one: llama.cpp's `llama-server
@@ -136,22 +137,21 @@ def _timed(fn) -> float:
 
 
 def model_bytes(path: str, quant: str | None) -> dict:
-    """Bytes the decode step reads: the non-expert weights, one routed expert, KV per position; E, k, MoE layers."""
-    from moelab.inference.offload import resident_bytes
+    """Bytes the decode step reads (`moelab.inference.prepare.decode_bytes`): the non-expert weights, one routed
+    expert (the mean of a layer's store), KV per position; E, k and the number of MoE layers."""
+    from moelab.inference.prepare import decode_bytes
     from moelab.serve.server import load
 
-    loaded = load(path, quant=quant)
-    model = loaded.model
+    model = load(path, quant=quant).model
     moes = model.moe_layers()
     cfg = model.cfg
-    expert_total = sum(sum(p.numel() * p.element_size() for p in m.experts.parameters()) +
-                       sum(b.numel() * b.element_size() for b in m.experts.buffers()) for m in moes)
-    total = resident_bytes(model) if quant else sum(p.numel() * p.element_size() for p in model.parameters())
-    per_expert = expert_total / (len(moes) * cfg.moe.n_experts) if moes else 0.0
-    itemsize = next(model.parameters()).element_size() if not quant else 4
-    kv_per_pos = 2 * cfg.n_layers * cfg.n_kv_heads * (cfg.d_model // cfg.n_heads) * itemsize
-    return {"non_expert": total - expert_total, "per_expert": per_expert, "kv_per_pos": kv_per_pos,
-            "n_experts": cfg.moe.n_experts, "top_k": cfg.moe.top_k, "n_moe": len(moes)}
+    store = [(m.experts.nbytes if hasattr(m.experts, "nbytes") else
+              sum(p.numel() * p.element_size() for p in m.experts.parameters())) for m in moes]
+    counted = sum(m.experts.nbytes * m.cfg.top_k // m.experts.n_experts for m in moes if hasattr(m.experts, "nbytes"))
+    base = decode_bytes(model, 0)
+    return {"non_expert": base - counted, "per_expert": sum(store) / (len(moes) * cfg.moe.n_experts) if moes else 0.0,
+            "kv_per_pos": decode_bytes(model, 1) - base, "n_experts": cfg.moe.n_experts, "top_k": cfg.moe.top_k,
+            "n_moe": len(moes)}
 
 
 def bound(sizes: dict, batch: float, touched: float | None, context: int, bandwidth: float) -> float:
@@ -184,6 +184,26 @@ def make_tiny(out: str) -> None:
     print(f"wrote {out_p}")
 
 
+def plot(rows: list[tuple[int, float, float]], out: str, label: str) -> None:
+    """Aggregate tokens/s against N (log-log): measured, and the bound of bytes read per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns, measured, bounds = zip(*rows)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ns, measured, "o-", label=label)
+    ax.plot(ns, bounds, "k--", label="bound: bytes per step / read bandwidth")
+    ax.set(xscale="log", yscale="log", xlabel="concurrent streaming clients N", ylabel="aggregate output tokens/s")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"plot: {out}")
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -203,6 +223,7 @@ def main() -> None:
     p.add_argument("--quant", default=None, choices=["int8", "int4"])
     p.add_argument("--threads", type=int, default=None, help="torch threads of the moelab server")
     p.add_argument("--make-tiny", metavar="DIR", help="write a small random checkpoint to DIR and exit")
+    p.add_argument("--plot", metavar="PNG", help="tokens/s against N, measured and bound, to this file")
     args = p.parse_args()
     if args.make_tiny:
         return make_tiny(args.make_tiny)
@@ -242,6 +263,7 @@ def main() -> None:
         print("|  N | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | batch | experts/layer/step (uniform) "
               "| bound tokens/s | of bound |")
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        rows = []
         for n in ns:
             r = phase(url, name, n, args.requests, args.max_tokens)
             batch = r["batch"] if r["batch"] is not None else n
@@ -250,6 +272,9 @@ def main() -> None:
             print(f"| {n} | {r['tokens_per_s']:.1f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
                   f"{1e3 * r['itl_p50']:.1f} / {1e3 * r['itl_p99']:.1f} | {batch:.1f} | {touched} | {b:.0f} | "
                   f"{100 * r['tokens_per_s'] / b:.1f} % |", flush=True)
+            rows.append((n, r["tokens_per_s"], b))
+        if args.plot:
+            plot(rows, args.plot, "moelab serve" if proc else url)
     finally:
         if proc is not None:
             proc.terminate()
