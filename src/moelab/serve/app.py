@@ -117,6 +117,8 @@ def create_app(served: Served) -> FastAPI:
             max_tokens = p.max_tokens
             if max_tokens is None:
                 room = served.engine.max_seq_len - len(prompt)
+                if served.engine.max_tokens_in_flight is not None:
+                    room = min(room, served.engine.max_tokens_in_flight - len(prompt))
                 max_tokens = max(1, min(COMPLETION_DEFAULT_MAX_TOKENS, room) if not chat else room)
             try:
                 served.engine.check(prompt, max_tokens)

@@ -185,7 +185,12 @@ class Engine:
                     for req in [*self.waiting, *self.prefilling, *self.rows]:
                         self._fail(req, "the server stopped")
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # noqa: BLE001 — a fault outside any one request: fail those in flight, go on
+                for req in [*self.prefilling, *self.rows]:
+                    self._fail(req, f"{type(e).__name__}: {e}")
+                self.prefilling, self.rows, self.cache = [], [], None
 
     def fits(self, req: Request) -> bool:
         """Whether `req` can join now: a row is free and the padded batch stays within max_tokens_in_flight."""
