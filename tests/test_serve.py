@@ -452,3 +452,39 @@ def test_cli_bad_values_are_one_line_errors(hf_dir, capsys):
         assert main(["serve", str(hf_dir), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("moelab serve: error: ") and match in err and err.count("\n") == 1
+
+
+def _wait(req: Request, seconds: float = 60) -> bool:
+    end = time.monotonic() + seconds
+    while not req.done and time.monotonic() < end:
+        time.sleep(0.005)
+    return req.done
+
+
+def test_a_fault_outside_any_request_fails_those_in_flight_and_the_loop_goes_on(monkeypatch):
+    """batch_cache.keep raising once (a fault of the engine's step, not of one request's draw) when a short request
+    leaves the batch: the request still running then gets an error event, and the next one is served with its solo
+    tokens."""
+    model = _model()
+    real = batch_cache.keep
+    calls: list = []
+
+    def broken_once(batch, rows):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("planted engine fault")
+        return real(batch, rows)
+
+    monkeypatch.setattr(batch_cache, "keep", broken_once)
+    events: list = []
+    short, long = Request([1, 2, 3], 2, emit=lambda ev: None), Request([4, 5, 6], 40, emit=events.append)
+    engine = Engine(model, _words)
+    engine.submit(short)
+    engine.submit(long)
+    engine.start()
+    assert _wait(short) and _wait(long)
+    assert events[-1].kind == "error" and "planted engine fault" in events[-1].message
+    third = Request([4, 5], 5, emit=lambda ev: None)
+    engine.submit(third)
+    assert _wait(third) and third.generated == generate(model, [4, 5], 5)
+    engine.stop()
