@@ -440,7 +440,7 @@ _MEMORY_CHILD = textwrap.dedent("""
     from moelab.model.transformer import MoETransformer
     from moelab.inference.offload import resident_bytes
     from moelab.inference import native
-    from moelab.inference.formats import int4_kernel_available, int8_kernel_available, packed_float_available
+    from moelab.inference.backend import int4_kernel_available, int8_kernel_available, packed_float_available
 
     with torch.device("meta"):  # one-time cost of torch's meta-device machinery (~75 MB), not per model
         MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=8,
@@ -559,7 +559,7 @@ def test_yarn_matches_transformers(case, tmp_path):
     original window), same 20-token greedy continuation from a 60-token prompt, rope_parameters round-trip."""
     hf_model = _tiny_yarn_hf(case)
     hf_model.save_pretrained(tmp_path / "hf")
-    ours = hf.load(tmp_path / "hf")
+    ours = hf.load(tmp_path / "hf", for_training=True)
     assert ours.cfg.rope_scaling is not None
     rot, s = hf_model.model.rotary_emb, ours.cfg.rope_scaling
     dim = 2 * rot.inv_freq.numel()

@@ -114,7 +114,7 @@ def test_card_counts_transformers_parameters(saved):
     arch, hf_model, path = saved
     expected = sum(p.numel() for p in hf_model.parameters())
     assert card_report(str(path))["total_params"] == expected
-    ours = hf.load(path)
+    ours = hf.load(path, for_training=True)
     assert ours.num_params() == expected
     assert count_params(ours.cfg).total == expected  # moelab's own config counts the same model
 
@@ -175,7 +175,7 @@ def test_export_loads_in_transformers(case, tmp_path):
     hf_model = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert_same(hf_model, ours, f"{case} export")
     assert sum(p.numel() for p in hf_model.parameters()) == ours.num_params()
-    back = hf.load(tmp_path)
+    back = hf.load(tmp_path, for_training=True)
     with torch.no_grad():
         torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-6, rtol=0)
 

@@ -107,7 +107,7 @@ def test_int4_codes_read_back_from_the_kernel_pack(shape):
     sz = torch.stack([torch.rand(shape[1] // 32, shape[0]), torch.randn(shape[1] // 32, shape[0])], -1)
     w = Int4Weight(pack_nibbles(q), sz)
     assert w.backend == ("native" if native.available() and shape[1] % 64 == 0 else
-                         "torch" if quant.int4_kernel_available() else "plain")
+                         "torch" if backend.int4_kernel_available() else "plain")
     assert torch.equal(w.codes(), q) and torch.equal(w.tensors()["qweight"], pack_nibbles(q))
     assert torch.equal(w.tensors()["scale_zero"], sz.bfloat16())
 
@@ -130,8 +130,7 @@ def test_without_the_kernels_a_weight_is_dequantized_then_multiplied(fmt, monkey
     fast = linear_weight(W, q, G)
     monkeypatch.setattr(backend, "int8_kernel_available", lambda: False)
     monkeypatch.setattr(backend, "int4_kernel_available", lambda: False)
-    monkeypatch.setattr(quant, "int4_kernel_available", lambda: False)
-    monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native.ops, "available", lambda: False)
     slow = linear_weight(W, q, G)
     assert fast.backend != "plain" and slow.backend == "plain" and slow.native is None
     assert torch.equal(slow.dequantize(), fast.dequantize())

@@ -117,7 +117,7 @@ def test_damaged_or_newer_runs_are_named_errors(hf_dir, tmp_path):
     with pytest.raises(CheckpointError, match=r"blocks.0.ffn.experts: tensors \['qweight'\] are no weight format"):
         load_quantized(bad, config, max_memory_gb=1.0)
     with pytest.raises(ValueError, match="is not converted: run moelab.inference.prepare_inference"):
-        quantized_state(hf.load(hf_dir))
+        quantized_state(hf.load(hf_dir, for_training=True))
 
 
 @pytest.mark.parametrize(("quant", "policy", "prefetch"), [("int8", "lru", False), ("int4", "lfu", True)])

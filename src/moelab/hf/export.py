@@ -58,6 +58,9 @@ def save(model, out: str | Path, tokenizer_json: str | Path | None = None, max_s
     (weight shards, index, config, tokenizer files) and leaves others. Each file is written under a
     temporary name and renamed into place.
     """
+    if getattr(model, "decoder", None) is not None:  # converted by prepare_inference: no float parameters to write
+        raise ValueError("this model is converted for inference (hf.load / load_run do so by default): load it with "
+                         "for_training=True to export it")
     cfg = model.cfg
     adapter = adapter_matching(cfg)
     out = Path(out)

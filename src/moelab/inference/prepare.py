@@ -146,8 +146,18 @@ def slot_tensors(model: MoETransformer, slot: Slot) -> list[str]:
 
 @torch.no_grad()
 def convert_slot(model: MoETransformer, slot: Slot, quant: str | None, group_size: int) -> None:
-    """Replace the float linears of one slot by their `InferenceLinear` (nothing when converted already)."""
-    if isinstance(getattr(slot.parent, slot.attr, None), InferenceLinear):
+    """Replace the float linears of one slot by their `InferenceLinear`; one converted already is kept, or — a float
+    one asked for a quantized format — quantized from its float weight. ValueError for a quantized one asked for
+    another format (quantizing twice)."""
+    current = getattr(slot.parent, slot.attr, None)
+    if isinstance(current, InferenceLinear):
+        held, w = current.w.quant, current.w
+        if quant is None or held == weight_quant((w.out_features, w.in_features), quant, group_size):
+            return
+        if held is not None:
+            raise ValueError(f"{slot.prefix}{slot.attr} is {held}-quantized already: it cannot be converted to "
+                             f"quant={quant!r} (convert the float model)")
+        setattr(slot.parent, slot.attr, _linear(w.dequantize(w.dtype), current.bias, quant, group_size))
         return
     if slot.attr == "head" and model.head is None:  # tied: the head's own copy of the embedding
         parts = [model.embed]
@@ -166,9 +176,11 @@ def prepare_inference(model: MoETransformer, quant: str | None = None, group_siz
     model.eval().requires_grad_(False)
     for slot in linear_slots(model):
         convert_slot(model, slot, quant, group_size)
-    for _, moe in moe_stores(model):
+    for prefix, moe in moe_stores(model):
         if isinstance(moe.experts, Experts):
             moe.experts = store_experts(moe.experts, quant, group_size)
+        elif isinstance(moe.experts, QuantizedExperts) and quant is not None:
+            moe.experts = _requantized(moe.experts, quant, group_size, prefix)
     if not isinstance(model.decoder, InferenceEngine):
         install_engine(model)
         model.register_state_dict_post_hook(_portable_state_hook)
@@ -176,7 +188,23 @@ def prepare_inference(model: MoETransformer, quant: str | None = None, group_siz
     return model
 
 
-_ROW_DIM = {"weight": 0, "qweight": 0, "scale": 0, "scale_zero": 1, "bias": 0}  # the out_features dimension
+def _requantized(store: QuantizedExperts, quant: str, group_size: int, prefix: str) -> QuantizedExperts:
+    """A float QuantizedExperts quantized to `quant` (the store itself where its formats are that already);
+    ValueError for experts quantized in another format."""
+    out: list[ExpertWeights] = []
+    for ew in store.weights:
+        gu, dn = ew.gate_up, ew.down
+        q = expert_quant((gu.out_features, gu.in_features), (dn.out_features, dn.in_features), quant, group_size)
+        if (gu.quant, dn.quant) == (q, q):
+            return store
+        if gu.quant is not None or dn.quant is not None:
+            raise ValueError(f"{prefix[:-1]} holds {gu.quant}-quantized experts: they cannot be converted to "
+                             f"quant={quant!r} (convert the float model)")
+        out.append(expert_weights(gu.dequantize(gu.dtype), dn.dequantize(dn.dtype), q, group_size, ew.activation))
+    return QuantizedExperts(out)
+
+
+ROW_DIM = {"weight": 0, "qweight": 0, "scale": 0, "scale_zero": 1, "bias": 0}  # the out_features dimension
 
 
 def portable_state(model: MoETransformer, state: dict[str, Tensor], prefix: str = "") -> None:
@@ -195,7 +223,7 @@ def portable_state(model: MoETransformer, state: dict[str, Tensor], prefix: str 
             del state[name]
         rows = slot.rows or (linear.out_features,)
         for key, t in tensors.items():
-            for part, block in zip(slot.parts, t.split(list(rows), dim=_ROW_DIM[key])):
+            for part, block in zip(slot.parts, t.split(list(rows), dim=ROW_DIM[key])):
                 state[f"{prefix}{slot.prefix}{part}.{key}"] = block
     for store_prefix, moe in moe_stores(model):
         if not isinstance(moe.experts, QuantizedExperts):

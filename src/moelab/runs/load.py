@@ -92,8 +92,8 @@ def load_run(path: str | Path, *, quant: str | None = None, group_size: int = 32
 
         held = config["quant"]["format"]
         if for_training or (quant is not None and quant != held):
-            raise ValueError(f"{path} is {held}-quantized: it cannot be converted again (quant={quant!r}) or trained "
-                             "(convert the original float checkpoint instead)")
+            raise ValueError(f"{path} is already quantized ({held}): it cannot be converted again (quant={quant!r}) "
+                             "or trained (convert the original float checkpoint instead)")
         return load_quantized(target, config, max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch), config
     if for_training and quant is not None:
         raise ValueError(f"for_training=True loads the float trainable model: quant={quant!r} applies to inference only")

@@ -32,7 +32,7 @@ from moelab.runs.checkpoint import CheckpointError
 from moelab.config.model import ModelConfig
 from moelab.layer.experts import ExpertStore
 from moelab.hf.reader import Checkpoint
-from moelab.inference.prepare import InferenceLinear, install_linear, linear_slots, moe_stores
+from moelab.inference.prepare import ROW_DIM, InferenceLinear, install_linear, linear_slots, moe_stores
 from moelab.model.transformer import MoETransformer
 from moelab.inference.offload import check_budget, offload_experts, return_freed_memory
 from moelab.inference.formats import check_quant, load_linear_weight
@@ -130,7 +130,7 @@ def _fill(model: MoETransformer, reader: Checkpoint, budget: bool) -> dict[int, 
         if len(quants) != 1 or len({tuple(sorted(p)) for p in parts}) != 1:
             raise CheckpointError(f"{slot.prefix}{'/'.join(slot.parts)}: the parts of one fused weight differ in "
                                   "format or bias")
-        cat = {k: torch.cat([p[k] for p in parts], dim=_ROW_DIM[k]) for k in parts[0]}
+        cat = {k: torch.cat([p[k] for p in parts], dim=ROW_DIM[k]) for k in parts[0]}
         _, tensors = _weight(cat, slot.prefix + slot.attr)
         install_linear(slot, InferenceLinear(load_linear_weight(quants.pop(), tensors), cat.get("bias")))
     for prefix, moe in moe_stores(model):
