@@ -269,3 +269,26 @@ def test_help_version_and_bad_flag_values():
 def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # commands given a relative --out write here
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+# -- New-user paths (issue 29) ------------------------------------------------------------------------------
+
+# 11. the README's first command typed twice in the same directory: the second demo writes to runs/demo-2
+def test_demo_twice_in_the_same_directory(tmp_path):
+    import argparse
+
+    text = Path(argparse.__file__).read_text()[:40000]  # a small corpus: the demo's cost is its tokenizer
+    Path("small.txt").write_text(text)
+    first = moelab("demo", "--steps", "1", "--data", "small.txt", "--quiet")
+    assert first.returncode == 0, first.stderr
+    assert "writing to runs/demo " in first.stdout
+    before = snapshot(tmp_path / "runs" / "demo")
+    second = moelab("demo", "--steps", "1", "--data", "small.txt", "--quiet")
+    assert second.returncode == 0, second.stderr
+    assert "writing to runs/demo-2 " in second.stdout
+    assert snapshot(tmp_path / "runs" / "demo") == before  # the first demo is untouched
+    for name in ("moe", "dense"):
+        assert list_checkpoints(tmp_path / "runs" / "demo-2" / name)
+    assert json.loads((tmp_path / "runs" / "demo-2" / "summary.json").read_text())["steps"] == 1
+    one_line_error(moelab("demo", "--steps", "1", "--data", "small.txt", "--out", "runs/demo", "--quiet"),
+                   "runs/demo/moe already holds a run", "choose another --out")

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from moelab.cli.demo import DEMO_HINT
 from moelab.config.train import preset
 from moelab.data.tokens import prepare_data
 from moelab.runs.rundir import RunDir
@@ -80,7 +81,7 @@ def run_balancing(out: str | Path = "runs/balancing", preset_name: str = "tiny",
     base.setdefault("log_every", max(1, base["eval_every"] // 5))
     configs = {m: preset(preset_name, **base, **method_overrides(m, aux_coef, bias_rate)) for m in methods}
     for m in methods:
-        RunDir(out / m).require_new()
+        RunDir(out / m).require_new(DEMO_HINT)
     model_cfg, train_cfg = configs[methods[0]]
     E, k = model_cfg.moe.n_experts, model_cfg.moe.top_k
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,19 @@ from moelab.data.tokens import prepare_data
 from moelab.runs.rundir import RunDir
 from moelab.training.train import train
 
+DEMO_HINT = "choose another --out, or leave --out out: the demo then writes to a free runs/demo-N"
+
+
+def fresh_out(base: str | Path, runs: tuple[str, ...]) -> Path:
+    """`base` when none of its `runs` subdirectories holds a run yet, else the first of `base-2`, `base-3`, ...
+    that holds none: a demo typed again writes beside the earlier one and never overwrites it."""
+    base = Path(base)
+    candidate, n = base, 1
+    while any(RunDir(candidate / name).holds_run() for name in runs):
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
 
 def run_demo(out: str | Path = "runs/demo", preset_name: str = "tiny", steps: int | None = None,
              data_path: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -32,7 +45,7 @@ def run_demo(out: str | Path = "runs/demo", preset_name: str = "tiny", steps: in
     moe_cfg, train_cfg = preset(preset_name, **overrides)
     runs = {"moe": (out / "moe", moe_cfg), "dense": (out / "dense", moe_cfg.dense_twin())}
     for run_dir, _ in runs.values():
-        RunDir(run_dir).require_new()
+        RunDir(run_dir).require_new(DEMO_HINT)
     out.mkdir(parents=True, exist_ok=True)
     print(f"moelab demo: preset {preset_name!r}, {train_cfg.steps} steps x "
           f"{train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum:,} tokens per model", flush=True)

@@ -53,19 +53,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from moelab.cli.demo import fresh_out
+
     overrides = dict(args.set or [])
-    if args.experiment == "balancing":
+    balancing = args.experiment == "balancing"
+    if overrides and not balancing:
+        raise ValueError("--set applies to --experiment balancing; the MoE-vs-dense demo runs its preset")
+    out = args.out
+    if out is None:  # the default directory, or runs/demo-2, -3, ... when an earlier demo is there
+        from moelab.cli.balancing import METHODS
+
+        out = fresh_out("runs/balancing" if balancing else "runs/demo", METHODS if balancing else ("moe", "dense"))
+        print(f"moelab demo: writing to {out} (--out DIR to choose)", flush=True)
+    if balancing:
         from moelab.cli.balancing import run_balancing
 
-        run_balancing(args.out or "runs/balancing", preset_name=args.preset, steps=args.steps, data_path=args.data,
+        run_balancing(out, preset_name=args.preset, steps=args.steps, data_path=args.data,
                       progress=not args.quiet, overrides=overrides)
         return 0
     from moelab.cli.demo import run_demo
 
-    if overrides:
-        raise ValueError("--set applies to --experiment balancing; the MoE-vs-dense demo runs its preset")
-    run_demo(args.out or "runs/demo", preset_name=args.preset, steps=args.steps, data_path=args.data,
-             progress=not args.quiet)
+    run_demo(out, preset_name=args.preset, steps=args.steps, data_path=args.data, progress=not args.quiet)
     return 0
 
 
@@ -194,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "their expert load and validation loss.", **fmt)
     p.add_argument("--experiment", default="moe-vs-dense", choices=["moe-vs-dense", "balancing"],
                    help="which experiment")
-    p.add_argument("--out", default=None, help="directory for the runs and the comparison (None: runs/demo or "
-                   "runs/balancing)")
+    p.add_argument("--out", default=None, help="directory for the runs and the comparison, refused when it holds an "
+                   "earlier demo (None: runs/demo or runs/balancing, or the first of runs/demo-2, runs/demo-3, ... "
+                   "that is free, so the demo can be typed again)")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="training preset")
     p.add_argument("--steps", type=FieldType("int | None"), default=None,
                    help="optimizer steps per model (None: the preset's)")

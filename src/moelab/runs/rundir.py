@@ -100,11 +100,12 @@ class RunDir:
             raise ValueError(f"--resume: {self.path} has checkpoints but no {CONFIG}; not a moelab run directory")
         return latest
 
-    def require_new(self) -> None:
-        """ValueError (FileExistsError) when a run already lives here: a new run never overwrites one."""
+    def require_new(self, hint: str = "pass --resume to continue it or choose another --out") -> None:
+        """ValueError (FileExistsError) when a run already lives here: a new run never overwrites one. `hint`:
+        what the user can do instead (the message ends with it)."""
         if self.holds_run():
             raise FileExistsError(f"{self.path} already holds a run (config.json, metrics.jsonl or checkpoints); "
-                                  "pass --resume to continue it or choose another --out — nothing was overwritten")
+                                  f"{hint} — nothing was overwritten")
 
     def lock(self) -> RunLock:
         return RunLock(self.path / LOCK)
