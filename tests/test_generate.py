@@ -115,6 +115,26 @@ def test_bounds_are_errors_not_silent_cuts():
         generate(model, [], 3)
 
 
+def test_text_or_foreign_ids_where_ids_are_expected_are_named():
+    """Issue 29: `generate(model, "hello", 4)` was a TypeError from inside the batch builder; an id outside the
+    vocabulary an IndexError from the embedding. Each names the argument; a tensor of ids is accepted."""
+    model = _model(next(iter(CONFIGS)))
+    V = model.cfg.vocab_size
+    with pytest.raises(TypeError, match=r"prompt_ids='hello' is text: pass token ids, e.g\. .*prompt_ids\(text\)"):
+        generate(model, "hello", 4)
+    with pytest.raises(TypeError, match=r"prompts\[1\]='b' is text"):
+        generate_batch(model, [[1], "b"], 4)
+    with pytest.raises(TypeError, match=r"prompt_ids=\[1, 'a'\] is not a sequence of integer token ids"):
+        generate(model, [1, "a"], 4)
+    with pytest.raises(TypeError, match="prompts='x' is not a list of token-id lists"):
+        generate_batch(model, "x", 4)
+    with pytest.raises(ValueError, match=f"prompt_ids holds token id {V}: allowed 0..{V - 1}"):
+        generate(model, [1, V], 4)
+    with pytest.raises(ValueError, match=r"prompts\[0\] holds token id -1"):
+        generate_batch(model, [[-1]], 4)
+    assert generate(model, torch.tensor([3, 9, 14]), 5) == generate(model, [3, 9, 14], 5)
+
+
 # -- many prompts at once ---------------------------------------------------------------------------------
 
 PROMPTS = [[3, 9, 14, 2, 40], [7], [5, 1, 8, 33, 21, 60, 12, 4, 9], [11, 30, 2]]
@@ -163,6 +183,6 @@ def test_a_batch_stops_each_prompt_at_its_stop_id_and_checks_its_input():
     assert generate_batch(model, PROMPTS, 0) == [[], [], [], []]
     with pytest.raises(ValueError, match=r"prompt \(9 tokens\) \+ max_new_tokens=16 exceed .*=24.*at most 15"):
         generate_batch(model, PROMPTS, 16)
-    for bad in ([], [[1], []]):
-        with pytest.raises(ValueError, match="prompts must be a non-empty list of non-empty id lists"):
+    for bad, match in (([], "prompts is empty"), ([[1], []], r"prompts\[1\] is empty")):
+        with pytest.raises(ValueError, match=match):
             generate_batch(model, bad, 3)

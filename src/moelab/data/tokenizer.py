@@ -3,7 +3,8 @@ the prompt rule and the tokenizer's identity.
 
     train_tokenizer(documents, vocab_size, path=None, quiet=True) -> tokenizers.Tokenizer
     load_tokenizer(path) -> Tokenizer;  encode(tokenizer, text) -> list[int];  decode(tokenizer, ids) -> str
-    prompt_ids(tokenizer, prompt) -> list[int]    [END_OF_TEXT] + encode(prompt): how training documents start
+    prompt_ids(tokenizer, prompt, rule) -> list[int]   "endoftext": [END_OF_TEXT] + encode(prompt), how training
+                                                  documents start; "tokenizer": its post-processor's special tokens
     tokenizer_sha256(tokenizer) -> str            the identity of a tokenizer (its JSON form)
 """
 
@@ -48,10 +49,17 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, path: str | Path 
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """A tokenizer saved by `train_tokenizer` (any ``tokenizer.json`` of the `tokenizers` library)."""
+    """A tokenizer saved by `train_tokenizer` (any ``tokenizer.json`` of the `tokenizers` library).
+    FileNotFoundError when absent; ValueError naming the file when it is not a tokenizer (not JSON, or JSON
+    the `tokenizers` library cannot read)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception for JSON or schema errors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable tokenizer.json ({reason}); restore the file (a run's tokenizer "
+                         "is the one it was trained with)") from None
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -59,10 +67,23 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False).ids
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The ids a text prompt is continued from: [END_OF_TEXT] + encode(prompt), the start of a document as
-    the training stream has it (every document follows an end-of-text token). Without that token in the
-    vocabulary (a foreign tokenizer), just encode(prompt)."""
+PROMPT_RULES = ("endoftext", "tokenizer")
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str, rule: str = "endoftext") -> list[int]:
+    """The ids a text prompt is continued from, by the checkpoint's prompt rule:
+
+    "endoftext" (moelab's trained runs): [END_OF_TEXT] + encode(prompt), the start of a document as the
+        training stream has it (every document follows an end-of-text token). Without that token in the
+        vocabulary, just encode(prompt).
+    "tokenizer" (a Hugging Face checkpoint, and a run converted from one): the tokenizer's own special tokens,
+        as its post-processor adds them (`tokenizer.encode(prompt, add_special_tokens=True)`, what
+        transformers' `tokenizer(prompt)` gives, e.g. [BOS] + tokens, or the tokens alone).
+    """
+    if rule == "tokenizer":
+        return tokenizer.encode(prompt, add_special_tokens=True).ids
+    if rule != "endoftext":
+        raise ValueError(f"prompt rule {rule!r} is not known: allowed {', '.join(map(repr, PROMPT_RULES))}")
     eot = tokenizer.token_to_id(END_OF_TEXT)
     return ([eot] if eot is not None else []) + encode(tokenizer, prompt)
 

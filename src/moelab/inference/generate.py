@@ -26,6 +26,7 @@ dropless routing does not.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -43,6 +44,42 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
         raise ValueError(f"temperature={temperature!r} is invalid: allowed a finite number >= 0 (0 = greedy)")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} is invalid: allowed a number in (0, 1]")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_prompts(prompts: object, vocab_size: int, single: bool = False) -> list[list[int]]:
+    """`prompts` as lists of ints: a non-empty list of non-empty sequences of token ids in [0, vocab_size)
+    (ints, or integer tensors/arrays). TypeError naming the argument for text where ids are expected (a str,
+    or a list of str) or for something that is not a sequence of ids; ValueError for an empty prompt or an id
+    outside the vocabulary. `single`: `prompts` is [prompt_ids] of `generate`, and errors name prompt_ids."""
+    def name(b: int) -> str:
+        return "prompt_ids" if single else f"prompts[{b}]"
+
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+        raise TypeError(f"prompts={_short(prompts)} is not a list of token-id lists: pass e.g. "
+                        "[moelab.runs.load.load_model(path).prompt_ids(text) for text in texts]")
+    if not prompts:
+        raise ValueError("prompts is empty: pass at least one prompt (a non-empty list of token ids)")
+    out = []
+    for b, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise TypeError(f"{name(b)}={_short(p)} is text: pass token ids, e.g. "
+                            "moelab.runs.load.load_model(path).prompt_ids(text)")
+        try:
+            ids = [operator.index(i) for i in (p.tolist() if hasattr(p, "tolist") else p)]
+        except TypeError:
+            raise TypeError(f"{name(b)}={_short(p)} is not a sequence of integer token ids") from None
+        if not ids:
+            raise ValueError(f"{name(b)} is empty: pass at least one token (e.g. the end-of-text id)")
+        bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{name(b)} holds token id {bad}: allowed 0..{vocab_size - 1} (the model's vocab_size)")
+        out.append(ids)
+    return out
 
 
 def next_token_probs(logits_V: Tensor, temperature: float, top_p: float) -> Tensor:
@@ -72,11 +109,11 @@ def sample_next(logits_V: Tensor, temperature: float, top_p: float, generator: t
 
 def generate(model: MoETransformer, prompt_ids: list[int], max_new_tokens: int, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_id: int | None = None) -> list[int]:
-    """Continue `prompt_ids` (non-empty) by up to `max_new_tokens` tokens; returns only the new ids (fewer
-    when `stop_id` comes). ValueError when the prompt plus the new tokens exceed the model's max_seq_len."""
-    if not prompt_ids:
-        raise ValueError("prompt_ids is empty: pass at least one token (e.g. the end-of-text id)")
-    return generate_batch(model, [prompt_ids], max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+    """Continue `prompt_ids` (non-empty token ids, `check_prompts`) by up to `max_new_tokens` tokens; returns only
+    the new ids (fewer when `stop_id` comes). ValueError when the prompt plus the new tokens exceed the model's
+    max_seq_len; TypeError naming prompt_ids for text (encode it first: `LoadedModel.prompt_ids`)."""
+    prompts = check_prompts([prompt_ids], model.cfg.vocab_size, single=True)
+    return generate_batch(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                           stop_id=stop_id)[0]
 
 
@@ -93,9 +130,7 @@ def generate_batch(model: MoETransformer, prompts: list[list[int]], max_new_toke
     `on_prefill`: called once after the prefill forward (to start a clock or read counters there).
     ValueError when the longest prompt plus the new tokens exceed the model's max_seq_len."""
     check_sampling(max_new_tokens, temperature, top_p)
-    if not prompts or any(not p for p in prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty id lists (e.g. start each with the "
-                         "end-of-text id)")
+    prompts = check_prompts(prompts, model.cfg.vocab_size)
     longest, limit = max(map(len, prompts)), model.cfg.max_seq_len
     if longest + max_new_tokens > limit:
         room = f"at most {limit - longest} new tokens" if longest < limit else "a shorter prompt"

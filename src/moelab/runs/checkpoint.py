@@ -9,8 +9,8 @@ Layout of `RUN/checkpoints/step_00000100/`:
     manifest.json        sha256 and size of every file above — written last
 
 The directory is assembled under a temporary name in the same parent and renamed into place, so a
-directory with the final name is always complete; a crash leaves only a `.tmp-*` directory, which the
-next save removes. Loading never unpickles: safetensors and JSON only, and every file's hash is checked
+directory with the final name is always complete; an error or an interrupt (Ctrl-C) mid-write removes the
+`.tmp-*` directory, and one left by a crash (SIGKILL, power loss) is removed by the next save. Loading never unpickles: safetensors and JSON only, and every file's hash is checked
 against the manifest before use, so a truncated or tampered checkpoint is a clear error.
 """
 
@@ -86,6 +86,23 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | dict[s
     final = parent / f"step_{step:08d}"
     tmp = parent / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
+    try:
+        _write_files(tmp, model, optimizer, config, trainer, rng, step)
+    except BaseException:  # an error or an interrupt (Ctrl-C) mid-write: leave no partial checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(parent)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(tmp: Path, model: nn.Module | dict[str, torch.Tensor], optimizer: torch.optim.Optimizer | dict,
+                 config: dict[str, Any], trainer: dict[str, Any], rng: dict[str, torch.Tensor], step: int) -> None:
+    """The checkpoint's files in `tmp`, manifest.json last, each fsync'ed."""
     opt_tensors, groups = optimizer_tensors(optimizer)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     save_file(model_tensors(model), str(tmp / "model.safetensors"))
@@ -100,13 +117,6 @@ def save_checkpoint(run_dir: str | Path, step: int, *, model: nn.Module | dict[s
     for name in (*FILES, "manifest.json"):
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(parent)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

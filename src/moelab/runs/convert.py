@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from moelab.hf.export import check_output_dir, save
+from moelab.runs.load import hf_stop_id, read_json
 
 
 def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dtype | str | None = None,
@@ -22,6 +23,10 @@ def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dt
     `overwrite`, a run already in `out_run_dir` is replaced (its config, checkpoints, metrics, token cache
     and tokenizer), under the run's lock. With `quant` ("int8" | "int4", `group_size` for int4) the run holds
     the quantized model (`moelab.runs.quantized`; config.json gets "quant"), which loads without re-quantizing.
+    config.json also records the checkpoint's prompt rule, {"prompt": {"rule": "tokenizer", "stop_id": its
+    eos_token_id}}, so the run continues a prompt as its source does (`moelab.runs.load.LoadedModel.prompt_ids`).
+    An error or an interrupt (Ctrl-C) while writing leaves an output directory that was empty as it was
+    (no `checkpoints/.tmp-*`), so the same command can simply be run again.
     """
     from moelab.runs import checkpoint as ckpt_io
     from moelab.hf import load
@@ -36,24 +41,36 @@ def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dt
     check_output_dir(run.path, overwrite)
     # quantized as read (never whole in float); a float run stores the plain trainable model's weights
     model = load(hf_dir, dtype, quant=quant, group_size=group_size, for_training=quant is None)
-    config = {"model": model.cfg.to_dict(), "train": TrainConfig().to_dict()}
+    config = {"model": model.cfg.to_dict(), "train": TrainConfig().to_dict(),
+              "prompt": {"rule": "tokenizer", "stop_id": hf_stop_id(read_json(hf_dir / "config.json"))}}
     if quant is None:
         weights, optimizer = model, torch.optim.AdamW(model.parameters())  # no state until a step: nothing allocated
     else:
         weights = quantized_state(model)
         config["quant"], optimizer = quant_record(quant, group_size), {"state": {}, "param_groups": []}
+    created = not run.path.exists()
+    fresh = created or not any(run.path.iterdir())
     run.path.mkdir(parents=True, exist_ok=True)
-    with run.lock():
-        for old in (run.path / "checkpoints", run.path / DATA_DIR):
-            shutil.rmtree(old, ignore_errors=True)
-        for name in (METRICS, TOKENIZER):
-            (run.path / name).unlink(missing_ok=True)
-        ckpt_io.save_checkpoint(run.path, 0, model=weights, optimizer=optimizer, config=config,
-                                trainer={"train_tokens": 0, "train_seconds": 0.0, "converted_from": str(hf_dir)},
-                                rng={"torch": torch.get_rng_state(), "data": torch.Generator().get_state()})
-        run.write_config(config)
-        if (hf_dir / "tokenizer.json").is_file():
-            shutil.copyfile(hf_dir / "tokenizer.json", run.tokenizer_path)
+    try:
+        with run.lock():
+            for old in (run.path / "checkpoints", run.path / DATA_DIR):
+                shutil.rmtree(old, ignore_errors=True)
+            for name in (METRICS, TOKENIZER):
+                (run.path / name).unlink(missing_ok=True)
+            ckpt_io.save_checkpoint(run.path, 0, model=weights, optimizer=optimizer, config=config,
+                                    trainer={"train_tokens": 0, "train_seconds": 0.0, "converted_from": str(hf_dir)},
+                                    rng={"torch": torch.get_rng_state(), "data": torch.Generator().get_state()})
+            if (hf_dir / "tokenizer.json").is_file():
+                shutil.copyfile(hf_dir / "tokenizer.json", run.tokenizer_path)
+            run.write_config(config)  # last: a directory with config.json and a checkpoint is a complete run
+    except BaseException:  # an error or Ctrl-C: an output directory that was empty is left as it was
+        if fresh:
+            if created:
+                shutil.rmtree(run.path, ignore_errors=True)
+            else:
+                for p in run.path.iterdir():
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
     return run.path
 
 
