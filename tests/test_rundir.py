@@ -1,17 +1,22 @@
-"""The run directory: the lock (held, refused, stale, released), the resumable/new checks, load_run's errors."""
+"""The run directory: the lock (held, refused, stale, released), the resumable/new checks, load_run's errors; corrupt
+files, a reader racing a checkpoint rotation, an interrupted conversion (issue 29)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from moelab.runs.load import load_run
 from moelab.runs.rundir import RunDir, RunLock, RunLockedError
+from tiny_run import moelab, train_tiny_run
 
 HOLD = """
 import sys, time
@@ -75,3 +80,129 @@ def test_load_run_errors_say_what_the_directory_is(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     with pytest.raises(ValueError, match="Hugging Face model directory.*convert --from-hf"):
         load_run(tmp_path)
+
+
+# -- New-user paths (issue 29) ------------------------------------------------------------------------------
+
+
+def _one_line_error(res, *needles: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr and len(lines) == 1 and lines[0].startswith("moelab "), res.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, res.stderr)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("tiny") / "run")
+
+
+@pytest.fixture(scope="module")
+def hf_source(tmp_path_factory) -> Path:
+    """A tiny Hugging Face directory (moelab.hf.save of a random model), no tokenizer."""
+    import torch
+
+    from moelab import hf
+    from moelab.config.model import ModelConfig, MoEConfig
+    from moelab.model.transformer import MoETransformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, max_seq_len=32,
+                      moe=MoEConfig(d_model=32, d_expert=32, n_experts=4, top_k=2))
+    return hf.save(MoETransformer(cfg), tmp_path_factory.mktemp("hf") / "src")
+
+
+def test_corrupt_files_are_one_line_errors_naming_the_file(tiny, hf_source, tmp_path):
+    """A tokenizer.json that is not JSON was a traceback (exit 1) in generate and eval; an HF config.json that is
+    not JSON was reported as "holds no checkpoint"."""
+    run = Path(shutil.copytree(tiny, tmp_path / "run"))
+    (run / "tokenizer.json").write_text("{not json")
+    (tmp_path / "a.txt").write_text("hello world\n")
+    for cmd in (["generate", run, "--prompt", "hi", "--max-new-tokens", "2"],
+                ["eval", run, "--data", tmp_path / "a.txt"]):
+        _one_line_error(moelab(*cmd), f"{run / 'tokenizer.json'}: not a readable tokenizer.json")
+    src = Path(shutil.copytree(hf_source, tmp_path / "src"))
+    (src / "config.json").write_text('{"model_type": "mixtral",')
+    for cmd in (["generate", src, "--prompt", "hi"], ["eval", src, "--data", tmp_path / "a.txt"],
+                ["routing", src, "--out", tmp_path / "r"]):
+        res = moelab(*cmd)
+        _one_line_error(res, f"{src / 'config.json'}: not valid JSON")
+        assert "holds no checkpoint" not in res.stderr
+
+
+def _copy_checkpoint(run: Path, src: str, step: int) -> Path:
+    return Path(shutil.copytree(run / "checkpoints" / src, run / "checkpoints" / f"step_{step:08d}"))
+
+
+def test_a_reader_skips_a_checkpoint_rotated_away_while_it_reads(tiny, tmp_path, monkeypatch, capsys):
+    """`moelab generate RUN` while `moelab train --keep-checkpoints 1` rotates: the newest checkpoint listed is
+    deleted before it is read (deterministic: inside verify). The reader takes the next newest; a damaged
+    checkpoint that is still the newest stays an error."""
+    from moelab.cli.main import main
+    from moelab.runs import checkpoint as ckpt_io
+
+    run = Path(shutil.copytree(tiny, tmp_path / "run"))
+    (newest,) = ckpt_io.list_checkpoints(run)
+    older = _copy_checkpoint(run, newest.name, 1)
+    verify, seen = ckpt_io.verify, []
+
+    def rotate_first(target):  # 1: the training deletes the newest (as a rotation that keeps an older one)
+        seen.append(Path(target).name)
+        if len(seen) == 1:
+            shutil.rmtree(target)
+        return verify(target)
+
+    monkeypatch.setattr(ckpt_io, "verify", rotate_first)
+    assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", "3", "--quiet"]) == 0
+    assert seen == [newest.name, older.name]
+    capsys.readouterr()
+
+    _copy_checkpoint(run, older.name, 5)  # 2: a newer one lands while the one being read is half deleted
+    seen.clear()
+
+    def half_deleted(target):
+        seen.append(Path(target).name)
+        if len(seen) == 1:
+            _copy_checkpoint(run, older.name, 9)
+            (Path(target) / "trainer.safetensors").unlink()
+        return verify(target)
+
+    monkeypatch.setattr(ckpt_io, "verify", half_deleted)
+    assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", "3", "--quiet"]) == 0
+    assert seen == ["step_00000005", "step_00000009"]
+    capsys.readouterr()
+
+    monkeypatch.setattr(ckpt_io, "verify", verify)  # 3: damaged and still the newest: named, not retried
+    (run / "checkpoints" / "step_00000009" / "trainer.safetensors").unlink()
+    assert main(["generate", str(run), "--prompt", "def", "--max-new-tokens", "3"]) == 2
+    assert "step_00000009: file trainer.safetensors is missing" in capsys.readouterr().err
+
+
+def test_an_interrupted_convert_leaves_nothing_and_runs_again(hf_source, tmp_path):
+    """SIGINT while `moelab convert --from-hf` writes its checkpoint (paused there by the test hook) left
+    OUT/checkpoints/.tmp-step_* behind, and the plain re-run was refused as a non-empty OUT."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "moelab", "convert", "--from-hf", str(hf_source), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MOELAB_TEST_CHECKPOINT_PAUSE": "300"})
+    deadline = time.monotonic() + 240  # not a timing threshold: only how long to wait for a hung child
+    while not list(out.glob("checkpoints/.tmp-step_*/trainer.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert not out.exists(), list(out.rglob("*"))  # created by the convert: removed
+    out.mkdir()  # an empty OUT given by the user stays, empty
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MOELAB_TEST_CHECKPOINT_PAUSE": "300"})
+    while not list(out.glob("checkpoints/.tmp-step_*/trainer.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert out.is_dir() and not any(out.iterdir())
+    res = moelab("convert", "--from-hf", hf_source, out)
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000000"]

@@ -60,15 +60,24 @@ def _sequences(tokenizer, documents: Iterable[str], separator: int | None, token
 
 @torch.no_grad()
 def collect_routing(model: MoETransformer, tokenizer, sources: list[tuple[str, Iterable[str]]],
-                    separator: int | None, tokens: int = 4096, seq_len: int = 256, batch_size: int = 8,
+                    separator: int | None, tokens: int = 4096, seq_len: int | None = None, batch_size: int = 8,
                     progress: bool = False) -> RoutingRecord:
-    """Route up to `tokens` tokens of each labelled source (in sequences of `seq_len`) and record the choices."""
+    """Route up to `tokens` tokens of each labelled source (in whole sequences of `seq_len`, 1..max_seq_len;
+    None: 256 or max_seq_len if smaller) and record the choices. ValueError naming the argument for a
+    seq_len outside 1..max_seq_len, tokens < seq_len or batch_size < 1 (nothing is clamped)."""
     cfg = model.cfg
     if cfg.moe is None:
         raise ValueError("the model has no MoE layer: there is no routing to report")
     if cfg.moe.router == "expert_choice":
         raise ValueError("router='expert_choice' picks tokens per expert; routing reports cover token-choice routers")
-    seq_len = min(seq_len, cfg.max_seq_len)
+    seq_len = min(256, cfg.max_seq_len) if seq_len is None else seq_len
+    if not 1 <= seq_len <= cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} is invalid: allowed 1..max_seq_len={cfg.max_seq_len}")
+    if tokens < seq_len:
+        raise ValueError(f"tokens={tokens} is invalid: allowed an integer >= seq_len={seq_len} (whole sequences of "
+                         "seq_len tokens are routed)")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: allowed an integer >= 1")
     layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
     rec = RoutingRecord(layers, cfg.moe.n_experts, cfg.moe.top_k, [label for label, _ in sources])
     rows: list[tuple[int, list[int]]] = []

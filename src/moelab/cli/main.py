@@ -90,8 +90,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = prompts or [""]
     if args.max_memory_gb is None and (args.cache_policy is not None or args.prefetch):
         raise ValueError("--cache-policy and --prefetch apply with --max-memory-gb (a budget for the experts)")
+    group_size = _group_size(args)
+    check_budget_fits_machine(args.max_memory_gb)
     report = generate_texts(args.run, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, device=args.device, quant=args.quant, group_size=args.group_size,
+                            seed=args.seed, device=args.device, quant=args.quant, group_size=group_size,
                             max_memory_gb=args.max_memory_gb, policy=args.cache_policy or "lru",
                             prefetch=args.prefetch, progress=False if args.quiet else None)
     for i, (prompt, text) in enumerate(zip(prompts, report.texts)):
@@ -116,12 +118,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  api_key=args.api_key, model_name=args.model_name)
 
 
+def _group_size(args: argparse.Namespace) -> int:
+    """--group-size, which applies to --quant int4 only (given otherwise it would do nothing: refused)."""
+    if args.group_size is not None and args.quant != "int4":
+        raise ValueError(f"--group-size {args.group_size} applies with --quant int4 only (groups of 32, 64, 128 or "
+                         f"256 weights); {'with --quant int8 (per output channel)' if args.quant else 'without --quant'}"
+                         " it would do nothing: drop it")
+    return 32 if args.group_size is None else args.group_size
+
+
+def check_budget_fits_machine(max_memory_gb: float | None) -> None:
+    """ValueError when --max-memory-gb exceeds this machine's physical memory (a budget it cannot keep to: it
+    would hold every expert and say nothing). Where the memory size is unknown, no bound."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if max_memory_gb is not None and max_memory_gb > total / 1e9:
+        raise ValueError(f"--max-memory-gb {max_memory_gb:g} is more than this machine's memory: allowed a number "
+                         f"of GB > 0 and at most {total / 1e9:.2f} (or leave it out: the whole model in memory)")
+
+
+def _at_least(flag: str, value: int | None, low: int, what: str = "") -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{flag} {value} is invalid: allowed an integer >= {low}{what}")
+
+
+def _seq_len_fits(flag: str, value: int | None, model) -> None:
+    limit = model.cfg.max_seq_len
+    if value is not None and not 1 <= value <= limit:
+        raise ValueError(f"{flag} {value} is invalid: allowed 1..{limit} (the model's max_seq_len)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from moelab.data.corpus import Corpus
     from moelab.runs.load import load_model
     from moelab.training.evaluation import evaluate_text
 
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--max-tokens", args.max_tokens, 2, " (one token is predicted from the one before it)")
     loaded = load_model(args.path)
+    _seq_len_fits("--seq-len", args.seq_len, loaded.model)
     if loaded.tokenizer is None:
         raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
     result = evaluate_text(loaded.model, loaded.tokenizer, Corpus(args.data, errors=args.data_errors).documents(),
@@ -141,7 +178,12 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from moelab.data.corpus import Corpus, default_corpus_tail
     from moelab.runs.load import load_model
 
+    _at_least("--seq-len", args.seq_len, 1)
+    _at_least("--tokens", args.tokens, 1)
     loaded = load_model(args.path)
+    _seq_len_fits("--seq-len", args.seq_len, loaded.model)
+    seq_len = args.seq_len or min(256, loaded.model.cfg.max_seq_len)
+    _at_least("--tokens", args.tokens, seq_len, f" (--seq-len {seq_len}: whole sequences are routed)")
     if loaded.tokenizer is None:
         raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
     if args.data:
@@ -152,7 +194,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     else:  # the default corpus's held-out tail, code and prose apart
         sources = [(kind, default_corpus_tail(kind, TrainConfig().max_corpus_bytes)) for kind in ("code", "prose")]
     record = collect_routing(loaded.model, loaded.tokenizer, sources, loaded.stop_id, tokens=args.tokens,
-                             seq_len=args.seq_len, progress=not args.quiet)
+                             seq_len=seq_len, progress=not args.quiet)
     report = routing_report(record, decode=loaded.tokenizer.id_to_token)
     report["model"] = str(args.path)
     page = write_report(report, args.out, title=f"routing of {args.path}")
@@ -169,11 +211,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.from_hf:
         out = convert_from_hf(args.source, args.out, overwrite=args.overwrite, quant=args.quant,
-                              group_size=args.group_size)
+                              group_size=_group_size(args))
         print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
     else:
-        if args.quant is not None:
-            raise ValueError("--quant applies to --from-hf (a Hugging Face export holds float weights)")
+        if args.quant is not None or args.group_size is not None:
+            raise ValueError("--quant and --group-size apply to --from-hf (a Hugging Face export holds float weights)")
         out = convert_to_hf(args.source, args.out, overwrite=args.overwrite)
         print(f"Hugging Face model written to {out} (transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -241,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue prompts with a run or a Hugging Face model (KV-cached decoding)",
                        description="Continue one prompt or a batch of prompts (decoded together, left-padded) with "
                        "the newest checkpoint of a run or a Hugging Face directory (config.json + safetensors + "
-                       "tokenizer.json). A run's prompt is encoded after the end-of-text token every training document "
-                       "starts with; the longest prompt + new tokens must fit the model's max_seq_len. A prompt stops "
+                       "tokenizer.json). A trained run's prompt is encoded after the end-of-text token every training "
+                       "document starts with; a Hugging Face directory's, and a run converted from one, as its "
+                       "tokenizer encodes it (transformers' tokenizer(prompt): its special tokens, e.g. a BOS); the longest prompt + new tokens must fit the model's max_seq_len. A prompt stops "
                        "early at an end-of-text token. The texts go to stdout; tokens/s, peak memory and (with "
                        "--max-memory-gb) the expert cache's hit rate and bytes read from disk per token to stderr.",
                        **fmt)
@@ -261,11 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of the experts and the other linear layers, at load (None: the "
                    "checkpoint's float weights)")
-    p.add_argument("--group-size", type=FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--group-size", type=FieldType("int | None"), default=None,
+                   help="with --quant int4: the int4 group size, 32, 64, 128 or 256 (None: 32)")
     p.add_argument("--max-memory-gb", type=FieldType("float | None"), default=None, metavar="GB",
-                   help="memory budget for the weights in GB (10^9 bytes), Hugging Face directories only: the "
-                   "non-expert weights stay in memory, the routed experts are read from the safetensors files on "
-                   "demand into a cache of the rest (None: the whole model in memory)")
+                   help="memory budget for the weights in GB (10^9 bytes), for a Hugging Face directory or a "
+                   "quantized run (`moelab convert --from-hf ... --quant`; a float run is refused): the non-expert "
+                   "weights stay in memory, the routed experts are read from the safetensors files on demand into a "
+                   "cache of the rest; at most this machine's memory (None: the whole model in memory)")
     p.add_argument("--cache-policy", default=None, choices=["lru", "lfu"],
                    help="which expert the cache evicts, with --max-memory-gb: least recently or least frequently "
                    "used (None: lru)")
@@ -309,10 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-errors", default="strict", choices=["strict", "replace"],
                    help="text that is not valid UTF-8: refuse it, or replace bad bytes with U+FFFD")
     p.add_argument("--seq-len", type=FieldType("int | None"), default=None,
-                   help="tokens per window (None: the model's max_seq_len)")
-    p.add_argument("--batch-size", type=FieldType("int"), default=8, help="windows per forward pass")
+                   help="tokens per window, 1 to the model's max_seq_len (None: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=FieldType("int"), default=8, help="windows per forward pass, >= 1")
     p.add_argument("--max-tokens", type=FieldType("int | None"), default=None,
-                   help="stop adding documents once this many tokens are reached (None: all the text)")
+                   help="stop adding documents once this many tokens (>= 2) are reached (None: all the text)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
@@ -326,8 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", metavar="PATH[=LABEL]",
                    help="labelled text (repeat for several: e.g. --data src/=code --data docs/=prose); default: the "
                         "default corpus's held-out tail, labelled code and prose")
-    p.add_argument("--tokens", type=FieldType("int"), default=4096, help="tokens routed per label")
-    p.add_argument("--seq-len", type=FieldType("int"), default=256, help="tokens per sequence (at most max_seq_len)")
+    p.add_argument("--tokens", type=FieldType("int"), default=4096,
+                   help="tokens routed per label, at least --seq-len (whole sequences are routed)")
+    p.add_argument("--seq-len", type=FieldType("int | None"), default=None,
+                   help="tokens per sequence, 1 to the model's max_seq_len (None: 256, or max_seq_len if smaller)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_routing)
@@ -351,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default=None, choices=["int8", "int4"],
                    help="with --from-hf: store the weights quantized (int8 per output channel, int4 group-wise); "
                         "the run is for inference (generate, eval)")
-    p.add_argument("--group-size", type=FieldType("int"), default=32, help="int4 group size: 32, 64, 128 or 256")
+    p.add_argument("--group-size", type=FieldType("int | None"), default=None,
+                   help="with --quant int4: the int4 group size, 32, 64, 128 or 256 (None: 32)")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("out", metavar="OUT")
     p.set_defaults(func=cmd_convert)

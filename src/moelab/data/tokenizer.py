@@ -58,8 +58,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises a bare Exception for JSON or schema errors
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: not a readable tokenizer.json ({reason}); restore the file (a run's tokenizer "
-                         "is the one it was trained with)") from None
+        raise ValueError(f"{path}: not a readable tokenizer.json ({reason}); restore the file") from None
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:

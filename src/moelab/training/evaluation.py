@@ -60,6 +60,8 @@ def evaluate_tokens(model: MoETransformer, ids: list[int], seq_len: int, batch_s
         raise ValueError(f"the text gives {len(ids)} token(s): at least 2 are needed to predict one")
     if not 1 <= seq_len <= model.cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} is invalid: allowed 1..max_seq_len={model.cfg.max_seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} is invalid: allowed an integer >= 1")
     model.eval()
     device = next(model.parameters()).device
     tokens = torch.tensor(ids, dtype=torch.long)
@@ -84,8 +86,8 @@ def evaluate_text(model: MoETransformer, tokenizer, documents: Iterable[str], se
                   seq_len: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
                   progress: bool = False) -> EvalResult:
     """Loss, perplexity and bits per byte of `model` on `documents` (see the module docstring); `seq_len`
-    defaults to the model's max_seq_len; `max_tokens` stops adding documents once reached."""
-    seq_len = seq_len or model.cfg.max_seq_len
+    (1..max_seq_len, ValueError otherwise) defaults to the model's max_seq_len; `max_tokens` stops adding documents once reached."""
+    seq_len = model.cfg.max_seq_len if seq_len is None else seq_len
     ids, n_bytes, n_docs = token_stream(tokenizer, documents, separator, max_tokens)
     nats, n = evaluate_tokens(model, ids, seq_len, batch_size, progress)
     loss = nats / n
