@@ -292,3 +292,35 @@ def test_demo_twice_in_the_same_directory(tmp_path):
     assert json.loads((tmp_path / "runs" / "demo-2" / "summary.json").read_text())["steps"] == 1
     one_line_error(moelab("demo", "--steps", "1", "--data", "small.txt", "--out", "runs/demo", "--quiet"),
                    "runs/demo/moe already holds a run", "choose another --out")
+
+
+# 12. options that did nothing or were clamped are refused, naming the allowed range
+def test_ignored_or_clamped_options_are_refused(run, tmp_path):
+    (tmp_path / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    data = tmp_path / "a.txt"
+    one_line_error(moelab("eval", run, "--data", data, "--seq-len", "0"), "--seq-len 0", "allowed 1..64")
+    one_line_error(moelab("eval", run, "--data", data, "--seq-len", "65"), "--seq-len 65", "allowed 1..64")
+    one_line_error(moelab("eval", run, "--data", data, "--batch-size", "0"), "--batch-size 0", "integer >= 1")
+    one_line_error(moelab("eval", run, "--data", data, "--max-tokens", "1"), "--max-tokens 1", ">= 2")
+    one_line_error(moelab("routing", run, "--data", data, "--out", "r", "--seq-len", "100000"), "--seq-len 100000",
+                   "allowed 1..64")
+    one_line_error(moelab("routing", run, "--data", data, "--out", "r", "--tokens", "0"), "--tokens 0", ">= 1")
+    one_line_error(moelab("routing", run, "--data", data, "--out", "r", "--tokens", "32"), "--tokens 32",
+                   ">= 64 (--seq-len 64")  # the default --seq-len is min(256, max_seq_len)
+    for extra in ([], ["--quant", "int8"]):
+        one_line_error(moelab("generate", run, "--group-size", "7", *extra), "--group-size 7 applies with --quant int4")
+    one_line_error(moelab("convert", "--to-hf", run, "x", "--group-size", "64"), "--group-size apply to --from-hf")
+    one_line_error(moelab("generate", run, "--max-memory-gb", "1e9"), "--max-memory-gb 1e+09 is more than this "
+                   "machine's memory", "at most")
+    assert not Path("r").exists() and not Path("x").exists()
+    res = moelab("routing", run, "--data", data, "--out", "r", "--tokens", "128")  # the default seq_len fits
+    assert res.returncode == 0, res.stderr
+    assert json.loads(Path("r/routing.json").read_text())["tokens"] == 128
+
+
+# 13. --help says what --max-memory-gb applies to: a Hugging Face directory or a quantized run
+def test_generate_help_on_the_memory_budget():
+    helped = " ".join(moelab("generate", "--help").stdout.split())
+    assert "Hugging Face directories only" not in helped
+    assert "for a Hugging Face directory or a quantized run" in helped
+    assert "with --quant int4: the int4 group size" in helped

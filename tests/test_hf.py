@@ -627,3 +627,63 @@ def test_unsupported_rope_scalings_are_refused(mixtral_dir, tmp_path, rope, matc
     _copy_with(mixtral_dir, tmp_path, config={"rope_parameters": {"rope_theta": 1e4, **rope}})
     with pytest.raises(ValueError, match=match):
         hf.load(tmp_path)
+
+
+# -- a converted run continues a prompt as its source does (issue 29) ---------------------------------------
+
+
+def _source_with_tokenizer(root, bos: bool):
+    """A tiny Hugging Face directory whose vocabulary holds <|endoftext|> (as Qwen's does) and whose tokenizer
+    adds no special token (bos=False, Qwen-like) or prepends <s> (bos=True, Llama/Mixtral-like); its
+    config.json's eos_token_id is 5 (an ordinary word here: where generation stops)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from moelab.config.model import ModelConfig, MoEConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                      moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2))
+    model = MoETransformer(cfg)
+    for w in model.parameters():  # large weights: the continuation depends on every prompt token
+        w.data.normal_(0, 0.3)
+    path = hf.save(model, root)
+    vocab = {"<|endoftext|>": 0, "<s>": 1} | {f"t{i}": i for i in range(2, V - 1)} | {"[UNK]": V - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>", "<s>"])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "eos_token_id": 5}))
+    return path
+
+
+@pytest.mark.parametrize("bos", [False, True], ids=["no-special-tokens", "bos"])
+def test_a_converted_run_continues_a_prompt_as_its_source(bos, tmp_path):
+    """`moelab generate` on a run converted by `moelab convert --from-hf` prepended <|endoftext|> (the trained-run
+    rule) where the source's tokenizer adds nothing or a BOS, and stopped at <|endoftext|>, not at the source's
+    eos: the same prompt gave other text. The rule is recorded at conversion; both give transformers' ids."""
+    from moelab.runs.load import load_model
+    from tiny_run import moelab
+
+    src = _source_with_tokenizer(tmp_path / "src", bos)
+    run = tmp_path / "run"
+    res = moelab("convert", "--from-hf", src, run)
+    assert res.returncode == 0, res.stderr
+    prompt = "t7 t12 t3 t30"
+    expected = transformers.AutoTokenizer.from_pretrained(src)(prompt)["input_ids"]
+    assert expected == ([1] if bos else []) + [7, 12, 3, 30]
+    for path in (src, run, run / "checkpoints" / "step_00000000"):
+        loaded = load_model(path)
+        assert loaded.prompt_ids(prompt) == expected, path
+        assert loaded.stop_id == 5, path
+    texts = []
+    for path in (src, run):
+        res = moelab("generate", path, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12")
+        assert res.returncode == 0, res.stderr
+        texts.append(res.stdout)
+    assert texts[0] == texts[1]
+    source = load_model(src)
+    ids = generate(source.model, expected, 12, stop_id=5)
+    assert texts[0] == prompt + source.tokenizer.decode(ids, skip_special_tokens=False) + "\n"
