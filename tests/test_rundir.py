@@ -184,25 +184,29 @@ def test_an_interrupted_convert_leaves_nothing_and_runs_again(hf_source, tmp_pat
     OUT/checkpoints/.tmp-step_* behind, and the plain re-run was refused as a non-empty OUT."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "moelab", "convert", "--from-hf", str(hf_source), str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "MOELAB_TEST_CHECKPOINT_PAUSE": "300"})
-    deadline = time.monotonic() + 240  # not a timing threshold: only how long to wait for a hung child
-    while not list(out.glob("checkpoints/.tmp-step_*/trainer.safetensors")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in err, err
+
+    def interrupted(*extra: str) -> None:
+        """Run the convert, SIGINT it while it sits in the middle of writing its checkpoint (the test hook's
+        pause, after the safetensors files), and check it stops with 130."""
+        proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "MOELAB_TEST_CHECKPOINT_PAUSE": "600"})
+        deadline = time.monotonic() + 300  # not a timing threshold: how long to wait for a hung child
+        while not list(out.glob("checkpoints/.tmp-step_*/trainer.safetensors")):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(proc.communicate())
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 130 and "interrupted" in err, err
+
+    interrupted()
     assert not out.exists(), list(out.rglob("*"))  # created by the convert: removed
     out.mkdir()  # an empty OUT given by the user stays, empty
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "MOELAB_TEST_CHECKPOINT_PAUSE": "300"})
-    while not list(out.glob("checkpoints/.tmp-step_*/trainer.safetensors")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    interrupted()
     assert out.is_dir() and not any(out.iterdir())
     res = moelab("convert", "--from-hf", hf_source, out)
     assert res.returncode == 0, res.stderr
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000000"]
+    interrupted("--overwrite")  # over a run: its checkpoints are replaced, and no partial one is left
+    assert not list(out.glob("checkpoints/.tmp-*"))

@@ -121,9 +121,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _group_size(args: argparse.Namespace) -> int:
     """--group-size, which applies to --quant int4 only (given otherwise it would do nothing: refused)."""
     if args.group_size is not None and args.quant != "int4":
+        where = "with --quant int8 (per output channel)" if args.quant else "without --quant"
         raise ValueError(f"--group-size {args.group_size} applies with --quant int4 only (groups of 32, 64, 128 or "
-                         f"256 weights); {'with --quant int8 (per output channel)' if args.quant else 'without --quant'}"
-                         " it would do nothing: drop it")
+                         f"256 weights); {where} it would do nothing: drop it")
     return 32 if args.group_size is None else args.group_size
 
 
@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the newest checkpoint of a run or a Hugging Face directory (config.json + safetensors + "
                        "tokenizer.json). A trained run's prompt is encoded after the end-of-text token every training "
                        "document starts with; a Hugging Face directory's, and a run converted from one, as its "
-                       "tokenizer encodes it (transformers' tokenizer(prompt): its special tokens, e.g. a BOS); the longest prompt + new tokens must fit the model's max_seq_len. A prompt stops "
+                       "tokenizer encodes it (transformers' tokenizer(prompt): its special tokens, e.g. a BOS); "
+                       "the longest prompt + new tokens must fit the model's max_seq_len. A prompt stops "
                        "early at an end-of-text token. The texts go to stdout; tokens/s, peak memory and (with "
                        "--max-memory-gb) the expert cache's hit rate and bytes read from disk per token to stderr.",
                        **fmt)

@@ -108,9 +108,10 @@ def _write_files(tmp: Path, model: nn.Module | dict[str, torch.Tensor], optimize
     save_file(model_tensors(model), str(tmp / "model.safetensors"))
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "trainer.safetensors"))
-    pause = float(os.environ.get("MOELAB_TEST_CHECKPOINT_PAUSE", "0"))  # tests kill us mid-write here
-    if pause:
-        time.sleep(pause)
+    pause = float(os.environ.get("MOELAB_TEST_CHECKPOINT_PAUSE", "0"))  # tests kill or interrupt us mid-write here
+    end = time.monotonic() + pause
+    while time.monotonic() < end:  # short sleeps: a SIGINT taken by another thread is raised here at once
+        time.sleep(0.05)
     (tmp / "trainer.json").write_text(json.dumps({**trainer, "param_groups": groups, "step": step}, indent=2))
     manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in FILES}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -86,7 +86,8 @@ def evaluate_text(model: MoETransformer, tokenizer, documents: Iterable[str], se
                   seq_len: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
                   progress: bool = False) -> EvalResult:
     """Loss, perplexity and bits per byte of `model` on `documents` (see the module docstring); `seq_len`
-    (1..max_seq_len, ValueError otherwise) defaults to the model's max_seq_len; `max_tokens` stops adding documents once reached."""
+    (1..max_seq_len, ValueError otherwise) defaults to the model's max_seq_len; `max_tokens` stops adding
+    documents once reached."""
     seq_len = model.cfg.max_seq_len if seq_len is None else seq_len
     ids, n_bytes, n_docs = token_stream(tokenizer, documents, separator, max_tokens)
     nats, n = evaluate_tokens(model, ids, seq_len, batch_size, progress)
