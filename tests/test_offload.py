@@ -232,32 +232,31 @@ PLEN = [4, 9]
 SEQS = [torch.randint(0, 61, (p + STEPS,), generator=torch.Generator().manual_seed(p)).tolist() for p in PLEN]
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_budget_is_bit_for_bit_in_bfloat16_and_batched(bf16_dir, quant):
-    """README / docs/HF.md (issue 29): quantized, a budgeted bfloat16 model computes the whole model's decode
-    logits bit for bit, each prompt alone and the two in one batch (float32: test above)."""
-    whole = hf.load(bf16_dir, quant=quant)
-    budget = hf.load(bf16_dir, quant=quant, max_memory_gb=_budget(bf16_dir, quant, 10))
+@pytest.mark.parametrize("dtype,quant", [("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4"),
+                                         ("float32", None)])
+def test_budget_is_bit_for_bit_alone_and_batched(bf16_dir, ckpt_dir, dtype, quant):
+    """README / docs/HF.md (issue 29): a budgeted model computes the whole model's decode logits bit for bit, each
+    prompt alone and the two in one batch — float weights (float32 or bfloat16) and bfloat16 quantized. (A float32
+    checkpoint quantized is not promised bit for bit at batch 1: measured within float32 rounding.)"""
+    path = bf16_dir if dtype == "bfloat16" else ckpt_dir
+    whole = hf.load(path, quant=quant)
+    budget = hf.load(path, quant=quant, max_memory_gb=_budget(path, quant, 10))
     for rows in ([0], [1], [0, 1]):
         got = _decode_logits(budget, [SEQS[r] for r in rows], [PLEN[r] for r in rows])
         want = _decode_logits(whole, [SEQS[r] for r in rows], [PLEN[r] for r in rows])
-        assert all(torch.equal(a, b) for a, b in zip(got, want)), (quant, rows)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (dtype, quant, rows)
 
 
-def test_float32_batch_and_budget_agree_to_rounding(ckpt_dir):
+def test_float32_batch_agrees_with_alone_to_rounding(ckpt_dir):
     """README / docs/HF.md (issue 29): in float32 a prompt decoded in a batch and alone, budgeted or whole, agree
-    within 1e-5 of the step's largest |logit| (float32 rounding; not bit for bit). No bound is promised in
-    bfloat16 or for a quantized batch against a prompt alone (module docs: a rounding difference can turn a
-    router's near-tie)."""
-    whole = hf.load(ckpt_dir)
-    budget = hf.load(ckpt_dir, max_memory_gb=_budget(ckpt_dir, None, 10))
-    alone = [_decode_logits(whole, [s], [p])[0] for s, p in zip(SEQS, PLEN)]
-    for model in (whole, budget):
-        for r, (a, b) in enumerate(zip(_decode_logits(model, SEQS, PLEN), alone)):
+    within 1e-5 of the step's largest |logit| (float32 rounding; not bit for bit: the rows a product multiplies
+    choose its kernel and summation order). No bound is promised for a batch in bfloat16 or quantized."""
+    for model in (hf.load(ckpt_dir), hf.load(ckpt_dir, max_memory_gb=_budget(ckpt_dir, None, 10))):
+        batch = _decode_logits(model, SEQS, PLEN)
+        for r, (s, p) in enumerate(zip(SEQS, PLEN)):
+            a, b = batch[r], _decode_logits(model, [s], [p])[0]
             scale = torch.maximum(a.abs().amax(-1, keepdim=True), b.abs().amax(-1, keepdim=True))
             assert ((a - b).abs() <= 1e-5 * scale).all(), (r, (a - b).abs().max())
-        assert all(((a - b).abs() <= 1e-5 * b.abs().amax(-1, keepdim=True)).all()
-                   for a, b in zip([_decode_logits(model, [s], [p])[0] for s, p in zip(SEQS, PLEN)], alone))
 
 
 # -- peak memory in a fresh process ----------------------------------------------------------------------
