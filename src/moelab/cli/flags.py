@@ -1,6 +1,7 @@
 """Config fields as command-line flags: one flag per field of ModelConfig, MoEConfig (prefixed `moe-`) and
 TrainConfig, its help text from the class docstring, its value parsed by the field's annotation; FIELD=VALUE
-settings; the training-preset check. Used by `moelab.cli`.
+settings; the training-preset check; the range checks of the commands' own options (--group-size, --max-memory-gb,
+--seq-len, ...). Used by `moelab.cli`.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from typing import Any
 
 from moelab.config.fields import field_help
@@ -99,3 +101,37 @@ def setting(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE with a config field (e.g. lr=0.01, "
                                          "moe.n_experts=64); see moelab train --help for the fields")
     return key, FieldType(str(fields[name].type))(value)
+
+
+def group_size_flag(args: argparse.Namespace) -> int:
+    """--group-size, which applies to --quant int4 only (given otherwise it would do nothing: refused)."""
+    if args.group_size is not None and args.quant != "int4":
+        where = "with --quant int8 (per output channel)" if args.quant else "without --quant"
+        raise ValueError(f"--group-size {args.group_size} applies with --quant int4 only (groups of 32, 64, 128 or "
+                         f"256 weights); {where} it would do nothing: drop it")
+    return 32 if args.group_size is None else args.group_size
+
+
+def check_budget_fits_machine(max_memory_gb: float | None) -> None:
+    """ValueError when --max-memory-gb exceeds this machine's physical memory (a budget it cannot keep to: it
+    would hold every expert and say nothing). Where the memory size is unknown, no bound."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    if max_memory_gb is not None and max_memory_gb > total / 1e9:
+        raise ValueError(f"--max-memory-gb {max_memory_gb:g} is more than this machine's memory: allowed a number "
+                         f"of GB > 0 and at most {total / 1e9:.2f} (or leave it out: the whole model in memory)")
+
+
+def at_least(flag: str, value: int | None, low: int, what: str = "") -> None:
+    """ValueError naming the flag when an integer option is below `low`."""
+    if value is not None and value < low:
+        raise ValueError(f"{flag} {value} is invalid: allowed an integer >= {low}{what}")
+
+
+def seq_len_fits(flag: str, value: int | None, model) -> None:
+    """ValueError naming the flag when a sequence length is outside 1..the model's max_seq_len."""
+    limit = model.cfg.max_seq_len
+    if value is not None and not 1 <= value <= limit:
+        raise ValueError(f"{flag} {value} is invalid: allowed 1..{limit} (the model's max_seq_len)")

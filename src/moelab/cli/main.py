@@ -23,7 +23,17 @@ import os
 import sys
 
 from moelab import __version__
-from moelab.cli.flags import FieldType, add_config_flags, check_preset, config_overrides, setting
+from moelab.cli.flags import (
+    FieldType,
+    add_config_flags,
+    at_least,
+    check_budget_fits_machine,
+    check_preset,
+    config_overrides,
+    group_size_flag,
+    seq_len_fits,
+    setting,
+)
 from moelab.config.model import ModelConfig
 from moelab.config.train import PRESETS, TrainConfig, preset, with_overrides
 
@@ -90,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = prompts or [""]
     if args.max_memory_gb is None and (args.cache_policy is not None or args.prefetch):
         raise ValueError("--cache-policy and --prefetch apply with --max-memory-gb (a budget for the experts)")
-    group_size = _group_size(args)
+    group_size = group_size_flag(args)
     check_budget_fits_machine(args.max_memory_gb)
     report = generate_texts(args.run, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, device=args.device, quant=args.quant, group_size=group_size,
@@ -118,47 +128,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  api_key=args.api_key, model_name=args.model_name)
 
 
-def _group_size(args: argparse.Namespace) -> int:
-    """--group-size, which applies to --quant int4 only (given otherwise it would do nothing: refused)."""
-    if args.group_size is not None and args.quant != "int4":
-        where = "with --quant int8 (per output channel)" if args.quant else "without --quant"
-        raise ValueError(f"--group-size {args.group_size} applies with --quant int4 only (groups of 32, 64, 128 or "
-                         f"256 weights); {where} it would do nothing: drop it")
-    return 32 if args.group_size is None else args.group_size
-
-
-def check_budget_fits_machine(max_memory_gb: float | None) -> None:
-    """ValueError when --max-memory-gb exceeds this machine's physical memory (a budget it cannot keep to: it
-    would hold every expert and say nothing). Where the memory size is unknown, no bound."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return
-    if max_memory_gb is not None and max_memory_gb > total / 1e9:
-        raise ValueError(f"--max-memory-gb {max_memory_gb:g} is more than this machine's memory: allowed a number "
-                         f"of GB > 0 and at most {total / 1e9:.2f} (or leave it out: the whole model in memory)")
-
-
-def _at_least(flag: str, value: int | None, low: int, what: str = "") -> None:
-    if value is not None and value < low:
-        raise ValueError(f"{flag} {value} is invalid: allowed an integer >= {low}{what}")
-
-
-def _seq_len_fits(flag: str, value: int | None, model) -> None:
-    limit = model.cfg.max_seq_len
-    if value is not None and not 1 <= value <= limit:
-        raise ValueError(f"{flag} {value} is invalid: allowed 1..{limit} (the model's max_seq_len)")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from moelab.data.corpus import Corpus
     from moelab.runs.load import load_model
     from moelab.training.evaluation import evaluate_text
 
-    _at_least("--batch-size", args.batch_size, 1)
-    _at_least("--max-tokens", args.max_tokens, 2, " (one token is predicted from the one before it)")
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--max-tokens", args.max_tokens, 2, " (one token is predicted from the one before it)")
     loaded = load_model(args.path)
-    _seq_len_fits("--seq-len", args.seq_len, loaded.model)
+    seq_len_fits("--seq-len", args.seq_len, loaded.model)
     if loaded.tokenizer is None:
         raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
     result = evaluate_text(loaded.model, loaded.tokenizer, Corpus(args.data, errors=args.data_errors).documents(),
@@ -178,12 +156,12 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from moelab.data.corpus import Corpus, default_corpus_tail
     from moelab.runs.load import load_model
 
-    _at_least("--seq-len", args.seq_len, 1)
-    _at_least("--tokens", args.tokens, 1)
+    at_least("--seq-len", args.seq_len, 1)
+    at_least("--tokens", args.tokens, 1)
     loaded = load_model(args.path)
-    _seq_len_fits("--seq-len", args.seq_len, loaded.model)
+    seq_len_fits("--seq-len", args.seq_len, loaded.model)
     seq_len = args.seq_len or min(256, loaded.model.cfg.max_seq_len)
-    _at_least("--tokens", args.tokens, seq_len, f" (--seq-len {seq_len}: whole sequences are routed)")
+    at_least("--tokens", args.tokens, seq_len, f" (--seq-len {seq_len}: whole sequences are routed)")
     if loaded.tokenizer is None:
         raise ValueError(f"{args.path} has no tokenizer.json: the text cannot be tokenized")
     if args.data:
@@ -211,7 +189,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     if args.from_hf:
         out = convert_from_hf(args.source, args.out, overwrite=args.overwrite, quant=args.quant,
-                              group_size=_group_size(args))
+                              group_size=group_size_flag(args))
         print(f"moelab run written to {out} (use: moelab generate {out} / moelab card {out})")
     else:
         if args.quant is not None or args.group_size is not None:
