@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import moelab
 from moelab import ModelConfig, MoEConfig
 from moelab.data.tokenizer import train_tokenizer
 from moelab.model.transformer import MoETransformer
 from moelab.training.evaluation import evaluate_text, evaluate_tokens, token_stream
-from tiny_run import moelab, train_tiny_run
 
 CFG = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
                   moe=MoEConfig(d_model=32, d_expert=16, n_experts=4, top_k=2))
@@ -55,8 +55,8 @@ def test_perplexity_and_bits_per_byte_by_hand(model_and_tok):
         evaluate_text(model, tok, DOCS, separator=0, seq_len=99)
 
 
-def test_cli_on_a_trained_run(tmp_path):
-    run = train_tiny_run(tmp_path / "run", n_layers=1)
+def test_cli_on_a_trained_run(tiny_run, tmp_path):
+    run = tiny_run
     text = tmp_path / "held_out.txt"
     text.write_text("import os\nprint(os.getcwd())\n" * 20)
     res = moelab("eval", run, "--data", text, "--json")

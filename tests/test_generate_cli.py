@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+from conftest import word_tokenizer
 from moelab import hf
 from moelab.cli.main import main
 from moelab.config.model import ModelConfig, MoEConfig
@@ -26,12 +27,8 @@ PROMPTS = ["t1 t2 t3", "t9", "t4 t5 t6 t7 t8"]
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A float32 Qwen3-MoE-like checkpoint with a word-level tokenizer ("t0" … "t62", "[UNK]")."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     root = tmp_path_factory.mktemp("gen")
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(root / "tokenizer.json"))
+    word_tokenizer(root / "tokenizer.json", V)
     torch.manual_seed(0)
     model = MoETransformer(CFG)
     for w in model.parameters():  # larger than the init's, so that greedy tokens depend on the whole prompt

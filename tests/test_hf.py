@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import peak_rss_child, random_moelab, save_with, saved_checkpoints, tiny_hf, word_tokenizer  # noqa: E402,I001
 from moelab import hf  # noqa: E402
 from moelab.config.model import ModelConfig, MoEConfig  # noqa: E402
 from moelab.config.rope import RopeScaling  # noqa: E402
@@ -58,15 +56,7 @@ ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 
 
 def _tiny_hf(arch: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(_hf_config(arch)).eval()
-    with torch.no_grad():  # make norms and the selection bias matter
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                t.data.uniform_(0.5, 1.5)
-            if name.endswith("e_score_correction_bias"):
-                t.data.normal_(0, 0.05)
-    return model
+    return tiny_hf(_hf_config(arch), seed)
 
 
 def _ids(seed: int = 0, batch: int = 3, seq: int = 19) -> torch.Tensor:
@@ -94,18 +84,6 @@ def assert_same(hf_model, ours: MoETransformer, what: str = "") -> float:
     prompt = _ids(1, 1, 5)[0].tolist()
     assert generate(ours, prompt, 20, temperature=0.0) == _hf_greedy(hf_model, prompt)
     return diff
-
-
-def saved_checkpoints(names: list[str], build):
-    """A module-scoped fixture, one parameter per name: (name, the transformers model `build(name)` gives,
-    the directory it was saved to with save_pretrained)."""
-    @pytest.fixture(scope="module", params=names)
-    def saved(request, tmp_path_factory):
-        model = build(request.param)
-        path = tmp_path_factory.mktemp(request.param)
-        model.save_pretrained(path)
-        return request.param, model, path
-    return saved
 
 
 saved = saved_checkpoints(ARCHS, _tiny_hf)
@@ -176,24 +154,9 @@ def _moelab_configs() -> dict[str, ModelConfig]:
     }
 
 
-def _random_moelab(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
-    torch.manual_seed(seed)
-    model = MoETransformer(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.mul_(3.0)
-        for moe in model.moe_layers():
-            if cfg.moe.expert_bias:
-                moe.router.bias.normal_(0, 0.05)
-    return model
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_export_loads_in_transformers(arch, tmp_path):
-    ours = _random_moelab(_moelab_configs()[arch])
+    ours = random_moelab(_moelab_configs()[arch])
     hf.save(ours, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == arch
@@ -207,7 +170,7 @@ def test_export_head_dim_other_than_width_over_heads(tmp_path):
     """config.json carries head_dim, which transformers' Qwen2-MoE reads when present (OLMoE's export refuses
     it: transformers sizes OLMoE's q/k norms by hidden_size whatever head_dim is)."""
     cfg = _moelab_configs()["qwen2_moe"]
-    ours = _random_moelab(cfg.replace(head_dim=16))  # d_model // n_heads = 8
+    ours = random_moelab(cfg.replace(head_dim=16))  # d_model // n_heads = 8
     hf.save(ours, tmp_path)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert hf_model.model.layers[0].self_attn.q_proj.weight.shape == (4 * 16, 32)
@@ -322,23 +285,13 @@ def test_truncated_or_corrupt_weights_name_the_file(mixtral_dir, tmp_path, capsy
 # -- config.json fields: null, absent and zero as transformers reads them ---------------------------------
 
 
-def _save_with(model, path, **config):
-    """save_pretrained, then overwrite fields of config.json (None writes an explicit null, ... deletes)."""
-    model.save_pretrained(path)
-    data = json.loads((path / "config.json").read_text())
-    data.update(config)
-    data = {k: v for k, v in data.items() if v is not ...}
-    (path / "config.json").write_text(json.dumps(data))
-    return path
-
-
 def test_null_kv_heads_means_multi_head_attention(tmp_path):
     """"num_key_value_heads": null is num_attention_heads (transformers' OLMoE/Llama/DeepSeek configs map it so)."""
     cfg = transformers.OlmoeConfig(**{**COMMON, "num_key_value_heads": None}, intermediate_size=16, num_experts=4,
                                    num_experts_per_tok=2)
     torch.manual_seed(2)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    ours = hf.load(_save_with(model, tmp_path, num_key_value_heads=None))
+    ours = hf.load(save_with(model, tmp_path, num_key_value_heads=None))
     assert ours.cfg.n_kv_heads == 4
     assert_same(model, ours)
 
@@ -350,13 +303,13 @@ def test_zero_shared_experts_and_explicit_head_dim(tmp_path):
     cfg.n_shared_experts = 0
     torch.manual_seed(3)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    ours = hf.load(_save_with(model, tmp_path / "deepseek"))
+    ours = hf.load(save_with(model, tmp_path / "deepseek"))
     assert ours.cfg.moe.n_shared == 0
     assert_same(model, ours)
     cfg = _hf_config("qwen2_moe")
     cfg.head_dim = 16  # 2 x hidden_size // num_attention_heads
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    ours = hf.load(_save_with(model, tmp_path / "qwen"))
+    ours = hf.load(save_with(model, tmp_path / "qwen"))
     assert ours.cfg.head_width == 16
     assert_same(model, ours)
 
@@ -375,19 +328,10 @@ def test_zero_shared_experts_and_explicit_head_dim(tmp_path):
 ])
 def test_fields_transformers_would_default_or_refuse(arch, config, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        hf.load(_save_with(_tiny_hf(arch), tmp_path, **config))
+        hf.load(save_with(_tiny_hf(arch), tmp_path, **config))
 
 
 # -- run directories, CLI, tokenizer ---------------------------------------------------------------------
-
-
-def _tokenizer_json(path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(path))
 
 
 def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
@@ -399,7 +343,7 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
     src = tmp_path / "src"
     src.mkdir()
     _copy_with(mixtral_dir, src)
-    _tokenizer_json(src / "tokenizer.json")
+    word_tokenizer(src / "tokenizer.json", V)
     run = tmp_path / "run"
     assert main(["convert", "--from-hf", str(src), str(run)]) == 0
     model, config = load_run(run)
@@ -429,40 +373,19 @@ def test_convert_round_trip_and_cli(mixtral_dir, tmp_path, capsys):
 
 # -- lazy loading memory ---------------------------------------------------------------------------------
 
-# The baseline is taken after importing torch and moelab and after building a tiny model on the meta
-# device, whose first use loads ~75 MB of torch machinery (a fixed cost, whatever the model's size).
-# ru_maxrss survives execve (a child started from a big pytest process inherits its high-water mark), so
-# the child resets its own peak (/proc/self/clear_refs "5") after importing torch and reads VmHWM; where
-# that is unavailable it falls back to ru_maxrss.
-_MEMORY_CHILD = textwrap.dedent("""
-    import resource, sys, torch, moelab.hf as hf
-    from moelab.config import ModelConfig
-    from moelab.model.transformer import MoETransformer
-    from moelab.inference.offload import resident_bytes
-    from moelab.inference import native
-    from moelab.inference.backend import int4_kernel_available, int8_kernel_available, packed_float_available
+# The baseline is taken (conftest.peak_rss_child) after importing torch and moelab, building a tiny model on the
+# meta device and the kernels' first use: what is measured is what loading this model adds.
+_LOAD_CHILD = """
+import moelab.hf as hf
+from moelab.inference import native
+from moelab.inference.offload import resident_bytes
+from moelab.inference.formats import int4_kernel_available, int8_kernel_available, packed_float_available
 
-    with torch.device("meta"):  # one-time cost of torch's meta-device machinery (~75 MB), not per model
-        MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=8,
-                                   d_ff=8, moe=None))
-    # the kernels' first use
-    int8_kernel_available(), int4_kernel_available(), packed_float_available(torch.float32), native.available()
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
-    try:
-        open("/proc/self/clear_refs", "w").write("5")
-        base, peak = status("VmRSS:"), lambda: status("VmHWM:")
-    except OSError:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    quant = None if sys.argv[2] == "none" else sys.argv[2]
-    model = hf.load(sys.argv[1], quant=quant)
-    print(peak() - base, resident_bytes(model))
-""")
+int8_kernel_available(), int4_kernel_available(), packed_float_available(torch.float32), native.available()
+base = reset_peak()
+model = hf.load(sys.argv[1], quant=None if sys.argv[2] == "none" else sys.argv[2])
+print(peak() - base, resident_bytes(model))
+"""
 
 
 def test_lazy_loading_peak_memory(tmp_path):
@@ -479,16 +402,14 @@ def test_lazy_loading_peak_memory(tmp_path):
     hf.save(model, tmp_path, max_shard_bytes=n_bytes // 6 + 1)
     del model
     assert len(list(tmp_path.glob("*.safetensors"))) >= 6
-    tiny = _random_moelab(_moelab_configs()["mixtral"])
+    tiny = random_moelab(_moelab_configs()["mixtral"])
     hf.save(tiny, tmp_path / "again")
     hf.save(tiny, tmp_path / "again", max_shard_bytes=1 << 14, overwrite=True)  # re-save: no stale shards
     hf.save(tiny, tmp_path / "again", overwrite=True)
     assert [p.name for p in (tmp_path / "again").glob("*.safetensors")] == ["model.safetensors"]
     assert not (tmp_path / "again" / "model.safetensors.index.json").exists()
     for quant in (None, "int8", "int4"):
-        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(tmp_path), str(quant).lower()],
-                             capture_output=True, text=True, check=True)
-        increase, size = map(int, out.stdout.split())
+        increase, size = map(int, peak_rss_child(_LOAD_CHILD, tmp_path, str(quant).lower()))
         print(f"{quant}: peak RSS increase {increase / 1e6:.1f} MB for a {size / 1e6:.1f} MB model: "
               f"{increase / size:.2f}x")
         if quant is None:

@@ -19,12 +19,13 @@ from safetensors.torch import save_file
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import random_moelab, save_with, saved_checkpoints, tiny_hf  # noqa: E402
 from moelab import hf  # noqa: E402
 from moelab.accounting import count_params  # noqa: E402
 from moelab.accounting.card import card_report  # noqa: E402
 from moelab.config.model import ModelConfig, MoEConfig  # noqa: E402
 from moelab.model.transformer import MoETransformer  # noqa: E402
-from test_hf import COMMON, V, _ids, assert_same, saved_checkpoints  # noqa: E402
+from test_hf import COMMON, V, _ids, assert_same  # noqa: E402
 
 T = transformers
 
@@ -78,17 +79,7 @@ CASES = ["granitemoe", "deepseek_v2", "deepseek_v2-qlora-groups", "glm4_moe", "g
 
 
 def _tiny_hf(case: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(_hf_config(case)).eval()
-    with torch.no_grad():  # make norms, biases and the selection bias matter
-        for name, t in model.state_dict(keep_vars=True).items():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                t.data.uniform_(0.5, 1.5)
-            elif name.endswith("e_score_correction_bias") or name.endswith("bias") or name.endswith("sinks"):
-                t.data.normal_(0, 0.5 if name.endswith("sinks") else 0.05)
-            elif name.endswith("experts.gate_up_proj") and case.startswith("gpt_oss"):
-                t.data.mul_(15.0)  # pre-activations past ±7: the clamps of gpt-oss's SwiGLU act
-    return model
+    return tiny_hf(_hf_config(case), seed)
 
 
 saved = saved_checkpoints(CASES, _tiny_hf)
@@ -150,26 +141,9 @@ def _moelab_config(case: str) -> ModelConfig:
     raise AssertionError(case)
 
 
-def _random_moelab(cfg: ModelConfig, seed: int = 0) -> MoETransformer:
-    torch.manual_seed(seed)
-    model = MoETransformer(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(("bias", "sinks", ".b_in", ".b_out")):
-                p.normal_(0, 0.5 if name.endswith("sinks") else 0.05)
-            else:
-                p.mul_(40.0 if name.endswith("experts.w_in") and cfg.moe.biases else 3.0)  # past gpt-oss's clamps
-        for moe in model.moe_layers():
-            if cfg.moe.expert_bias:
-                moe.router.bias.normal_(0, 0.05)
-    return model
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_export_loads_in_transformers(case, tmp_path):
-    ours = _random_moelab(_moelab_config(case))
+    ours = random_moelab(_moelab_config(case))
     hf.save(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == case.split("-")[0]
     hf_model = T.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -178,15 +152,6 @@ def test_export_loads_in_transformers(case, tmp_path):
     back = hf.load(tmp_path, for_training=True)
     with torch.no_grad():
         torch.testing.assert_close(back(_ids()).logits, ours(_ids()).logits, atol=1e-6, rtol=0)
-
-
-def _save_with(model, path, **config):
-    """save_pretrained, then overwrite fields of config.json (... deletes one)."""
-    model.save_pretrained(path)
-    data = json.loads((path / "config.json").read_text())
-    data.update(config)
-    (path / "config.json").write_text(json.dumps({k: v for k, v in data.items() if v is not ...}))
-    return path
 
 
 @pytest.mark.parametrize(("arch", "config", "match"), [
@@ -221,7 +186,7 @@ def _save_with(model, path, **config):
 ])
 def test_unsupported_variants_are_refused(arch, config, match, tmp_path):
     with pytest.raises(ValueError, match=match):
-        hf.load(_save_with(_tiny_hf(arch), tmp_path, **config))
+        hf.load(save_with(_tiny_hf(arch), tmp_path, **config))
 
 
 @pytest.mark.parametrize("where", ["absent", "top-level"])
@@ -231,7 +196,7 @@ def test_glm_partial_rotary_factor_absent_or_top_level(where, tmp_path):
     model = _tiny_hf("glm4_moe-plain", seed=4)
     rope = {"rope_type": "default", "rope_theta": 10000.0}
     extra = {"partial_rotary_factor": 0.5} if where == "top-level" else {}
-    ours = hf.load(_save_with(model, tmp_path, rope_parameters=rope, **extra))
+    ours = hf.load(save_with(model, tmp_path, rope_parameters=rope, **extra))
     assert ours.cfg.rotary_dim == 4  # half of the head width 8
     assert_same(model, ours, f"glm4_moe partial rotary {where}")
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import os
 import random
 import re
-import subprocess
-import sys
-import textwrap
 from collections import Counter
 
 import pytest
 import torch
 
+from conftest import peak_rss_child
 from moelab import hf
 from moelab.config.model import ModelConfig, MoEConfig
 from moelab.inference.generate import generate, generate_batch
@@ -261,41 +259,30 @@ def test_float32_batch_agrees_with_alone_to_rounding(ckpt_dir):
 
 # -- peak memory in a fresh process ----------------------------------------------------------------------
 
-# As in test_hf's loading test: the child resets its peak (VmHWM) after torch's one-time machinery is up — a
-# tiny model built on the meta device (~75 MB on first use) and a warm-up generation by a one-layer model of
-# the same widths and formats (kernels' code, thread pools and first-use buffers for those shapes) — so what
-# is measured is what this model's loading and generation add.
-_BUDGET_CHILD = textwrap.dedent("""
-    import sys, torch, moelab.hf as hf
-    from moelab.config import ModelConfig, MoEConfig
-    from moelab.generate import generate, generate_batch
-    from moelab.inference.prepare import prepare_inference
-    from moelab.model.transformer import MoETransformer
-    from moelab.inference.offload import expert_cache, resident_bytes
+# As in test_hf's loading test (conftest.peak_rss_child): the child resets its peak (VmHWM) after torch's
+# one-time machinery is up — a tiny model built on the meta device (~75 MB on first use) and a warm-up generation
+# by a one-layer model of the same widths and formats (kernels' code, thread pools and first-use buffers for those
+# shapes) — so what is measured is what this model's loading and generation add.
+_BUDGET_CHILD = """
+import moelab.hf as hf
+from moelab.config import MoEConfig
+from moelab.inference.generate import generate
+from moelab.inference.prepare import prepare_inference
+from moelab.inference.offload import expert_cache, resident_bytes
 
-    path, budget, quant, policy = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
-    quant = None if quant == "none" else quant
-    with torch.device("meta"):
-        MoETransformer(ModelConfig(vocab_size=8, d_model=8, n_layers=1, n_heads=1, n_kv_heads=1, max_seq_len=8,
-                                   d_ff=8, moe=None))
-    torch.manual_seed(0)
-    tiny = MoETransformer(ModelConfig(vocab_size=512, d_model=256, n_layers=1, n_heads=4, n_kv_heads=4,
-                                      max_seq_len=64, moe=MoEConfig(d_model=256, d_expert=512, n_experts=2, top_k=1)))
-    generate(prepare_inference(tiny.bfloat16(), quant), list(range(1, 17)), 2)
-    del tiny
-
-    def status(key):
-        for line in open("/proc/self/status"):
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-
-    open("/proc/self/clear_refs", "w").write("5")
-    base = status("VmRSS:")
-    model = hf.load(path, quant=quant, max_memory_gb=budget, policy=policy)
-    generate(model, list(range(1, 17)), 48, temperature=1.0, seed=0)
-    s = expert_cache(model).stats
-    print(status("VmHWM:") - base, resident_bytes(model), s.misses, s.bytes_read)
-""")
+path, budget, quant, policy = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+quant = None if quant == "none" else quant
+torch.manual_seed(0)
+tiny = MoETransformer(ModelConfig(vocab_size=512, d_model=256, n_layers=1, n_heads=4, n_kv_heads=4,
+                                  max_seq_len=64, moe=MoEConfig(d_model=256, d_expert=512, n_experts=2, top_k=1)))
+generate(prepare_inference(tiny.bfloat16(), quant), list(range(1, 17)), 2)
+del tiny
+base = reset_peak()
+model = hf.load(path, quant=quant, max_memory_gb=budget, policy=policy)
+generate(model, list(range(1, 17)), 48, temperature=1.0, seed=0)
+s = expert_cache(model).stats
+print(peak() - base, resident_bytes(model), s.misses, s.bytes_read)
+"""
 
 
 @pytest.mark.parametrize("quant,policy", [(None, "lru"), (None, "lfu"), ("int4", "lru")])
@@ -312,11 +299,8 @@ def test_peak_memory_stays_under_the_budget(tmp_path, quant, policy):
     hf.save(model, tmp_path)
     del model
     budget = 20e6
-    if not sys.platform.startswith("linux"):
-        pytest.skip("reads /proc/self/status")
-    out = subprocess.run([sys.executable, "-c", _BUDGET_CHILD, str(tmp_path), str(budget / 1e9), str(quant).lower(),
-                          policy], capture_output=True, text=True, check=True)
-    increase, resident, misses, read = map(int, out.stdout.split())
+    increase, resident, misses, read = map(int, peak_rss_child(_BUDGET_CHILD, tmp_path, budget / 1e9,
+                                                               str(quant).lower(), policy))
     print(f"{quant} {policy}: peak RSS increase {increase / 1e6:.1f} MB, budget {budget / 1e6:.0f} MB (resident "
           f"{resident / 1e6:.1f} MB), model {size / 1e6:.0f} MB, {misses} misses, {read / 1e6:.0f} MB read")
     assert size > 5 * budget and read > 4 * budget

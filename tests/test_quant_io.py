@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import word_tokenizer
 from moelab import ModelConfig, MoEConfig, hf
 from moelab.cli.main import main
 from moelab.inference.formats import Int4Weight, Int8Weight
@@ -29,8 +30,6 @@ V = 96
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def hf_dir(request, tmp_path_factory):
     """A tiny Qwen3-MoE-shaped Hugging Face directory (moelab's export) with a word-level tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, qk_norm="head", max_seq_len=64,
                       tie_embeddings=request.param, moe=MoEConfig(d_model=64, d_expert=32, n_experts=4, top_k=2))
@@ -39,10 +38,8 @@ def hf_dir(request, tmp_path_factory):
         for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0, p.shape[-1] ** -0.5)
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     root = tmp_path_factory.mktemp("hf")
-    tok.save(str(root / "tok.json"))
+    word_tokenizer(root / "tok.json", V)
     return hf.save(model.to(torch.bfloat16), root / "model", tokenizer_json=root / "tok.json")
 
 

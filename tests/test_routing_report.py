@@ -13,11 +13,11 @@ import subprocess
 import pytest
 import torch
 
+from conftest import moelab
 from moelab import ModelConfig, MoEConfig
 from moelab.analysis.routing_report import collect_routing, routing_report, write_report
 from moelab.data.tokenizer import train_tokenizer
 from moelab.model.transformer import MoETransformer
-from tiny_run import moelab, train_tiny_run
 
 _rng = random.Random(0)
 A_TEXT = ["".join(_rng.choice("acegik") for _ in range(3000))]  # two labels with disjoint letters, so their
@@ -125,11 +125,12 @@ def test_report_renders_in_headless_chromium(tok, tmp_path):
     assert title.group(3) in (None, title.group(1)), title.group(0)  # decoded, where the dump came after it
 
 
-def test_cli_on_a_run(tmp_path):
-    run = train_tiny_run(tmp_path / "run")
+def test_cli_on_a_run(tiny_run, tmp_path):
+    run = tiny_run
     (tmp_path / "x.txt").write_text("for i in range(10):\n    print(i)\n" * 40)
     res = moelab("routing", run, "--data", f"{tmp_path / 'x.txt'}=loops", "--tokens", "256", "--seq-len", "32",
                  "--out", tmp_path / "rep", "--quiet")
     assert res.returncode == 0, res.stderr
     data = json.loads((tmp_path / "rep" / "routing.json").read_text())
     assert data["labels"] == ["loops"] and len(data["layers"]) == 2 and (tmp_path / "rep" / "report.html").exists()
+
