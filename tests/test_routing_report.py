@@ -134,3 +134,32 @@ def test_cli_on_a_run(tiny_run, tmp_path):
     data = json.loads((tmp_path / "rep" / "routing.json").read_text())
     assert data["labels"] == ["loops"] and len(data["layers"]) == 2 and (tmp_path / "rep" / "report.html").exists()
 
+
+def test_router_entropy_and_dropped_fraction_by_hand(tok):
+    """Layer 0 planted: attention silenced and every token embedded as (10, 0, …, 0), so the router sees
+    RMSNorm(x) = (√16, 0, …) and its logits are 4·W[:, 0] = l, whatever the token: the mean per-token entropy
+    is that of softmax(l), computed here by hand. A selection bias of +100 sends every token to experts 3 and 5,
+    each capped at C = ceil(1.25 · T · 2 / 8) = 80 of the T = 8 · 32 = 256 tokens of a batch: dropped 1 − 80/256."""
+    cfg = planted_model().cfg
+    cfg = cfg.replace(moe=cfg.moe.replace(expert_bias=True, capacity_factor=1.25))
+    torch.manual_seed(0)
+    model = MoETransformer(cfg).eval()
+    logits = [2.0, 1.0, 0.5, 0.0, 0.0, -1.0, -1.5, 3.0]
+    with torch.no_grad():
+        model.blocks[0].attn.wo.weight.zero_()
+        model.embed.weight.zero_()
+        model.embed.weight[:, 0] = 10.0
+        moe = model.moe_layers()[0]
+        moe.router.weight.zero_()
+        moe.router.weight[:, 0] = torch.tensor(logits) / 4
+        moe.router.bias[[3, 5]] = 100.0
+    rec = collect_routing(model, tok, [("a", A_TEXT), ("b", B_TEXT)], separator=None, tokens=256, seq_len=32,
+                          batch_size=8)
+    report = routing_report(rec)
+    z = sum(math.exp(v) for v in logits)
+    entropy = -sum(math.exp(v) / z * (v - math.log(z)) for v in logits)
+    first = report["layers"][0]
+    assert report["tokens"] == 512 and first["load"][3] == first["load"][5] == 512
+    assert first["router_entropy"] == pytest.approx(entropy, rel=1e-5)
+    assert first["router_entropy_normalised"] == pytest.approx(entropy / math.log(8), rel=1e-5)
+    assert first["dropped_frac"] == pytest.approx(1 - 80 / 256, rel=1e-6)

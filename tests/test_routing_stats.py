@@ -81,3 +81,24 @@ def test_batch_economics_bounds_and_the_uniform_formula():
         assert p["experts_touched"] == pytest.approx(p["experts_touched_uniform"], rel=0.05)  # simulation vs formula
     collapsed = batch_economics(np.tile([3, 5], (n_seq, 1)), np.arange(n_seq), E, [1, 64])
     assert [p["experts_touched"] for p in collapsed] == [2, 2]
+
+
+def test_coactivation_lift_where_no_expert_is_always_chosen():
+    """Four tokens, P(0) = 3/4, P(1) = P(2) = 1/2, P(3) = 1/4: every lift P(i, j) / (P(i)·P(j)) by hand."""
+    topk = np.array([[0, 1], [0, 2], [1, 2], [0, 3]])
+    co = coactivation(topk, 4)
+    assert co["counts"] == [[0, 1, 1, 1], [1, 0, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0]]
+    lift = np.array(co["lift"])
+    assert lift[0, 1] == pytest.approx((1 / 4) / (3 / 4 * 1 / 2))  # 2/3: chosen together less than by chance
+    assert lift[1, 2] == pytest.approx((1 / 4) / (1 / 2 * 1 / 2))  # 1
+    assert lift[0, 3] == pytest.approx((1 / 4) / (3 / 4 * 1 / 4))  # 4/3
+    assert lift[2, 3] == 0.0 and lift[3, 2] == 0.0 and np.allclose(lift, lift.T) and np.all(np.diag(lift) == 0)
+
+
+def test_skewed_load_entropy_and_violation_by_hand():
+    """Shares 1/2, 1/4, 1/8, 1/8: H = 1.75 ln 2 nats, normalised by ln 4 = 2 ln 2 → 0.875; max/mean = 4/2."""
+    topk = np.array([[0, 1], [0, 2], [0, 1], [0, 3]])
+    b = balance(load_counts(topk, 4))
+    assert b["load"] == [4, 2, 1, 1] and b["load_share"] == [0.5, 0.25, 0.125, 0.125]
+    assert b["entropy"] == pytest.approx(0.875) and b["max_violation"] == pytest.approx(2.0)
+    assert b["utilisation"] == pytest.approx([2.0, 1.0, 0.5, 0.5]) and b["dead_experts"] == 0
