@@ -74,6 +74,30 @@ def test_eviction_matches_a_naive_reference(policy):
     assert s.hit_rate == pytest.approx(sum(hits) / len(keys))
 
 
+@pytest.mark.parametrize(("policy", "script", "evicted"), [
+    ("lru", "aaabcbde", "ac"),  # a: last used 4th; then c: used before b's second use
+    ("lfu", "aaabcbde", "cd"),  # c: 1 use against a's 3 and b's 2; then d, the only one with 1 use
+    ("lfu", "abcdbe", "ac"),  # ties (1 use each) go to the least recently used: a, then c before d
+])
+def test_which_expert_each_policy_evicts(policy, script, evicted):
+    """Three slots and a scripted sequence of experts: which expert each miss evicts, read off the cache's
+    membership before and after (and the loads its `load` saw)."""
+    log = []
+    cache = ExpertCache(3 * SIZE, _fake_load(log), policy)
+    key = {name: (0, i) for i, name in enumerate("abcde")}
+    seen = []
+    for name in script:
+        before = {n for n in key if key[n] in cache}
+        cache.get(key[name])
+        after = {n for n in key if key[n] in cache}
+        seen += sorted(before - after)
+        assert name in after and len(after) <= 3
+    assert "".join(seen) == evicted and cache.stats.evictions == len(evicted)
+    assert log == [key[n] for n in dict.fromkeys(script)]  # each expert read once: no evicted one came back
+    cache.get(key[evicted[0]])  # the evicted expert is read again
+    assert log[-1] == key[evicted[0]] and cache.stats.misses == len(set(script)) + 1
+
+
 def test_prefetch_reads_ahead_on_another_thread():
     log, closed = [], []
     cache = ExpertCache(10 * SIZE, _fake_load(log), "lru", on_close=lambda: closed.append(True))
