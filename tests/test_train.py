@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from moelab import ModelConfig, MoEConfig
 from moelab.cli.generate import generate_text
@@ -245,6 +246,41 @@ def test_steps_equal_hand_written_steps(tmp_path, token_data, grad_accum):
     assert records[0]["grad_norm"] > cfg.grad_clip  # clipping did something
     for name, p in result.model.named_parameters():
         torch.testing.assert_close(p.detach().double(), expected[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_accumulated_gradient_equals_one_big_batch(tmp_path, token_data):
+    """grad_accum = 2 micro-batches of 4 with clipping off: the gradient the optimizer steps on (captured by a
+    global optimizer pre-step hook) equals the gradient of one batch of the same 8 sequences, and so does the
+    logged norm. (The aux losses are off: the Switch loss is per micro-batch, so it would differ.) A dropped
+    1/grad_accum doubles it — the step alone cannot show that: AdamW ignores a uniform scale of the gradient."""
+    model_cfg = STEP_MODEL.replace(moe=STEP_MODEL.moe.replace(aux_loss_coef=0.0, z_loss_coef=0.0))
+    cfg = TrainConfig(steps=1, batch_size=4, seq_len=16, grad_accum=2, grad_clip=0.0, warmup_steps=1, eval_every=1,
+                      eval_batches=1, log_every=1, seed=11)
+    seen = {}
+
+    def capture(optimizer, args, kwargs):
+        seen.update({id(p): p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]})
+
+    handle = register_optimizer_step_pre_hook(capture)
+    threads = torch.get_num_threads()
+    try:
+        result = train(model_cfg, cfg, tmp_path / "run", data=token_data, progress=False)
+    finally:
+        handle.remove()
+        torch.set_num_threads(threads)
+    torch.manual_seed(cfg.seed)  # the model train builds, before its step
+    model = MoETransformer(model_cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches = [token_data.get_batch("train", cfg.batch_size, cfg.seq_len, gen) for _ in range(cfg.grad_accum)]
+    x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    model(x, targets=y).loss.backward()
+    trained = dict(result.model.named_parameters())
+    norm = math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+    assert len(seen) == len(trained)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(seen[id(trained[name])], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["grad_norm"] == pytest.approx(norm, rel=1e-5)
 
 
 def test_resume_with_dropout_reproduces_the_uninterrupted_losses(tmp_path, token_data):
