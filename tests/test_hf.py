@@ -379,7 +379,7 @@ _LOAD_CHILD = """
 import moelab.hf as hf
 from moelab.inference import native
 from moelab.inference.offload import resident_bytes
-from moelab.inference.formats import int4_kernel_available, int8_kernel_available, packed_float_available
+from moelab.inference.backend import int4_kernel_available, int8_kernel_available, packed_float_available
 
 int8_kernel_available(), int4_kernel_available(), packed_float_available(torch.float32), native.available()
 base = reset_peak()
