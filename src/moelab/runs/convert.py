@@ -28,12 +28,12 @@ def convert_from_hf(hf_dir: str | Path, out_run_dir: str | Path, dtype: torch.dt
     An error or an interrupt (Ctrl-C) while writing leaves an output directory that was empty as it was
     (no `checkpoints/.tmp-*`), so the same command can simply be run again.
     """
-    from moelab.runs import checkpoint as ckpt_io
+    from moelab.config.train import TrainConfig
     from moelab.hf import load
     from moelab.inference.formats import check_quant
+    from moelab.runs import checkpoint as ckpt_io
     from moelab.runs.quantized import quant_record, quantized_state
     from moelab.runs.rundir import DATA_DIR, METRICS, TOKENIZER, RunDir
-    from moelab.config.train import TrainConfig
 
     hf_dir, run = Path(hf_dir), RunDir(out_run_dir)
     if quant is not None:

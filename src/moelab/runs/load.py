@@ -142,7 +142,8 @@ def _load_checkpoint(path: Path, target: Path, *, quant: str | None, group_size:
                              "or trained (convert the original float checkpoint instead)")
         return load_quantized(target, config, max_memory_gb=max_memory_gb, policy=policy, prefetch=prefetch), config
     if for_training and quant is not None:
-        raise ValueError(f"for_training=True loads the float trainable model: quant={quant!r} applies to inference only")
+        raise ValueError(f"for_training=True loads the float trainable model: quant={quant!r} applies to inference "
+                         "only")
     if max_memory_gb is not None:
         raise ValueError(f"max_memory_gb applies to a quantized run or a Hugging Face directory; {path} is a float "
                          "run: convert it with `moelab convert --to-hf` (or `--from-hf ... --quant`) first")

@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moelab.runs.checkpoint import CheckpointError
 from moelab.config.model import ModelConfig
-from moelab.layer.experts import ExpertStore
 from moelab.hf.reader import Checkpoint
-from moelab.inference.prepare import ROW_DIM, InferenceLinear, install_linear, linear_slots, moe_stores
-from moelab.model.transformer import MoETransformer
-from moelab.inference.offload import check_budget, offload_experts, return_freed_memory
 from moelab.inference.formats import check_quant, load_linear_weight
+from moelab.inference.offload import check_budget, offload_experts, return_freed_memory
+from moelab.inference.prepare import ROW_DIM, InferenceLinear, install_linear, linear_slots, moe_stores
 from moelab.inference.quantized_experts import ExpertWeights, QuantizedExperts
+from moelab.layer.experts import ExpertStore
+from moelab.model.transformer import MoETransformer
+from moelab.runs.checkpoint import CheckpointError
 
 LAYOUT = 1
 _QUANT_OF = {("weight",): None, ("qweight", "scale"): "int8", ("qweight", "scale_zero"): "int4"}
@@ -91,9 +91,9 @@ def load_quantized(ckpt: str | Path, config: dict[str, Any], *, max_memory_gb: f
 
     max_memory_gb, policy, prefetch: a budget for the weights, as `moelab.hf.load` keeps one — the routed
     experts stay in model.safetensors and are read on demand (one row of each stacked expert tensor, already
-    quantized) into one `moelab.inference.offload.ExpertCache`. CheckpointError when a tensor is missing, unexpected or of
-    an unknown format, or the layout is newer; ValueError naming the option for a budget out of range or below
-    the resident weights plus one expert."""
+    quantized) into one `moelab.inference.offload.ExpertCache`. CheckpointError when a tensor is missing,
+    unexpected or of an unknown format, or the layout is newer; ValueError naming the option for a budget out
+    of range or below the resident weights plus one expert."""
     ckpt = Path(ckpt)
     check_budget(max_memory_gb, policy)
     record = config["quant"]

@@ -25,18 +25,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from moelab.runs import checkpoint as ckpt_io
-from moelab.data.corpus import Corpus
-from moelab.data.tokens import TokenData
-from moelab.data.tokenizer import load_tokenizer, tokenizer_sha256
 
 CONFIG, TOKENIZER, METRICS, LOCK, DATA_DIR = "config.json", "tokenizer.json", "metrics.jsonl", "run.lock", "data"
 
