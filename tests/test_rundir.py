@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import moelab, train_tiny_run
 from moelab.runs.load import load_run
 from moelab.runs.rundir import RunDir, RunLock, RunLockedError
-from tiny_run import moelab, train_tiny_run
 
 HOLD = """
 import sys, time

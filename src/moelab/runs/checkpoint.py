@@ -10,7 +10,8 @@ Layout of `RUN/checkpoints/step_00000100/`:
 
 The directory is assembled under a temporary name in the same parent and renamed into place, so a
 directory with the final name is always complete; an error or an interrupt (Ctrl-C) mid-write removes the
-`.tmp-*` directory, and one left by a crash (SIGKILL, power loss) is removed by the next save. Loading never unpickles: safetensors and JSON only, and every file's hash is checked
+`.tmp-*` directory, and one left by a crash (SIGKILL, power loss) is removed by the next save. Loading never
+unpickles: safetensors and JSON only, and every file's hash is checked
 against the manifest before use, so a truncated or tampered checkpoint is a clear error.
 """
 
