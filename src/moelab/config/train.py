@@ -55,6 +55,11 @@ class TrainConfig(_JsonMixin):
             (checkpoints are device-free; a run may resume on another device).
         expert_parallel: processes the routed experts are split over (launch that many with torchrun);
             batch_size stays the global batch, split evenly over them (moelab.parallel).
+        data_parallel_shard: 0 = the expert-parallel run above (other weights replicated, checkpoints
+            gathered into one file). D >= 1 = a 2-D mesh (dp_shard D × ep expert_parallel) of D ·
+            expert_parallel processes: every weight sharded by FSDP2, gradients reduced by FSDP,
+            sharded checkpoints (torch.distributed.checkpoint) that resume on any mesh; with
+            dtype="bfloat16" FSDP's mixed precision (bf16 compute, fp32 reduce) replaces autocast.
     """
 
     steps: int = 300
@@ -81,13 +86,14 @@ class TrainConfig(_JsonMixin):
     threads: int = 0
     device: str = "cpu"
     expert_parallel: int = 1
+    data_parallel_shard: int = 0
 
     # Fields a resumed run may change: how long it runs, its learning-rate schedule and clipping (the way
     # to recover from a loss spike), bookkeeping, and where/how it executes. Everything else (the batch,
     # the data, AdamW's betas and decay, which live in the optimizer state) is fixed by the checkpoint.
     RESUMABLE = ("steps", "lr", "min_lr_ratio", "warmup_steps", "grad_clip", "eval_every", "eval_batches",
                  "log_every", "save_every", "keep_checkpoints", "tensorboard", "dtype", "threads", "device",
-                 "expert_parallel")
+                 "expert_parallel", "data_parallel_shard")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,7 +102,7 @@ class TrainConfig(_JsonMixin):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "log_every",
                      "keep_checkpoints", "max_corpus_bytes", "expert_parallel"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "save_every", "seed", "threads"):
+        for name in ("warmup_steps", "save_every", "seed", "threads", "data_parallel_shard"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 _fail(name, value, "an integer >= 0")
@@ -115,12 +121,18 @@ class TrainConfig(_JsonMixin):
             _fail("val_fraction", self.val_fraction, "a number in (0, 0.5)")
         _choice("dtype", self.dtype, DTYPES)
         check_device_name(self.device)
-        if self.device != "cpu" and self.expert_parallel > 1:
-            _fail("device", self.device, "'cpu' when expert_parallel > 1 (expert parallelism runs on gloo over "
+        if self.device != "cpu" and self.world > 1:
+            _fail("device", self.device, "'cpu' when expert_parallel × data_parallel_shard > 1 (it runs on gloo over "
                   "CPU processes; NCCL is not supported yet)")
-        if self.batch_size % self.expert_parallel:
-            _fail("batch_size", self.batch_size, f"a multiple of expert_parallel={self.expert_parallel} (it is the "
+        if self.batch_size % self.world:
+            _fail("batch_size", self.batch_size, f"a multiple of the {self.world} processes (expert_parallel="
+                  f"{self.expert_parallel} × data_parallel_shard={self.data_parallel_shard or 1}; it is the "
                   "global batch, split evenly over the processes)")
+
+    @property
+    def world(self) -> int:
+        """The processes a run spans: expert_parallel × data_parallel_shard (at least 1)."""
+        return self.expert_parallel * max(1, self.data_parallel_shard)
 
     def resume_changes(self, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
         """{field: (this run's value, new value)} for a resumed run; ValueError naming every field that

@@ -116,8 +116,11 @@ class AllToAllPath(Path):
 
     name = "all_to_all"
 
-    def __init__(self, n_experts: int, group=None) -> None:
-        self.group = group
+    def __init__(self, n_experts: int, group=None, batch_group=None) -> None:
+        self.group = group  # the ranks the experts are split over (the exchange)
+        # the ranks whose batches together form the global batch (statistics, capacity): `group` itself
+        # for expert parallelism alone, the whole world on a (dp_shard, ep) mesh (moelab.parallel.mesh)
+        self.batch_group = group if batch_group is None else batch_group
         self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
         self.n_experts, self.n_local = n_experts, n_experts // self.world
         self.stats = ExchangeStats()
@@ -127,13 +130,14 @@ class AllToAllPath(Path):
         return f"AllToAllPath(experts {first}..{first + self.n_local - 1} of {self.n_experts}, rank {self.rank})"
 
     def reduce(self, t: Tensor) -> None:
-        """Sum t in place over the group (the layer's statistics)."""
-        dist.all_reduce(t, group=self.group)
+        """Sum t in place over the batch group (the layer's statistics)."""
+        dist.all_reduce(t, group=self.batch_group)
 
     def __call__(self, layer, x_TD, routing, dtype):
         cfg, T = layer.cfg, x_TD.shape[0]  # T may be 0 on some ranks: every rank joins the collectives
         if cfg.capacity_factor is not None:
-            disp, _ = global_capacity_permute(routing, cfg.n_experts, cfg.top_k, cfg.capacity_factor, self.group)
+            disp, _ = global_capacity_permute(routing, cfg.n_experts, cfg.top_k, cfg.capacity_factor,
+                                              self.batch_group)
         else:
             disp = permute(routing, cfg.n_experts, None)
         out_AD = self._exchange(layer.experts, x_TD[disp.token_idx], disp.counts, cfg.backend, dtype)
@@ -158,11 +162,20 @@ class AllToAllPath(Path):
 
     @staticmethod
     def _local_ffn(store: Experts, x_RD: Tensor, counts_L: Tensor, backend: str, dtype) -> Tensor:
-        if x_RD.shape[0] == 0:
-            # keep the graph connected (the first all-to-all's backward must run on every rank) and
-            # give the local weights a (zero) gradient, as the single-process stacked gradient has
-            return store.ffn(x_RD, 0, dtype)
-        return store(x_RD, counts_L, grouped_backend(backend, x_RD, store.stacked(dtype)), dtype)
+        # a store sharded by FSDP2 (moelab.parallel.mesh) carries it as a registered forward method,
+        # so that FSDP gathers its weights before and reduce-scatters their gradients after
+        run = getattr(store, "ep_ffn", None)
+        return run(x_RD, counts_L, backend, dtype) if run is not None else local_ffn(store, x_RD, counts_L, backend,
+                                                                                    dtype)
+
+
+def local_ffn(store: Experts, x_RD: Tensor, counts_L: Tensor, backend: str, dtype) -> Tensor:
+    """The received rows [R, D] (expert-major, counts_L [El] rows per local expert) → their outputs [R, D]."""
+    if x_RD.shape[0] == 0:
+        # keep the graph connected (the first all-to-all's backward must run on every rank) and
+        # give the local weights a (zero) gradient, as the single-process stacked gradient has
+        return store.ffn(x_RD, 0, dtype)
+    return store.forward(x_RD, counts_L, grouped_backend(backend, x_RD, store.stacked(dtype)), dtype)
 
 
 def _expert_major_order(recv_NL: Tensor) -> Tensor:
@@ -216,14 +229,16 @@ def expert_parallel_layers(model: nn.Module) -> dict[str, AllToAllPath]:
             and isinstance(m.path, AllToAllPath)}
 
 
-def apply_expert_parallel(model: nn.Module, group=None, expert_parallel: int | None = None) -> nn.Module:
+def apply_expert_parallel(model: nn.Module, group=None, expert_parallel: int | None = None,
+                          batch_group=None) -> nn.Module:
     """Make every `MoE` layer of a built model (an `MoETransformer` or a bare `MoE`) expert-parallel over
     `group`, in place: its expert store keeps this rank's slice of the experts and the all-to-all path is
     installed in it. Returns the model. Call on every rank after building the same model with the same
     seed (or after loading the same full state), before creating the optimizer: the parameters keep their
     single-process order and names. Layers already expert-parallel are left as they are.
     `expert_parallel`, when given, is the rank count the run was configured for and must equal the
-    group's size.
+    group's size. `batch_group` (default `group`): the ranks whose batches form the global batch, over
+    which the layer statistics and capacity decisions are taken (`AllToAllPath`).
 
     Raises ValueError when n_experts is not divisible by the group size, when `expert_parallel` differs
     from it, or for the expert-choice router.
@@ -240,7 +255,7 @@ def apply_expert_parallel(model: nn.Module, group=None, expert_parallel: int | N
     for moe in layers:
         El = moe.cfg.n_experts // N
         moe.experts.keep(r * El, (r + 1) * El)
-        moe.path = AllToAllPath(moe.cfg.n_experts, group)
+        moe.path = AllToAllPath(moe.cfg.n_experts, group, batch_group)
     return model
 
 
