@@ -91,15 +91,16 @@ def _plot_expert_parallel(plt, records: list[dict[str, Any]], run_dir: Path) -> 
     ax1.set_ylabel("all-to-all share of the step (%)")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    n_ranks = len(records[-1]["ep_step_s"])
-    records = [r for r in records if len(r["ep_step_s"]) == n_ranks]  # the load view of the latest N
-    n_layers = len(records[0]["ep_load_per_rank"])
+    n_layers = len(records[-1]["ep_load_per_rank"])
+    # the load view of the latest expert split (on a mesh: the ep ranks, fewer than the processes)
+    n_ranks = len(records[-1]["ep_load_per_rank"][0]) if n_layers else len(records[-1]["ep_step_s"])
+    records = [r for r in records if r["ep_load_per_rank"] and len(r["ep_load_per_rank"][0]) == n_ranks]
     width = 0.8 / max(n_layers, 1)
     for i in range(n_layers):
         mean = [sum(r["ep_load_per_rank"][i][q] for r in records) / len(records) for q in range(n_ranks)]
         ax2.bar([q + i * width for q in range(n_ranks)], mean, width, label=f"MoE layer {i}")
     ax2.axhline(1 / n_ranks, color="k", lw=0.8, ls="--", label="uniform")
-    ax2.set_xticks([q + 0.4 - width / 2 for q in range(n_ranks)], [f"rank {q}" for q in range(n_ranks)])
+    ax2.set_xticks([q + 0.4 - width / 2 for q in range(n_ranks)], [f"ep rank {q}" for q in range(n_ranks)])
     ax2.set_ylabel("share of routed assignments")
     ax2.legend(fontsize=7)
     fig.suptitle(f"expert parallelism — {run_dir.name}")

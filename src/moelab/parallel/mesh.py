@@ -187,10 +187,12 @@ def checkpoint_view(state: dict, mesh: Mesh | None) -> list[tuple[dict, str, Ten
     for key in [k for k in model_sd if _is_expert_fqn(k)]:
         swaps.append((model_sd, key, model_sd[key]))
         model_sd[key] = _global_expert(model_sd[key], mesh)
-    for fqn, pstate in state["optim"].get("state", {}).items():
-        if _is_expert_fqn(fqn):
-            for name, v in list(pstate.items()):
-                if isinstance(v, DTensor) and v.dim() >= 1:
-                    swaps.append((pstate, name, v))
-                    pstate[name] = _global_expert(v, mesh)
+    optim_state = state["optim"].get("state", {}) if "optim" in state else {}
+    for fqn in [k for k in optim_state if _is_expert_fqn(k)]:
+        # a copy: get_optimizer_state_dict may hand out the optimizer's own per-parameter dicts
+        optim_state[fqn] = pstate = dict(optim_state[fqn])
+        for name, v in list(pstate.items()):
+            if isinstance(v, DTensor) and v.dim() >= 1:
+                swaps.append((pstate, name, v))
+                pstate[name] = _global_expert(v, mesh)
     return swaps

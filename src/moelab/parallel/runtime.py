@@ -17,6 +17,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.parallel.expert import apply_expert_parallel, expert_parallel_layers
+from moelab.parallel.mesh import apply_fsdp, check_mesh, make_mesh
+from moelab.parallel.mesh import clip_grad_norm_ as mesh_clip_grad_norm_
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -28,12 +30,15 @@ class ParallelContext:
     identity (or torch's own), so the loop has one code path for 1 and N processes.
 
     `owns_group`: `setup_from_env` created the process group, so `close()` destroys it.
+    `mesh`: a (dp_shard, ep) `moelab.parallel.mesh.Mesh` — then `wrap` shards every parameter with FSDP2,
+    `clip_grads_` leaves the reduction to FSDP, and checkpoints are sharded (moelab.runs.sharded).
     """
 
     rank: int = 0
     world: int = 1
     group: object = None
     owns_group: bool = False
+    mesh: object = None
 
     @property
     def is_main(self) -> bool:
@@ -51,8 +56,11 @@ class ParallelContext:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model with its MoE layers expert-parallel (identity for one process)."""
+    def wrap(self, model: nn.Module, mixed_precision: bool = False) -> nn.Module:
+        """The model with its MoE layers expert-parallel (identity for one process); on a mesh, every
+        parameter sharded by FSDP2 (`mixed_precision`: bf16 compute, fp32 reduce)."""
+        if self.mesh is not None:
+            return apply_fsdp(model, self.mesh, mixed_precision)
         return apply_expert_parallel(model, self.group, self.world) if self.distributed else model
 
     def shard(self, x: Tensor) -> Tensor:
@@ -82,6 +90,8 @@ class ParallelContext:
 
     def clip_grads_(self, model: nn.Module, max_norm: float) -> float:
         """Synchronise the gradients (`sync_gradients`) and clip their global norm; returns that norm."""
+        if self.mesh is not None:  # FSDP reduced them; the expert gradients are rescaled
+            return mesh_clip_grad_norm_(model, max_norm).item()
         if not self.distributed:
             return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
         sync_gradients(model, self.group)
@@ -111,7 +121,8 @@ class ParallelContext:
 
 
 def setup_from_env(expert_parallel: int | None = None, timeout_s: float | None = None,
-                   backend: str = "gloo") -> ParallelContext:
+                   backend: str = "gloo", data_parallel_shard: int = 0,
+                   n_experts: int | None = None) -> ParallelContext:
     """Initialise torch.distributed from the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT) and return the context; a no-op returning (0, 1) for a plain single-process run when
     `expert_parallel` is None or 1 and WORLD_SIZE is unset.
@@ -120,8 +131,14 @@ def setup_from_env(expert_parallel: int | None = None, timeout_s: float | None =
     the others raise instead of hanging (gloo usually notices a closed connection at once; a rank that
     hangs without dying is caught by the timeout).
 
-    Raises ValueError when `expert_parallel` does not equal WORLD_SIZE.
+    `data_parallel_shard` D >= 1: a (dp_shard D, ep expert_parallel) mesh (`moelab.parallel.mesh`) over
+    WORLD_SIZE = D × expert_parallel processes; the mesh is checked against WORLD_SIZE and `n_experts`
+    before any process-group work.
+
+    Raises ValueError when `expert_parallel` (× `data_parallel_shard`) does not equal WORLD_SIZE.
     """
+    if data_parallel_shard:
+        return _setup_mesh(data_parallel_shard, expert_parallel or 1, timeout_s, backend, n_experts)
     world_env = os.environ.get("WORLD_SIZE")
     if world_env is None:
         if expert_parallel not in (None, 1):
@@ -139,6 +156,26 @@ def setup_from_env(expert_parallel: int | None = None, timeout_s: float | None =
     if owns:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return ParallelContext(dist.get_rank(), dist.get_world_size(), None, owns)
+
+
+def _setup_mesh(dp_shard: int, ep: int, timeout_s: float | None, backend: str,
+                n_experts: int | None) -> ParallelContext:
+    world_env = os.environ.get("WORLD_SIZE")
+    world = int(world_env) if world_env is not None else 1
+    if world_env is None and dp_shard * ep > 1:
+        raise ValueError(f"data_parallel_shard={dp_shard} × expert_parallel={ep} needs {dp_shard * ep} processes, "
+                         f"but WORLD_SIZE is not set: launch with `torchrun --nproc-per-node {dp_shard * ep} -m "
+                         "moelab ...`")
+    check_mesh(world, dp_shard, ep, n_experts)
+    if world_env is None:
+        return ParallelContext()  # a 1 × 1 mesh without torchrun: the plain one-process run
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("MOELAB_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    mesh = make_mesh(dp_shard, ep, "cuda" if backend == "nccl" else "cpu")
+    return ParallelContext(dist.get_rank(), dist.get_world_size(), None, owns, mesh)
 
 
 def shard_batch(x: Tensor, rank: int, world: int) -> Tensor:

@@ -7,6 +7,8 @@ Layout of `RUN/checkpoints/step_00000100/`:
     trainer.safetensors  RNG states (torch CPU RNG, data sampler generator) as uint8 tensors
     trainer.json         step, tokens seen, optimizer param groups, anything else JSON-able
     manifest.json        sha256 and size of every file above — written last
+(A sharded checkpoint, written by every rank of a 2-D mesh run, holds dcp/ instead of the two tensor
+files: moelab.runs.sharded; `verify` checks both kinds.)
 
 The directory is assembled under a temporary name in the same parent and renamed into place, so a
 directory with the final name is always complete; an error or an interrupt (Ctrl-C) mid-write removes the
@@ -139,7 +141,14 @@ def verify(ckpt: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_path}: corrupt manifest ({e})") from None
-    for name in FILES:
+    names: tuple[str, ...] = FILES
+    if (ckpt / "dcp").is_dir():  # a sharded checkpoint (moelab.runs.sharded)
+        from moelab.runs.sharded import FILES as SHARDED_FILES
+        from moelab.runs.sharded import verify_sharded
+
+        verify_sharded(ckpt, manifest)
+        names = (*SHARDED_FILES, *(k for k in manifest if k.startswith("dcp/")))
+    for name in names:
         path = ckpt / name
         if name not in manifest or not path.is_file():
             raise CheckpointError(f"{ckpt}: file {name} is missing")

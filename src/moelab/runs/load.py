@@ -148,7 +148,12 @@ def _load_checkpoint(path: Path, target: Path, *, quant: str | None, group_size:
         raise ValueError(f"max_memory_gb applies to a quantized run or a Hugging Face directory; {path} is a float "
                          "run: convert it with `moelab convert --to-hf` (or `--from-hf ... --quant`) first")
     model = MoETransformer(ModelConfig.from_dict(config["model"]))
-    ckpt_io.load_model_state(model, target, verified=True)
+    if (target / "dcp").is_dir():  # sharded by a mesh run: DCP gathers it into this one-process model
+        from moelab.runs.sharded import load_sharded
+
+        load_sharded(target, model, verified=True)
+    else:
+        ckpt_io.load_model_state(model, target, verified=True)
     if not for_training:
         prepare_inference(model, quant, group_size)
     return model.eval(), config

@@ -62,14 +62,15 @@ def truncate_after(path: Path, last_step: int) -> None:
 
 def parallel_stats(ctx, step_seconds: float, auxes: list, model) -> dict[str, Any]:
     """The straggler view of one step, one entry per rank: step time, all-to-all time and its share,
-    rows sent to / received from other ranks, and each MoE layer's share of the load on each rank."""
+    rows sent to / received from other ranks, and each MoE layer's share of the load on each ep rank."""
     a2a = exchange_stats(model)
     per_rank = ctx.gather([step_seconds, a2a.seconds, a2a.rows_sent, a2a.rows_received])
     loads = [sum(m[i].load for m in auxes) for i in range(len(auxes[0]))] if auxes and auxes[0] else []
+    ep = ctx.mesh.ep if ctx.mesh is not None else ctx.world  # ranks the experts are split over
     return {"ep_step_s": [r[0] for r in per_rank], "ep_a2a_s": [r[1] for r in per_rank],
             "ep_a2a_share": [r[1] / max(r[0], 1e-12) for r in per_rank],
             "ep_rows_sent": [int(r[2]) for r in per_rank], "ep_rows_received": [int(r[3]) for r in per_rank],
-            "ep_load_per_rank": [(ld.view(ctx.world, -1).sum(1) / ld.sum()).tolist() for ld in loads]}
+            "ep_load_per_rank": [(ld.view(ep, -1).sum(1) / ld.sum()).tolist() for ld in loads]}
 
 
 class TensorBoardLog:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from moelab.config.model import ModelConfig
@@ -41,6 +42,7 @@ from moelab.model.transformer import MoETransformer
 from moelab.parallel import ParallelContext, exchange_stats, setup_from_env
 from moelab.runs import checkpoint as ckpt_io
 from moelab.runs.rundir import RunDir, RunLockedError
+from moelab.runs.sharded import is_sharded, load_sharded, save_sharded
 from moelab.training.metrics import TensorBoardLog, layer_stats, parallel_stats, truncate_after
 from moelab.training.optim import lr_at, make_optimizer
 from moelab.training.resume import adopt_tokenizer, data_record, resume_data
@@ -77,7 +79,7 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
     total, n = 0.0, 0
     for x, y in data.iter_eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches):
         x, y = x.tensor_split(ctx.world)[ctx.rank].to(cfg.device), y.tensor_split(ctx.world)[ctx.rank].to(cfg.device)
-        with _autocast(cfg):
+        with _autocast(cfg, ctx):
             loss = model(x, targets=y).loss  # every rank runs the forward: its collectives need all ranks
         if x.numel():
             total += loss.item() * x.numel()
@@ -86,8 +88,10 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
     return ctx.sum(total) / max(ctx.sum(n), 1)
 
 
-def _autocast(cfg: TrainConfig):
-    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+def _autocast(cfg: TrainConfig, ctx: ParallelContext):
+    """bfloat16 autocast for dtype="bfloat16" — except on a mesh, where FSDP's MixedPrecisionPolicy does it."""
+    enabled = cfg.dtype == "bfloat16" and ctx.mesh is None
+    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def check_device(device: str) -> None:
@@ -121,6 +125,9 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     experts are split over them (moelab.parallel), each takes its share of the same global batch, rank 0
     writes metrics, checkpoints (in the single-process layout, so any N resumes them) and plots. A rank
     that dies makes the others raise within the collective timeout (MOELAB_DIST_TIMEOUT, 60 s).
+    With `cfg.data_parallel_shard` = D >= 1, D × N processes form a (dp_shard, ep) mesh
+    (moelab.parallel.mesh): every weight is sharded by FSDP2 and every rank writes its own shards of
+    each checkpoint (moelab.runs.sharded), which any mesh dividing the model, or one process, resumes.
     """
     check_device(cfg.device)
     if cfg.tensorboard:
@@ -131,7 +138,8 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
         raise ValueError("new_data (--new-data) continues a run on other text: it needs resume (--resume)")
     run = RunDir(run_dir)
     _check_state(run, resume)  # before anything is written: a mistyped --out creates nothing
-    ctx = setup_from_env(cfg.expert_parallel)
+    n_experts = model_cfg.moe.n_experts if model_cfg.moe is not None else None
+    ctx = setup_from_env(cfg.expert_parallel, data_parallel_shard=cfg.data_parallel_shard, n_experts=n_experts)
     try:
         with _locked(run, ctx):
             _check_state(run, resume)  # again, now that no other process can write here
@@ -142,7 +150,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     except RuntimeError as e:
         if not ctx.distributed or isinstance(e, RunLockedError):
             raise
-        raise RuntimeError(f"rank {ctx.rank} of {ctx.world}: an expert-parallel collective failed — another rank "
+        raise RuntimeError(f"rank {ctx.rank} of {ctx.world}: a collective failed — another rank "
                            f"probably died or stopped answering (timeout MOELAB_DIST_TIMEOUT): {e}") from e
     finally:
         ctx.close()
@@ -270,21 +278,37 @@ class _Trainer:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.train_tokens, self.train_seconds = 0, 0.0
         latest = self.run_dir.latest_checkpoint() if resume else None
+        sharded = latest is not None and is_sharded(latest)
         if latest is not None:
+            self._check_format(latest, sharded)
             ckpt_io.verify(latest)
-            ckpt_io.load_model_state(model, latest, verified=True)
-        self.model = self.ctx.wrap(model).to(cfg.device)  # expert-parallel: keep this rank's expert slices
+            if not sharded:
+                ckpt_io.load_model_state(model, latest, verified=True)
+        # expert-parallel: keep this rank's expert slices; on a mesh, every parameter sharded by FSDP2
+        self.model = self.ctx.wrap(model, mixed_precision=cfg.dtype == "bfloat16").to(cfg.device)
         self.optimizer = make_optimizer(self.model, cfg)
         if latest is None:
             return 0
-        optim_state, trainer, rng = ckpt_io.read_training_state(latest)
-        self.ctx.load_optimizer_state(self.optimizer, optim_state)
+        if sharded:  # each rank reads its own shards, resharded from whatever mesh wrote them
+            trainer, rng = load_sharded(latest, self.model, self.optimizer, self.ctx.mesh, verified=True)
+        else:
+            optim_state, trainer, rng = ckpt_io.read_training_state(latest)
+            self.ctx.load_optimizer_state(self.optimizer, optim_state)
         self.train_tokens, self.train_seconds = trainer["train_tokens"], trainer["train_seconds"]
         torch.set_rng_state(rng["torch"])
         self.gen.set_state(rng["data"])
         if self.ctx.is_main:  # drop lines a killed run logged after its last checkpoint
             truncate_after(self.run_dir.metrics_path, trainer["step"])
         return trainer["step"]
+
+    def _check_format(self, latest: Path, sharded: bool) -> None:
+        """A sharded checkpoint resumes on a mesh or in one process; a gathered one without a mesh."""
+        if sharded and self.ctx.mesh is None and self.ctx.distributed:
+            raise ValueError(f"{latest.name} is a sharded checkpoint (written on a --data-parallel-shard mesh): resume "
+                             "it with --data-parallel-shard D --expert-parallel N, or in one process")
+        if not sharded and self.ctx.mesh is not None:
+            raise ValueError(f"{latest.name} is a gathered checkpoint (one process or --expert-parallel alone): "
+                             "resume it without --data-parallel-shard")
 
     def _announce_resume(self, start: int, changes: dict[str, tuple[Any, Any]], record: dict[str, Any]) -> None:
         self.resumed = {"from_step": start, "changed": {k: list(v) for k, v in changes.items()}}
@@ -354,7 +378,7 @@ class _Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.data.get_batch("train", cfg.batch_size, cfg.seq_len, self.gen)  # the global batch
             x, y = ctx.shard(x).to(cfg.device, non_blocking=True), ctx.shard(y).to(cfg.device, non_blocking=True)
-            with _autocast(cfg):
+            with _autocast(cfg, ctx):
                 out = model(x, targets=y)
             ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
             loss_sum += out.loss.item() / cfg.grad_accum
@@ -396,12 +420,18 @@ class _Trainer:
         return TrainingDiverged(f"step {step}: {what} — training stopped before this step's update; {advice}")
 
     def _save(self, step: int) -> None:
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self.model.parameters()]  # FSDP shards
+        if self.ctx.sum(0.0 if all(torch.isfinite(p).all() for p in local) else 1.0):  # every rank stops alike
             raise self._diverged(step, "a weight is not finite")
+        trainer = {"train_tokens": self.train_tokens, "train_seconds": self.train_seconds}
+        rng = {"torch": torch.get_rng_state(), "data": self.gen.get_state()}
+        if self.ctx.mesh is not None:  # every rank writes its shards
+            save_sharded(self.run_dir.path, step, model=self.model, optimizer=self.optimizer, mesh=self.ctx.mesh,
+                         config=self.config, trainer=trainer, rng=rng, keep=self.cfg.keep_checkpoints)
+            return
         model_state, optim_state = self.ctx.model_state(self.model), self.ctx.optimizer_state(self.optimizer)
         if self.ctx.is_main:
             ckpt_io.save_checkpoint(
                 self.run_dir.path, step, model=model_state, optimizer=optim_state, config=self.config,
-                trainer={"train_tokens": self.train_tokens, "train_seconds": self.train_seconds},
-                rng={"torch": torch.get_rng_state(), "data": self.gen.get_state()}, keep=self.cfg.keep_checkpoints)
+                trainer=trainer, rng=rng, keep=self.cfg.keep_checkpoints)
         self.ctx.barrier()
