@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,8 @@ SWITCH_LOSS = dict(router="topk_softmax")  # Switch load-balance loss, no capaci
 
 
 # ------------------------------------------------------------------------------------------------ library
-def _mesh_check(rank: int, world: int, dp_shard: int, ep: int, moe_over: dict, steps: int) -> None:
+def _mesh_check(rank: int, world: int, dp_shard: int, ep: int, moe_over: dict, steps: int,
+                save_to: str | None = None) -> None:
     """`steps` AdamW steps of the mesh model and of the plain model on the whole batch: the same losses,
     gradient norms, expert loads and final weights; this rank holds 1/world of the bytes."""
     mesh = make_mesh(dp_shard, ep)
@@ -59,10 +61,11 @@ def _mesh_check(rank: int, world: int, dp_shard: int, ep: int, moe_over: dict, s
         loss = (out.loss + out.aux_loss).detach().clone()
         dist.all_reduce(loss)
         torch.testing.assert_close(loss / world, (out_ref.loss + out_ref.aux_loss).detach(), atol=2e-6, rtol=2e-6,
-                                   msg=lambda m: f"{tag} step {step} loss: {m}")
-        torch.testing.assert_close(norm, norm_ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{tag} step {step} norm: {m}")
+                                   msg=lambda m, s=step: f"{tag} step {s} loss: {m}")
+        torch.testing.assert_close(norm, norm_ref, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, s=step: f"{tag} step {s} norm: {m}")
         for a, a_ref in zip(out.aux, out_ref.aux, strict=True):
-            torch.testing.assert_close(a.load, a_ref.load, msg=lambda m: f"{tag} step {step} load: {m}")
+            torch.testing.assert_close(a.load, a_ref.load, msg=lambda m, s=step: f"{tag} step {s} load: {m}")
         for o in (opt_ref, opt):
             o.step()
             o.zero_grad()
@@ -75,13 +78,57 @@ def _mesh_check(rank: int, world: int, dp_shard: int, ep: int, moe_over: dict, s
     assert params_ref / world <= params <= params_ref / world * 1.1, (tag, params, params_ref)
     assert state == 2 * params, (tag, state, params)  # AdamW: two moments per local element
     for name, b in ref.named_buffers():  # the expert biases moved alike everywhere
-        torch.testing.assert_close(dict(model.named_buffers())[name], b, msg=lambda m: f"{tag} {name}: {m}")
+        torch.testing.assert_close(dict(model.named_buffers())[name], b, msg=lambda m, n=name: f"{tag} {n}: {m}")
+    if save_to is not None:
+        save_sharded(save_to, steps, model=model, optimizer=opt, mesh=mesh, config={}, trainer={},
+                     rng={"torch": torch.get_rng_state()})
+        ep_group = mesh.device_mesh.get_group("ep")
+
+        def full(t, name):  # the whole tensor, the experts' ep slices gathered in ep order
+            t = t.full_tensor()
+            if ".experts." not in name:
+                return t
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t, group=ep_group)
+            return torch.cat(parts)
+
+        saved = {n: (full(p, n), {k: full(opt.state[p][k], n) for k in ("exp_avg", "exp_avg_sq")})
+                 for n, p in model.named_parameters()}
+        _reshard_check(rank, Path(save_to) / "checkpoints" / f"step_{steps:08d}", saved, moe_over)
+
+
+def _reshard_check(rank: int, ckpt: Path, ref_state: dict, moe_over: dict) -> None:
+    """The 2 × 2 checkpoint loaded on a 4 × 1 and a 1 × 4 mesh: every weight and AdamW moment is the
+    saved one (experts compared slice by slice: ep rank e holds rows [e·El, (e+1)·El))."""
+    for dp_shard, ep in ((4, 1), (1, 4)):
+        mesh = make_mesh(dp_shard, ep)
+        torch.manual_seed(99)  # other initial weights: the load must replace them all
+        model = apply_fsdp(MoETransformer(model_cfg(n_experts=4, **moe_over)), mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        load_sharded(ckpt, model, opt, mesh)
+        e = rank % ep
+        for name, p in model.named_parameters():
+            want, want_state = ref_state[name]
+            rows = slice(None)
+            if ".experts." in name:
+                El = want.shape[0] // ep
+                rows = slice(e * El, (e + 1) * El)
+            for got, exp in ((p, want), (opt.state[p]["exp_avg"], want_state["exp_avg"]),
+                             (opt.state[p]["exp_avg_sq"], want_state["exp_avg_sq"])):
+                assert torch.equal(got.full_tensor(), exp[rows]), f"{dp_shard}x{ep} rank {rank} {name}"
 
 
 def _mesh_suite(rank: int, world: int) -> None:
     if world == 4:
-        _mesh_check(rank, world, 2, 2, BIAS_CAPACITY, steps=20)
         _mesh_check(rank, world, 2, 2, SWITCH_LOSS, steps=20)
+        save_to = [str(Path(tempfile.gettempdir()) / f"moelab-mesh-{os.getppid()}") if rank == 0 else None]
+        dist.broadcast_object_list(save_to)
+        try:
+            _mesh_check(rank, world, 2, 2, BIAS_CAPACITY, steps=20, save_to=save_to[0])
+        finally:
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(save_to[0], ignore_errors=True)
     else:
         _mesh_check(rank, world, 2, 1, BIAS_CAPACITY, steps=20)
         _mesh_check(rank, world, 1, 2, SWITCH_LOSS, steps=20)
