@@ -132,6 +132,24 @@ def _mesh_suite(rank: int, world: int) -> None:
     else:
         _mesh_check(rank, world, 2, 1, BIAS_CAPACITY, steps=20)
         _mesh_check(rank, world, 1, 2, SWITCH_LOSS, steps=20)
+        _mixed_precision_check(rank, world)
+
+
+def _mixed_precision_check(rank: int, world: int) -> None:
+    """FSDP's MixedPrecisionPolicy on a 1 × 2 mesh: the forward computes in bfloat16 (logits bf16, the
+    loss within bf16 rounding of the float32 one), weights and reduced gradients stay float32."""
+    torch.manual_seed(0)
+    ref = MoETransformer(model_cfg(n_experts=4))
+    model = apply_fsdp(copy.deepcopy(ref), make_mesh(1, 2), mixed_precision=True)
+    ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(2))
+    x, y = ids[:, :-1], ids[:, 1:]
+    out = model(shard_batch(x, rank, world), targets=shard_batch(y, rank, world))
+    assert out.logits.dtype == torch.bfloat16
+    loss = out.loss.detach().float().clone()
+    dist.all_reduce(loss)
+    torch.testing.assert_close(loss / world, ref(x, targets=y).loss.detach(), atol=3e-2, rtol=0)
+    (out.loss + out.aux_loss).backward()
+    assert {p.dtype for p in model.parameters()} == {p.grad.dtype for p in model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("world", [2, 4])
