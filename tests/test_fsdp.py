@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from moelab import hf
 from moelab.model.transformer import MoETransformer
 from moelab.parallel import setup_from_env, shard_batch
 from moelab.parallel.mesh import apply_fsdp, check_mesh, clip_grad_norm_, local_bytes, make_mesh
 from moelab.runs.checkpoint import CheckpointError, verify
-from moelab.runs.load import load_run
+from moelab.runs.load import load_model, load_run
 from moelab.runs.sharded import load_sharded, save_sharded
 from moelab.training.train import train
 from test_parallel import TRAIN_MODEL, _free_port, assert_same_curve, model_cfg, records, spawn, spawn_env, train_cfg
@@ -94,6 +95,7 @@ def _mesh_check(rank: int, world: int, dp_shard: int, ep: int, moe_over: dict, s
 
         saved = {n: (full(p, n), {k: full(opt.state[p][k], n) for k in ("exp_avg", "exp_avg_sq")})
                  for n, p in model.named_parameters()}
+        saved |= {n: (b.clone(), None) for n, b in model.named_buffers()}  # the expert biases
         _reshard_check(rank, Path(save_to) / "checkpoints" / f"step_{steps:08d}", saved, moe_over)
 
 
@@ -107,6 +109,8 @@ def _reshard_check(rank: int, ckpt: Path, ref_state: dict, moe_over: dict) -> No
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
         load_sharded(ckpt, model, opt, mesh)
         e = rank % ep
+        for name, b in model.named_buffers():
+            assert torch.equal(b, ref_state[name][0]), f"{dp_shard}x{ep} rank {rank} {name}"
         for name, p in model.named_parameters():
             want, want_state = ref_state[name]
             rows = slice(None)
@@ -173,9 +177,9 @@ def test_mesh_refused_before_process_group(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ sharded files
-def _one_step_model(seed: int = 0):
+def _one_step_model(seed: int = 0, moe_over: dict = BIAS_CAPACITY):
     torch.manual_seed(seed)
-    model = MoETransformer(model_cfg(n_experts=4, **BIAS_CAPACITY))
+    model = MoETransformer(model_cfg(n_experts=4, **moe_over))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(seed))
     out = model(ids[:, :-1], targets=ids[:, 1:])
@@ -234,6 +238,19 @@ def test_sharded_checkpoint_in_one_process_round_trip_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to unpickle"):
         load_sharded(bad, fresh)
     assert not marker.exists()
+
+
+def test_sharded_checkpoint_converts_to_hf(tmp_path):
+    """`moelab convert --to-hf` (via load_run) reads a sharded checkpoint: the exported model computes
+    the saved model's logits."""
+    model, opt = _one_step_model(0, SWITCH_LOSS)
+    ckpt = save_sharded(tmp_path, 1, model=model, optimizer=opt, mesh=None, trainer={},
+                        config={"model": model_cfg(n_experts=4, **SWITCH_LOSS).to_dict()},
+                        rng={"torch": torch.get_rng_state()})
+    exported = load_model(hf.convert_to_hf(ckpt, tmp_path / "hf")).model
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ training loop
