@@ -83,6 +83,8 @@ def _mesh_check(rank: int, world: int, dp_shard: int, ep: int, moe_over: dict, s
     if save_to is not None:
         save_sharded(save_to, steps, model=model, optimizer=opt, mesh=mesh, config={}, trainer={},
                      rng={"torch": torch.get_rng_state()})
+        for p in model.parameters():  # saving left the optimizer's own state alone (its next step needs it)
+            assert all(opt.state[p][k].device_mesh == p.device_mesh for k in ("exp_avg", "exp_avg_sq"))
         ep_group = mesh.device_mesh.get_group("ep")
 
         def full(t, name):  # the whole tensor, the experts' ep slices gathered in ep order
