@@ -256,16 +256,23 @@ def test_sharded_checkpoint_converts_to_hf(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ training loop
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """The reference: 20 steps of TRAIN_MODEL in one process."""
+    run = tmp_path_factory.mktemp("fsdp") / "one"
+    train(TRAIN_MODEL, train_cfg(1), run, progress=False)
+    return run
+
+
 def _mesh_train(rank: int, world: int, run_dir: str, resume: bool, dp_shard: int, ep: int) -> None:
     train(TRAIN_MODEL, train_cfg(ep, data_parallel_shard=dp_shard), run_dir, resume=resume, progress=False)
 
 
-def test_training_loop_on_the_mesh_resumes_on_other_meshes(tmp_path):
+def test_training_loop_on_the_mesh_resumes_on_other_meshes(tmp_path, one_process_run):
     """20 steps on a 2 × 2 mesh give the one-process loss curve; its step-10 sharded checkpoint (4 shard
     files, nothing gathered) resumes on a 2 × 1 mesh and in one process to the same curve; `load_run`
     reads the sharded step-20 checkpoint as the one-process run's final weights."""
-    train(TRAIN_MODEL, train_cfg(1), tmp_path / "one", progress=False)
-    want = records(tmp_path / "one")
+    want = records(one_process_run)
     spawn_env(4, _mesh_train, str(tmp_path / "four"), False, 2, 2)
     assert_same_curve(records(tmp_path / "four"), want, "mesh 2x2")
     ckpt = tmp_path / "four" / "checkpoints" / "step_00000020"
@@ -273,7 +280,7 @@ def test_training_loop_on_the_mesh_resumes_on_other_meshes(tmp_path):
     assert sorted(p.name for p in (ckpt / "dcp").iterdir()) == [".metadata", *(f"__{r}_0.distcp" for r in range(4))]
     assert json.loads((ckpt / "trainer.json").read_text())["mesh"] == {"dp_shard": 2, "ep": 2}
     got, _ = load_run(tmp_path / "four")
-    ref, _ = load_run(tmp_path / "one")
+    ref, _ = load_run(one_process_run)
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got.state_dict()[k], v, atol=2e-4, rtol=1e-3, msg=lambda m, k=k: f"{k}: {m}")
 
@@ -302,7 +309,7 @@ def _fault_worker(rank: int, world: int, port: int, run_dir: str, out: str) -> N
     os._exit(0)  # the group cannot be torn down cleanly without its peer
 
 
-def test_rank_killed_during_a_save_stops_the_other_and_the_previous_checkpoint_resumes(tmp_path):
+def test_rank_killed_during_a_save_stops_the_other_and_the_previous_checkpoint_resumes(tmp_path, one_process_run):
     """kill -9 of rank 1 while the step-20 checkpoint is being written (its shards are on disk, the
     rename has not happened): rank 0 exits with the named error within the 20 s collective timeout
     (plus the 3 s test pause), only step 10 is complete, and resuming continues from it to the curve of
@@ -334,6 +341,5 @@ def test_rank_killed_during_a_save_stops_the_other_and_the_previous_checkpoint_r
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == [".tmp-step_00000020-sharded",
                                                                        "step_00000010"]
     train(TRAIN_MODEL, train_cfg(1), run, resume=True, progress=False)  # one process, from step 10
-    train(TRAIN_MODEL, train_cfg(1), tmp_path / "one", progress=False)
-    assert_same_curve(records(run), records(tmp_path / "one"), "killed at 20, resumed from 10")
+    assert_same_curve(records(run), records(one_process_run), "killed at 20, resumed from 10")
     assert not list((run / "checkpoints").glob(".tmp-*"))  # the next save removed the torn one
