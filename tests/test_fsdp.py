@@ -9,6 +9,7 @@ one thread each, tiny models; few spawns (each costs seconds of process start-up
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import pickle
@@ -23,11 +24,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from moelab import hf
 from moelab.model.transformer import MoETransformer
 from moelab.parallel import setup_from_env, shard_batch
-from moelab.parallel.mesh import apply_fsdp, check_mesh, clip_grad_norm_, local_bytes, make_mesh
-from moelab.runs.checkpoint import CheckpointError, verify
+from moelab.parallel.mesh import apply_fsdp, check_mesh, checkpoint_view, clip_grad_norm_, local_bytes, make_mesh
+from moelab.runs.checkpoint import CheckpointError, _sha256, verify
+from moelab.runs.convert import convert_to_hf
 from moelab.runs.load import load_model, load_run
 from moelab.runs.sharded import load_sharded, save_sharded
 from moelab.training.train import train
@@ -81,8 +82,8 @@ def _mesh_check(rank: int, world: int, dp_shard: int, ep: int, moe_over: dict, s
     for name, b in ref.named_buffers():  # the expert biases moved alike everywhere
         torch.testing.assert_close(dict(model.named_buffers())[name], b, msg=lambda m, n=name: f"{tag} {n}: {m}")
     if save_to is not None:
-        save_sharded(save_to, steps, model=model, optimizer=opt, mesh=mesh, config={}, trainer={},
-                     rng={"torch": torch.get_rng_state()})
+        save_sharded(save_to, steps, model=model, optimizer=opt, config={}, trainer={},
+                     rng={"torch": torch.get_rng_state()}, view=functools.partial(checkpoint_view, mesh=mesh))
         for p in model.parameters():  # saving left the optimizer's own state alone (its next step needs it)
             assert all(opt.state[p][k].device_mesh == p.device_mesh for k in ("exp_avg", "exp_avg_sq"))
         ep_group = mesh.device_mesh.get_group("ep")
@@ -109,7 +110,7 @@ def _reshard_check(rank: int, ckpt: Path, ref_state: dict, moe_over: dict) -> No
         torch.manual_seed(99)  # other initial weights: the load must replace them all
         model = apply_fsdp(MoETransformer(model_cfg(n_experts=4, **moe_over)), mesh)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        load_sharded(ckpt, model, opt, mesh)
+        load_sharded(ckpt, model, opt, functools.partial(checkpoint_view, mesh=mesh))
         e = rank % ep
         for name, b in model.named_buffers():
             assert torch.equal(b, ref_state[name][0]), f"{dp_shard}x{ep} rank {rank} {name}"
@@ -196,8 +197,7 @@ def test_sharded_checkpoint_in_one_process_round_trip_and_refusals(tmp_path):
     DCP's index classes are refused, the last without running it."""
     model, opt = _one_step_model(0)
     rng = {"torch": torch.get_rng_state(), "data": torch.Generator().manual_seed(5).get_state()}
-    ckpt = save_sharded(tmp_path, 7, model=model, optimizer=opt, mesh=None, config={"model": {}}, trainer={"a": 1},
-                        rng=rng)
+    ckpt = save_sharded(tmp_path, 7, model=model, optimizer=opt, config={"model": {}}, trainer={"a": 1}, rng=rng)
     assert ckpt.name == "step_00000007" and not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert not (ckpt / "model.safetensors").exists() and (ckpt / "dcp" / ".metadata").is_file()
     fresh, fresh_opt = _one_step_model(1)
@@ -232,8 +232,6 @@ def test_sharded_checkpoint_in_one_process_round_trip_and_refusals(tmp_path):
 
     (bad / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
     manifest = json.loads((bad / "manifest.json").read_text())
-    from moelab.runs.checkpoint import _sha256
-
     manifest["dcp/.metadata"] = {"sha256": _sha256(bad / "dcp" / ".metadata"),
                                  "bytes": (bad / "dcp" / ".metadata").stat().st_size}
     (bad / "manifest.json").write_text(json.dumps(manifest))
@@ -246,10 +244,10 @@ def test_sharded_checkpoint_converts_to_hf(tmp_path):
     """`moelab convert --to-hf` (via load_run) reads a sharded checkpoint: the exported model computes
     the saved model's logits."""
     model, opt = _one_step_model(0, SWITCH_LOSS)
-    ckpt = save_sharded(tmp_path, 1, model=model, optimizer=opt, mesh=None, trainer={},
+    ckpt = save_sharded(tmp_path, 1, model=model, optimizer=opt, trainer={},
                         config={"model": model_cfg(n_experts=4, **SWITCH_LOSS).to_dict()},
                         rng={"torch": torch.get_rng_state()})
-    exported = load_model(hf.convert_to_hf(ckpt, tmp_path / "hf")).model
+    exported = load_model(convert_to_hf(ckpt, tmp_path / "hf")).model
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, model.eval()(ids).logits, atol=1e-5, rtol=1e-5)

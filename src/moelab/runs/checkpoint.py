@@ -34,6 +34,7 @@ from torch import nn
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 FILES = ("config.json", "model.safetensors", "optimizer.safetensors", "trainer.safetensors", "trainer.json")
+SHARDED_FILES = ("config.json", "trainer.safetensors", "trainer.json")  # + dcp/*, moelab.runs.sharded
 
 
 class CheckpointError(ValueError):
@@ -142,12 +143,14 @@ def verify(ckpt: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_path}: corrupt manifest ({e})") from None
     names: tuple[str, ...] = FILES
-    if (ckpt / "dcp").is_dir():  # a sharded checkpoint (moelab.runs.sharded)
-        from moelab.runs.sharded import FILES as SHARDED_FILES
-        from moelab.runs.sharded import verify_sharded
-
-        verify_sharded(ckpt, manifest)
-        names = (*SHARDED_FILES, *(k for k in manifest if k.startswith("dcp/")))
+    if (ckpt / "dcp").is_dir():  # a sharded checkpoint (moelab.runs.sharded): every dcp/ file listed
+        on_disk = {f"dcp/{p.name}" for p in (ckpt / "dcp").iterdir()}
+        listed = {k for k in manifest if k.startswith("dcp/")}
+        if "dcp/.metadata" not in listed:
+            raise CheckpointError(f"{ckpt}: manifest.json lists no dcp/.metadata — not a complete sharded checkpoint")
+        if on_disk - listed:
+            raise CheckpointError(f"{ckpt}: {sorted(on_disk - listed)[:3]} not listed in manifest.json")
+        names = (*SHARDED_FILES, *sorted(listed))
     for name in names:
         path = ckpt / name
         if name not in manifest or not path.is_file():

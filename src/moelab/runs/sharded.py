@@ -29,6 +29,7 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +48,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from moelab.parallel.mesh import Mesh, checkpoint_view
-from moelab.runs.checkpoint import CheckpointError, _fsync_dir, _sha256, list_checkpoints
+from moelab.runs.checkpoint import SHARDED_FILES as FILES
+from moelab.runs.checkpoint import CheckpointError, _fsync_dir, _sha256, list_checkpoints, verify
 
 DCP_DIR = "dcp"
-FILES = ("config.json", "trainer.safetensors", "trainer.json")
 
 
 def is_sharded(ckpt: str | Path) -> bool:
@@ -95,22 +95,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, mesh: Mesh | None) -> tuple[dict, dict, list]:
-    """(the tensors DCP saves / loads into — parameter-name keyed, experts in their global layout —,
-    the optimizer's full state dict by parameter name, the expert views to undo after a load)."""
+View = Callable[[dict], list]  # moelab.parallel.mesh.checkpoint_view bound to a mesh
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None, view: View | None) -> tuple[dict, dict, list]:
+    """(the tensors DCP saves / loads into — parameter-name keyed, on a mesh the experts in their global
+    layout (`view`) —, the optimizer's full state dict by parameter name, the views to undo after a load)."""
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     osd: dict[str, Any] = {}
     if optimizer is not None:
         osd = get_optimizer_state_dict(model, optimizer)
         state["optim"] = {"state": osd["state"]}
-    return state, osd, checkpoint_view(state, mesh)
+    return state, osd, view(state) if view is not None else []
 
 
 def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 mesh: Mesh | None, config: dict[str, Any], trainer: dict[str, Any], rng: dict[str, torch.Tensor],
-                 keep: int = 2) -> Path:
+                 config: dict[str, Any], trainer: dict[str, Any], rng: dict[str, torch.Tensor], keep: int = 2,
+                 view: View | None = None, mesh_shape: dict[str, int] | None = None) -> Path:
     """Write RUN/checkpoints/step_XXXXXXXX as a sharded checkpoint (collective: every rank calls it);
-    keep the newest `keep` complete checkpoints. Returns the final directory."""
+    keep the newest `keep` complete checkpoints. Returns the final directory. On a mesh, `view` is
+    `functools.partial(moelab.parallel.mesh.checkpoint_view, mesh=mesh)` (the experts' global layout)
+    and `mesh_shape` {"dp_shard": D, "ep": N}, recorded in trainer.json."""
     parent = Path(run_dir) / "checkpoints"
     final = parent / f"step_{step:08d}"
     tmp = parent / f".tmp-{final.name}-sharded"
@@ -120,7 +125,7 @@ def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer:
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    state, _, _ = _state(model, optimizer, mesh)
+    state, _, _ = _state(model, optimizer, view)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp / DCP_DIR, sync_files=True))  # every rank its shards
     pause = float(os.environ.get("MOELAB_TEST_CHECKPOINT_PAUSE", "0"))  # tests kill a rank mid-save here
     if pause and int(os.environ.get("MOELAB_TEST_CHECKPOINT_PAUSE_STEP", step)) == step:
@@ -128,11 +133,10 @@ def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer:
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]]
-        mesh_record = {"dp_shard": mesh.dp_shard, "ep": mesh.ep} if mesh is not None else {"dp_shard": 1, "ep": 1}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "trainer.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps({**trainer, "param_groups": groups, "step": step,
-                                                      "mesh": mesh_record}, indent=2))
+                                                      "mesh": mesh_shape or {"dp_shard": 1, "ep": 1}}, indent=2))
         names = [*FILES, *(f"{DCP_DIR}/{p.name}" for p in sorted((tmp / DCP_DIR).iterdir()))]
         manifest = {name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in names}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -150,29 +154,17 @@ def save_sharded(run_dir: str | Path, step: int, *, model: nn.Module, optimizer:
     return final
 
 
-def verify_sharded(ckpt: Path, manifest: dict[str, Any]) -> None:
-    """Every file a sharded checkpoint needs is listed in its manifest, and every file in dcp/ is listed."""
-    on_disk = {f"{DCP_DIR}/{p.name}" for p in (ckpt / DCP_DIR).iterdir()}
-    listed = {k for k in manifest if k.startswith(f"{DCP_DIR}/")}
-    if f"{DCP_DIR}/.metadata" not in listed:
-        raise CheckpointError(f"{ckpt}: manifest.json lists no {DCP_DIR}/.metadata — not a complete sharded checkpoint")
-    if on_disk - listed:
-        raise CheckpointError(f"{ckpt}: {sorted(on_disk - listed)[:3]} not listed in manifest.json")
-
-
 def load_sharded(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                 mesh: Mesh | None = None, verified: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+                 view: View | None = None, verified: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load a sharded checkpoint (verified first) into `model` — one process, or sharded by
-    `moelab.parallel.mesh.apply_fsdp` over `mesh` (collective then) — and `optimizer` when given.
-    Returns (trainer.json contents, RNG tensors)."""
-    from moelab.runs.checkpoint import verify
-
+    `moelab.parallel.mesh.apply_fsdp` (collective then; `view` as for `save_sharded`) — and `optimizer`
+    when given. Returns (trainer.json contents, RNG tensors)."""
     ckpt = Path(ckpt)
     if not verified:
         verify(ckpt)
     trainer = json.loads((ckpt / "trainer.json").read_text())
     SafeReader(ckpt / DCP_DIR).read_metadata()  # the index through the allow-list first: a clean error
-    state, osd, swaps = _state(model, optimizer, mesh)
+    state, osd, swaps = _state(model, optimizer, view)
     try:
         dcp.load(state, storage_reader=SafeReader(ckpt / DCP_DIR))
     except (RuntimeError, ValueError, KeyError, DCPError) as e:

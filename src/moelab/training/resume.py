@@ -1,17 +1,42 @@
-"""The data rules of a resumed run: its corpus record, its own tokenizer, and its token cache, rebuilt or
-continued on new data (README, "Runs never lose work")."""
+"""The rules of a resumed run: its model must not change, its checkpoint's format must fit the launch, and
+its data — its corpus record, its own tokenizer, and its token cache, rebuilt or continued on new data
+(README, "Runs never lose work")."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from moelab.data.corpus import Corpus
 from moelab.data.tokenizer import load_tokenizer, tokenizer_sha256
 from moelab.data.tokens import TokenData
 from moelab.runs.rundir import TOKENIZER, RunDir
+
+
+def model_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'field: old -> new' for every ModelConfig field (nested: moe.field) that differs."""
+    out = []
+    for key in sorted(set(saved) | set(new)):
+        a, b = saved.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += model_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def check_format(latest: Path, sharded: bool, on_mesh: bool, distributed: bool) -> None:
+    """A sharded checkpoint (moelab.runs.sharded) resumes on a mesh or in one process; a gathered one
+    (one process or expert parallelism alone) without a mesh. ValueError naming the flag otherwise."""
+    if sharded and not on_mesh and distributed:
+        raise ValueError(f"{latest.name} is a sharded checkpoint (written on a --data-parallel-shard mesh): resume "
+                         "it with --data-parallel-shard D --expert-parallel N, or in one process")
+    if not sharded and on_mesh:
+        raise ValueError(f"{latest.name} is a gathered checkpoint (one process or --expert-parallel alone): "
+                         "resume it without --data-parallel-shard")
 
 
 # ----------------------------------------------------------------------------------------- the run's data

@@ -22,6 +22,7 @@ so the newest checkpoint is always a good one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -40,12 +41,13 @@ from moelab.data.corpus import Corpus
 from moelab.data.tokens import TokenData, prepare_data
 from moelab.model.transformer import MoETransformer
 from moelab.parallel import ParallelContext, exchange_stats, setup_from_env
+from moelab.parallel.mesh import checkpoint_view
 from moelab.runs import checkpoint as ckpt_io
 from moelab.runs.rundir import RunDir, RunLockedError
 from moelab.runs.sharded import is_sharded, load_sharded, save_sharded
 from moelab.training.metrics import TensorBoardLog, layer_stats, parallel_stats, truncate_after
 from moelab.training.optim import lr_at, make_optimizer
-from moelab.training.resume import adopt_tokenizer, data_record, resume_data
+from moelab.training.resume import adopt_tokenizer, check_format, data_record, model_changes, resume_data
 
 __all__ = ["train", "evaluate", "lr_at", "make_optimizer", "TrainResult", "TrainingDiverged"]
 
@@ -183,18 +185,6 @@ def _locked(run: RunDir, ctx: ParallelContext):
             lock.release()
 
 
-def _model_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """'field: old -> new' for every ModelConfig field (nested: moe.field) that differs."""
-    out = []
-    for key in sorted(set(saved) | set(new)):
-        a, b = saved.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _model_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
 class _Trainer:
     """One training run in a locked run directory: configuration, data, model, the loop, checkpoints."""
 
@@ -226,7 +216,7 @@ class _Trainer:
         self.saved = self.run_dir.read_config()
         latest = self.run_dir.latest_checkpoint()
         weights_cfg = ckpt_io.read_config(latest)["model"]  # the config the weights were written with
-        diff = _model_changes(weights_cfg, self.model_cfg.to_dict())
+        diff = model_changes(weights_cfg, self.model_cfg.to_dict())
         if diff:
             raise ValueError(f"the requested model differs from the run's ({latest.name}): {'; '.join(diff)} — a "
                              "resumed run keeps its model; start a new run with --out to train another")
@@ -279,8 +269,9 @@ class _Trainer:
         self.train_tokens, self.train_seconds = 0, 0.0
         latest = self.run_dir.latest_checkpoint() if resume else None
         sharded = latest is not None and is_sharded(latest)
+        self.view = functools.partial(checkpoint_view, mesh=self.ctx.mesh) if self.ctx.mesh else None  # experts' layout
         if latest is not None:
-            self._check_format(latest, sharded)
+            check_format(latest, sharded, self.ctx.mesh is not None, self.ctx.distributed)
             ckpt_io.verify(latest)
             if not sharded:
                 ckpt_io.load_model_state(model, latest, verified=True)
@@ -290,7 +281,7 @@ class _Trainer:
         if latest is None:
             return 0
         if sharded:  # each rank reads its own shards, resharded from whatever mesh wrote them
-            trainer, rng = load_sharded(latest, self.model, self.optimizer, self.ctx.mesh, verified=True)
+            trainer, rng = load_sharded(latest, self.model, self.optimizer, self.view, verified=True)
         else:
             optim_state, trainer, rng = ckpt_io.read_training_state(latest)
             self.ctx.load_optimizer_state(self.optimizer, optim_state)
@@ -300,15 +291,6 @@ class _Trainer:
         if self.ctx.is_main:  # drop lines a killed run logged after its last checkpoint
             truncate_after(self.run_dir.metrics_path, trainer["step"])
         return trainer["step"]
-
-    def _check_format(self, latest: Path, sharded: bool) -> None:
-        """A sharded checkpoint resumes on a mesh or in one process; a gathered one without a mesh."""
-        if sharded and self.ctx.mesh is None and self.ctx.distributed:
-            raise ValueError(f"{latest.name} is a sharded checkpoint (written on a --data-parallel-shard mesh): resume "
-                             "it with --data-parallel-shard D --expert-parallel N, or in one process")
-        if not sharded and self.ctx.mesh is not None:
-            raise ValueError(f"{latest.name} is a gathered checkpoint (one process or --expert-parallel alone): "
-                             "resume it without --data-parallel-shard")
 
     def _announce_resume(self, start: int, changes: dict[str, tuple[Any, Any]], record: dict[str, Any]) -> None:
         self.resumed = {"from_step": start, "changed": {k: list(v) for k, v in changes.items()}}
@@ -426,8 +408,9 @@ class _Trainer:
         trainer = {"train_tokens": self.train_tokens, "train_seconds": self.train_seconds}
         rng = {"torch": torch.get_rng_state(), "data": self.gen.get_state()}
         if self.ctx.mesh is not None:  # every rank writes its shards
-            save_sharded(self.run_dir.path, step, model=self.model, optimizer=self.optimizer, mesh=self.ctx.mesh,
-                         config=self.config, trainer=trainer, rng=rng, keep=self.cfg.keep_checkpoints)
+            save_sharded(self.run_dir.path, step, model=self.model, optimizer=self.optimizer, config=self.config,
+                         trainer=trainer, rng=rng, keep=self.cfg.keep_checkpoints, view=self.view,
+                         mesh_shape={"dp_shard": self.ctx.mesh.dp_shard, "ep": self.ctx.mesh.ep})
             return
         model_state, optim_state = self.ctx.model_state(self.model), self.ctx.optimizer_state(self.optimizer)
         if self.ctx.is_main:
