@@ -122,8 +122,8 @@ class TrainConfig(_JsonMixin):
         _choice("dtype", self.dtype, DTYPES)
         check_device_name(self.device)
         if self.device != "cpu" and self.world > 1:
-            _fail("device", self.device, "'cpu' when expert_parallel × data_parallel_shard > 1 (it runs on gloo over "
-                  "CPU processes; NCCL is not supported yet)")
+            _fail("device", self.device, "'cpu' when expert_parallel > 1 or data_parallel_shard > 1 (it runs on gloo "
+                  "over CPU processes; NCCL is not supported yet)")
         if self.batch_size % self.world:
             _fail("batch_size", self.batch_size, f"a multiple of the {self.world} processes (expert_parallel="
                   f"{self.expert_parallel} × data_parallel_shard={self.data_parallel_shard or 1}; it is the "
