@@ -47,6 +47,8 @@ CONFIGS = {
     "gqa_full_qknorm_k_equals_e": ModelConfig(
         vocab_size=97, d_model=D, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=12, d_ff=40, qk_norm="full",
         moe=moe(n_experts=3, top_k=3, n_shared=1)),
+    "noisy_topk_router": ModelConfig(vocab_size=97, d_model=D, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=40,
+                                     moe=moe(router="noisy_topk", importance_loss_coef=0.1, load_loss_coef=0.1)),
     "dense_only": ModelConfig(vocab_size=97, d_model=D, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=40, moe=None),
 }
 

@@ -1,4 +1,5 @@
-"""Balance losses against hand computations and loops; the bias update against a skewed stream."""
+"""Balance losses against hand computations and loops; the bias update against a skewed stream; the importance and
+load losses of noisy top-k gating (Shazeer et al. 2017) by hand and the smooth load against Monte Carlo."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import pytest
 import torch
 
 from moelab import MoEConfig
+from moelab.layer import balance
 from moelab.layer.balance import expert_counts, router_entropy, seq_aux_loss, switch_loss, update_expert_bias, z_loss
 from moelab.layer.moe import MoE
+from moelab.layer.routing import NOISE_EPS
 
 
 @pytest.mark.parametrize("E,k", [(4, 1), (8, 2), (16, 4)])
@@ -100,3 +103,69 @@ def test_bias_update_is_a_noop_without_expert_bias():
     moe = MoE(MoEConfig(d_model=16, d_expert=8, n_experts=4, top_k=1))
     moe.update_expert_bias(torch.tensor([10.0, 0.0, 0.0, 0.0]))
     assert torch.all(moe.router.bias == 0)
+
+
+def test_cv_squared_is_the_population_variance_over_the_squared_mean():
+    assert balance.cv_squared(torch.tensor([2.0, 2.0, 2.0])).item() == 0.0
+    assert balance.cv_squared(torch.tensor([1.0, 3.0])).item() == pytest.approx(0.25)  # var 1 (sample: 2), mean² 4
+    assert balance.cv_squared(torch.tensor([8.0, 0.0, 0.0, 0.0])).item() == pytest.approx(3.0)  # all on one: E - 1
+    assert balance.cv_squared(torch.zeros(4)).item() == 0.0
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def _cv2(v: list[float]) -> float:
+    m = sum(v) / len(v)
+    return sum((a - m) ** 2 for a in v) / len(v) / m**2
+
+
+def test_importance_and_load_losses_match_a_hand_computation(monkeypatch):
+    """Through the layer, with the noise fixed: importance_i = Σ_t G(x_t)_i and load_i = Σ_t P(x_t, i),
+    P(x, i) = Φ((clean_i − k-th largest of the other experts' H) / σ_i), both by loops over plain floats."""
+    torch.manual_seed(3)
+    T, E, D, k = 6, 4, 3, 2
+    cfg = MoEConfig(d_model=D, d_expert=4, n_experts=E, top_k=k, router="noisy_topk", aux_loss_coef=0.0,
+                    z_loss_coef=0.0, importance_loss_coef=0.3, load_loss_coef=0.7, route_scale=2.0)
+    moe = MoE(cfg).train()
+    with torch.no_grad():
+        moe.router.weight.copy_(torch.randn(E, D))
+        moe.router.noise_weight.copy_(torch.randn(E, D) * 0.5)
+    x, eps = torch.randn(T, D), torch.randn(T, E)
+    monkeypatch.setattr(torch, "randn_like", lambda t: eps.to(t.dtype))
+    _, aux = moe(x)
+    wg, wn = moe.router.weight.tolist(), moe.router.noise_weight.tolist()
+    importance, load = [0.0] * E, [0.0] * E
+    for t in range(T):
+        xt = x[t].tolist()
+        clean = [sum(a * b for a, b in zip(xt, wg[i])) for i in range(E)]
+        std = [math.log1p(math.exp(sum(a * b for a, b in zip(xt, wn[i])))) + NOISE_EPS for i in range(E)]
+        h = [clean[i] + eps[t, i].item() * std[i] for i in range(E)]
+        kept = sorted(range(E), key=lambda i: -h[i])[:k]
+        z = sum(math.exp(h[i]) for i in kept)
+        for i in kept:
+            importance[i] += math.exp(h[i]) / z
+        for i in range(E):
+            kth_excluding = sorted((h[j] for j in range(E) if j != i), reverse=True)[k - 1]
+            load[i] += _phi((clean[i] - kth_excluding) / std[i])
+    assert aux.losses["importance"].item() == pytest.approx(0.3 * _cv2(importance), rel=1e-4)
+    assert aux.losses["load"].item() == pytest.approx(0.7 * _cv2(load), rel=1e-4)
+
+
+def test_smooth_load_estimator_matches_monte_carlo():
+    """E over the noise of P(x, i) is P(expert i in the top-k): over N noise draws for one token, the mean of
+    P(x, i) minus the indicator "i was chosen" is zero within 5 standard errors of that difference."""
+    torch.manual_seed(4)
+    N, k = 40_000, 2
+    clean = torch.tensor([1.0, 0.6, 0.2, -0.3, -0.7]).expand(N, -1)
+    std = torch.tensor([0.5, 1.0, 0.7, 1.2, 0.9]).expand(N, -1)
+    noisy = clean + torch.randn(N, 5) * std
+    chosen = noisy.topk(k, dim=-1).indices
+    p = balance.prob_in_topk(clean, noisy, std, chosen)  # [N, E]
+    hit = torch.zeros(N, 5).scatter_(1, chosen, 1.0)
+    diff = p - hit
+    se = diff.std(0) / math.sqrt(N)
+    assert (diff.mean(0).abs() < 5 * se).all(), (p.mean(0), hit.mean(0), se)
+    assert p.sum(-1).mean().item() == pytest.approx(k, abs=0.02)  # the expected number chosen is k
+    assert hit.mean(0).min() > 0.05 and hit.mean(0).max() < 0.95  # probabilities far from 0 and 1: a real test

@@ -30,6 +30,12 @@ BAD_MOE = [
     (dict(shared_gate=True), "shared_gate"),
     (dict(d_model=0), "d_model=0"),
     (dict(n_experts=8, top_k=4, n_groups=4, topk_groups=1, router="sigmoid"), "top_k=4.*topk_groups"),
+    (dict(router="noisy_topk", norm_topk_prob=False), "norm_topk_prob=False.*True for router='noisy_topk'"),
+    (dict(load_loss_coef=0.1), "load_loss_coef=0.1 is invalid: allowed 0 unless router is 'noisy_topk'"),
+    (dict(router="noisy_topk", load_loss_coef=-1.0), "load_loss_coef=-1.0.*>= 0"),
+    (dict(importance_loss_coef=float("inf")), "importance_loss_coef=inf.*finite number >= 0"),
+    (dict(router="expert_choice", capacity_factor=1.0, importance_loss_coef=0.1), "importance_loss_coef=0.1.*token"),
+    (dict(router="noisy_topk", n_groups=2), "n_groups=2.*'sigmoid' or 'topk_softmax'"),
 ]
 
 
@@ -82,11 +88,18 @@ def test_architecture_options_are_written_only_when_used():
     plain = ModelConfig()
     written = set(plain.to_dict()) | set(plain.to_dict()["moe"])
     assert not {"embed_scale", "residual_scale", "logits_scaling", "attn_scale", "rotary_dim", "o_bias", "attn_sinks",
-                "sliding_window", "sliding_every", "biases"} & written
+                "sliding_window", "sliding_every", "biases", "importance_loss_coef", "load_loss_coef"} & written
     granite = plain.replace(embed_scale=12.0, residual_scale=0.22, logits_scaling=6.0, attn_scale=0.015625)
     data = granite.to_dict()
     assert data["embed_scale"] == 12.0 and data["attn_scale"] == 0.015625
     assert ModelConfig.from_dict(data) == granite and ModelConfig.from_dict(plain.to_dict()) == plain
+
+
+def test_noisy_topk_coefficients_round_trip_when_set():
+    cfg = MoEConfig(router="noisy_topk", importance_loss_coef=0.1, load_loss_coef=0.2)
+    data = cfg.to_dict()
+    assert (data["router"], data["importance_loss_coef"], data["load_loss_coef"]) == ("noisy_topk", 0.1, 0.2)
+    assert MoEConfig.from_dict(data) == cfg
 
 
 def test_dense_twin_has_the_active_width():

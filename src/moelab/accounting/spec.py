@@ -152,7 +152,8 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
     Attention "gqa": wq d×(H·hd), wk and wv d×(H_kv·hd), wo (H·hd)×d, biases on q, k, v when
     `qkv_bias`, on wo (d) when `o_bias`, H sink logits when `attn_sinks`; qk_norm "head" adds 2·hd,
     "full" adds H·hd + H_kv·hd. With `moe.biases` (gpt-oss) each expert adds 2f + d biases and the
-    router E.
+    router E. Router "noisy_topk" adds its noise weight W_noise E×d to the router (Shazeer et al. 2017),
+    counted as active too: a training forward uses it (eval and decode do not).
     Attention "mla" (DeepSeek-V2 §2.1): wq_a d×r_q, q_a_norm r_q, wq_b r_q×H·(nope+rope), or
     wq d×H·(nope+rope) without q_lora_rank; wkv_a d×(r_kv + rope); kv_a_norm r_kv;
     wkv_b r_kv×H·(nope+v); wo H·v×d.
@@ -191,9 +192,10 @@ def spec_from_model_config(cfg: ModelConfig, name: str = "moelab") -> ModelSpec:
             f, w = moe.d_expert, moe.shared_width
             per_matrix_pair = 2 if moe.activation == "gelu" else 3  # SwiGLU: gate, up, down
             biases = 2 * f + d if moe.biases else 0  # gpt-oss: on both projections, and on the router's logits
+            router_mats = 2 if moe.router == "noisy_topk" else 1  # W_g, and W_noise for noisy top-k gating
             ffn = FFNSpec(
                 experts=ExpertBank(n=moe.n_experts, top_k=moe.top_k, params_each=per_matrix_pair * d * f + biases,
-                                router=moe.n_experts * (d + moe.biases), n_groups=moe.n_groups,
+                                router=moe.n_experts * (d * router_mats + moe.biases), n_groups=moe.n_groups,
                                 topk_groups=moe.topk_groups),
                 shared=per_matrix_pair * d * w + (d if moe.shared_gate else 0))
         else:

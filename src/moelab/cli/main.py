@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tiny MoE and its dense twin on the same tokens and compare them",
                        description="Experiments on the default corpus: moe-vs-dense (default) trains a tiny MoE and "
-                       "its dense twin (same active parameters) on the same tokens; balancing trains the MoE three "
-                       "times — no balancing, the Switch auxiliary loss, the auxiliary-loss-free bias — and compares "
+                       "its dense twin (same active parameters) on the same tokens; balancing trains the MoE four "
+                       "times — no balancing, the Switch auxiliary loss, the auxiliary-loss-free bias, noisy top-k "
+                       "gating with its importance and load losses — and compares "
                        "their expert load and validation loss.", **fmt)
     p.add_argument("--experiment", default="moe-vs-dense", choices=["moe-vs-dense", "balancing"],
                    help="which experiment")

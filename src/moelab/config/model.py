@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from moelab.config.fields import _choice, _fail, _is_number, _JsonMixin, _nonneg_number, _positive_int
 from moelab.config.rope import RopeScaling
 
-ROUTERS = ("topk_softmax", "switch", "sigmoid", "expert_choice")
+ROUTERS = ("topk_softmax", "switch", "sigmoid", "expert_choice", "noisy_topk")
 ACTIVATIONS = ("swiglu", "gelu")
 EXPERT_ACTIVATIONS = (*ACTIVATIONS, "clamped_swiglu")
 BACKENDS = ("auto", "loop", "padded", "grouped_mm")
@@ -43,7 +43,9 @@ class MoEConfig(_JsonMixin):
         shared_gate: scale the shared output by sigmoid(x · w) (Qwen2-MoE's shared_expert_gate).
         router: "topk_softmax" (Mixtral, OLMoE, Qwen-MoE), "switch" (top-1, Fedus et al. 2021),
             "sigmoid" (DeepSeek-V3 scores with a selection-only bias), "expert_choice" (Zhou et al.
-            2022; each expert picks its tokens — not causal, unsuitable for autoregressive decoding).
+            2022; each expert picks its tokens — not causal, unsuitable for autoregressive decoding),
+            "noisy_topk" (Shazeer et al. 2017: in training the top-k of x·W_g + N(0,1)·softplus(x·W_noise),
+            softmax over the kept k; at eval and decode plain top-k softmax over x·W_g, i.e. Mixtral's gate).
         norm_topk_prob: renormalise the k chosen weights to sum to 1 (Mixtral: True; OLMoE and
             Qwen `norm_topk_prob=False`: False). For "sigmoid" the chosen scores are renormalised
             when True (DeepSeek-V3 does).
@@ -62,6 +64,12 @@ class MoEConfig(_JsonMixin):
         aux_loss_coef: weight of the Switch load-balance loss E · Σ f_i · P_i (0 turns it off).
         seq_aux_loss_coef: weight of DeepSeek-V3's sequence-wise balance loss (0 turns it off).
         z_loss_coef: weight of the router z-loss (ST-MoE, Zoph et al. 2022) (0 turns it off).
+        importance_loss_coef: weight of the importance loss CV(Σ_batch G(x))², the squared coefficient of
+            variation of each expert's summed gate values (Shazeer et al. 2017, eqs. 6-7) (0 turns
+            it off; token-choice routers). Written to config.json only when set.
+        load_loss_coef: weight of the load loss CV(Σ_batch P(x, i))², P the smooth probability that expert i
+            is in the token's top-k under the gate noise (Shazeer et al. 2017, appendix A) (0 turns it
+            off; router='noisy_topk' only). Written to config.json only when set.
         freeze_router: the router weight gets no gradient (requires_grad=False).
         activation: "swiglu" (default), "gelu" (two-matrix experts) or "clamped_swiglu" (gpt-oss, with
             `biases`: (clamp(up, ±7) + 1) · g · sigmoid(1.702 g), g = min(gate, 7); see moelab.layer.biased_experts).
@@ -91,12 +99,14 @@ class MoEConfig(_JsonMixin):
     aux_loss_coef: float = 0.01
     seq_aux_loss_coef: float = 0.0
     z_loss_coef: float = 1e-3
+    importance_loss_coef: float = 0.0
+    load_loss_coef: float = 0.0
     freeze_router: bool = False
     activation: str = field(default="swiglu", metadata={"choices": EXPERT_ACTIVATIONS})
     backend: str = field(default="auto", metadata={"choices": BACKENDS})
     biases: bool = False
 
-    _OMIT_DEFAULTS = ("biases",)
+    _OMIT_DEFAULTS = ("biases", "importance_loss_coef", "load_loss_coef")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -143,8 +153,18 @@ class MoEConfig(_JsonMixin):
             _fail("capacity_factor", None, "a number > 0 for router='expert_choice' (sets tokens per expert)")
         if self.expert_bias and self.router not in ("sigmoid", "topk_softmax"):
             _fail("expert_bias", True, "False unless router is 'sigmoid' or 'topk_softmax'")
-        for name in ("route_scale", "bias_update_rate", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef"):
+        for name in ("route_scale", "bias_update_rate", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
+                     "importance_loss_coef", "load_loss_coef"):
             _nonneg_number(name, getattr(self, name))
+        if self.router == "noisy_topk" and self.norm_topk_prob is not True:
+            _fail("norm_topk_prob", self.norm_topk_prob,
+                  "True for router='noisy_topk' (its gate is a softmax over the kept k, Shazeer et al. 2017)")
+        if self.load_loss_coef > 0 and self.router != "noisy_topk":
+            _fail("load_loss_coef", self.load_loss_coef, "0 unless router is 'noisy_topk' (the load loss needs the "
+                  "gate noise)")
+        if self.importance_loss_coef > 0 and self.router == "expert_choice":
+            _fail("importance_loss_coef", self.importance_loss_coef, "0 for router='expert_choice' (token-choice "
+                  "routers only)")
         if not self.route_scale > 0:
             _fail("route_scale", self.route_scale, "a number > 0")
         if self.shared_gate and self.n_shared == 0:

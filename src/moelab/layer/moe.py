@@ -39,8 +39,8 @@ from moelab.layer.routing import Router, Routing
 class MoEAux:
     """What one MoE forward returns besides its output (see the statistics rule in the module doc).
 
-    losses: weighted auxiliary losses by name ("load_balance", "seq_aux", "z"); only those whose
-        coefficient is > 0. Add `total_loss` to the training loss.
+    losses: weighted auxiliary losses by name ("load_balance", "seq_aux", "z", "importance", "load"); only
+        those whose coefficient is > 0. Add `total_loss` to the training loss.
     load [E] float32: assignments each expert was selected for (before capacity dropping).
     dropped_frac: fraction of assignments dropped by capacity (token choice) or, for expert choice,
         the fraction of tokens that no expert picked.
@@ -72,7 +72,9 @@ def layer_aux(cfg: MoEConfig, routing: Routing, n_dropped: Tensor | int, seq_len
     parallelism): the counts (load, dropped, tokens, entropy·T) go through it in one call, so the
     statistics are global; the Switch loss takes the global fraction fᵢ and this process's Pᵢ
     (`balance.switch_loss`), so its mean over equal-sized ranks is the single-process loss; the
-    sequence-wise and z losses are means over this process's sequences and tokens.
+    sequence-wise and z losses are means over this process's sequences and tokens; the importance and the
+    smooth load loss (Shazeer et al. 2017) sum this process's tokens (the load loss without noise, in eval,
+    takes the global counts).
     """
     E, T, probs = cfg.n_experts, routing.logits.shape[0], routing.probs
     token_choice = routing.topk_idx is not None
@@ -96,6 +98,13 @@ def layer_aux(cfg: MoEConfig, routing: Routing, n_dropped: Tensor | int, seq_len
             losses["load_balance"] = cfg.aux_loss_coef * balance.switch_loss(probs, load)
         if cfg.seq_aux_loss_coef > 0:
             losses["seq_aux"] = cfg.seq_aux_loss_coef * balance.seq_aux_loss(probs, routing.topk_idx, seq_len)
+        if cfg.importance_loss_coef > 0:
+            losses["importance"] = cfg.importance_loss_coef * balance.importance_loss(
+                routing.topk_idx, routing.topk_weight, E)
+        if cfg.load_loss_coef > 0:  # smooth where noise was drawn; else P(x, i) is 0 or 1: the counts
+            load_E = load if routing.noise_std is None else balance.prob_in_topk(
+                routing.logits, routing.noisy_logits, routing.noise_std, routing.topk_idx).sum(0)
+            losses["load"] = cfg.load_loss_coef * balance.load_loss(load_E)
     if T and cfg.z_loss_coef > 0:
         losses["z"] = cfg.z_loss_coef * balance.z_loss(routing.logits)
     n_tokens_int = T if reduce is None else int(n_tokens)  # a host read only when reduced over ranks

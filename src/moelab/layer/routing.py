@@ -20,6 +20,12 @@ Routers
   c = ceil(capacity_factor · T · k / E) (Zhou et al. 2022). A token's experts depend on the *other*
   tokens in the batch, including later ones, so this router is not causal and is unsuitable for
   autoregressive decoding; use it for encoders or for study.
+- "noisy_topk": noisy top-k gating (Shazeer et al. 2017, eqs. 3-5), `Router._noisy_topk`. In training (module
+  in training mode and grad enabled) H(x)ᵢ = (x·W_g)ᵢ + εᵢ·σᵢ(x), εᵢ ~ N(0, 1), σᵢ(x) = softplus((x·W_noise)ᵢ)
+  + NOISE_EPS; the top-k of H with weights G(x) = softmax over the kept k of H. Otherwise (eval, decode,
+  no_grad) no noise: the top-k of x·W_g with the softmax over the kept k, i.e. "topk_softmax" with
+  `norm_topk_prob` (Mixtral's gate). W_noise [E, D] starts at zero, as in the paper (appendix A: "no signal
+  and some noise"): σ = softplus(0) + NOISE_EPS ≈ 0.70 at the start. W_g keeps moelab's N(0, INIT_STD) init.
 
 Assignment order for token-choice routers is rank-major (all tokens' first choices, then all second
 choices, ...), so that capacity dropping keeps first choices before second ones (GShard, ST-MoE).
@@ -52,6 +58,8 @@ class Routing:
     topk_idx [T, K] long, topk_weight [T, K]: each token's chosen experts and their weights (token-choice
         routers); None for expert choice.
     chosen: (token_idx, expert_idx, weight) [A], grouped by expert (expert choice only).
+    noisy_logits [T, E], noise_std [T, E]: the noisy logits H that selected and the noise scale σ
+        ("noisy_topk" when it drew noise; None otherwise), for the load loss (`moelab.layer.balance.prob_in_topk`).
 
     `assignments()` gives the flat lists for every router.
     """
@@ -61,6 +69,8 @@ class Routing:
     topk_idx: Tensor | None = None
     topk_weight: Tensor | None = None
     chosen: tuple[Tensor, Tensor, Tensor] | None = None
+    noisy_logits: Tensor | None = None
+    noise_std: Tensor | None = None
 
     @property
     def n_assignments(self) -> int:
@@ -85,6 +95,10 @@ class Routing:
 # F.linear's BLAS below T·E = ROUTER_ONEDNN_MIN (docs/BENCHMARKS.md, "Router kernel").
 ROUTER_ONEDNN_MIN = 2**18
 
+# added to the noise scale softplus(x·W_noise) of "noisy_topk" for numerical stability (it bounds the
+# division in the load estimator), as in the authors' tensor2tensor implementation (`noise_epsilon`)
+NOISE_EPS = 1e-2
+
 
 def expert_choice_capacity(cfg: MoEConfig, n_tokens: int) -> int:
     """Tokens per expert for expert choice: c = ceil(cf · T · k / E), at most T."""
@@ -106,8 +120,8 @@ def _group_mask(select_TE: Tensor, cfg: MoEConfig, top2_sum: bool) -> Tensor:
 
 
 class Router(nn.Module):
-    """The learned router: weight [E, D], a learned logit bias [E] when `cfg.biases` (gpt-oss) and, when
-    `cfg.expert_bias`, a selection bias [E].
+    """The learned router: weight [E, D], a learned logit bias [E] when `cfg.biases` (gpt-oss), when
+    `cfg.expert_bias` a selection bias [E], and for "noisy_topk" the noise weight W_noise `noise_weight` [E, D].
 
     The bias is a buffer updated by `moelab.layer.balance.update_expert_bias`, never by the gradient.
     """
@@ -120,11 +134,16 @@ class Router(nn.Module):
         self.register_buffer("bias", torch.zeros(cfg.n_experts, dtype=torch.float32), persistent=True)
         if cfg.biases:  # a learned bias on the logits (gpt-oss), unlike `bias`, which only selects
             self.logit_bias = nn.Parameter(torch.zeros(cfg.n_experts))
+        if cfg.router == "noisy_topk":
+            self.noise_weight = nn.Parameter(torch.zeros(cfg.n_experts, cfg.d_model))
+            self.noise_weight.requires_grad_(not cfg.freeze_router)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=INIT_STD)
         self.bias.zero_()
+        if self.cfg.router == "noisy_topk":
+            nn.init.zeros_(self.noise_weight)
 
     def forward(self, x_TD: Tensor, with_probs: bool = True) -> Routing:
         """Route T tokens; `with_probs=False` skips the full distribution where routing does not need it
@@ -141,6 +160,8 @@ class Router(nn.Module):
                 logits_TE = logits_TE + self.logit_bias.to(dtype)
         if cfg.router == "expert_choice":
             return self._expert_choice(logits_TE)
+        if cfg.router == "noisy_topk":
+            return self._noisy_topk(x_TD.to(dtype), logits_TE, with_probs)
         sigmoid = cfg.router == "sigmoid"
         # renormalised top-k softmax: p_i / Σ_chosen p_j = softmax over the chosen logits, so the full
         # softmax is needed only by the balance losses and statistics
@@ -184,3 +205,22 @@ class Router(nn.Module):
         expert_idx = torch.arange(E, device=logits_TE.device).repeat_interleave(c)
         chosen = (token_CE.t().reshape(-1), expert_idx, weight_CE.t().reshape(-1) * self.cfg.route_scale)
         return Routing(logits_TE, probs_TE, chosen=chosen)
+
+    def _noisy_topk(self, x_TD: Tensor, logits_TE: Tensor, with_probs: bool) -> Routing:
+        """Noisy top-k gating (module docstring): noise only in training mode with grad enabled; `probs` is the
+        full softmax of the clean logits x·W_g (entropy statistic, Switch loss)."""
+        cfg = self.cfg
+        probs_TE = torch.softmax(logits_TE, dim=-1) if with_probs else None
+        noisy_TE = std_TE = None
+        select_TE = logits_TE
+        if self.training and torch.is_grad_enabled():
+            device = x_TD.device.type
+            no_autocast = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+            with no_autocast:
+                std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(x_TD.dtype))) + NOISE_EPS
+            noisy_TE = select_TE = logits_TE + torch.randn_like(logits_TE) * std_TE
+        top_TK, topk_idx_TK = select_TE.topk(cfg.top_k, dim=-1)
+        weight_TK = torch.softmax(top_TK, dim=-1)  # G(x) = softmax(KeepTopK(H(x), k)) at the kept k
+        if cfg.route_scale != 1.0:
+            weight_TK = weight_TK * cfg.route_scale
+        return Routing(logits_TE, probs_TE, topk_idx_TK, weight_TK, noisy_logits=noisy_TE, noise_std=std_TE)
