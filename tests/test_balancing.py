@@ -1,4 +1,4 @@
-"""The balancing experiment: three runs on the same tokens differing only in balancing; curves from metrics."""
+"""The balancing experiment: four runs on the same tokens differing only in balancing; curves from metrics."""
 
 from __future__ import annotations
 
@@ -32,9 +32,15 @@ def test_balancing_beats_none_and_the_runs_differ_only_in_balancing(tmp_path, ca
     assert (moe["switch"]["aux_loss_coef"], moe["switch"]["expert_bias"]) == (0.1, False)
     assert (moe["bias"]["aux_loss_coef"], moe["bias"]["expert_bias"], moe["bias"]["bias_update_rate"]) == (0.0, True,
                                                                                                    0.05)
+    noisy = moe["noisy"]
+    assert (noisy["router"], noisy["aux_loss_coef"], noisy["expert_bias"], noisy["importance_loss_coef"],
+            noisy["load_loss_coef"]) == ("noisy_topk", 0.0, False, 0.1, 0.1)
+    assert all(moe[m]["router"] == "topk_softmax" and "load_loss_coef" not in moe[m]
+               for m in ("none", "switch", "bias"))
+    varied = ("aux_loss_coef", "expert_bias", "bias_update_rate", "router", "importance_loss_coef", "load_loss_coef")
     strip = lambda c: {**c["model"], "moe": {k: v for k, v in c["model"]["moe"].items()  # noqa: E731
-                                             if k not in ("aux_loss_coef", "expert_bias", "bias_update_rate")}}
-    assert strip(configs["none"]) == strip(configs["switch"]) == strip(configs["bias"])
+                                             if k not in varied}}
+    assert strip(configs["none"]) == strip(configs["switch"]) == strip(configs["bias"]) == strip(configs["noisy"])
     assert len({c["data"]["corpus_sha256"] for c in configs.values()}) == 1  # the same tokens
     end = {}
     for m in METHODS:
@@ -66,7 +72,7 @@ def test_cli_set_is_parsed_by_field_type():
     assert res.returncode == 2 and "FIELD=VALUE" in res.stderr
 
 
-def test_set_moves_the_switch_coefficient_and_the_bias_rate_only(tmp_path):
+def test_set_moves_each_methods_own_setting_only(tmp_path):
     run_balancing(tmp_path / "bal", steps=2, progress=False, methods=("switch", "bias"),
                   overrides={**SMALL, "moe.aux_loss_coef": 0.05, "moe.bias_update_rate": 0.02})
     moe = {m: json.loads((tmp_path / "bal" / m / "config.json").read_text())["model"]["moe"]
@@ -74,5 +80,9 @@ def test_set_moves_the_switch_coefficient_and_the_bias_rate_only(tmp_path):
     assert (moe["switch"]["aux_loss_coef"], moe["switch"]["expert_bias"]) == (0.05, False)
     assert (moe["bias"]["aux_loss_coef"], moe["bias"]["bias_update_rate"]) == (0.0, 0.02)
     assert not (tmp_path / "bal" / "none").exists()
+    run_balancing(tmp_path / "b3", steps=1, progress=False, methods=("noisy",),
+                  overrides={**SMALL, "moe.load_loss_coef": 0.3, "moe.router": "sigmoid"})
+    noisy = json.loads((tmp_path / "b3" / "noisy" / "config.json").read_text())["model"]["moe"]
+    assert (noisy["router"], noisy["importance_loss_coef"], noisy["load_loss_coef"]) == ("noisy_topk", 0.1, 0.3)
     with pytest.raises(ValueError, match="moe.expert_bias is what the balancing experiment varies"):
         run_balancing(tmp_path / "b2", steps=2, progress=False, overrides={**SMALL, "moe.expert_bias": True})

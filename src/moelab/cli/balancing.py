@@ -7,8 +7,8 @@ noisy top-k gating and its importance and load losses.
     bias     no auxiliary loss; a per-expert selection bias moved by γ·sign(mean load − loadᵢ) after every
              step (Wang et al. 2024, DeepSeek-V3), γ = bias_rate
     noisy    router="noisy_topk" (Gaussian noise of learned scale on the logits in training) with the importance
-             and load losses w·CV(Σ G(x))² + w·CV(Σ P(x, i))² (Shazeer et al. 2017), w = noisy_coef; no Switch
-             loss, no bias
+             and load losses w_imp·CV(Σ G(x))² + w_load·CV(Σ P(x, i))² (Shazeer et al. 2017), w_imp = w_load = 0.1
+             by default; no Switch loss, no bias
 
 The bias rate defaults to 1e-2, ten times DeepSeek-V3's 1e-3: that value serves a training of ~10⁵ steps;
 in a few hundred steps a bias moving 1e-3 per step cannot catch up with the logit gaps a collapsing softmax
@@ -35,14 +35,14 @@ from moelab.training.train import train
 
 METHODS = ("none", "switch", "bias", "noisy")
 LABELS = {"none": "none", "switch": "Switch loss", "bias": "bias", "noisy": "noisy top-k + importance/load"}
-_NOISY_FIELDS = ("moe.importance_loss_coef", "moe.load_loss_coef")
 
 
-def method_overrides(method: str, aux_coef: float, bias_rate: float, noisy_coef: float = 0.1) -> dict[str, Any]:
+def method_overrides(method: str, aux_coef: float, bias_rate: float, importance_coef: float = 0.1,
+                     load_coef: float = 0.1) -> dict[str, Any]:
     """The MoE settings of one balancing method (see the module docstring)."""
     if method == "noisy":
         return {"moe.router": "noisy_topk", "moe.aux_loss_coef": 0.0, "moe.seq_aux_loss_coef": 0.0,
-                "moe.expert_bias": False, "moe.importance_loss_coef": noisy_coef, "moe.load_loss_coef": noisy_coef}
+                "moe.expert_bias": False, "moe.importance_loss_coef": importance_coef, "moe.load_loss_coef": load_coef}
     if method == "none":
         return {"moe.aux_loss_coef": 0.0, "moe.seq_aux_loss_coef": 0.0, "moe.expert_bias": False}
     if method == "switch":
@@ -70,34 +70,31 @@ def curves(run_dir: Path, n_experts: int) -> dict[str, list]:
 def run_balancing(out: str | Path = "runs/balancing", preset_name: str = "tiny", steps: int | None = None,
                   data_path: str | Path | None = None, progress: bool = True, aux_coef: float = 0.01,
                   bias_rate: float = 1e-2, overrides: dict[str, Any] | None = None,
-                  methods: tuple[str, ...] = METHODS, noisy_coef: float = 0.1) -> dict[str, Any]:
+                  methods: tuple[str, ...] = METHODS, importance_coef: float = 0.1,
+                  load_coef: float = 0.1) -> dict[str, Any]:
     """Train the preset's MoE once per balancing method on the same tokens; print, plot and return the
     comparison. `overrides`: further settings for all runs (e.g. {"moe.n_experts": 64, "lr": 1e-2}); in them
     "moe.aux_loss_coef" sets the switch run's α, "moe.bias_update_rate" the bias run's γ and
-    "moe.importance_loss_coef" / "moe.load_loss_coef" the noisy run's w (both losses take the same w)."""
+    "moe.importance_loss_coef" / "moe.load_loss_coef" the noisy run's two coefficients."""
     out = Path(out)
     base = dict(overrides or {})
     aux_coef = base.pop("moe.aux_loss_coef", aux_coef)
     bias_rate = base.pop("moe.bias_update_rate", bias_rate)
-    given = {base.pop(f) for f in _NOISY_FIELDS if f in base}
-    if len(given) > 1:
-        raise ValueError(f"moe.importance_loss_coef and moe.load_loss_coef must be equal here (the noisy run's one "
-                         f"coefficient w); got {sorted(given)}")
-    noisy_coef = given.pop() if given else noisy_coef
+    importance_coef = base.pop("moe.importance_loss_coef", importance_coef)
+    load_coef = base.pop("moe.load_loss_coef", load_coef)
     for field in ("moe.expert_bias", "moe.seq_aux_loss_coef"):
         if field in base:
             raise ValueError(f"{field} is what the balancing experiment varies; it cannot be set (use "
                              "moe.aux_loss_coef for the switch run's coefficient, moe.bias_update_rate for the bias "
-                             "run's rate, moe.load_loss_coef for the noisy run's)")
-    for m in methods:
-        method_overrides(m, aux_coef, bias_rate, noisy_coef)  # a named error for an unknown method
+                             "run's rate, moe.importance_loss_coef / moe.load_loss_coef for the noisy run's)")
+    # each method's own settings (a named error for an unknown method); they win over `base` (the noisy run's
+    # router over a --set moe.router)
+    own = {m: method_overrides(m, aux_coef, bias_rate, importance_coef, load_coef) for m in methods}
     if steps is not None:
         base["steps"] = steps
     base.setdefault("eval_every", max(1, (steps or preset(preset_name)[1].steps) // 8))
     base.setdefault("log_every", max(1, base["eval_every"] // 5))
-    # a method's own settings win (the noisy run's router over a --set moe.router)
-    configs = {m: preset(preset_name, **{**base, **method_overrides(m, aux_coef, bias_rate, noisy_coef)})
-               for m in methods}
+    configs = {m: preset(preset_name, **{**base, **own[m]}) for m in methods}
     for m in methods:
         RunDir(out / m).require_new(DEMO_HINT)
     model_cfg, train_cfg = configs[methods[0]]
@@ -108,7 +105,8 @@ def run_balancing(out: str | Path = "runs/balancing", preset_name: str = "tiny",
     _, data = prepare_data(data_path, out, vocab_size=model_cfg.vocab_size, max_bytes=train_cfg.max_corpus_bytes,
                            val_fraction=train_cfg.val_fraction, quiet=not progress)
     results: dict[str, Any] = {"preset": preset_name, "n_experts": E, "top_k": k, "steps": train_cfg.steps,
-                               "aux_coef": aux_coef, "bias_rate": bias_rate, "noisy_coef": noisy_coef,
+                               "aux_coef": aux_coef, "bias_rate": bias_rate,
+                               "importance_coef": importance_coef, "load_coef": load_coef,
                                "overrides": {key: v for key, v in base.items()}, "runs": {}}
     for m in methods:
         mc, tc = configs[m]
