@@ -251,12 +251,15 @@ def test_help_version_and_bad_flag_values():
             if action.choices:
                 assert all(c in action.help or c in str(action.choices) for c in action.choices)
     helped = moelab("train", "--help").stdout
-    assert "--moe-router {topk_softmax,switch,sigmoid,expert_choice}" in helped and "--keep-checkpoints" in helped
+    assert "--moe-router {topk_softmax,switch,sigmoid,expert_choice,noisy_topk}" in helped
+    assert "--moe-load-loss-coef FLOAT" in helped and "--keep-checkpoints" in helped
     from moelab import __version__
 
     assert moelab("--version").stdout.strip() == f"moelab {__version__}"
     one_line_error(moelab("train", "--out", "x", "--d-model", "abc"), "--d-model", "'abc' is not an integer")
     one_line_error(moelab("train", "--out", "x", "--moe-router", "hash"), "invalid choice: 'hash'")
+    one_line_error(moelab("train", "--out", "x", "--moe-load-loss-coef", "0.1"), "load_loss_coef=0.1 is invalid",
+                   "unless router is 'noisy_topk'")
     one_line_error(moelab("train", "--out", "x", "--preset", "mixtral-8x7b"), "not a training preset",
                    "moelab card mixtral-8x7b")
     res = moelab("train", "--out", "x", "--rope-scaling", '{"factor": 2, "original_max_seq_len": 128}', "--steps",
