@@ -94,3 +94,16 @@ def test_noise_weight_starts_at_zero_and_freezes_with_the_router():
     frozen = Router(noisy_cfg(freeze_router=True))
     assert not frozen.noise_weight.requires_grad and not frozen.weight.requires_grad
     assert not hasattr(Router(noisy_cfg(router="topk_softmax")), "noise_weight")
+
+
+@pytest.mark.parametrize("n_experts,top_k,tokens", [(3, 3, 4), (1, 1, 2), (4, 1, 1)])
+def test_edge_cases_k_equals_e_one_expert_one_token(n_experts, top_k, tokens):
+    """k = E: every expert is always chosen, so P(x, i) = 1 and the load loss is 0; all losses stay finite."""
+    torch.manual_seed(5)
+    moe = MoE(noisy_cfg(n_experts=n_experts, top_k=top_k, importance_loss_coef=1.0, load_loss_coef=1.0)).train()
+    _, aux = moe(torch.randn(tokens, D))
+    if top_k == n_experts:
+        assert aux.losses["load"].item() == 0.0
+    total = aux.total_loss
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(moe.router.noise_weight.grad).all()
