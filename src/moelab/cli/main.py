@@ -10,6 +10,8 @@
     moelab card MODEL... [--json]     total/active parameters and what they cost
     moelab convert --from-hf DIR OUT | --to-hf RUN OUT
     moelab serve PATH [--port 8000]   an OpenAI-compatible server with continuous batching (moelab[serve])
+    moelab train --init-from PATH ... fine-tune a Hugging Face MoE or a run (--freeze routers,...; --data a.jsonl)
+    moelab upcycle DENSE OUT --experts E --top-k K   a dense checkpoint → an MoE run (sparse upcycling)
 
 Errors a user can cause (bad values, missing files, a run in use, a diverged run...) print one line,
 `moelab <command>: error: ...`, and exit with status 2.
@@ -44,7 +46,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     check_preset(args.preset)
     overrides = config_overrides(args)
-    if args.resume and args.preset is None:  # flags not given keep the run's values
+    init = None
+    if args.freeze and args.init_from is None:
+        raise ValueError("--freeze applies with --init-from (fine-tuning a checkpoint)")
+    if args.init_from is not None:
+        from moelab.cli.finetune import train_from_checkpoint
+
+        init, model_cfg, train_cfg = train_from_checkpoint(args, overrides)
+    elif args.resume and args.preset is None:  # flags not given keep the run's values
         run = RunDir(args.out)
         run.require_resumable()
         saved = run.read_config()
@@ -55,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dense:
         model_cfg = model_cfg.dense_twin()
     result = train(model_cfg, train_cfg, args.out, data_path=args.data, resume=args.resume, progress=not args.quiet,
-                   new_data=args.new_data, data_errors=args.data_errors)
+                   new_data=args.new_data, data_errors=args.data_errors, init=init)
     if result.is_main:
         print(f"run: {result.run_dir}  steps: {result.steps}  validation loss: {result.final_val_loss:.4f}  "
               f"training tokens/s: {result.tokens_per_s:,.0f}")
@@ -256,8 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "tokenizer (without it, text that differs from the run's is refused)")
     p.add_argument("--dense", action="store_true", help="train the dense twin (same active parameters)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    from moelab.cli.finetune import add_init_flags, add_upcycle_parser
+
+    add_init_flags(p)
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+    add_upcycle_parser(sub, fmt)
 
     p = sub.add_parser("generate", help="continue prompts with a run or a Hugging Face model (KV-cached decoding)",
                        description="Continue one prompt or a batch of prompts (decoded together, left-padded) with "

@@ -95,18 +95,19 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 def build_token_file(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.05,
                      quiet: bool = False, extra_meta: dict[str, Any] | None = None,
-                     total_bytes: int | None = None) -> TokenData:
+                     total_bytes: int | None = None, separator: int | None = None) -> TokenData:
     """Tokenize `documents` into ``out_dir/tokens.bin`` and ``out_dir/tokens.json``, streaming in chunks.
 
     ``tokens.bin`` is the flat stream ``[eot] doc1 [eot] doc2 ...``. Its dtype is uint16 when the vocabulary
     fits (<= 65536 ids), else uint32. ``tokens.json`` holds format, vocab_size, dtype, n_tokens, n_documents,
     n_bytes, corpus_sha256 (over the documents' lengths and UTF-8 bytes), tokenizer_sha256 and fingerprint,
-    plus `extra_meta`. `total_bytes` only sizes the progress bar. The metadata is written last, so an
-    interrupted build leaves no metadata and is rebuilt.
+    plus `extra_meta`. `total_bytes` only sizes the progress bar. `separator`: the id written before every
+    document instead of ``END_OF_TEXT``'s (a foreign tokenizer's end-of-text, for a run started from a
+    checkpoint). The metadata is written last, so an interrupted build leaves no metadata and is rebuilt.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    eot = tokenizer.token_to_id(END_OF_TEXT)
+    eot = tokenizer.token_to_id(END_OF_TEXT) if separator is None else separator
     if eot is None:
         raise ValueError(f"the tokenizer has no {END_OF_TEXT} token; train it with train_tokenizer")
     vocab_size = tokenizer.get_vocab_size()
@@ -278,7 +279,7 @@ def _load_cache(cache_dir: Path, tokenizer: Tokenizer | None, tok_path: Path, va
 
 def prepare_data(corpus: Corpus | str | Path | None, out_dir: str | Path, vocab_size: int,
                  max_bytes: int | None = None, val_fraction: float = 0.05, quiet: bool = False,
-                 tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenData]:
+                 tokenizer: Tokenizer | None = None, separator: int | None = None) -> tuple[Tokenizer, TokenData]:
     """Tokenizer and token stream for a run: reuse ``out_dir``'s cache if it is current, else rebuild it.
 
     `corpus`: a `Corpus`, or a data path (None = the default corpus capped at `max_bytes`; a user's corpus is
@@ -286,6 +287,7 @@ def prepare_data(corpus: Corpus | str | Path | None, out_dir: str | Path, vocab_
     ``out_dir/data/tokens.{bin,json}``. Given a `tokenizer`, it is used as it is: nothing is trained and
     ``tokenizer.json`` is not written (a resumed run keeps its own). The cache is reused only if the corpus
     hash, the tokenizer hash and the requested vocab_size all match, and tokens.bin has the right length.
+    `separator`: as in `build_token_file`.
     """
     if not isinstance(corpus, Corpus):
         corpus = Corpus(corpus, max_bytes)
@@ -305,7 +307,8 @@ def prepare_data(corpus: Corpus | str | Path | None, out_dir: str | Path, vocab_
                                     quiet)
     data = build_token_file(corpus.documents(), tokenizer, cache_dir, val_fraction, quiet,
                             extra_meta={"source": corpus.describe(), "source_spec": corpus.source,
-                                        "vocab_size_requested": vocab_size}, total_bytes=n_bytes)
+                                        "vocab_size_requested": vocab_size}, total_bytes=n_bytes,
+                            separator=separator)
     if data.metadata["corpus_sha256"] != corpus_sha:
         raise RuntimeError(f"the corpus ({corpus.describe()}) changed while it was being read; run again")
     return tokenizer, data

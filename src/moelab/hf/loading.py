@@ -91,7 +91,8 @@ def _empty_model(cfg: ModelConfig, dtype: torch.dtype, keep_experts: bool = True
 def load(path: str | Path, dtype: torch.dtype | str | None = None, *, quant: str | None = None,
          group_size: int = 32, max_memory_gb: float | None = None, policy: str = "lru", prefetch: bool = False,
          progress: bool | None = None, for_training: bool = False) -> MoETransformer:
-    """A Hugging Face MoE checkpoint directory → MoETransformer (eval mode), ready to decode on the inference path.
+    """A Hugging Face checkpoint directory (an MoE, or a dense Llama / Mistral / Qwen2 / Qwen3) → MoETransformer
+    (eval mode), ready to decode on the inference path.
 
     Reads `config.json` and `model.safetensors` or the shards named in `model.safetensors.index.json`,
     tensor by tensor (module docstring). dtype: of the moelab weights (default: the config's

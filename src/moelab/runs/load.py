@@ -65,6 +65,9 @@ def load_model(path: str | Path, **hf_options: Any) -> LoadedModel:
         kind = "run"
         tok_dir = path if (path / TOKENIZER).is_file() else path.parent.parent  # a checkpoint dir given directly
         recorded = config.get("prompt") or {}  # written by `moelab convert --from-hf`
+        started = config.get("init") or {}  # a run started from a Hugging Face checkpoint (`moelab.training.init`)
+        if not recorded and started.get("prompt") == "hf":
+            recorded = {"rule": "tokenizer", "stop_id": started.get("eos_token_id")}
         rule = recorded.get("rule", "endoftext")
     tok_path = tok_dir / TOKENIZER
     tokenizer = load_tokenizer(tok_path) if tok_path.is_file() else None

@@ -29,8 +29,9 @@ zero fields) and what its fields mean per model_type — MoE layers, KV heads, h
 experts, routing groups, MLA widths, RoPE — comes from `moelab.config.hf_arch`, which `moelab.accounting` uses
 to count the same architectures: an adapter adds only what moelab's ModelConfig needs besides.
 
-One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `deepseek`, `granite`, `glm`,
-`gpt_oss`); this package holds the registry.
+The dense families Llama, Mistral, Qwen2 and Qwen3 are read too (`dense`: moe=None, for `moelab upcycle`), not
+written. One module per family (`base`: the shared parts; `mixtral`, `qwen`, `olmoe`, `deepseek`, `granite`, `glm`,
+`gpt_oss`, `dense`); this package holds the registry.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from moelab.config.hf import HFConfig
 from moelab.config.model import ModelConfig
 from moelab.hf.adapters.base import Adapter, Entry, ffn_entries
 from moelab.hf.adapters.deepseek import DeepseekV2, DeepseekV3
+from moelab.hf.adapters.dense import Llama, Mistral, Qwen2, Qwen3
 from moelab.hf.adapters.glm import Glm4Moe
 from moelab.hf.adapters.gpt_oss import GptOss
 from moelab.hf.adapters.granite import GraniteMoe
@@ -51,7 +53,8 @@ __all__ = ["Adapter", "Entry", "ffn_entries", "CHECKPOINT_ADAPTERS", "adapter_fo
 # model_type -> the adapter that maps its config.json and tensors to moelab's (load and save)
 CHECKPOINT_ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (Mixtral(), Qwen2Moe(), Qwen3Moe(), Olmoe(),
                                                                      DeepseekV3(), GraniteMoe(), DeepseekV2(),
-                                                                     Glm4Moe(), GptOss())}
+                                                                     Glm4Moe(), GptOss(), Llama(), Mistral(),
+                                                                     Qwen2(), Qwen3())}
 
 
 def adapter_for(c: HFConfig) -> Adapter:

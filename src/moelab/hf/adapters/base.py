@@ -115,16 +115,21 @@ class Adapter:
             raise c.error("field 'attention_bias'=True is not supported by moelab: allowed false (attention "
                           "biases other than Qwen2's q/k/v are not implemented)")
         D, H, n_layers = c.int("hidden_size"), c.int("num_attention_heads"), c.int("num_hidden_layers")
-        n_dense, every = _moe_layout(c, n_layers)
-        n, k, f = hf_arch.routed_experts(c)
-        moe = MoEConfig(d_model=D, d_expert=f, n_experts=n, top_k=k, z_loss_coef=0.0, **self.moe_fields(c, n))
         return ModelConfig(vocab_size=c.int("vocab_size"), d_model=D, n_layers=n_layers, n_heads=H,
                            max_seq_len=c.int("max_position_embeddings") if "sliding_window" in self.options
                            else _max_len(c, n_layers), rope_theta=hf_arch.rope_theta(c),
                            rope_scaling=hf_arch.rope_scaling(c), norm_eps=c.float("rms_norm_eps", self.norm_eps),
                            tie_embeddings=c.bool("tie_word_embeddings", False), qkv_bias=qkv_bias,
-                           qk_norm=hf_arch.qk_norm(c), d_ff=c.int("intermediate_size"), n_dense_layers=n_dense,
-                           moe_every=every, moe=moe, **self.attention_fields(c, D, H), **self.model_fields(c))
+                           qk_norm=hf_arch.qk_norm(c), d_ff=c.int("intermediate_size"),
+                           **self.layout_fields(c, D, n_layers), **self.attention_fields(c, D, H),
+                           **self.model_fields(c))
+
+    def layout_fields(self, c: HFConfig, D: int, n_layers: int) -> dict[str, Any]:
+        """ModelConfig's n_dense_layers, moe_every and moe: which layers are MoE and their MoEConfig."""
+        n_dense, every = _moe_layout(c, n_layers)
+        n, k, f = hf_arch.routed_experts(c)
+        moe = MoEConfig(d_model=D, d_expert=f, n_experts=n, top_k=k, z_loss_coef=0.0, **self.moe_fields(c, n))
+        return {"n_dense_layers": n_dense, "moe_every": every, "moe": moe}
 
     def model_fields(self, c: HFConfig) -> dict[str, Any]:
         """ModelConfig fields of this architecture's `options` (none by default)."""
