@@ -121,6 +121,7 @@ def test_plain_text_olmoe_resumes_with_its_freeze(tmp_path):
     (["--resume"], r"--resume does not apply"),
     (["--data", "BAD"], r"chats.jsonl line 2: field 'messages' is missing"),
     (["--data", "NOTEMPLATE"], r"has no chat template \(field 'chat_template'"),
+    (["UNSUPPORTED"], r"model_type='phimoe' is not supported by moelab.hf: allowed 'mixtral'"),
 ])
 def test_bad_input_is_one_named_line(tmp_path, capsys, args, match):
     _checkpoint(tmp_path / "qwen", "qwen3_moe")
@@ -131,6 +132,10 @@ def test_bad_input_is_one_named_line(tmp_path, capsys, args, match):
     source = tmp_path / "qwen"
     if "NOTEMPLATE" in args:
         (source / "tokenizer_config.json").write_text("{}")
+    if "UNSUPPORTED" in args:
+        config = json.loads((source / "config.json").read_text())
+        (source / "config.json").write_text(json.dumps({**config, "model_type": "phimoe"}))
+        args = []
     args = [{"BAD": str(bad), "NOTEMPLATE": str(good)}.get(a, a) for a in args]
     data = [] if "--data" in args else ["--data", str(good)]
     capsys.readouterr()
