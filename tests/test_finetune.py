@@ -24,7 +24,8 @@ COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_h
 GEN = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
        "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}"
        "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
-WORDS = "the cat sat on a mat and the dog ran to it while we said hello there friend ".split()
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "the", "dog", "ran", "to", "it", "while", "we", "said", "hello",
+         "there", "friend"]
 TEXT = "\n".join(" ".join(WORDS[(i * j) % len(WORDS)] for j in range(12)) for i in range(200))
 
 

@@ -151,7 +151,8 @@ def test_moelab_dense_run_upcycles(tmp_path):
 
     data = tmp_path / "text.txt"
     data.write_text(TEXT)
-    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48, max_seq_len=32, moe=None)
+    cfg = ModelConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=48, max_seq_len=32,
+                      moe=None)
     res = train(cfg, TrainConfig(steps=1, batch_size=2, seq_len=16, eval_batches=1, warmup_steps=0, threads=1),
                 tmp_path / "dense", data_path=data, progress=False)
     out = upcycle(tmp_path / "dense", tmp_path / "moe", n_experts=4, top_k=1)

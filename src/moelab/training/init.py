@@ -204,15 +204,16 @@ def init_data(init: Init, run: RunDir, data_path, cfg: TrainConfig, quiet: bool 
 
 
 @torch.no_grad()
-def step0_record(model: MoETransformer, data, cfg: TrainConfig, evaluate) -> dict[str, Any]:
+def step0_record(model: MoETransformer, data, cfg: TrainConfig, ctx, evaluate) -> dict[str, Any]:
     """metrics.jsonl's step-0 line of a run started from a checkpoint: the validation loss and the routing
-    statistics (`layer_stats`) of the first validation batch, before any update — the baseline of the drift."""
+    statistics (`layer_stats`) of the first validation batch (under expert parallelism, rank 0's share of it),
+    before any update — the baseline of the drift. Every rank calls it (the forward has collectives)."""
     from moelab.training.metrics import layer_stats
 
-    x, y = next(iter(data.iter_eval_batches(cfg.batch_size, cfg.seq_len, max_batches=1)))
+    x, _ = next(iter(data.iter_eval_batches(cfg.batch_size, cfg.seq_len, max_batches=1)))
     was = model.training
     model.eval()
-    out = model(x.to(cfg.device), stats=True)
+    out = model(x.tensor_split(ctx.world)[ctx.rank].to(cfg.device), stats=True)
     model.train(was)
     return {"step": 0, "val_loss": evaluate(), "tokens": 0, **layer_stats([out.aux], model)}
 

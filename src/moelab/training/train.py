@@ -243,7 +243,8 @@ class _Trainer:
         """The token stream and the record config.json keeps of it (`moelab.training.resume`)."""
         cfg = self.cfg
         if self.init is not None and data is None:
-            return init_data(self.init, self.run_dir, data_path, cfg, quiet=not self.progress)
+            init = self.init
+            return self._in_turns(lambda: init_data(init, self.run_dir, data_path, cfg, quiet=not self.progress))
         if data is not None:  # prepared by the caller (the demo)
             if self.ctx.is_main:
                 adopt_tokenizer(self.run_dir, data)
@@ -330,9 +331,11 @@ class _Trainer:
         self.model.train()
         board = TensorBoardLog(self.run_dir.path / "tensorboard") if cfg.tensorboard and ctx.is_main else None
         with open(self.run_dir.metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics:
-            if self.init is not None and start == 0 and metrics is not None:  # the routing before any update
-                record = step0_record(self.model, self.data, cfg, lambda: evaluate(self.model, self.data, cfg, ctx))
-                metrics.write(json.dumps(record) + "\n")
+            if self.init is not None and start == 0:  # the routing before any update (every rank: collectives)
+                record = step0_record(self.model, self.data, cfg, ctx,
+                                      lambda: evaluate(self.model, self.data, cfg, ctx))
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
             for step in range(start, cfg.steps):
                 record, dt, auxes = self._step(step)
                 done = step + 1
