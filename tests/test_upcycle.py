@@ -111,7 +111,7 @@ def test_bad_values_are_named(kw, match):
 def test_cli_upcycle_then_train_init_from(tmp_path, capsys):
     """`moelab upcycle` writes a run whose model is the upcycled dense one (same logits as transformers' dense
     model); `moelab train --init-from` continues it on text, tokenized with the checkpoint's tokenizer, from a
-    step-0 metrics line whose loss is the upcycled (= dense) model's."""
+    step-0 metrics line whose loss is the upcycled (= dense) model's; the result exports as Mixtral."""
     ref, path = _dense_dir("llama", tmp_path / "dense", tokenizer=True)
     out = tmp_path / "moe"
     assert main(["upcycle", str(path), str(out), "--experts", "4", "--top-k", "2"]) == 0
@@ -142,6 +142,12 @@ def test_cli_upcycle_then_train_init_from(tmp_path, capsys):
     assert lines[0]["val_loss"] == pytest.approx(total / n, rel=1e-5)
     trained, _ = load_run(run)
     assert not torch.equal(trained.blocks[0].ffn.experts.w_in, model.blocks[0].ffn.experts.w_in)
+    # the upcycled Llama exports as Mixtral (renormalised top-k softmax, every layer MoE) with the same logits
+    assert main(["convert", "--to-hf", str(run), str(tmp_path / "hf")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(back).__name__ == "MixtralForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids()).logits, trained(_ids()).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_moelab_dense_run_upcycles(tmp_path):
