@@ -336,6 +336,8 @@ class _Trainer:
                                       lambda: evaluate(self.model, self.data, cfg, ctx))
                 if metrics is not None:
                     metrics.write(json.dumps(record) + "\n")
+                if board is not None:
+                    board.write(record)
             for step in range(start, cfg.steps):
                 record, dt, auxes = self._step(step)
                 done = step + 1
