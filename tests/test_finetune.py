@@ -79,7 +79,7 @@ def test_conversations_freeze_routing_and_export(tmp_path):
             n += int(mask[1:].sum())
     assert lines[0]["val_loss"] == pytest.approx(total / n, rel=1e-5)
     # frozen groups are the checkpoint's, bit for bit; the rest trained
-    before, (after, config) = hf.load(tmp_path / "qwen"), load_run(run)
+    before, (after, config) = hf.load(tmp_path / "qwen", for_training=True), load_run(run, for_training=True)
     assert config["init"]["freeze"] == ["routers", "attention"] and config["model"]["moe"]["aux_loss_coef"] == 0.05
     b, a = before.state_dict(), after.state_dict()
     for name in b:
@@ -105,9 +105,9 @@ def test_plain_text_olmoe_resumes_with_its_freeze(tmp_path):
     text.write_text(TEXT)
     run = tmp_path / "run"
     assert _train("--init-from", tmp_path / "olmoe", "--data", text, "--out", run, "--freeze", "experts") == 0
-    first, _ = load_run(run)
+    first, _ = load_run(run, for_training=True)
     assert main(["train", "--out", str(run), "--resume", "--steps", "5", "--quiet"]) == 0
-    second, config = load_run(run)
+    second, config = load_run(run, for_training=True)
     assert config["init"]["freeze"] == ["experts"]
     assert torch.equal(first.blocks[1].ffn.experts.w_out, second.blocks[1].ffn.experts.w_out)
     assert not torch.equal(first.blocks[1].ffn.router.weight, second.blocks[1].ffn.router.weight)

@@ -50,7 +50,7 @@ def _ids(seq: int = 17) -> torch.Tensor:
 def test_dense_families_load_and_upcycle_to_the_same_logits(arch, tmp_path):
     """hf.load of a dense checkpoint = transformers' logits; the upcycled MoE (E=8, top-2) = the same logits."""
     ref, path = _dense_dir(arch, tmp_path)
-    dense = hf.load(path)
+    dense = hf.load(path, for_training=True)
     assert dense.cfg.moe is None
     ids = _ids()
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_upcycled_experts_are_the_ffn_and_differ_once_perturbed(tmp_path):
     """Each expert is the dense FFN (checked on its own, not through the model); perturbing one expert moves the
     logits: the invariant holds because the copies are identical."""
     ref, path = _dense_dir("llama", tmp_path)
-    dense = hf.load(path)
+    dense = hf.load(path, for_training=True)
     moe = upcycle_model(dense, n_experts=4, top_k=2)
     x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -85,7 +85,7 @@ def test_fine_grained_slices_sum_to_the_ffn(tmp_path):
     """granularity G: expert e is hidden slice e mod G; the G slices' outputs add up to the dense FFN (SwiGLU is a
     sum over hidden units), and route_scale = G."""
     _, path = _dense_dir("qwen2", tmp_path)
-    dense = hf.load(path)
+    dense = hf.load(path, for_training=True)
     moe = upcycle_model(dense, n_experts=8, top_k=4, granularity=4)
     assert moe.cfg.moe.d_expert == 12 and moe.cfg.moe.route_scale == 4.0
     x = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
@@ -115,7 +115,7 @@ def test_cli_upcycle_then_train_init_from(tmp_path, capsys):
     ref, path = _dense_dir("llama", tmp_path / "dense", tokenizer=True)
     out = tmp_path / "moe"
     assert main(["upcycle", str(path), str(out), "--experts", "4", "--top-k", "2"]) == 0
-    model, config = load_run(out)
+    model, config = load_run(out, for_training=True)
     assert config["init"]["upcycled"]["experts"] == 4 and config["init"]["prompt"] == "hf"
     assert (out / "tokenizer.json").is_file()
     with torch.no_grad():
@@ -140,7 +140,7 @@ def test_cli_upcycle_then_train_init_from(tmp_path, capsys):
             total += torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1), reduction="sum").item()
             n += y.numel()
     assert lines[0]["val_loss"] == pytest.approx(total / n, rel=1e-5)
-    trained, _ = load_run(run)
+    trained, _ = load_run(run, for_training=True)
     assert not torch.equal(trained.blocks[0].ffn.experts.w_in, model.blocks[0].ffn.experts.w_in)
     # the upcycled Llama exports as Mixtral (renormalised top-k softmax, every layer MoE) with the same logits
     assert main(["convert", "--to-hf", str(run), str(tmp_path / "hf")]) == 0
@@ -162,7 +162,7 @@ def test_moelab_dense_run_upcycles(tmp_path):
     res = train(cfg, TrainConfig(steps=1, batch_size=2, seq_len=16, eval_batches=1, warmup_steps=0, threads=1),
                 tmp_path / "dense", data_path=data, progress=False)
     out = upcycle(tmp_path / "dense", tmp_path / "moe", n_experts=4, top_k=1)
-    moe, config = load_run(out)
+    moe, config = load_run(out, for_training=True)
     assert config["init"]["prompt"] == "run"
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
