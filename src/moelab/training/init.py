@@ -18,6 +18,7 @@ checkpoint does).
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,6 +172,8 @@ def freeze(model: MoETransformer, groups: list[str]) -> int:
     """requires_grad=False on every parameter of the `groups` (FREEZE_GROUPS); returns how many were frozen.
     ValueError when a group names no parameter of this model (e.g. "shared" without shared experts)."""
     frozen = 0
+    if not groups:
+        return 0
     for g in check_freeze(groups):
         hit = [p for n, p in model.named_parameters() if FREEZE_GROUPS[g](n)]
         if not hit:
@@ -216,6 +219,26 @@ def step0_record(model: MoETransformer, data, cfg: TrainConfig, ctx, evaluate) -
     out = model(x.tensor_split(ctx.world)[ctx.rank].to(cfg.device), stats=True)
     model.train(was)
     return {"step": 0, "val_loss": evaluate(), "tokens": 0, **layer_stats([out.aux], model)}
+
+
+def log_step0(model: MoETransformer, data, cfg: TrainConfig, ctx, evaluate, metrics, board) -> None:
+    """`step0_record` written to metrics.jsonl (`metrics`: its open file, None on ranks > 0) and TensorBoard."""
+    record = step0_record(model, data, cfg, ctx, evaluate)
+    if metrics is not None:
+        metrics.write(json.dumps(record) + "\n")
+    if board is not None:
+        board.write(record)
+
+
+def init_entry(init: Init | None, saved: dict[str, Any] | None) -> dict[str, Any]:
+    """{"init": record} for config.json: the new run's `init`, else the resumed run's own record; {} for neither."""
+    record = init.record if init is not None else (saved or {}).get("init")
+    return {} if record is None else {"init": record}
+
+
+def saved_separator(saved: dict[str, Any] | None) -> int | None:
+    """The plain-text document separator a run started from a checkpoint keeps (None: moelab's <|endoftext|>)."""
+    return ((saved or {}).get("init") or {}).get("separator")
 
 
 def resume_conversations(run: RunDir, saved: dict[str, Any], data_path, cfg: TrainConfig):

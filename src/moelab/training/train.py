@@ -45,7 +45,7 @@ from moelab.parallel.mesh import checkpoint_view
 from moelab.runs import checkpoint as ckpt_io
 from moelab.runs.rundir import RunDir, RunLockedError
 from moelab.runs.sharded import is_sharded, load_sharded, save_sharded
-from moelab.training.init import Init, freeze, init_data, resume_conversations, step0_record
+from moelab.training.init import Init, freeze, init_data, init_entry, log_step0, resume_conversations, saved_separator
 from moelab.training.metrics import TensorBoardLog, layer_stats, parallel_stats, truncate_after
 from moelab.training.optim import lr_at, make_optimizer
 from moelab.training.resume import adopt_tokenizer, check_format, data_record, model_changes, resume_data
@@ -84,8 +84,7 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
         x, y = x.tensor_split(ctx.world)[ctx.rank].to(cfg.device), y.tensor_split(ctx.world)[ctx.rank].to(cfg.device)
         with _autocast(cfg, ctx):
             loss = model(x, targets=y).loss  # every rank runs the forward: its collectives need all ranks
-        count = int((y != -100).sum())  # targets that count (conversations mask the others with -100)
-        if count:
+        if count := int((y != -100).sum()):  # the targets that count (conversations mask the others with -100)
             total += loss.item() * count
             n += count
     model.train(was_training)
@@ -132,10 +131,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     With `cfg.data_parallel_shard` = D >= 1, D × N processes form a (dp_shard, ep) mesh
     (moelab.parallel.mesh): every weight is sharded by FSDP2 and every rank writes its own shards of
     each checkpoint (moelab.runs.sharded), which any mesh dividing the model, or one process, resumes.
-
-    `init` (`moelab.training.init.load_init`): a new run starts from that checkpoint's weights (its frozen
-    parameters stay frozen), tokenizer and data rules, with a fresh optimizer; metrics.jsonl opens with a step-0
-    line (validation loss and routing before any update). `model_cfg` must be `init.model.cfg`.
+    `init` (`moelab.training.init`): a new run from that checkpoint's model (= `model_cfg`), tokenizer and data rules.
     """
     check_device(cfg.device)
     if cfg.tensorboard:
@@ -151,8 +147,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
     try:
         with _locked(run, ctx):
             _check_state(run, resume)  # again, now that no other process can write here
-            trainer = _Trainer(model_cfg, cfg, run, ctx, progress and ctx.is_main, desc)
-            trainer.init = None if resume else init
+            trainer = _Trainer(model_cfg, cfg, run, ctx, progress and ctx.is_main, desc, None if resume else init)
             result = trainer.run(resume, data_path, data, new_data, data_errors)
         ctx.barrier()  # no rank tears its group down while a peer may still be inside a collective
         return result
@@ -196,12 +191,12 @@ class _Trainer:
     """One training run in a locked run directory: configuration, data, model, the loop, checkpoints."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, run: RunDir, ctx: ParallelContext,
-                 progress: bool, desc: str) -> None:
+                 progress: bool, desc: str, init: Init | None = None) -> None:
         self.model_cfg, self.cfg, self.run_dir, self.ctx = model_cfg, cfg, run, ctx
         self.progress, self.desc = progress, desc
         self.saved: dict[str, Any] | None = None  # the run's config.json when resuming
         self.resumed: dict[str, Any] | None = None  # what the first metrics line after a resume records
-        self.init: Init | None = None  # the checkpoint a new run starts from (`moelab.training.init`)
+        self.init = init  # the checkpoint a new run starts from (`moelab.training.init`)
 
     # -- setup ---------------------------------------------------------------------------------------
     def run(self, resume: bool, data_path, data: TokenData | None, new_data: bool, data_errors: str) -> TrainResult:
@@ -211,9 +206,7 @@ class _Trainer:
             raise ValueError(f"the tokenizer has {self.data.vocab_size} tokens but the model's vocab_size="
                              f"{self.model_cfg.vocab_size}; raise vocab_size")
         self.config = {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(), "data": record}
-        started = self.init.record if self.init is not None else (self.saved or {}).get("init")
-        if started is not None:
-            self.config["init"] = started
+        self.config |= init_entry(self.init, self.saved)  # where a run started from a checkpoint came from
         start = self._build(resume)
         if resume and self.ctx.is_main:
             self._announce_resume(start, changes, record)
@@ -243,19 +236,16 @@ class _Trainer:
         """The token stream and the record config.json keeps of it (`moelab.training.resume`)."""
         cfg = self.cfg
         if self.init is not None and data is None:
-            init = self.init
-            return self._in_turns(lambda: init_data(init, self.run_dir, data_path, cfg, quiet=not self.progress))
+            return self._in_turns(lambda: init_data(self.init, self.run_dir, data_path, cfg, quiet=not self.progress))
         if data is not None:  # prepared by the caller (the demo)
             if self.ctx.is_main:
                 adopt_tokenizer(self.run_dir, data)
             return data, data_record(data)
 
-        started = (self.saved or {}).get("init") or {}  # a run started from a checkpoint keeps its separator
-
         def prepare(corpus: Corpus, tokenizer=None) -> TokenData:
             return self._in_turns(lambda: prepare_data(corpus, self.run_dir.path, self.model_cfg.vocab_size,
                                                        val_fraction=cfg.val_fraction, quiet=not self.progress,
-                                                       tokenizer=tokenizer, separator=started.get("separator"))[1])
+                                                       tokenizer=tokenizer, separator=saved_separator(self.saved))[1])
 
         if resume and ((self.saved or {}).get("data") or {}).get("format") == "conversations":
             return resume_conversations(self.run_dir, self.saved["data"], data_path, cfg)
@@ -283,8 +273,7 @@ class _Trainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         model = self.init.model if self.init is not None else MoETransformer(self.model_cfg)
-        if self.init is None and self.config.get("init", {}).get("freeze"):  # a resumed fine-tune
-            freeze(model, self.config["init"]["freeze"])
+        freeze(model, [] if self.init is not None else self.config.get("init", {}).get("freeze", []))  # on resume
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.train_tokens, self.train_seconds = 0, 0.0
         latest = self.run_dir.latest_checkpoint() if resume else None
@@ -332,12 +321,8 @@ class _Trainer:
         board = TensorBoardLog(self.run_dir.path / "tensorboard") if cfg.tensorboard and ctx.is_main else None
         with open(self.run_dir.metrics_path, "a") if ctx.is_main else contextlib.nullcontext() as metrics:
             if self.init is not None and start == 0:  # the routing before any update (every rank: collectives)
-                record = step0_record(self.model, self.data, cfg, ctx,
-                                      lambda: evaluate(self.model, self.data, cfg, ctx))
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                if board is not None:
-                    board.write(record)
+                log_step0(self.model, self.data, cfg, ctx, lambda: evaluate(self.model, self.data, cfg, ctx),
+                          metrics, board)
             for step in range(start, cfg.steps):
                 record, dt, auxes = self._step(step)
                 done = step + 1
