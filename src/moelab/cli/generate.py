@@ -81,7 +81,7 @@ def generate_texts(path: str | Path, prompts: list[str], max_new_tokens: int | N
     from moelab.inference.prepare import check_inference_device
     from moelab.runs.load import is_hf_dir, load_model
     from moelab.runs.rundir import RunDir
-    from moelab.training.train import check_device
+    from moelab.training.device import check_device
 
     check_device(device)
     check_sampling(max_new_tokens or 0, temperature, top_p)

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from moelab.config.model import ModelConfig
-from moelab.config.train import TrainConfig, check_device_name
+from moelab.config.train import TrainConfig
 from moelab.data.corpus import Corpus
 from moelab.data.tokens import TokenData, prepare_data
 from moelab.model.transformer import MoETransformer
@@ -45,6 +45,7 @@ from moelab.parallel.mesh import checkpoint_view
 from moelab.runs import checkpoint as ckpt_io
 from moelab.runs.rundir import RunDir, RunLockedError
 from moelab.runs.sharded import is_sharded, load_sharded, save_sharded
+from moelab.training.device import autocast, check_device
 from moelab.training.init import Init, freeze, init_data, init_entry, log_step0, resume_conversations, saved_separator
 from moelab.training.metrics import TensorBoardLog, layer_stats, parallel_stats, truncate_after
 from moelab.training.optim import lr_at, make_optimizer
@@ -82,7 +83,7 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
     total, n = 0.0, 0
     for x, y in data.iter_eval_batches(cfg.batch_size, cfg.seq_len, max_batches=cfg.eval_batches):
         x, y = x.tensor_split(ctx.world)[ctx.rank].to(cfg.device), y.tensor_split(ctx.world)[ctx.rank].to(cfg.device)
-        with _autocast(cfg, ctx):
+        with autocast(cfg, ctx):
             loss = model(x, targets=y).loss  # every rank runs the forward: its collectives need all ranks
         if count := int((y != -100).sum()):  # the targets that count (conversations mask the others with -100)
             total += loss.item() * count
@@ -91,23 +92,8 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: TrainConfig,
     return ctx.sum(total) / max(ctx.sum(n), 1)
 
 
-def _autocast(cfg: TrainConfig, ctx: ParallelContext):
-    """bfloat16 autocast for dtype="bfloat16" — except on a mesh, where FSDP's MixedPrecisionPolicy does it."""
-    enabled = cfg.dtype == "bfloat16" and ctx.mesh is None
-    return torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def check_device(device: str) -> None:
-    """Fail early, naming the field, when `device` is not a moelab device or not present on this machine."""
-    check_device_name(device)
-    if device == "cpu":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    index = torch.device(device).index or 0
-    if index >= count:
-        allowed = "'cpu'" + (f", 'cuda' or 'cuda:N' with N < {count}" if count else "")
-        raise ValueError(f"device={device!r} is invalid here: this torch build ({torch.__version__}) sees "
-                         f"{count} CUDA device(s); allowed: {allowed}")
 
 
 def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_path: str | Path | None = None,
@@ -372,7 +358,7 @@ class _Trainer:
         for _ in range(cfg.grad_accum):
             x, y = self.data.get_batch("train", cfg.batch_size, cfg.seq_len, self.gen)  # the global batch
             x, y = ctx.shard(x).to(cfg.device, non_blocking=True), ctx.shard(y).to(cfg.device, non_blocking=True)
-            with _autocast(cfg, ctx):
+            with autocast(cfg, ctx):
                 out = model(x, targets=y)
             ((out.loss + out.aux_loss) / cfg.grad_accum).backward()
             loss_sum += out.loss.item() / cfg.grad_accum
