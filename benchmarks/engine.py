@@ -29,11 +29,12 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 
 import torch  # noqa: E402
 
-from moelab import ModelConfig, MoEConfig, MoETransformer  # noqa: E402
+from moelab import ModelConfig, MoEConfig  # noqa: E402
 from moelab.inference import native  # noqa: E402
 from moelab.inference.native import build  # noqa: E402
 from moelab.inference.prepare import prepare_inference  # noqa: E402
 from moelab.model.cache import KVCache  # noqa: E402
+from moelab.model.transformer import MoETransformer  # noqa: E402
 
 
 def decode_rate(model: MoETransformer, steps: int, prompt: int = 16) -> float:

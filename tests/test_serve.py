@@ -21,7 +21,7 @@ openai = pytest.importorskip("openai")
 
 from moelab import hf  # noqa: E402
 from moelab.config.model import ModelConfig, MoEConfig  # noqa: E402
-from moelab.generate import generate  # noqa: E402
+from moelab.inference.generate import generate  # noqa: E402
 from moelab.model.cache import KVCache  # noqa: E402
 from moelab.model.transformer import MoETransformer  # noqa: E402
 from moelab.runs.load import load_model  # noqa: E402
