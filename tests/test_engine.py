@@ -6,6 +6,7 @@ forward hooks."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -231,3 +232,121 @@ def test_model_and_layer_hold_no_kernel():
     engine = m.decoder
     prepare_inference(m)
     assert m.decoder is engine and isinstance(engine, engine_module.InferenceEngine)
+
+
+def _joined(model: MoETransformer, prompts: list[list[int]]) -> tuple[KVCache, torch.Tensor]:
+    """A continuous batch as `moelab serve` builds it: each prompt prefilled alone, its cache joined right-aligned
+    (left padding); the rows' first greedy tokens [B, 1]."""
+    from moelab.serve import batch_cache
+
+    batch, first = None, []
+    with torch.no_grad():
+        for p in prompts:
+            cache = KVCache()
+            first.append(model(torch.tensor([p]), cache=cache).logits[:, -1].argmax(-1))
+            batch = batch_cache.join(batch, cache)
+    return batch, torch.stack(first)
+
+
+def _alone(model: MoETransformer, prompt: list[int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after the blocks [steps, D] and the logits [steps, V] of `steps` greedy decode steps of
+    one prompt alone."""
+    cache, out, hidden = KVCache(), [], []
+    handle = model.norm.register_forward_pre_hook(lambda m, args: hidden.append(args[0][:, -1]))
+    with torch.no_grad():
+        token = model(torch.tensor([prompt]), cache=cache).logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(steps):
+            logits = model(token, cache=cache).logits[:, -1]
+            out.append(logits[0])
+            token = logits.argmax(-1, keepdim=True)
+    handle.remove()
+    return torch.cat(hidden[1:]), torch.stack(out)
+
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13], [11], [4, 4, 4, 4, 60], [7, 30]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", [None, "int8", "int4"])
+def test_a_batch_of_rows_is_one_call_and_each_row_gets_its_logits_alone_bit_for_bit(quant, steps, monkeypatch):
+    """Five rows of different lengths (left-padded, as `moelab serve` joins them) decoded together: one
+    `native.decode_rows` call per step for all layers and rows; each row's residual stream after the blocks equals,
+    bit for bit, that of the same prompt decoded alone (the kernels compute each row as alone; the weights are read
+    once for all of them), its logits and greedy tokens too (up to the head's torch product), and the torch code's
+    batched step to bfloat16 rounding; each MoE layer reports every row's k experts."""
+    calls = []
+    real = native.decode_rows
+    monkeypatch.setattr(native, "decode_rows", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    model = small_model(quant)
+    assert model.decoder.takes_rows()
+    batch, token = _joined(model, PROMPTS)
+    assert batch.pad is not None and batch.pad.tolist() == [6, 0, 8, 4, 7]
+    rows, by_rows, hidden, single = [], [], [], steps["layers"]  # (the one-token prompt was a one-row step)
+    handle = model.norm.register_forward_pre_hook(lambda m, args: hidden.append(args[0][:, -1]))
+    with torch.no_grad():
+        for _ in range(8):
+            out = model(token, cache=batch)
+            rows.append(out.logits[:, -1])
+            assert [a.topk_idx.shape for a in out.aux] == [(5, 2)] * 2
+            by_rows.append([a.topk_idx for a in out.aux])
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+    handle.remove()
+    assert calls == [5] * 8 and steps["layers"] == single
+    rows, hidden = torch.stack(rows, 1), torch.stack(hidden, 1)  # [B, steps, V], [B, steps, D]
+    for b, p in enumerate(PROMPTS):
+        h, logits = _alone(model, p, 8)
+        assert torch.equal(hidden[b], h)  # the blocks: bit for bit
+        # the head is torch's product, whose sums may run in another order for 5 rows than for 1
+        torch.testing.assert_close(rows[b].float(), logits.float(), atol=1e-2, rtol=0)
+        assert torch.equal(rows[b].argmax(-1), logits.argmax(-1))
+    engine, model.decoder = model.decoder, None
+    try:
+        batch, token = _joined(model, PROMPTS)
+        with torch.no_grad():
+            slow = model(token, cache=batch, stats=True)
+    finally:
+        model.decoder = engine
+    assert (rows[:, 0].float() - slow.logits[:, -1].float()).abs().max() <= 0.03 * slow.logits.float().abs().max()
+    for a, b in zip(by_rows[0], slow.aux):  # the same experts, up to near-ties of the router's rounding
+        assert (a.sort(-1).values == b.topk_idx.sort(-1).values).float().mean() >= 0.9
+
+
+@needs_kernels
+def test_rows_the_kernels_cannot_take_as_one_batch_run_the_torch_code(monkeypatch):
+    """A capacity factor (a batch's tokens compete for an expert's slots: the torch code drops, the kernels would not)
+    or a block off the kernels: the batch runs the torch code, whose logits it returns."""
+    monkeypatch.setattr(native, "decode_rows", lambda *a: pytest.fail("decode_rows ran"))
+    for model in (small_model("int8", n_shared=1), small_model("int8")):
+        if not model.decoder.takes_rows():
+            assert model.decoder.describe() == [("kernel", "torch")] * 2
+            continue
+        for block in model.blocks:  # frozen config: a capacity factor on a copy
+            block.ffn.cfg = dataclasses.replace(block.ffn.cfg, capacity_factor=1.0)
+        assert not model.decoder.takes_rows()
+    batch, token = _joined(model, PROMPTS)
+    with torch.no_grad():
+        out = model(token, cache=batch)
+    assert out.logits.shape == (5, 1, 64) and out.aux[0].topk_idx is None
+
+
+@needs_kernels
+def test_decode_rows_checks_its_arguments():
+    model = small_model()
+    batch, token = _joined(model, PROMPTS[:2])
+    with torch.no_grad():
+        model(token, cache=batch)
+    table, x = model.decoder.table, torch.zeros(2, 1, 128, dtype=torch.bfloat16)
+    cos = sin = torch.zeros(2, 32)
+    L = batch.length
+    with pytest.raises(ValueError, match="rows"):
+        native.decode_rows(table, x[:1], cos[:1], sin[:1], L)
+    with pytest.raises(ValueError, match="start"):
+        native.decode_rows(table, x, cos, sin, L, torch.tensor([0, L + 1]))
+    with pytest.raises(ValueError, match="start"):
+        native.decode_rows(table, x, cos, sin, L, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="cos, sin"):
+        native.decode_rows(table, x, cos[:1], sin[:1], L)
+    with pytest.raises(ValueError, match="outside the cache"):
+        native.decode_rows(table, x, cos, sin, 10_000)
+    with pytest.raises(ValueError, match="x must be"):
+        native.decode_rows(table, x.float(), cos, sin, L)

@@ -9,16 +9,19 @@ model's forward hands it each decode step.
     engine.describe()                        # per layer, which half runs where: ["kernel", "torch"], ...
 
 What runs where is decided here, in `_attention_args` and `_ffn_args`:
-- A decode step takes the kernels when it is one token of one row (no padding), outside autograd, autocast and
-  training mode, with no statistics asked and no forward hook on the modules the kernels stand in for; otherwise
-  the blocks' torch code runs the step (the engine answers None).
+- A decode step takes the kernels when it is one new token per row, outside autograd, autocast and training mode,
+  with no statistics asked and no forward hook on the modules the kernels stand in for; otherwise the blocks' torch
+  code runs the step (the engine answers None). Several rows (a continuous batch, `moelab.serve`; left-padded) take
+  them only in one `native.decode_rows` call (`takes_rows`): each row is then computed bit-identically to the same
+  row alone, while each weight is read once for all the rows that use it.
 - Each block's attention half runs on `native.attention_block` (norm, q|k|v, q/k norm, RoPE, cache append,
   attention, o, residual) when it is grouped-query attention with its projections on moelab's kernels and no sinks,
   window or residual scale; else on the block's torch code (`Block.attn_half`).
 - Each block's FFN half runs on `native.moe_block` (norm, top-k softmax routing, the k experts, residual) when it is
   an MoE layer with a plain top-k softmax router (no selection or logit bias, no groups), no shared experts, no
   installed path, and experts all on moelab's kernels in one format; else on torch code (`Block.ffn_half`).
-- When every half of every block is on the kernels, the whole step is one call (`native.decode_layers`).
+- When every half of every block is on the kernels, the whole step is one call (`native.decode_layers`); the
+  MoEAux it returns carry the chosen experts (topk_idx) though no statistics were asked.
 
 When the kernels' arguments are rebuilt — never guessed from data pointers: on first use; after `invalidate()`,
 which the model calls when its tensors are moved or cast (`Module._apply`); when an object the arguments were built
@@ -174,9 +177,19 @@ class InferenceEngine:
     # ------------------------------------------------------------------------------------------ a step
 
     def _applies(self, x: Tensor, cos: Tensor, cache: KVCache, start: int, stats: bool | None) -> bool:
-        return (not stats and not torch.is_grad_enabled() and x.shape[:2] == (1, 1) and cache.pad is None
-                and cos.shape[0] == 1 and start == cache.length and x.is_contiguous() and autocast_dtype(x) is None
-                and not _global_hooks() and not any(m._forward_hooks or m._forward_pre_hooks for m in self._hooked))
+        return (not stats and not torch.is_grad_enabled() and x.shape[1] == 1 and start == cache.length
+                and x.is_contiguous() and autocast_dtype(x) is None and not _global_hooks()
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self._hooked))
+
+    def takes_rows(self) -> bool:
+        """Whether a decode step of several rows (a continuous batch, left-padded) runs on the kernels, in one
+        `native.decode_rows` call: every half of every block on the kernels, every MoE layer dropless (no capacity
+        factor: a batch's tokens would compete for capacity) and routing to one k. Its MoEAux then carry topk_idx
+        without statistics being asked."""
+        if not self._built or not self._current():
+            self.refresh()
+        return (self.table is not None and self.table.k is not None
+                and all(b.ffn.cfg.capacity_factor is None for b in self.model.blocks if b.is_moe))
 
     def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, start: int,
                  stats: bool | None) -> tuple[Tensor, list[MoEAux]] | None:
@@ -187,17 +200,19 @@ class InferenceEngine:
         if x.dtype != self.dtype or not any(p.attn or p.ffn for p in self.blocks) \
                 or not self._applies(x, cos, cache, start, stats):
             return None
+        if x.shape[0] > 1 or cache.pad is not None:
+            return self._rows(x, cos, sin, cache) if self.takes_rows() else None
+        if cos.shape[0] != 1:
+            return None
         blocks = self.model.blocks
         if self.table is not None:
-            L = cache.length
-            for i, plan in enumerate(self.blocks):
-                s = plan.attn.struct
-                if cache.reserve(i, (1, s.G, 1, s.Dh), (1, s.G, 1, s.Dh), x) != L:
-                    return None
-                self.table.set_cache(i, cache.k[i], cache.v[i])
-            x = native.decode_layers(self.table, x, cos, sin, start)
+            if not self._reserve(x, cache):
+                return None
+            experts = torch.empty(self.table.n, self.table.k, dtype=torch.int64) if self.table.k else None
+            x = native.decode_layers(self.table, x, cos, sin, start, experts)
             cache.lengths[:] = [start + 1] * len(blocks)
-            return x, [MoEAux(n_tokens=1) for b in blocks if b.is_moe]
+            return x, [MoEAux(n_tokens=1, topk_idx=None if experts is None else experts[i:i + 1])
+                       for i, b in enumerate(blocks) if b.is_moe]
         auxes = []
         for i, (block, plan) in enumerate(zip(blocks, self.blocks)):
             if plan.attn is not None:
@@ -208,12 +223,36 @@ class InferenceEngine:
             else:
                 x = block.attn_half(x, cos, sin, cache, start)
             if plan.ffn is not None:
-                x, aux = native.moe_block(plan.ffn, x)[0], MoEAux(n_tokens=1)
+                x, chosen = native.moe_block(plan.ffn, x)
+                aux = MoEAux(n_tokens=1, topk_idx=chosen[None])
             else:
                 x, aux = block.ffn_half(x, stats)
             if aux is not None:
                 auxes.append(aux)
         return x, auxes
+
+    def _reserve(self, x: Tensor, cache: KVCache) -> bool:
+        """Room for one more position in every layer's cache (rows of x), the table pointed at the buffers; False
+        when the layers' lengths differ."""
+        L = cache.length
+        for i, plan in enumerate(self.blocks):
+            s = plan.attn.struct
+            shape = (x.shape[0], s.G, 1, s.Dh)
+            if cache.reserve(i, shape, shape, x) != L:
+                return False
+            self.table.set_cache(i, cache.k[i], cache.v[i])
+        return True
+
+    def _rows(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> tuple[Tensor, list[MoEAux]] | None:
+        """One decode step of B rows (left padding cache.pad) in one `native.decode_rows` call."""
+        B, L = x.shape[0], cache.length
+        if not self._reserve(x, cache):
+            return None
+        r = self.table.rot
+        cos, sin = cos.reshape(-1, r).expand(B, r), sin.reshape(-1, r).expand(B, r)  # [1 or B, r] -> [B, r]
+        x, experts = native.decode_rows(self.table, x, cos, sin, L, cache.pad)
+        cache.lengths[:] = [L + 1] * len(self.blocks)
+        return x, [MoEAux(n_tokens=B, topk_idx=experts[i]) for i, b in enumerate(self.model.blocks) if b.is_moe]
 
     # ------------------------------------------------------------------------------------------ copies
 
@@ -234,6 +273,14 @@ def _global_hooks() -> bool:
     """Whether a global forward hook is registered (torch.nn.modules.module.register_module_forward_hook)."""
     m = nn.modules.module
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
+
+
+def reports_routes(model: nn.Module) -> bool:
+    """Whether the model's decode steps, one row or a batch, return each MoE layer's chosen experts (MoEAux.topk_idx)
+    without statistics being asked: its engine runs them on the kernels (`InferenceEngine.takes_rows`). Asking for
+    statistics (stats=True) would send the step to the torch code instead."""
+    decoder = getattr(model, "decoder", None)
+    return isinstance(decoder, InferenceEngine) and decoder.takes_rows()
 
 
 def install_engine(model: nn.Module) -> InferenceEngine:

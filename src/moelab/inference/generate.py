@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from moelab.inference.engine import reports_routes
 from moelab.model.cache import KVCache
 from moelab.model.transformer import MoETransformer
 
@@ -148,6 +149,7 @@ def generate_batch(model: MoETransformer, prompts: list[list[int]], max_new_toke
     ids = torch.tensor([[filler] * n + p for n, p in zip(pad, prompts)], device=device)
     logits = model(ids, cache=cache).logits[:, -1]
     running = list(range(len(prompts)))
+    stats = True if record is not None and not reports_routes(model) else None  # the kernels report routes anyway
     for i in range(max_new_tokens):
         rows, logits = logits.cpu(), None  # waits for the device: the prefill is done at i == 0
         if i == 0 and on_prefill is not None:
@@ -162,7 +164,7 @@ def generate_batch(model: MoETransformer, prompts: list[list[int]], max_new_toke
             step[b] = token
         if not running or i + 1 == max_new_tokens:
             break
-        out = model(torch.tensor(step, device=device)[:, None], cache=cache, stats=record is not None)
+        out = model(torch.tensor(step, device=device)[:, None], cache=cache, stats=stats)
         if record is not None:
             record.append([a.topk_idx.view(len(prompts), -1).cpu().numpy() for a in out.aux])
         logits = out.logits[:, -1]

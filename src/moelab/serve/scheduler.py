@@ -7,8 +7,9 @@ One thread runs steps (Yu et al. 2022, Orca: scheduling per iteration, not per r
    step, so that the running streams keep getting a token every step while a long prompt is read;
 2. when a prefill is complete, samples its first token and joins its KV cache to the running batch
    (`moelab.serve.batch_cache.join`);
-3. runs one decode step over the batch: every row's last token in one forward [B, 1], each row sampled with its
-   own temperature, top_p and generator (`moelab.inference.generate.sample_next`), as `generate` samples alone;
+3. runs one decode step over the batch: every row's last token in one forward [B, 1] (on a prepared model, one call
+   of the kernels for all rows: `InferenceEngine.takes_rows`), each row sampled with its own temperature, top_p and
+   generator (`moelab.inference.generate.sample_next`), as `generate` samples alone;
 4. drops the rows that are done (the stop id, a stop string in the detokenized text, max_tokens) or whose
    client went away (`Request.cancel`), and failed rows (an exception in one row fails that request only).
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moelab.inference.engine import reports_routes
 from moelab.inference.generate import check_sampling, sample_next
 from moelab.model.cache import KVCache
 from moelab.serve import batch_cache
@@ -113,6 +115,7 @@ class Engine:
         self.max_batch, self.max_queue, self.max_tokens_in_flight = max_batch, max_queue, max_tokens_in_flight
         self.prefill_chunk, self.expert_stats, self.on_step = prefill_chunk, expert_stats, on_step
         self.max_seq_len = model.cfg.max_seq_len
+        self._stats = None if reports_routes(model) else (self.expert_stats or None)
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
@@ -242,7 +245,7 @@ class Engine:
         B = len(self.rows)
         ids = torch.tensor([[r._last] for r in self.rows], device=self.device)
         try:
-            out = self.model(ids, cache=self.cache, stats=self.expert_stats or None)
+            out = self.model(ids, cache=self.cache, stats=self._stats)
         except Exception as e:  # noqa: BLE001 — a failed batched forward fails the rows in it, not the server
             for r in self.rows:
                 self._fail(r, f"{type(e).__name__}: {e}")
@@ -250,7 +253,8 @@ class Engine:
             return
         logits = out.logits[:, -1].cpu()
         if self.on_step is not None:
-            touched = [int(a.topk_idx.view(B, -1).unique().numel()) for a in out.aux if a.topk_idx is not None]
+            touched = [int(a.topk_idx.view(B, -1).unique().numel()) for a in out.aux
+                       if self.expert_stats and a.topk_idx is not None]
             self.on_step({"batch": B, "experts_touched": touched})
         keep = []
         for b, r in enumerate(self.rows):

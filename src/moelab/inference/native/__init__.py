@@ -20,7 +20,8 @@ VNNI / BF16, no compiler is found, torch is not built with GNU OpenMP, the build
 reference fails, or MOELAB_NATIVE=0.
     build.py    compile, cache and load the library (`why_unavailable`)
     ops.py      NativeWeight, linear, moe_decode, route, `available` (a check against float64 on load)
-    blocks.py   a whole attention or MoE block, or every layer of a step, in one call (the engine's)
+    blocks.py   a whole attention or MoE block, or every layer of a step, in one call — for one row or for the B
+                rows of a continuous batch (`decode_rows`, each row bit-identical to it alone) — (the engine's)
     layout.py   the int4 tile layout and the activation quantizer, in plain torch
 
 Every entry checks what it hands to C first — formats, dtypes, devices, contiguity, shapes, group sizes,
@@ -35,6 +36,7 @@ from moelab.inference.native.blocks import (
     attention_args,
     attention_block,
     decode_layers,
+    decode_rows,
     expert_table,
     moe_args,
     moe_block,
@@ -56,6 +58,6 @@ from moelab.inference.native.ops import (
 )
 
 __all__ = ["ACTIVATIONS", "BLOCK", "FORMATS", "IO_DTYPES", "BlockArgs", "ExpertTable", "LayerTable", "NativeWeight",
-           "attention_args", "attention_block", "available", "decode_layers", "expert_table", "linear", "moe_args",
-           "moe_block", "moe_decode", "quantize_activations", "route", "same_format", "supports", "tile_int4",
-           "untile_int4", "why_unavailable"]
+           "attention_args", "attention_block", "available", "decode_layers", "decode_rows", "expert_table",
+           "linear", "moe_args", "moe_block", "moe_decode", "quantize_activations", "route", "same_format", "supports",
+           "tile_int4", "untile_int4", "why_unavailable"]

@@ -36,7 +36,8 @@ class _MoEArgs(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("attn", ctypes.c_void_p), ("moe", ctypes.c_void_p), ("kbuf", ctypes.c_void_p),
-                ("vbuf", ctypes.c_void_p), ("sg", ctypes.c_longlong), ("sl", ctypes.c_longlong)]
+                ("vbuf", ctypes.c_void_p), ("sg", ctypes.c_longlong), ("sl", ctypes.c_longlong),
+                ("sb", ctypes.c_longlong)]
 
 
 class BlockArgs:
@@ -145,15 +146,18 @@ def _check_token(dtype: torch.dtype, x: Tensor) -> None:
         raise ValueError(f"a block kernel takes one contiguous token of {dtype}: got {x.dtype} {tuple(x.shape)}")
 
 
-def _check_cache(args: BlockArgs, k_buf: Tensor, v_buf: Tensor, L: int) -> None:
+def _check_cache(args: BlockArgs, k_buf: Tensor, v_buf: Tensor, L: int, rows: int | None = 1) -> None:
+    """Cache buffers [rows, G, capacity > L, Dh] of args' dtype, one layout (rows None: any number)."""
     s = args.struct
+    want = "B" if rows is None else rows
     if not all(isinstance(b, Tensor) and b.device.type == "cpu" and b.dim() == 4 for b in (k_buf, v_buf)) \
             or not isinstance(L, int):
-        raise ValueError(f"the cache buffers must be CPU tensors [1, {s.G}, capacity, {s.Dh}] and L an int")
+        raise ValueError(f"the cache buffers must be CPU tensors [{want}, {s.G}, capacity, {s.Dh}] and L an int")
     if (k_buf.dtype != args.dtype or v_buf.stride() != k_buf.stride() or k_buf.shape != v_buf.shape
-            or k_buf.stride(-1) != 1 or k_buf.shape[0] != 1 or k_buf.shape[1] != s.G or k_buf.shape[-1] != s.Dh
-            or not 0 <= L < k_buf.shape[2]):
-        raise ValueError(f"the cache buffers must be [1, {s.G}, capacity > {L}, {s.Dh}] of {args.dtype}, one layout")
+            or k_buf.stride(-1) != 1 or (rows is not None and k_buf.shape[0] != rows) or k_buf.shape[1] != s.G
+            or k_buf.shape[-1] != s.Dh or not 0 <= L < k_buf.shape[2]):
+        raise ValueError(f"the cache buffers must be [{want}, {s.G}, capacity > {L}, {s.Dh}] of {args.dtype}, "
+                         "one layout")
 
 
 class ExpertTable:
@@ -233,35 +237,83 @@ class LayerTable:
         for slot, (attn, moe) in zip(self.array, blocks):
             slot.attn, slot.moe = ctypes.addressof(attn.struct), ctypes.addressof(moe.struct)
         self.buffers: list[tuple[Tensor, Tensor] | None] = [None] * self.n
-        self.capacity = 0
+        self.capacity, self.rows = 0, {None}
+        self.k = blocks[0][1].struct.k if len({m.struct.k for _, m in blocks}) == 1 else None  # one k: decode_rows
 
     def set_cache(self, i: int, k_buf: Tensor, v_buf: Tensor) -> None:
-        """Layer i's keys and values go to k_buf, v_buf [1, G, capacity, Dh] (kept)."""
+        """Layer i's keys and values go to k_buf, v_buf [B, G, capacity, Dh] (kept; B = 1 for `decode_layers`)."""
         if not isinstance(i, int) or not 0 <= i < self.n:
             raise ValueError(f"decode_layers: layer {i!r} is outside the table's {self.n} layers")
         if self.buffers[i] is not None and self.buffers[i][0] is k_buf and self.buffers[i][1] is v_buf:
             return
-        _check_cache(self.blocks[i][0], k_buf, v_buf, 0)
+        _check_cache(self.blocks[i][0], k_buf, v_buf, 0, rows=None)
         slot = self.array[i]
-        slot.kbuf, slot.vbuf, slot.sg, slot.sl = k_buf.data_ptr(), v_buf.data_ptr(), k_buf.stride(1), k_buf.stride(2)
+        slot.kbuf, slot.vbuf = k_buf.data_ptr(), v_buf.data_ptr()
+        slot.sg, slot.sl, slot.sb = k_buf.stride(1), k_buf.stride(2), k_buf.stride(0)
         self.buffers[i] = (k_buf, v_buf)
         self.capacity = min(b[0].shape[2] if b else 0 for b in self.buffers)
+        self.rows = {b[0].shape[0] if b else None for b in self.buffers}
 
 
-def decode_layers(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int) -> Tensor:
+def decode_layers(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int,
+                  experts: Tensor | None = None) -> Tensor:
     """x after the table's layers — each `attention_block` then `moe_block` — for one token x [1, 1, D] at
     position L, in one call (`cpu_kernels.c`, moelab_decode_layers); each layer's key and value are
-    appended at L (every layer's buffers must hold more than L positions)."""
+    appended at L (every layer's buffers must hold more than L positions). `experts`: an int64 CPU tensor
+    [layers, k] (every layer routing to one k) that receives the experts each layer chose."""
     if not isinstance(table, LayerTable):
         raise ValueError(f"moelab native: table must be a LayerTable; got {type(table).__name__}")
     _check_token(table.dtype, x)
-    if any(b is None for b in table.buffers):
-        raise ValueError("decode_layers: every layer's cache buffers must be set first (LayerTable.set_cache)")
-    if not isinstance(L, int) or not 0 <= L < table.capacity:
-        raise ValueError(f"decode_layers: position {L} is outside the cache buffers ({table.capacity} positions)")
+    _check_table(table, 1, L)
     cos, sin = _tables(cos, sin, table.rot)
+    if experts is not None and (not isinstance(experts, Tensor) or table.k is None or experts.dtype != torch.int64
+                                or experts.shape != (table.n, table.k) or experts.device.type != "cpu"
+                                or not experts.is_contiguous()):
+        raise ValueError(f"decode_layers: experts must be a contiguous CPU int64 tensor [{table.n}, k] (one k)")
     out = x.clone()
     if build.library().moelab_decode_layers(table.array, table.n, out.data_ptr(), cos.data_ptr(), sin.data_ptr(), L,
-                                       torch.get_num_threads()):
+                                            None if experts is None else experts.data_ptr(),
+                                            torch.get_num_threads()):
         raise MemoryError("moelab native decode_layers: out of memory for its buffers")
     return out
+
+
+def _check_table(table: LayerTable, rows: int, L: int) -> None:
+    """Every layer's cache buffers set, of `rows` rows, holding more than L positions."""
+    if any(b is None for b in table.buffers):
+        raise ValueError("decode_layers: every layer's cache buffers must be set first (LayerTable.set_cache)")
+    if table.rows != {rows}:
+        raise ValueError(f"decode: the cache buffers hold {sorted(table.rows)} rows; the tokens are {rows} rows")
+    if not isinstance(L, int) or not 0 <= L < table.capacity:
+        raise ValueError(f"decode_layers: position {L} is outside the cache buffers ({table.capacity} positions)")
+
+
+def decode_rows(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int,
+                start: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One decode step of B rows in one call (`cpu_kernels.c`, moelab_decode_rows): x [B, 1, D] of the table's dtype,
+    row b's token at position L with rotary angles cos[b], sin[b] ([B, rotary_dim]), attending to its keys at
+    positions start[b] .. L (start [B] int64, its left padding; None: 0). Each row's result is bit-identical to
+    `decode_layers` run on that row alone. Returns (x after the layers, the experts each row chose [layers, B, k])."""
+    if not isinstance(table, LayerTable):
+        raise ValueError(f"moelab native: table must be a LayerTable; got {type(table).__name__}")
+    if table.k is None:
+        raise ValueError("decode_rows: the table's MoE layers must route to one number of experts k")
+    if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() != 3 or x.shape[1] != 1 \
+            or x.dtype != table.dtype or not x.is_contiguous():
+        raise ValueError(f"decode_rows: x must be a contiguous CPU tensor [B, 1, D] of {table.dtype}")
+    B = x.shape[0]
+    _check_table(table, B, L)
+    if not all(isinstance(t, Tensor) and t.device.type == "cpu" and t.is_floating_point() for t in (cos, sin)) \
+            or cos.shape != (B, table.rot) or sin.shape != cos.shape:
+        raise ValueError(f"decode_rows: cos, sin must be floating-point CPU tensors [{B}, {table.rot}]")
+    if start is None:
+        start = torch.zeros(B, dtype=torch.int64)
+    if not isinstance(start, Tensor) or start.shape != (B,) or start.dtype != torch.int64 \
+            or start.device.type != "cpu" or (B and not 0 <= int(start.min()) <= int(start.max()) <= L):
+        raise ValueError(f"decode_rows: start must be a CPU int64 tensor [{B}] of positions in [0, {L}]")
+    cos, sin, start = cos.float().contiguous(), sin.float().contiguous(), start.contiguous()
+    out, idx = x.clone(), torch.empty(table.n, B, table.k, dtype=torch.int64)
+    if build.library().moelab_decode_rows(table.array, table.n, B, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                          start.data_ptr(), L, idx.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("moelab native decode_rows: out of memory for its buffers")
+    return out, idx

@@ -309,7 +309,8 @@ static int moe_decode_f32(const weight_t *const *gate_up, const weight_t *const 
 }
 
 /* Attention of one new query per row over L keys (a decode step), grouped-query: for query head h of kv head
- * g = h / (H/G), out[b, h] = Σ_j softmax_j(scale · q[b, h]·k[b, g, j]) · v[b, g, j], in float32.
+ * g = h / (H/G), out[b, h] = Σ_j softmax_j(scale · q[b, h]·k[b, g, j]) · v[b, g, j], in float32, over the keys
+ * j = start[b] .. L−1 of row b (start NULL: all; a row's leading positions before start[b] are padding).
  * q, out: float32 [B, H, Dh] contiguous; k, v: bfloat16 (kv_bf16) or float32, element (b, g, j, d) at
  * b·sb + g·sg + j·sl + d (strides in elements: the cache's buffers, read in place). Dh % 16 == 0, H/G <= 16. */
 static inline __m512 load16(const void *p, size_t i, int bf16) {
@@ -318,7 +319,7 @@ static inline __m512 load16(const void *p, size_t i, int bf16) {
 
 static int attention_f32(const float *q, const void *k, const void *v, float *out, int B, int H, int G, int L,
                          int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
-                            long long vsl, int kv_bf16, float scale, int threads) {
+                         long long vsl, int kv_bf16, float scale, const long long *start, int threads) {
     const int rep = H / G;
     int err = 0;
 #pragma omp parallel num_threads(threads)
@@ -331,12 +332,12 @@ static int attention_f32(const float *q, const void *k, const void *v, float *ou
 #pragma omp for schedule(static)
         for (int u = 0; u < B * G; u++) {
             if (!s) continue;
-            const int b = u / G, g = u % G;
+            const int b = u / G, g = u % G, j0 = start ? (int)start[b] : 0;
             const float *qg = q + ((size_t)b * H + (size_t)g * rep) * Dh;
             float *og = out + ((size_t)b * H + (size_t)g * rep) * Dh;
             float m[16];
             for (int r = 0; r < rep; r++) m[r] = -INFINITY;
-            for (int j = 0; j < L; j++) {
+            for (int j = j0; j < L; j++) {
                 size_t kj = (size_t)b * ksb + (size_t)g * ksg + (size_t)j * ksl;
                 __m512 acc[16];
                 for (int r = 0; r < rep; r++) acc[r] = _mm512_setzero_ps();
@@ -346,28 +347,28 @@ static int attention_f32(const float *q, const void *k, const void *v, float *ou
                 }
                 for (int r = 0; r < rep; r++) {
                     float x = scale * _mm512_reduce_add_ps(acc[r]);
-                    s[(size_t)r * L + j] = x;
+                    s[(size_t)r * L + j - j0] = x;
                     m[r] = fmaxf(m[r], x);
                 }
             }
             for (int r = 0; r < rep; r++) {
                 float sum = 0.f;
-                for (int j = 0; j < L; j++) {
-                    float e = expf(s[(size_t)r * L + j] - m[r]);
-                    s[(size_t)r * L + j] = e;
+                for (int j = j0; j < L; j++) {
+                    float e = expf(s[(size_t)r * L + j - j0] - m[r]);
+                    s[(size_t)r * L + j - j0] = e;
                     sum += e;
                 }
                 float inv = 1.f / sum;
-                for (int j = 0; j < L; j++) s[(size_t)r * L + j] *= inv;
+                for (int j = j0; j < L; j++) s[(size_t)r * L + j - j0] *= inv;
                 memset(og + (size_t)r * Dh, 0, sizeof(float) * Dh);
             }
-            for (int j = 0; j < L; j++) {
+            for (int j = j0; j < L; j++) {
                 size_t vj = (size_t)b * vsb + (size_t)g * vsg + (size_t)j * vsl;
                 for (int d = 0; d < Dh; d += 16) {
                     __m512 vv = load16(v, vj + d, kv_bf16);
                     for (int r = 0; r < rep; r++) {
                         float *o = og + (size_t)r * Dh + d;
-                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)r * L + j]), vv, _mm512_loadu_ps(o)));
+                        _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_set1_ps(s[(size_t)r * L + j - j0]), vv, _mm512_loadu_ps(o)));
                     }
                 }
             }
@@ -423,18 +424,26 @@ int moelab_moe_decode(const weight_t *const *gate_up, const weight_t *const *dow
     return err;
 }
 
-int moelab_decode_attention(const void *q, int q_bf16, const void *k, const void *v, void *out, int B, int H, int G,
-                            int L, int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
-                            long long vsl, int kv_bf16, float scale, int threads) {
+/* attention_f32 with q and out float32 or bfloat16 (q_bf16). */
+static int attention_io(const void *q, int q_bf16, const void *k, const void *v, void *out, int B, int H, int G, int L,
+                        int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
+                        long long vsl, int kv_bf16, float scale, const long long *start, int threads) {
     float *qt, *ot;
     size_t n = (size_t)B * H * Dh;
     const float *qf = as_f32(q, n, q_bf16, &qt);
     float *of = out_f32(out, n, q_bf16, &ot);
     int err = !qf || !of || attention_f32(qf, k, v, of, B, H, G, L, Dh, ksb, ksg, ksl, vsb, vsg, vsl, kv_bf16, scale,
-                                          threads);
+                                          start, threads);
     if (!err) finish(out, ot, n, q_bf16); else free(ot);
     free(qt);
     return err;
+}
+
+int moelab_decode_attention(const void *q, int q_bf16, const void *k, const void *v, void *out, int B, int H, int G,
+                            int L, int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
+                            long long vsl, int kv_bf16, float scale, int threads) {
+    return attention_io(q, q_bf16, k, v, out, B, H, G, L, Dh, ksb, ksg, ksl, vsb, vsg, vsl, kv_bf16, scale, NULL,
+                        threads);
 }
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
@@ -634,14 +643,15 @@ typedef struct {
     const attn_args_t *attn;
     const moe_args_t *moe;
     void *kbuf, *vbuf;
-    long long sg, sl;
+    long long sg, sl, sb;  /* the cache buffers' strides: kv head, position, row (rows: moelab_decode_rows) */
 } layer_t;
 
 /* n layers of one decode step for one token at position L: x [D] (the residual stream, in the layers' dtype)
- * is replaced by its value after them; each layer's k and v are appended at L. As moelab_attention_block then
+ * is replaced by its value after them; each layer's k and v are appended at L; the experts layer i chose go to
+ * idx + i·k (idx NULL: not kept; every layer routes to the same k). As moelab_attention_block then
  * moelab_moe_block, layer by layer. Returns nonzero when out of memory. */
 int moelab_decode_layers(const layer_t *layers, int n, void *x, const float *cos, const float *sin, int L,
-                         int threads) {
+                         long long *idx, int threads) {
     if (n <= 0) return 0;
     const size_t bytes = (size_t)layers[0].attn->wqkv->k * (layers[0].attn->bf16 ? 2 : 4);
     void *t = malloc(bytes);
@@ -649,7 +659,170 @@ int moelab_decode_layers(const layer_t *layers, int n, void *x, const float *cos
     for (int i = 0; i < n && !err; i++) {
         const layer_t *l = &layers[i];
         err |= moelab_attention_block(l->attn, x, t, cos, sin, l->kbuf, l->vbuf, l->sg, l->sl, L, threads);
-        err |= moelab_moe_block(l->moe, t, x, NULL, threads);
+        err |= moelab_moe_block(l->moe, t, x, idx ? idx + (size_t)i * l->moe->k : NULL, threads);
+    }
+    free(t);
+    return err;
+}
+
+/* ------------------------------------------------------------------ a decode step of B rows (continuous batching)
+ * Each row is computed exactly as moelab_decode_layers computes it alone (the same products on the same prepared
+ * activations, the same sums in the same order: bit-identical), but a weight is read once per step for all the rows
+ * that use it — the projections of attention once for the B rows, each expert once for the rows routed to it. */
+
+/* B tokens through their k experts each: y_b = Σ_j r_bj · FFN_{e_bj}(x_b), the k terms of a row summed in the order j
+ * (as moe_decode_f32 sums them). idx, route [B, k]; x, y [B, D] float32. One parallel region: the rows' activations
+ * prepared; for each expert used, its first product for all its rows (work split over its weight rows); the
+ * activations; each expert's second product into a buffer per (row, j); the sums per row. */
+static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *down, int E, int k, int B,
+                        const long long *idx, const float *route, const float *x, float *y, int activation,
+                        int threads) {
+    const int D = gate_up[0]->k, H = gate_up[0]->n, I = down[0]->k, ug = unit_rows(gate_up[0]),
+              ud = unit_rows(down[0]), n = B * k;
+    int *off = calloc((size_t)E + 1, sizeof(int)), *order = malloc(sizeof(int) * (size_t)n),
+        *fill = calloc((size_t)E, sizeof(int));
+    act_t *ax = calloc((size_t)B, sizeof(act_t)), *aa = calloc((size_t)n, sizeof(act_t));
+    float *h = malloc(sizeof(float) * (size_t)n * H), *av = malloc(sizeof(float) * (size_t)n * I),
+          *part = malloc(sizeof(float) * (size_t)n * D);
+    int err = !off || !order || !fill || !ax || !aa || !h || !av || !part;
+    for (int b = 0; b < B && !err; b++) err |= act_alloc(&ax[b], D, gate_up[0]->g);
+    for (int p = 0; p < n && !err; p++) err |= act_alloc(&aa[p], I, down[0]->g);
+    if (!err) {
+        for (int p = 0; p < n; p++) off[idx[p] + 1]++; /* the (row, j) pairs grouped by expert, in row order */
+        for (int e = 0; e < E; e++) off[e + 1] += off[e];
+        for (int p = 0; p < n; p++) order[off[idx[p]] + fill[idx[p]]++] = p;
+#pragma omp parallel num_threads(threads)
+        {
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) act_prepare(&ax[b], x + (size_t)b * D, gate_up[0]->fmt);
+            for (int e = 0; e < E; e++) {
+                if (off[e] == off[e + 1]) continue;
+#pragma omp for schedule(static) nowait
+                for (int u = 0; u < H / ug; u++)
+                    for (int i = off[e]; i < off[e + 1]; i++)
+                        unit(gate_up[e], u, &ax[order[i] / k], h + (size_t)order[i] * H + (size_t)u * ug);
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int p = 0; p < n; p++) {
+                float *hp = h + (size_t)p * H, *ap = av + (size_t)p * I;
+                for (int i = 0; i < I; i++)
+                    ap[i] = route[p] * (activation == A_SWIGLU ? silu(hp[i]) * hp[I + i] : gelu(hp[i]));
+                act_prepare(&aa[p], ap, down[0]->fmt);
+            }
+            for (int e = 0; e < E; e++) {
+                if (off[e] == off[e + 1]) continue;
+#pragma omp for schedule(static) nowait
+                for (int u = 0; u < D / ud; u++)
+                    for (int i = off[e]; i < off[e + 1]; i++)
+                        unit(down[e], u, &aa[order[i]], part + (size_t)order[i] * D + (size_t)u * ud);
+            }
+#pragma omp barrier
+#pragma omp for schedule(static)
+            for (int b = 0; b < B; b++) {
+                float *yb = y + (size_t)b * D;
+                for (int r = 0; r < D; r++) yb[r] = 0.f;
+                for (int j = 0; j < k; j++) {
+                    const float *pj = part + ((size_t)b * k + j) * D;
+                    for (int r = 0; r < D; r++) yb[r] += pj[r];
+                }
+            }
+        }
+    }
+    if (ax)
+        for (int b = 0; b < B; b++) free(ax[b].mem);
+    if (aa)
+        for (int p = 0; p < n; p++) free(aa[p].mem);
+    free(off);
+    free(order);
+    free(fill);
+    free(ax);
+    free(aa);
+    free(h);
+    free(av);
+    free(part);
+    return err;
+}
+
+/* moelab_attention_block for B rows, row b's token at position L with its own rotary angles (cos, sin [B, rot]),
+ * attending to its keys start[b] .. L. Cache element (b, g, j, d) at b·sb + g·sg + j·sl + d. */
+static int attention_rows(const attn_args_t *a, int B, const void *x, void *out, const float *cos, const float *sin,
+                          void *kbuf, void *vbuf, long long sb, long long sg, long long sl, int L,
+                          const long long *start, int threads) {
+    const int bf16 = a->bf16, H = a->H, G = a->G, Dh = a->Dh;
+    const int D = a->wqkv->k, nq = H * Dh, nk = G * Dh, nqkv = nq + 2 * nk;
+    const size_t es = bf16 ? 2 : 4;
+    char *mem = malloc(es * (size_t)B * (2 * (size_t)D + 2 * (size_t)nqkv + 2 * (size_t)nq));
+    if (!mem) return 1;
+    char *h = mem, *qkv = h + es * B * D, *qk = qkv + es * B * nqkv, *q = qk + es * B * nqkv, *att = q + es * B * nq,
+         *o = att + es * B * nq;
+    int err = 0;
+    moelab_rms_norm(x, h, a->norm_w, bf16, B, D, 1, a->eps);
+    err |= moelab_linear(a->wqkv, h, bf16, B, qkv, bf16, threads);
+    for (int b = 0; b < B; b++) {
+        char *row = qkv + es * b * nqkv, *rq = qk + es * b * nqkv;
+        if (a->qkv_bias) add_into(row, row, a->qkv_bias, (size_t)nqkv, bf16);
+        if (a->q_w) {
+            const int qr = a->qk_full ? 1 : H, kr = a->qk_full ? 1 : G, qd = a->qk_full ? nq : Dh,
+                      kd = a->qk_full ? nk : Dh;
+            moelab_rms_norm(row, row, a->q_w, bf16, qr, qd, 1, a->qk_eps);
+            moelab_rms_norm(row + es * nq, row + es * nq, a->k_w, bf16, kr, kd, 1, a->qk_eps);
+        }
+        moelab_rope(row, rq, bf16, H + G, Dh, a->rot, cos + (size_t)b * a->rot, sin + (size_t)b * a->rot);
+        for (int g = 0; g < G; g++) {
+            size_t at = (size_t)b * sb + (size_t)g * sg + (size_t)L * sl;
+            memcpy((char *)kbuf + es * at, rq + es * ((size_t)nq + (size_t)g * Dh), es * Dh);
+            memcpy((char *)vbuf + es * at, row + es * ((size_t)nq + nk + (size_t)g * Dh), es * Dh);
+        }
+        memcpy(q + es * b * nq, rq, es * nq);
+    }
+    err |= attention_io(q, bf16, kbuf, vbuf, att, B, H, G, L + 1, Dh, sb, sg, sl, sb, sg, sl, bf16, a->scale, start,
+                        threads);
+    err |= moelab_linear(a->wo, att, bf16, B, o, bf16, threads);
+    for (int b = 0; b < B; b++) {
+        char *ob = o + es * b * D;
+        if (a->o_bias) add_into(ob, ob, a->o_bias, (size_t)D, bf16);
+        add_into((char *)out + es * b * D, (const char *)x + es * b * D, ob, (size_t)D, bf16);
+    }
+    free(mem);
+    return err;
+}
+
+/* moelab_moe_block for B rows x [B, D]; the chosen experts to idx [B, k]. */
+static int moe_rows(const moe_args_t *a, int B, const void *x, void *out, long long *idx, int threads) {
+    const int bf16 = a->bf16, E = a->E, k = a->k, D = a->gate_up[0]->k;
+    const size_t es = bf16 ? 2 : 4;
+    char *mem = malloc(sizeof(float) * (size_t)B * (2 * (size_t)D + (size_t)E + (size_t)k) + 2 * es * (size_t)B * D);
+    if (!mem) return 1;
+    float *hf = (float *)mem, *yf = hf + (size_t)B * D, *z = yf + (size_t)B * D, *weight = z + (size_t)B * E;
+    char *h = (char *)(weight + (size_t)B * k), *y = h + es * B * D;
+    moelab_rms_norm(x, h, a->norm_w, bf16, B, D, 1, a->eps);
+    for (size_t i = 0; i < (size_t)B * D; i++) hf[i] = load_elem(h, i, bf16);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int b = 0; b < B; b++)
+        route_f32(hf + (size_t)b * D, a->router_w, E, D, k, a->renorm, a->scale, z + (size_t)b * E, idx + (size_t)b * k,
+                  weight + (size_t)b * k, 1);
+    int err = moe_rows_f32(a->gate_up, a->down, E, k, B, idx, weight, hf, yf, a->activation, threads);
+    for (size_t i = 0; i < (size_t)B * D; i++) store_elem(y, i, yf[i], bf16);
+    add_into(out, x, y, (size_t)B * D, bf16);
+    free(mem);
+    return err;
+}
+
+/* n layers of one decode step for B rows, each row's token at position L (its rotary angles: row b of cos, sin
+ * [B, rot]; its keys from start[b]): x [B, D] is replaced by its value after them; each layer's k and v of row b
+ * are appended at (b, L); the experts each row chose in layer i go to idx [n, B, k]. As moelab_decode_layers for
+ * each row alone. Returns nonzero when out of memory. */
+int moelab_decode_rows(const layer_t *layers, int n, int B, void *x, const float *cos, const float *sin,
+                       const long long *start, int L, long long *idx, int threads) {
+    if (n <= 0 || B <= 0) return 0;
+    const size_t es = layers[0].attn->bf16 ? 2 : 4, D = (size_t)layers[0].attn->wqkv->k;
+    void *t = malloc(es * (size_t)B * D);
+    int err = !t;
+    for (int i = 0; i < n && !err; i++) {
+        const layer_t *l = &layers[i];
+        err |= attention_rows(l->attn, B, x, t, cos, sin, l->kbuf, l->vbuf, l->sb, l->sg, l->sl, L, start, threads);
+        err |= moe_rows(l->moe, B, t, x, idx + (size_t)i * B * l->moe->k, threads);
     }
     free(t);
     return err;
