@@ -73,14 +73,31 @@ ALTERNATING = [
     [{"role": "user", "content": "Bonjour"}],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
      {"role": "user", "content": "héllo \"x\""}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b "}, {"role": "user", "content": "c\n"},
+     {"role": "assistant", "content": "d"}],  # ends with the assistant: a training example
 ]
+WITH_SYSTEM = [  # for the templates that take a system message (Mixtral-Instruct's refuses one)
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Tu es utile.\n"}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "et 3+3 ?"},
+     {"role": "assistant", "content": "6"}],
+]
+THINKING = [  # Qwen3's reasoning: <think> in the content of the last turn / of an earlier turn, reasoning_content
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "<think>add</think>4"}, {"role": "user", "content": "3+3?"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "yes", "reasoning_content": "\nbecause\n"}],
+]
+TOOLS = [{"type": "function", "function": {"name": "add", "description": "a + b",
+                                           "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+TOOL_CHAT = [{"role": "system", "content": "S"}, {"role": "user", "content": "1+2?"},
+             {"role": "assistant", "content": "",
+              "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]},
+             {"role": "tool", "content": "3"}]
 
 
-@pytest.mark.parametrize("path", PUBLIC, ids=lambda p: p.stem)
-@pytest.mark.parametrize("add_generation_prompt", [False, True])
-def test_public_templates_render_as_transformers(path, add_generation_prompt, tmp_path):
-    """`ChatTemplate.render` against transformers' apply_chat_template on a public MoE checkpoint's template (only
-    Mixtral-8x7B-Instruct's so far: the exact Qwen3-MoE and OLMoE-Instruct texts are still to be added)."""
+def _public(path, tmp_path):
+    """(the template's JSON, a transformers tokenizer carrying it, moelab's ChatTemplate read from its saved files)."""
     import json
 
     data = json.loads(path.read_text())
@@ -88,10 +105,27 @@ def test_public_templates_render_as_transformers(path, add_generation_prompt, tm
                                   bos_token=data["bos_token"], eos_token=data["eos_token"])
     tok.chat_template = data["chat_template"]
     tok.save_pretrained(tmp_path)
-    mine = ChatTemplate.from_dir(tmp_path)
-    for chat in ALTERNATING:
+    return data, tok, ChatTemplate.from_dir(tmp_path)
+
+
+def _chats(template: str) -> list:
+    chats = list(ALTERNATING)
+    if "Only user and assistant roles" not in template:
+        chats += WITH_SYSTEM
+    if "</think>" in template:
+        chats += THINKING
+    return chats
+
+
+@pytest.mark.parametrize("path", PUBLIC, ids=lambda p: p.stem)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_public_templates_render_as_transformers(path, add_generation_prompt, tmp_path):
+    """`ChatTemplate.render` against transformers' apply_chat_template on public MoE checkpoints' templates:
+    Mixtral-8x7B-Instruct, Qwen3-30B-A3B, OLMoE-1B-7B-0924-Instruct."""
+    data, tok, mine = _public(path, tmp_path)
+    for chat in _chats(data["chat_template"]):
         assert mine.render(chat, add_generation_prompt=add_generation_prompt) == tok.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=add_generation_prompt)
+            chat, tokenize=False, add_generation_prompt=add_generation_prompt), chat
     if "roles must alternate" not in data["chat_template"]:
         return
     bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]  # the template's own refusal
@@ -100,3 +134,34 @@ def test_public_templates_render_as_transformers(path, add_generation_prompt, tm
     with pytest.raises(ValueError, match="roles must alternate") as ours:
         mine.render(bad)
     assert "roles must alternate" in str(theirs.value) and "roles must alternate" in str(ours.value)
+
+
+def test_public_templates_are_the_shipped_formats(tmp_path):
+    """A hand-written rendering of each stored template (what the model cards document), so that the stored text
+    itself is checked, not only moelab's agreement with transformers on it."""
+    by = {p.stem: p for p in PUBLIC}
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}, {"role": "assistant", "content": "A"}]
+    _, _, qwen = _public(by["qwen3-30b-a3b"], tmp_path / "q")
+    assert qwen.render(chat[:2], add_generation_prompt=True) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n")
+    assert qwen.render(chat) == (  # the last assistant turn after the last query gets an (empty) think block
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\nA<|im_end|>\n")
+    _, _, olmoe = _public(by["olmoe-1b-7b-0924-instruct"], tmp_path / "o")
+    assert olmoe.render(chat[:2], add_generation_prompt=True) == (
+        "<|endoftext|><|system|>\nS\n<|user|>\nU\n<|assistant|>\n")
+    assert olmoe.render(chat) == "<|endoftext|><|system|>\nS\n<|user|>\nU\n<|assistant|>\nA<|endoftext|>\n"
+
+
+@pytest.mark.parametrize("enable_thinking", [None, True, False])
+def test_qwen3_thinking_switch_and_tools_render_as_transformers(enable_thinking, tmp_path):
+    """Qwen3's `enable_thinking` (passed through as a template variable; the default, not passing it, leaves thinking
+    on) and its tool branches (a tools list in the system turn, an assistant tool call, a tool response)."""
+    _, tok, mine = _public(Path(__file__).parent / "data" / "chat_templates" / "qwen3-30b-a3b.json", tmp_path)
+    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    chat = [{"role": "user", "content": "2+2?"}]
+    ours = mine.render(chat, add_generation_prompt=True, **extra)
+    assert ours == tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, **extra)
+    assert ours.endswith("<think>\n\n</think>\n\n") == (enable_thinking is False)
+    assert mine.render(TOOL_CHAT, add_generation_prompt=True, tools=TOOLS, **extra) == tok.apply_chat_template(
+        TOOL_CHAT, tools=TOOLS, tokenize=False, add_generation_prompt=True, **extra)
