@@ -17,8 +17,8 @@ TEMPLATE = (
     "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}\n"
     "{% elif m['role'] == 'system' %}<|im_start|>system\n{{ m['content'] | tojson }}<|im_end|>\n"
     "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}"
-    "{% if loop.index > 8 %}{% break %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ eos_token }}"
+    "{% if loop.index > 8 %}{% break %}{% endif %}{% endfor %}\n"
+    "    {% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}{{ eos_token }}"  # an indented block tag
 )
 CHATS = [
     [{"role": "user", "content": "hi"}],
