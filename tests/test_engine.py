@@ -281,7 +281,9 @@ def test_a_batch_of_rows_is_one_call_and_each_row_gets_its_logits_alone_bit_for_
     assert model.decoder.takes_rows()
     batch, token = _joined(model, PROMPTS)
     assert batch.pad is not None and batch.pad.tolist() == [6, 0, 8, 4, 7]
-    rows, by_rows, hidden, single = [], [], [], steps["layers"]  # (the one-token prompt was a one-row step)
+    assert calls == [3, 9, 5, 2]  # each prompt's prefill: one call (the one-token prompt: a one-row step)
+    calls.clear()
+    rows, by_rows, hidden, single = [], [], [], steps["layers"]
     handle = model.norm.register_forward_pre_hook(lambda m, args: hidden.append(args[0][:, -1]))
     with torch.no_grad():
         for _ in range(8):
@@ -331,22 +333,58 @@ def test_rows_the_kernels_cannot_take_as_one_batch_run_the_torch_code(monkeypatc
 
 @needs_kernels
 def test_decode_rows_checks_its_arguments():
+    """Each argument out of range is a ValueError naming it, before any C code runs."""
     model = small_model()
     batch, token = _joined(model, PROMPTS[:2])
     with torch.no_grad():
         model(token, cache=batch)
     table, x = model.decoder.table, torch.zeros(2, 1, 128, dtype=torch.bfloat16)
     cos = sin = torch.zeros(2, 32)
-    L = batch.length
-    with pytest.raises(ValueError, match="rows"):
-        native.decode_rows(table, x[:1], cos[:1], sin[:1], L)
-    with pytest.raises(ValueError, match="start"):
-        native.decode_rows(table, x, cos, sin, L, torch.tensor([0, L + 1]))
-    with pytest.raises(ValueError, match="start"):
-        native.decode_rows(table, x, cos, sin, L, torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match="cos, sin"):
-        native.decode_rows(table, x, cos[:1], sin[:1], L)
-    with pytest.raises(ValueError, match="outside the cache"):
-        native.decode_rows(table, x, cos, sin, 10_000)
-    with pytest.raises(ValueError, match="x must be"):
-        native.decode_rows(table, x.float(), cos, sin, L)
+    at = torch.full((2,), batch.length)
+    bad = [((x, cos, sin, at, torch.tensor([0, batch.length + 1])), "start"),
+           ((x, cos, sin, at, torch.tensor([0.0, 1.0])), "start"),
+           ((x, cos, sin, at, None, torch.tensor([0, 2])), "rows"),
+           ((x, cos, sin, torch.tensor([0, 10_000])), "positions"),
+           ((x, cos, sin, batch.length), "positions"),
+           ((x, cos[:1], sin[:1], at), "cos, sin"),
+           ((x.float(), cos, sin, at), "x must be"),
+           ((x[:, 0], cos, sin, at), "x must be")]
+    for args, name in bad:
+        with pytest.raises(ValueError, match=name):
+            native.decode_rows(table, *args)
+
+
+@needs_kernels
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_a_prompt_is_one_call_whose_tokens_are_those_of_decoding_it_token_by_token(quant, monkeypatch):
+    """A prompt of 70 tokens (split into calls of ROWS_PER_CALL = 32 here: the second call reads the keys the first
+    wrote) and a left-padded batch of prompts (generate_batch's prefill): the residual stream after the blocks equals,
+    bit for bit, feeding the same tokens one decode step at a time; the logits are the torch code's to bfloat16
+    rounding; every layer reports each token's experts."""
+    monkeypatch.setattr(engine_module, "ROWS_PER_CALL", 32)
+    model = small_model(quant)
+    ids = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(3))
+    hidden = []
+    handle = model.norm.register_forward_pre_hook(lambda m, args: hidden.append(args[0]))
+    with torch.no_grad():
+        out = model(ids, cache=KVCache())
+        cache = KVCache()
+        for t in range(70):
+            model(ids[:, t:t + 1], cache=cache)
+    handle.remove()
+    assert torch.equal(hidden[0], torch.cat(hidden[1:], 1))
+    assert [a.topk_idx.shape for a in out.aux] == [(70, 2)] * 2
+    engine, model.decoder = model.decoder, None
+    with torch.no_grad():
+        slow = model(ids, cache=KVCache()).logits.float()
+    model.decoder = engine
+    assert (out.logits.float() - slow).abs().max() <= 0.03 * slow.abs().max()
+    prompts = [p for p in PROMPTS]
+    longest = max(map(len, prompts))
+    padded = torch.tensor([[p[0]] * (longest - len(p)) + p for p in prompts])
+    with torch.no_grad():
+        batch = KVCache(pad=torch.tensor([longest - len(p) for p in prompts]))
+        last = model(padded, cache=batch).logits[:, -1]
+        for b, p in enumerate(prompts):
+            alone = model(torch.tensor([p]), cache=KVCache()).logits[0, -1]
+            torch.testing.assert_close(last[b].float(), alone.float(), atol=1e-2, rtol=0)

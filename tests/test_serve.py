@@ -488,3 +488,40 @@ def test_a_fault_outside_any_request_fails_those_in_flight_and_the_loop_goes_on(
     engine.submit(third)
     assert _wait(third) and third.generated == generate(model, [4, 5], 5)
     engine.stop()
+
+
+@pytest.mark.skipif(not __import__("moelab.inference.native", fromlist=["available"]).available(),
+                    reason="moelab's CPU kernels are not built here: the mixed step needs them")
+def test_on_the_kernels_new_prompts_are_read_in_the_running_step_and_each_gets_its_solo_tokens(monkeypatch):
+    """A prepared int4 model whose blocks all run on the kernels: prompts that fit prefill_chunk join the running
+    rows' step as new rows (one `step_tokens` call reads their prompts and the running rows' tokens), longer ones are
+    prefilled alone first; every request gets exactly the tokens `generate` gives it alone, greedy and seeded."""
+    from moelab.inference.engine import InferenceEngine
+    from moelab.inference.prepare import prepare_inference
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, max_seq_len=96,
+                      moe=MoEConfig(d_model=128, d_expert=64, n_experts=8, top_k=2))
+    model = MoETransformer(cfg)
+    for w in model.parameters():
+        w.data.normal_(0, 0.3)
+    model = prepare_inference(model.to(torch.bfloat16), "int4")
+    calls = []
+    real = InferenceEngine.step_tokens
+    monkeypatch.setattr(InferenceEngine, "step_tokens", lambda self, ids, rows, *a: calls.append(
+        (ids.numel(), int(rows.max()) + 1)) or real(self, ids, rows, *a))
+    rng = random.Random(1)
+    prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 30))] for _ in range(24)]
+    lengths = [rng.randint(1, 30) for _ in prompts]
+    reqs = [Request(p, n, emit=lambda ev: None) for p, n in zip(prompts, lengths)]
+    engine = Engine(model, _words, None, max_batch=8, prefill_chunk=20)
+    assert engine._mixed
+    _run_engine(engine, reqs, 0.003)
+    assert [r.generated for r in reqs] == [generate(model, p, n) for p, n in zip(prompts, lengths)]
+    assert any(tokens > rows for tokens, rows in calls)  # prompts read in a step (more tokens than rows)
+    assert any(len(p) > 20 for p in prompts)  # and some prefilled alone first
+    sampled = [Request(p, 12, emit=lambda ev: None, temperature=1.0, top_p=0.9, seed=i) for i, p in
+               enumerate(prompts[:8])]
+    _run_engine(Engine(model, _words, None, max_batch=4, prefill_chunk=20), sampled)
+    assert [r.generated for r in sampled] == [generate(model, p, 12, temperature=1.0, top_p=0.9, seed=i)
+                                              for i, p in enumerate(prompts[:8])]

@@ -11,9 +11,10 @@ model's forward hands it each decode step.
 What runs where is decided here, in `_attention_args` and `_ffn_args`:
 - A decode step takes the kernels when it is one new token per row, outside autograd, autocast and training mode,
   with no statistics asked and no forward hook on the modules the kernels stand in for; otherwise the blocks' torch
-  code runs the step (the engine answers None). Several rows (a continuous batch, `moelab.serve`; left-padded) take
-  them only in one `native.decode_rows` call (`takes_rows`): each row is then computed bit-identically to the same
-  row alone, while each weight is read once for all the rows that use it.
+  code runs the step (the engine answers None). Several rows (a continuous batch, `moelab.serve`; left-padded) or
+  several tokens (a prompt) take them only in `native.decode_rows` calls (`takes_rows`): each token is then computed
+  bit-identically to the same token decoded alone, in turn, while each weight is read once per call for all the
+  tokens that use it.
 - Each block's attention half runs on `native.attention_block` (norm, q|k|v, q/k norm, RoPE, cache append,
   attention, o, residual) when it is grouped-query attention with its projections on moelab's kernels and no sinks,
   window or residual scale; else on the block's torch code (`Block.attn_half`).
@@ -47,6 +48,8 @@ from moelab.inference.quantized_experts import QuantizedExperts
 from moelab.layer.moe import MoE, MoEAux, autocast_dtype
 from moelab.model.attention import Attention
 from moelab.model.cache import KVCache
+
+ROWS_PER_CALL = 256  # tokens per decode_rows call (its buffers grow with them: ~60 KB per token at d_model 2048, k 8)
 
 
 @dataclass
@@ -177,8 +180,8 @@ class InferenceEngine:
     # ------------------------------------------------------------------------------------------ a step
 
     def _applies(self, x: Tensor, cos: Tensor, cache: KVCache, start: int, stats: bool | None) -> bool:
-        return (not stats and not torch.is_grad_enabled() and x.shape[1] == 1 and start == cache.length
-                and x.is_contiguous() and autocast_dtype(x) is None and not _global_hooks()
+        return (not stats and not torch.is_grad_enabled() and start == cache.length and x.is_contiguous()
+                and autocast_dtype(x) is None and not _global_hooks()
                 and not any(m._forward_hooks or m._forward_pre_hooks for m in self._hooked))
 
     def takes_rows(self) -> bool:
@@ -200,7 +203,7 @@ class InferenceEngine:
         if x.dtype != self.dtype or not any(p.attn or p.ffn for p in self.blocks) \
                 or not self._applies(x, cos, cache, start, stats):
             return None
-        if x.shape[0] > 1 or cache.pad is not None:
+        if x.shape[0] > 1 or x.shape[1] > 1 or cache.pad is not None:
             return self._rows(x, cos, sin, cache) if self.takes_rows() else None
         if cos.shape[0] != 1:
             return None
@@ -232,27 +235,82 @@ class InferenceEngine:
         return x, auxes
 
     def _reserve(self, x: Tensor, cache: KVCache) -> bool:
-        """Room for one more position in every layer's cache (rows of x), the table pointed at the buffers; False
-        when the layers' lengths differ."""
+        """Room for x's positions [B, S, D] in every layer's cache, the table pointed at the buffers; False when the
+        layers' lengths differ."""
         L = cache.length
         for i, plan in enumerate(self.blocks):
             s = plan.attn.struct
-            shape = (x.shape[0], s.G, 1, s.Dh)
+            shape = (x.shape[0], s.G, x.shape[1], s.Dh)
             if cache.reserve(i, shape, shape, x) != L:
                 return False
             self.table.set_cache(i, cache.k[i], cache.v[i])
         return True
 
     def _rows(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> tuple[Tensor, list[MoEAux]] | None:
-        """One decode step of B rows (left padding cache.pad) in one `native.decode_rows` call."""
-        B, L = x.shape[0], cache.length
+        """S new tokens of each of B rows (left padding cache.pad), row-major: a token's earlier positions are written
+        by the same `native.decode_rows` call or an earlier one (`_tokens`)."""
+        B, S, D = x.shape
+        L = cache.length
         if not self._reserve(x, cache):
             return None
-        r = self.table.rot
-        cos, sin = cos.reshape(-1, r).expand(B, r), sin.reshape(-1, r).expand(B, r)  # [1 or B, r] -> [B, r]
-        x, experts = native.decode_rows(self.table, x, cos, sin, L, cache.pad)
-        cache.lengths[:] = [L + 1] * len(self.blocks)
-        return x, [MoEAux(n_tokens=B, topk_idx=experts[i]) for i, b in enumerate(self.model.blocks) if b.is_moe]
+        r, T = self.table.rot, B * S
+        cos, sin = (t.reshape(-1, S, r).expand(B, S, r).reshape(T, r) for t in (cos, sin))  # [S or B·S, r] -> [T, r]
+        positions = (L + torch.arange(S)).expand(B, S)
+        pad = cache.pad.cpu() if cache.pad is not None else torch.zeros(B, dtype=torch.int64)
+        start = torch.minimum(pad[:, None], positions).reshape(T)  # a padding token attends to itself only
+        rows = torch.arange(B)[:, None].expand(B, S).reshape(T)
+        x, auxes = self._tokens(x.reshape(T, 1, D), cos, sin, positions.reshape(T), start, rows)
+        cache.lengths[:] = [L + S] * len(self.blocks)
+        return x.view(B, S, D), auxes
+
+    def _tokens(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, start: Tensor,
+                rows: Tensor) -> tuple[Tensor, list[MoEAux]]:
+        """`native.decode_rows` over T tokens [T, 1, D] in calls of at most ROWS_PER_CALL tokens, in order."""
+        outs, experts = [], []
+        for c in range(0, x.shape[0], ROWS_PER_CALL):
+            part = slice(c, c + ROWS_PER_CALL)
+            out, chosen = native.decode_rows(self.table, x[part], cos[part], sin[part], positions[part], start[part],
+                                             rows[part])
+            outs.append(out)
+            experts.append(chosen)
+        chosen = torch.cat(experts, 1)
+        return torch.cat(outs), [MoEAux(n_tokens=x.shape[0], topk_idx=chosen[i])
+                                 for i, b in enumerate(self.model.blocks) if b.is_moe]
+
+    def kv_shapes(self) -> list[tuple[int, int]]:
+        """Per layer, (kv heads, head width) of the cache a step on the kernels writes (`takes_rows` models)."""
+        if not self._built or not self._current():
+            self.refresh()
+        return [(p.attn.struct.G, p.attn.struct.Dh) for p in self.blocks]
+
+    def step_tokens(self, ids: Tensor, rows: Tensor, positions: Tensor, start: Tensor,
+                    cache: KVCache) -> tuple[Tensor, list[MoEAux]]:
+        """One pass over the weights for T tokens placed anywhere in the cache's rows — continuous batching's mixed
+        step (Yu et al. 2022; Agrawal et al. 2024, Sarathi): the running rows' next tokens and new rows' whole prompts
+        at once. Token t (ids [T]) is at position positions[t] of cache row rows[t], whose left padding ends at
+        start[t] (its rotary position: positions[t] − start[t]; it attends to start[t] .. positions[t]); tokens of
+        one row in increasing positions. The cache's buffers must hold the rows (`moelab.serve.batch_cache.add_rows`);
+        its length becomes max(positions) + 1. Returns (the residual stream after the blocks [T, D] — the logits are
+        `model.output` of the rows wanted — and one MoEAux per MoE layer with each token's experts). ValueError when
+        the kernels do not take this model (`takes_rows`)."""
+        if not self.takes_rows():
+            raise ValueError("step_tokens: this model's blocks do not all run on moelab's kernels (takes_rows)")
+        model, T = self.model, ids.shape[0]
+        L, top = cache.length, int(positions.max()) + 1 if T else cache.length
+        for i, plan in enumerate(self.blocks):
+            s = plan.attn.struct
+            shape = (cache.k[i].shape[0], s.G, max(1, top - L), s.Dh)
+            cache.reserve(i, shape, shape, cache.k[i])
+            self.table.set_cache(i, cache.k[i], cache.v[i])
+        x = model.embed_tokens(ids[:, None].to(model.embed.weight.device))  # [T, 1, D]
+        angle = positions - start
+        if T and (int(angle.min()) < 0 or int(angle.max()) >= model.rope_cos.shape[0]):
+            raise ValueError(f"step_tokens: rotary positions positions − start must lie in [0, max_seq_len="
+                             f"{model.rope_cos.shape[0]})")
+        cos, sin = model.rope_cos[angle], model.rope_sin[angle]
+        x, auxes = self._tokens(x.contiguous(), cos, sin, positions, start, rows)
+        cache.lengths[:] = [max(L, top)] * len(self.blocks)
+        return x[:, 0], auxes
 
     # ------------------------------------------------------------------------------------------ copies
 

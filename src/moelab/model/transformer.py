@@ -154,9 +154,7 @@ class MoETransformer(nn.Module):
             pos = (start + torch.arange(S, device=input_ids.device))[None, :] - cache.pad[:, None]
             pos = pos.clamp_min(0)
             cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]
-        x = self.embed(input_ids)
-        if self.cfg.embed_scale != 1.0:  # Granite's embedding_multiplier
-            x = x * self.cfg.embed_scale
+        x = self.embed_tokens(input_ids)
         auxes: list[MoEAux] = []
         stepped = None
         if self.decoder is not None and cache is not None and not self.training:
@@ -168,16 +166,25 @@ class MoETransformer(nn.Module):
                 x, aux = block(x, cos, sin, cache, start, stats)
                 if aux is not None:
                     auxes.append(aux)
-        x = self.norm(x)
-        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
-        if self.cfg.logits_scaling != 1.0:  # Granite's logits_scaling
-            logits = logits / self.cfg.logits_scaling
+        logits = self.output(x)
         loss = None
         if targets is not None:
             wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least (bf16 logits)
             loss = F.cross_entropy(wide.view(-1, logits.shape[-1]), targets.reshape(-1))
         aux_loss = sum((a.total_loss for a in auxes if a.losses), logits.new_zeros((), dtype=torch.float32))
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, aux=auxes)
+
+    def embed_tokens(self, input_ids: Tensor) -> Tensor:
+        """The residual stream's input: the ids' embeddings (times Granite's embedding_multiplier)."""
+        x = self.embed(input_ids)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+
+    def output(self, x: Tensor) -> Tensor:
+        """Logits of the residual stream after the blocks: final norm, head (or the tied embedding), Granite's
+        logits_scaling."""
+        x = self.norm(x)
+        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        return logits / self.cfg.logits_scaling if self.cfg.logits_scaling != 1.0 else logits
 
     def _check_ids(self, input_ids: Tensor) -> None:
         """[batch, seq] integer ids in [0, vocab_size): one min/max read (a host sync on a GPU)."""

@@ -7,6 +7,9 @@ batching keeps that layout and changes only the rows (Yu et al. 2022, Orca's ite
     join(batch, row)      a request prefilled alone (its own KVCache of P positions, pad none) becomes the last
                           row, right-aligned at the batch's length L: pad = L − P. When P > L every row is shifted
                           right by P − L first (each row's pad grows by P − L).
+    add_rows(batch, Ps)   on the kernels, new requests' rows are added empty, each placed so that its prompt of P
+                          tokens ends at the position the running rows write next: the prompts are then read in the
+                          same step as the running rows' tokens (`InferenceEngine.step_tokens`).
     keep(batch, rows)     finished rows leave the batch dim; then the leading columns that are padding in every
                           row are dropped (each pad shrinks by min(pad)): L = the longest row's own length.
 
@@ -54,6 +57,33 @@ def join(batch: KVCache | None, row: KVCache) -> KVCache:
             out.append(grown)
     pad = torch.cat([old_pad + (new_L - L), old_pad.new_tensor([new_L - P])])
     return _with_pad(ks, vs, pad, new_L)
+
+
+def add_rows(batch: KVCache | None, prompts: list[int], shapes: list[tuple[int, int]], like: torch.Tensor
+             ) -> tuple[KVCache, list[int]]:
+    """`batch` (None: empty) with one empty row appended per prompt length P in `prompts`, placed so that the prompt
+    fills positions L − P + 1 .. L, L = the position the running rows write next: the prompts are read in the same
+    step as the running rows' tokens and all rows then advance together. When a prompt is longer than L + 1 every row
+    is shifted right first (each pad grows). shapes: per layer (kv heads, head width) for a batch without buffers;
+    like: their dtype and device. Returns (the new cache — its length L, its pad a tensor of every row's — and the
+    new rows' pads)."""
+    if batch is not None and batch.k and batch.k[0] is not None:
+        B, L = batch.k[0].shape[0], batch.length
+        old_pad = batch.pad if batch.pad is not None else torch.zeros(B, dtype=torch.long, device=batch.k[0].device)
+    else:
+        B, L, old_pad = 0, 0, torch.zeros(0, dtype=torch.long, device=like.device)
+    shift = max(0, max(prompts, default=0) - 1 - L)
+    new_L = L + shift
+    pads = [new_L - P + 1 for P in prompts]
+    ks, vs = [], []
+    for i, (G, D) in enumerate(shapes):
+        for bufs, out in (((batch.k if B else None), ks), ((batch.v if B else None), vs)):
+            grown = like.new_zeros(B + len(prompts), G, new_L + 1 + HEADROOM, D)
+            if B:
+                grown[:B, :, shift:shift + L] = bufs[i][:, :, :L]
+            out.append(grown)
+    pad = torch.cat([old_pad + shift, old_pad.new_tensor(pads)])
+    return KVCache(k=ks, v=vs, pad=pad, lengths=[new_L] * len(shapes)), pads
 
 
 def keep(batch: KVCache, rows: list[int]) -> KVCache | None:

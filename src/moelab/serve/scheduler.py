@@ -13,6 +13,12 @@ One thread runs steps (Yu et al. 2022, Orca: scheduling per iteration, not per r
 4. drops the rows that are done (the stop id, a stop string in the detokenized text, max_tokens) or whose
    client went away (`Request.cancel`), and failed rows (an exception in one row fails that request only).
 
+On a model whose every block runs on moelab's kernels (`moelab.inference.engine.reports_routes`) steps 1–3 are one
+pass over the weights (`_mixed_step`, as vLLM's and llama.cpp's servers mix prefill and decode tokens; Agrawal et al.
+2024, Sarathi-Serve): the admitted prompts that fit `prefill_chunk` tokens become new rows of the batch
+(`batch_cache.add_rows`) and are read in the same `InferenceEngine.step_tokens` call as the running rows' tokens,
+each token computed as it would be alone; only a prompt longer than `prefill_chunk` is still prefilled alone first.
+
 Each request's events (`Event`: text deltas, then "done" or "error") are delivered through its `emit` callback,
 on the engine thread. Statistics of each decode step (batch size, experts touched per MoE layer) go to `on_step`.
 """
@@ -20,6 +26,7 @@ on the engine thread. Statistics of each decode step (batch size, experts touche
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import deque
@@ -115,7 +122,8 @@ class Engine:
         self.max_batch, self.max_queue, self.max_tokens_in_flight = max_batch, max_queue, max_tokens_in_flight
         self.prefill_chunk, self.expert_stats, self.on_step = prefill_chunk, expert_stats, on_step
         self.max_seq_len = model.cfg.max_seq_len
-        self._stats = None if reports_routes(model) else (self.expert_stats or None)
+        self._mixed = reports_routes(model)  # all on the kernels: new prompts are read in the running rows' step
+        self._stats = None if self._mixed else (self.expert_stats or None)
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.prefilling: list[Request] = []
@@ -214,10 +222,51 @@ class Engine:
                 if not req.cancelled:
                     self.prefilling.append(req)
         self.prefilling = [r for r in self.prefilling if not r.cancelled]
+        if self._mixed:
+            self._mixed_step()
+            return
         if self.prefilling:
             self._prefill_chunk(self.prefilling[0])
         if self.rows:
             self._decode_step()
+
+    def _mixed_step(self) -> None:
+        """On the kernels: the waiting prompts that fit this step's budget (prefill_chunk tokens in all) join the
+        running rows' step as new rows (`batch_cache.add_rows`, `InferenceEngine.step_tokens`), one pass over the
+        weights for every token; a longer prompt is prefilled alone, a chunk per step, and joins when done."""
+        new, budget = [], self.prefill_chunk
+        for r in self.prefilling:
+            if r._cache is None and len(r.prompt) <= budget:
+                new.append(r)
+                budget -= len(r.prompt)
+        alone = [r for r in self.prefilling if r not in new]
+        if alone:
+            self._prefill_chunk(alone[0])
+        if not new and not self.rows:
+            return
+        self.prefilling = [r for r in self.prefilling if r not in new]
+        B, engine = len(self.rows), self.model.decoder
+        try:
+            self.cache, pads = batch_cache.add_rows(self.cache, [len(r.prompt) for r in new], engine.kv_shapes(),
+                                                    self.model.embed.weight)
+            L, pad = self.cache.length, self.cache.pad.tolist()
+            ids = [r._last for r in self.rows] + [t for r in new for t in r.prompt]
+            rows = list(range(B)) + [B + j for j, r in enumerate(new) for _ in r.prompt]
+            positions = [L] * B + [p for q in pads for p in range(q, L + 1)]
+            start = pad[:B] + [q for q, r in zip(pads, new) for _ in r.prompt]
+            last = list(range(B)) + [B + n - 1 for n in itertools.accumulate(len(r.prompt) for r in new)]
+            hidden, aux = engine.step_tokens(*(torch.tensor(v) for v in (ids, rows, positions, start)), self.cache)
+            logits = self.model.output(hidden[last]).cpu()
+        except Exception as e:  # noqa: BLE001 — a failed step fails the rows in it, not the server
+            for r in [*self.rows, *new]:
+                self._fail(r, f"{type(e).__name__}: {e}")
+            self.rows, self.cache = [], None
+            return
+        now = time.perf_counter()
+        for r in new:
+            r.first_token_at = now
+        self.rows += new
+        self._advance(logits, aux)
 
     def _prefill_chunk(self, req: Request) -> None:
         try:
@@ -242,7 +291,6 @@ class Engine:
             self._fail(req, f"{type(e).__name__}: {e}")
 
     def _decode_step(self) -> None:
-        B = len(self.rows)
         ids = torch.tensor([[r._last] for r in self.rows], device=self.device)
         try:
             out = self.model(ids, cache=self.cache, stats=self._stats)
@@ -251,10 +299,14 @@ class Engine:
                 self._fail(r, f"{type(e).__name__}: {e}")
             self.rows, self.cache = [], None
             return
-        logits = out.logits[:, -1].cpu()
+        self._advance(out.logits[:, -1].cpu(), out.aux)
+
+    def _advance(self, logits: torch.Tensor, aux: list) -> None:
+        """Report the step (`on_step`: rows, distinct experts per MoE layer over the step's tokens), sample each row's
+        next token from its logits [rows, V], drop the rows that are done."""
+        B = len(self.rows)
         if self.on_step is not None:
-            touched = [int(a.topk_idx.view(B, -1).unique().numel()) for a in out.aux
-                       if self.expert_stats and a.topk_idx is not None]
+            touched = [int(a.topk_idx.unique().numel()) for a in aux if self.expert_stats and a.topk_idx is not None]
             self.on_step({"batch": B, "experts_touched": touched})
         keep = []
         for b, r in enumerate(self.rows):

@@ -278,42 +278,54 @@ def decode_layers(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int
     return out
 
 
-def _check_table(table: LayerTable, rows: int, L: int) -> None:
-    """Every layer's cache buffers set, of `rows` rows, holding more than L positions."""
+def _check_table(table: LayerTable, rows: int | None, L: int) -> None:
+    """Every layer's cache buffers set, of `rows` rows (None: one number of rows), holding more than L positions."""
     if any(b is None for b in table.buffers):
         raise ValueError("decode_layers: every layer's cache buffers must be set first (LayerTable.set_cache)")
-    if table.rows != {rows}:
+    if (rows is not None and table.rows != {rows}) or len(table.rows) != 1:
         raise ValueError(f"decode: the cache buffers hold {sorted(table.rows)} rows; the tokens are {rows} rows")
     if not isinstance(L, int) or not 0 <= L < table.capacity:
         raise ValueError(f"decode_layers: position {L} is outside the cache buffers ({table.capacity} positions)")
 
 
-def decode_rows(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, L: int,
-                start: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """One decode step of B rows in one call (`cpu_kernels.c`, moelab_decode_rows): x [B, 1, D] of the table's dtype,
-    row b's token at position L with rotary angles cos[b], sin[b] ([B, rotary_dim]), attending to its keys at
-    positions start[b] .. L (start [B] int64, its left padding; None: 0). Each row's result is bit-identical to
-    `decode_layers` run on that row alone. Returns (x after the layers, the experts each row chose [layers, B, k])."""
+def _index(name: str, t: Tensor | None, T: int, lo: int | Tensor, hi: int | Tensor) -> Tensor:
+    """t as a contiguous CPU int64 tensor [T] with lo <= t <= hi elementwise, else ValueError naming it."""
+    if not isinstance(t, Tensor) or t.shape != (T,) or t.dtype != torch.int64 or t.device.type != "cpu" \
+            or (T and not (bool((t >= lo).all()) and bool((t <= hi).all()))):
+        raise ValueError(f"decode_rows: {name} must be a CPU int64 tensor [{T}] of values in [lo, hi] = "
+                         f"[{lo if isinstance(lo, int) else 'start'}, {hi if isinstance(hi, int) else 'positions'}]")
+    return t.contiguous()
+
+
+def decode_rows(table: LayerTable, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                start: Tensor | None = None, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One step of T tokens through the table's layers in one call (`cpu_kernels.c`, moelab_decode_rows): x [T, 1, D]
+    of the table's dtype; token t is at position positions[t] of cache row rows[t] (None: row t) — its key and value
+    are written there — with rotary angles cos[t], sin[t] ([T, rotary_dim]), and attends to that row's keys at
+    start[t] .. positions[t] (its left padding before start[t]; None: 0). A decode step of B rows: rows 0..B−1, one
+    position; a chunk of a prompt: row 0, consecutive positions. Each token's result is bit-identical to
+    `decode_layers` run on it alone in turn. Returns (x after the layers, each token's experts [layers, T, k])."""
     if not isinstance(table, LayerTable):
         raise ValueError(f"moelab native: table must be a LayerTable; got {type(table).__name__}")
     if table.k is None:
         raise ValueError("decode_rows: the table's MoE layers must route to one number of experts k")
     if not isinstance(x, Tensor) or x.device.type != "cpu" or x.dim() != 3 or x.shape[1] != 1 \
             or x.dtype != table.dtype or not x.is_contiguous():
-        raise ValueError(f"decode_rows: x must be a contiguous CPU tensor [B, 1, D] of {table.dtype}")
-    B = x.shape[0]
-    _check_table(table, B, L)
+        raise ValueError(f"decode_rows: x must be a contiguous CPU tensor [T, 1, D] of {table.dtype}")
+    T = x.shape[0]
+    _check_table(table, None, 0)
+    (n_rows,) = table.rows
+    rows = torch.arange(T) if rows is None else rows
+    rows = _index("rows", rows, T, 0, n_rows - 1)
+    positions = _index("positions", positions, T, 0, table.capacity - 1)
+    start = _index("start", torch.zeros(T, dtype=torch.int64) if start is None else start, T, 0, positions)
     if not all(isinstance(t, Tensor) and t.device.type == "cpu" and t.is_floating_point() for t in (cos, sin)) \
-            or cos.shape != (B, table.rot) or sin.shape != cos.shape:
-        raise ValueError(f"decode_rows: cos, sin must be floating-point CPU tensors [{B}, {table.rot}]")
-    if start is None:
-        start = torch.zeros(B, dtype=torch.int64)
-    if not isinstance(start, Tensor) or start.shape != (B,) or start.dtype != torch.int64 \
-            or start.device.type != "cpu" or (B and not 0 <= int(start.min()) <= int(start.max()) <= L):
-        raise ValueError(f"decode_rows: start must be a CPU int64 tensor [{B}] of positions in [0, {L}]")
-    cos, sin, start = cos.float().contiguous(), sin.float().contiguous(), start.contiguous()
-    out, idx = x.clone(), torch.empty(table.n, B, table.k, dtype=torch.int64)
-    if build.library().moelab_decode_rows(table.array, table.n, B, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                          start.data_ptr(), L, idx.data_ptr(), torch.get_num_threads()):
+            or cos.shape != (T, table.rot) or sin.shape != cos.shape:
+        raise ValueError(f"decode_rows: cos, sin must be floating-point CPU tensors [{T}, {table.rot}]")
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    out, idx = x.clone(), torch.empty(table.n, T, table.k, dtype=torch.int64)
+    if build.library().moelab_decode_rows(table.array, table.n, T, out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                          rows.data_ptr(), positions.data_ptr(), start.data_ptr(), idx.data_ptr(),
+                                          torch.get_num_threads()):
         raise MemoryError("moelab native decode_rows: out of memory for its buffers")
     return out, idx

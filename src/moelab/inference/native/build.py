@@ -106,5 +106,5 @@ def library() -> ctypes.CDLL | None:
     lib.moelab_route.argtypes = [ptr, i, ptr, i, i, i, i, f, ptr, ptr, ptr, i]
     lib.moelab_moe_block.argtypes = [ptr, ptr, ptr, ptr, i]
     lib.moelab_decode_layers.argtypes = [ptr, i, ptr, ptr, ptr, i, ptr, i]
-    lib.moelab_decode_rows.argtypes = [ptr, i, i, ptr, ptr, ptr, ptr, i, ptr, i]
+    lib.moelab_decode_rows.argtypes = [ptr, i, i, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i]
     return lib

@@ -308,9 +308,15 @@ static int moe_decode_f32(const weight_t *const *gate_up, const weight_t *const 
     return err;
 }
 
+/* Where each query row of a step reads: cache row row[b], keys at positions start[b] .. pos[b] (the positions
+ * before start[b] are that row's left padding; pos[b] is the query's own position, its key written there). */
+typedef struct {
+    const long long *row, *pos, *start;
+} place_t;
+
 /* Attention of one new query per row over L keys (a decode step), grouped-query: for query head h of kv head
  * g = h / (H/G), out[b, h] = Σ_j softmax_j(scale · q[b, h]·k[b, g, j]) · v[b, g, j], in float32, over the keys
- * j = start[b] .. L−1 of row b (start NULL: all; a row's leading positions before start[b] are padding).
+ * j = 0 .. L−1 of row b — or, with a placement pl, over the keys start[b] .. pos[b] of cache row row[b] (pos[b] < L).
  * q, out: float32 [B, H, Dh] contiguous; k, v: bfloat16 (kv_bf16) or float32, element (b, g, j, d) at
  * b·sb + g·sg + j·sl + d (strides in elements: the cache's buffers, read in place). Dh % 16 == 0, H/G <= 16. */
 static inline __m512 load16(const void *p, size_t i, int bf16) {
@@ -319,7 +325,7 @@ static inline __m512 load16(const void *p, size_t i, int bf16) {
 
 static int attention_f32(const float *q, const void *k, const void *v, float *out, int B, int H, int G, int L,
                          int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
-                         long long vsl, int kv_bf16, float scale, const long long *start, int threads) {
+                         long long vsl, int kv_bf16, float scale, const place_t *pl, int threads) {
     const int rep = H / G;
     int err = 0;
 #pragma omp parallel num_threads(threads)
@@ -332,13 +338,14 @@ static int attention_f32(const float *q, const void *k, const void *v, float *ou
 #pragma omp for schedule(static)
         for (int u = 0; u < B * G; u++) {
             if (!s) continue;
-            const int b = u / G, g = u % G, j0 = start ? (int)start[b] : 0;
+            const int b = u / G, g = u % G, j0 = pl ? (int)pl->start[b] : 0, j1 = pl ? (int)pl->pos[b] + 1 : L;
+            const size_t cb = pl ? (size_t)pl->row[b] : (size_t)b;
             const float *qg = q + ((size_t)b * H + (size_t)g * rep) * Dh;
             float *og = out + ((size_t)b * H + (size_t)g * rep) * Dh;
             float m[16];
             for (int r = 0; r < rep; r++) m[r] = -INFINITY;
-            for (int j = j0; j < L; j++) {
-                size_t kj = (size_t)b * ksb + (size_t)g * ksg + (size_t)j * ksl;
+            for (int j = j0; j < j1; j++) {
+                size_t kj = cb * ksb + (size_t)g * ksg + (size_t)j * ksl;
                 __m512 acc[16];
                 for (int r = 0; r < rep; r++) acc[r] = _mm512_setzero_ps();
                 for (int d = 0; d < Dh; d += 16) {
@@ -353,17 +360,17 @@ static int attention_f32(const float *q, const void *k, const void *v, float *ou
             }
             for (int r = 0; r < rep; r++) {
                 float sum = 0.f;
-                for (int j = j0; j < L; j++) {
+                for (int j = j0; j < j1; j++) {
                     float e = expf(s[(size_t)r * L + j - j0] - m[r]);
                     s[(size_t)r * L + j - j0] = e;
                     sum += e;
                 }
                 float inv = 1.f / sum;
-                for (int j = j0; j < L; j++) s[(size_t)r * L + j - j0] *= inv;
+                for (int j = j0; j < j1; j++) s[(size_t)r * L + j - j0] *= inv;
                 memset(og + (size_t)r * Dh, 0, sizeof(float) * Dh);
             }
-            for (int j = j0; j < L; j++) {
-                size_t vj = (size_t)b * vsb + (size_t)g * vsg + (size_t)j * vsl;
+            for (int j = j0; j < j1; j++) {
+                size_t vj = cb * vsb + (size_t)g * vsg + (size_t)j * vsl;
                 for (int d = 0; d < Dh; d += 16) {
                     __m512 vv = load16(v, vj + d, kv_bf16);
                     for (int r = 0; r < rep; r++) {
@@ -427,13 +434,13 @@ int moelab_moe_decode(const weight_t *const *gate_up, const weight_t *const *dow
 /* attention_f32 with q and out float32 or bfloat16 (q_bf16). */
 static int attention_io(const void *q, int q_bf16, const void *k, const void *v, void *out, int B, int H, int G, int L,
                         int Dh, long long ksb, long long ksg, long long ksl, long long vsb, long long vsg,
-                        long long vsl, int kv_bf16, float scale, const long long *start, int threads) {
+                        long long vsl, int kv_bf16, float scale, const place_t *pl, int threads) {
     float *qt, *ot;
     size_t n = (size_t)B * H * Dh;
     const float *qf = as_f32(q, n, q_bf16, &qt);
     float *of = out_f32(out, n, q_bf16, &ot);
     int err = !qf || !of || attention_f32(qf, k, v, of, B, H, G, L, Dh, ksb, ksg, ksl, vsb, vsg, vsl, kv_bf16, scale,
-                                          start, threads);
+                                          pl, threads);
     if (!err) finish(out, ot, n, q_bf16); else free(ot);
     free(qt);
     return err;
@@ -744,11 +751,12 @@ static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *d
     return err;
 }
 
-/* moelab_attention_block for B rows, row b's token at position L with its own rotary angles (cos, sin [B, rot]),
- * attending to its keys start[b] .. L. Cache element (b, g, j, d) at b·sb + g·sg + j·sl + d. */
+/* moelab_attention_block for B rows placed by pl (place_t): row b's token has its own rotary angles (cos, sin
+ * [B, rot]); its key and value go to (row[b], pos[b]) before any row attends. Cache element (r, g, j, d) at
+ * r·sb + g·sg + j·sl + d. */
 static int attention_rows(const attn_args_t *a, int B, const void *x, void *out, const float *cos, const float *sin,
-                          void *kbuf, void *vbuf, long long sb, long long sg, long long sl, int L,
-                          const long long *start, int threads) {
+                          void *kbuf, void *vbuf, long long sb, long long sg, long long sl, const place_t *pl,
+                          int threads) {
     const int bf16 = a->bf16, H = a->H, G = a->G, Dh = a->Dh;
     const int D = a->wqkv->k, nq = H * Dh, nk = G * Dh, nqkv = nq + 2 * nk;
     const size_t es = bf16 ? 2 : 4;
@@ -770,14 +778,15 @@ static int attention_rows(const attn_args_t *a, int B, const void *x, void *out,
         }
         moelab_rope(row, rq, bf16, H + G, Dh, a->rot, cos + (size_t)b * a->rot, sin + (size_t)b * a->rot);
         for (int g = 0; g < G; g++) {
-            size_t at = (size_t)b * sb + (size_t)g * sg + (size_t)L * sl;
+            size_t at = (size_t)pl->row[b] * sb + (size_t)g * sg + (size_t)pl->pos[b] * sl;
             memcpy((char *)kbuf + es * at, rq + es * ((size_t)nq + (size_t)g * Dh), es * Dh);
             memcpy((char *)vbuf + es * at, row + es * ((size_t)nq + nk + (size_t)g * Dh), es * Dh);
         }
         memcpy(q + es * b * nq, rq, es * nq);
     }
-    err |= attention_io(q, bf16, kbuf, vbuf, att, B, H, G, L + 1, Dh, sb, sg, sl, sb, sg, sl, bf16, a->scale, start,
-                        threads);
+    int L = 0;
+    for (int b = 0; b < B; b++) L = pl->pos[b] + 1 > L ? (int)pl->pos[b] + 1 : L;
+    err |= attention_io(q, bf16, kbuf, vbuf, att, B, H, G, L, Dh, sb, sg, sl, sb, sg, sl, bf16, a->scale, pl, threads);
     err |= moelab_linear(a->wo, att, bf16, B, o, bf16, threads);
     for (int b = 0; b < B; b++) {
         char *ob = o + es * b * D;
@@ -809,19 +818,22 @@ static int moe_rows(const moe_args_t *a, int B, const void *x, void *out, long l
     return err;
 }
 
-/* n layers of one decode step for B rows, each row's token at position L (its rotary angles: row b of cos, sin
- * [B, rot]; its keys from start[b]): x [B, D] is replaced by its value after them; each layer's k and v of row b
- * are appended at (b, L); the experts each row chose in layer i go to idx [n, B, k]. As moelab_decode_layers for
- * each row alone. Returns nonzero when out of memory. */
+/* n layers of one step for B tokens placed in the cache by row, pos, start [B] (place_t: a decode step of B rows
+ * — row b, all at one position — or a chunk of one row's prompt — row 0, consecutive positions — or both), each
+ * with its rotary angles (row b of cos, sin [B, rot]): x [B, D] is replaced by its value after them; each layer's
+ * k and v of token b are written at (row[b], pos[b]); the experts each token chose in layer i go to idx [n, B, k].
+ * Each token is computed as moelab_decode_layers computes it alone. Returns nonzero when out of memory. */
 int moelab_decode_rows(const layer_t *layers, int n, int B, void *x, const float *cos, const float *sin,
-                       const long long *start, int L, long long *idx, int threads) {
+                       const long long *row, const long long *pos, const long long *start, long long *idx,
+                       int threads) {
+    const place_t pl = {row, pos, start};
     if (n <= 0 || B <= 0) return 0;
     const size_t es = layers[0].attn->bf16 ? 2 : 4, D = (size_t)layers[0].attn->wqkv->k;
     void *t = malloc(es * (size_t)B * D);
     int err = !t;
     for (int i = 0; i < n && !err; i++) {
         const layer_t *l = &layers[i];
-        err |= attention_rows(l->attn, B, x, t, cos, sin, l->kbuf, l->vbuf, l->sb, l->sg, l->sl, L, start, threads);
+        err |= attention_rows(l->attn, B, x, t, cos, sin, l->kbuf, l->vbuf, l->sb, l->sg, l->sl, &pl, threads);
         err |= moe_rows(l->moe, B, t, x, idx + (size_t)i * B * l->moe->k, threads);
     }
     free(t);
