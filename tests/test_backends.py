@@ -226,8 +226,9 @@ def softmax_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 @needs_kernels
 def test_native_decode_attention_on_scores_all_near_minus_1e4():
-    """attention_block with weights that make every score ≈ −1e4 (q = c·8·e₀, k₀ = −624 − m/16: scores
-    −2c·(624 + m/16), exact in float32), two query heads per kv head, the new token's key among them, and a key
+    """attention_block with weights that make every score very negative (q = 8c·e₀, k₀ = −624 − m/16: scores
+    −2c·(624 + m/16), ≈ −1e4 for c = 8, exact in float32), two query heads per kv head, the new token's key
+    among them (k₀ = −624), and a key
     past the cache length that would win by 1e4 if it were read (and a NaN past it): the output is the float64
     softmax over positions 0..L — not NaN, not uniform."""
     D, H, G, Dh, L = 64, 4, 2, 16, 6
@@ -263,18 +264,19 @@ def test_native_decode_attention_on_scores_all_near_minus_1e4():
 @pytest.mark.parametrize("case", ["decode", "padded", "padded with sinks"])
 def test_torch_decode_attention_on_scores_all_near_minus_1e4(case):
     """moelab.model.attend for one query over L keys whose scores are all ≈ −1e4 — through the decode product
-    (no padding), the masked kernel (row 0's first key is padding, and would win by 1e4 if it counted), and the
-    sink softmax — against the float64 softmax over the keys each row may see."""
+    (no padding), the masked kernel (row 0's first key is padding, and would win by 1e4 if it counted; a mask
+    of −1e4 rather than −inf would give it a share), and the sink softmax — against the float64 softmax over the
+    keys each row may see."""
     B, H, G, Dh, L = 2, 4, 2, 16, 7
     g = torch.Generator().manual_seed(1)
     q = torch.zeros(B, H, 1, Dh)
-    q[:, :, 0, 0] = torch.tensor([64.0, 32.0, 64.0, 48.0])
+    q[:, :, 0, 0] = torch.tensor([64.0, 64.5, 63.5, 64.25])
     k, v = torch.randn(B, G, L, Dh, generator=g), torch.randn(B, G, L, Dh, generator=g)
-    k[..., 0] = -624 - torch.randint(-8, 64, (B, G, L), generator=g) / 16  # scores −(4·q₀/16)·(624 + m/16)·…
+    k[..., 0] = -625 - torch.randint(-8, 9, (B, G, L), generator=g) / 16  # scores (q₀/4)·k₀ = −1e4·q₀/64 ± 10
     pad = torch.tensor([1, 0]) if case != "decode" else None
     if pad is not None:
         k[0, :, 0, 0] = 0.0  # the padded key: score 0
-    sinks = torch.tensor([-9990.0, -4995.0, -1e4, -7000.0]) if case == "padded with sinks" else None
+    sinks = torch.tensor([-9990.0, -10020.0, -1e4, -10005.0]) if case == "padded with sinks" else None
     out = attend(q, k, v, L - 1, None, None, sinks, pad)
     assert out.shape == (B, H, 1, Dh) and torch.isfinite(out).all()
     for b in range(B):
@@ -289,7 +291,7 @@ def test_torch_decode_attention_on_scores_all_near_minus_1e4(case):
 
 def bf16_ties(p: torch.Tensor) -> torch.Tensor:
     """Which float64 values lie exactly halfway between two neighbouring bfloat16 values (8 significant bits)."""
-    m, e = torch.frexp(p.double())  # p = m · 2^e, 0.5 <= |m| < 1: the 9th significant bit is the half
+    m, _ = torch.frexp(p.double())  # p = m · 2^e, 0.5 <= |m| < 1: the 9th significant bit is the half
     frac = (m.abs() * 2**9) % 2
     return (frac == 1) & (p != 0)
 
@@ -306,7 +308,7 @@ def rms_norm_case() -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, to
     x = x.bfloat16()
     ms = float((x.double() ** 2).sum() / 64)
     eps = 1.5625 - ms
-    assert 0 < eps and torch.tensor(eps, dtype=torch.float32).item() == eps  # exact in float32 (a multiple of 2⁻¹²)
+    assert eps > 0 and torch.tensor(eps, dtype=torch.float32).item() == eps  # exact in float32 (a multiple of 2⁻¹²)
     n = x.float() * torch.div(torch.ones(1), torch.sqrt(torch.tensor([1.5625])))  # float32, as documented
     candidates = torch.tensor([0.75, 1.5, 1.25, 1.75, 1.125, 1.375, 1.625, 1.875])
     tie = bf16_ties(candidates[:, None].double() * n.bfloat16().double())  # [candidate, channel]
@@ -357,10 +359,19 @@ def test_native_rms_norm_rounds_as_documented_in_bfloat16():
     assert torch.equal(out[0, 0, 32:], twice)
 
 
-def test_bf16_products_round_ties_to_even_on_every_backend(monkeypatch):
+@pytest.mark.parametrize("which", BACKENDS)
+def test_bf16_products_round_ties_to_even_on_every_backend(which, monkeypatch):
     """A bf16 weight and x whose float32 products are exact and land halfway between two bfloat16 values: 1 + 2⁻⁸
     → 1 (down to even), 1 + 3·2⁻⁸ → 1 + 2⁻⁶ (up to even), their negatives, and 1 + 2⁻⁸ + 2⁻¹⁶ (no tie → 1 + 2⁻⁷):
     every float backend (moelab's bf16 kernel, oneDNN's prepacked product, F.linear) rounds to nearest even."""
+    if which == "native" and not native.available():
+        pytest.skip(f"moelab's CPU kernels: {native.why_unavailable()}")
+    if which == "torch" and not backend_module.packed_float_available(torch.bfloat16):
+        pytest.skip("oneDNN does not prepack bfloat16 weights on this CPU")
+    if which != "native":
+        monkeypatch.setattr(native.ops, "available", lambda: False)
+    if which == "plain":
+        monkeypatch.setattr(backend_module, "packed_float_available", lambda dtype: False)
     x = torch.zeros(1, 64)
     x[0, :3] = torch.tensor([1.0, 2**-8, 2**-16])
     W = torch.zeros(5, 64)
@@ -369,21 +380,11 @@ def test_bf16_products_round_ties_to_even_on_every_backend(monkeypatch):
     W[:, 2] = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
     exact = (x.double() @ W.double().T)[0]
     assert bf16_ties(exact[:4]).all() and not bf16_ties(exact[4:]).any()
+    w = linear_weight(W.bfloat16())
+    assert w.backend == which
+    y = w(x.bfloat16())
     want = torch.tensor([1.0, 1 + 2**-6, -1.0, -1 - 2**-6, 1 + 2**-7], dtype=torch.float64)
-    for which in BACKENDS:
-        if which == "native" and not native.available():
-            continue  # the other two still run
-        if which == "torch" and not backend_module.packed_float_available(torch.bfloat16):
-            continue
-        with monkeypatch.context() as mp:
-            if which != "native":
-                mp.setattr(native.ops, "available", lambda: False)
-            if which == "plain":
-                mp.setattr(backend_module, "packed_float_available", lambda dtype: False)
-            w = linear_weight(W.bfloat16())
-            assert w.backend == which
-            y = w(x.bfloat16())
-        assert y.dtype == torch.bfloat16 and torch.equal(y[0].double(), want), (which, y)
+    assert y.dtype == torch.bfloat16 and torch.equal(y[0].double(), want), y
 
 
 # -- the int8 quantizers: scale max/127, exactly ------------------------------------------------------------------
