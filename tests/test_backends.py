@@ -76,13 +76,15 @@ def force(monkeypatch, which: str) -> None:
     """Make `backend` choose `which` for the weights built after this: the faster backends' probes say no."""
     if which == "native" and not native.available():
         pytest.skip(f"moelab's CPU kernels: {native.why_unavailable()}")
-    if which == "torch" and not (backend_module.int8_kernel_available() and backend_module.int4_kernel_available()):
-        pytest.skip("torch's int8 / int4 CPU kernels do not run in this torch build")
+    if which == "torch" and not (backend_module.int8_kernel_available() and backend_module.int4_kernel_available()
+                                 and backend_module.packed_float_available(torch.bfloat16)):
+        pytest.skip("torch's int8 / int4 CPU kernels or oneDNN's bfloat16 product do not run in this build")
     if which in ("torch", "plain"):
         monkeypatch.setattr(native.ops, "available", lambda: False)
     if which == "plain":
         monkeypatch.setattr(backend_module, "int8_kernel_available", lambda: False)
         monkeypatch.setattr(backend_module, "int4_kernel_available", lambda: False)
+        monkeypatch.setattr(backend_module, "packed_float_available", lambda dtype: False)
 
 
 class _Op:
@@ -99,11 +101,13 @@ class _Op:
 
 @pytest.fixture
 def ran(monkeypatch) -> list[str]:
-    """The kernels products called, in order: "native", "native-moe", "torch-int8", "torch-int4",
-    "plain" (F.linear)."""
+    """The kernels products called, in order: "native", "native-moe", "torch-int8", "torch-int4", "torch-None"
+    (oneDNN's prepacked float product), "plain" (F.linear)."""
     log: list[str] = []
-    for op, name in (("_weight_int8pack_mm", "torch-int8"), ("_weight_int4pack_mm_for_cpu", "torch-int4")):
-        monkeypatch.setattr(torch.ops.aten, op, _Op(getattr(torch.ops.aten, op), name, log))
+    for ns, op, name in ((torch.ops.aten, "_weight_int8pack_mm", "torch-int8"),
+                         (torch.ops.aten, "_weight_int4pack_mm_for_cpu", "torch-int4"),
+                         (torch.ops.mkldnn, "_linear_pointwise", "torch-None")):
+        monkeypatch.setattr(ns, op, _Op(getattr(ns, op), name, log))
     for module, attr, name in ((F, "linear", "plain"), (native, "linear", "native"),
                                (native, "moe_decode", "native-moe")):
         real = getattr(module, attr)
@@ -111,21 +115,30 @@ def ran(monkeypatch) -> list[str]:
     return log
 
 
-def expected_kernel(which: str, quant: str, M: int) -> str:
+NATIVE_ROWS = {"int8": 8, None: 2}  # as documented (not read from formats.NATIVE_MAX_ROWS: that is under test)
+
+
+def expected_kernel(which: str, quant: str | None, M: int) -> str:
     """The documented routing (inference/formats.py): on moelab's kernels int4 runs for every M, int8 up to 8 rows
-    (then torch's int8 kernel); torch's kernels for every M; plain: F.linear on the dequantized weight."""
+    (then torch's int8 kernel), bf16 up to 2 (then F.linear); torch's kernels for every M; plain: F.linear on the
+    dequantized weight."""
     if which == "plain":
         return "plain"
-    if which == "native" and (quant == "int4" or M <= 8):
+    if which == "native" and (quant == "int4" or NATIVE_ROWS[quant] >= M):
         return "native"
-    return f"torch-{quant}"
+    return "plain" if which == "native" and quant is None else f"torch-{quant}"
 
 
-def check(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, kernel: str) -> None:
-    """y against the float64 product of what `kernel` multiplies. moelab's kernels: x̂ (per-block int8) · Wᵀ to
-    float32 rounding of the K terms of size A; torch's: bf16(x) · Wᵀ with the output rounded to bf16 (and an
-    intermediate rounding of the same size: measured ≤ 2⁻⁸ relative), plus float32 accumulation; plain: float32."""
-    if kernel == "native":
+def check(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, kernel: str,
+          quant: str | None = "int8") -> None:
+    """y against the float64 product of what `kernel` multiplies, to float32 rounding of the K terms of size A and,
+    where the output is bfloat16, its rounding (≤ 2⁻⁸ relative, bfloat16's unit roundoff). A bf16 weight, every
+    kernel: bf16(x) · Wᵀ, output bf16. Quantized, moelab's kernels: x̂ (per-block int8) · Wᵀ in float32; torch's:
+    bf16(x) · Wᵀ, output bf16; plain: x · Wᵀ in float32."""
+    if quant is None:
+        xb = x.bfloat16().double()
+        want, slack, rel = xb @ W.T, xb.abs() @ A.T, 2**-8
+    elif kernel == "native":
         want, slack, rel = q8_activations(x) @ W.T, q8_activations(x).abs() @ A.T, 0.0
     elif kernel.startswith("torch"):
         xb = x.bfloat16().double()
@@ -138,16 +151,21 @@ def check(y: torch.Tensor, x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, ke
     assert (err <= bound).all(), (kernel, (err - bound).max().item())
 
 
-SHAPES = [("int8", 24, 192, 0), ("int8", 48, 256, 0),  # 192: three 64-wide chunks (the unrolled pair, then one)
-          ("int4", 48, 192, 64), ("int4", 16, 256, 32), ("int4", 80, 128, 32)]  # 3, 1 and 5 tiles of 16 rows
+# 192: three 64-wide chunks (the unrolled pair, then one); int4 N = 48, 16, 80: 3, 1 and 5 tiles of 16 rows
+SHAPES = [(None, 24, 192, 0), ("int8", 24, 192, 0), ("int8", 48, 256, 0),
+          ("int4", 48, 192, 64), ("int4", 16, 256, 32), ("int4", 80, 128, 32)]
 
 
 @pytest.mark.parametrize("M", [1, 9, 33])
 @pytest.mark.parametrize("quant,N,K,G", SHAPES)
 @pytest.mark.parametrize("which", BACKENDS)
-def test_quantized_product_on_every_backend_is_the_float64_product(which, quant, N, K, G, M, monkeypatch, ran):
+def test_product_on_every_backend_is_the_float64_product(which, quant, N, K, G, M, monkeypatch, ran):
     force(monkeypatch, which)
-    tensors, W, *A = int8_weight(N, K, seed=N + K) if quant == "int8" else int4_weight(N, K, G, seed=N + K)
+    if quant is None:  # a bfloat16 weight: moelab's bf16 kernel rounds x to bfloat16 too
+        W = torch.randn(N, K, generator=torch.Generator().manual_seed(N)).bfloat16()
+        tensors, W, A = {"weight": W}, W.double(), [W.double().abs()]
+    else:
+        tensors, W, *A = int8_weight(N, K, seed=N + K) if quant == "int8" else int4_weight(N, K, G, seed=N + K)
     w = load_linear_weight(quant, tensors)
     assert w.backend == which
     x = activations(M, K, seed=M)
@@ -155,7 +173,7 @@ def test_quantized_product_on_every_backend_is_the_float64_product(which, quant,
     y = w(x)
     kernel = expected_kernel(which, quant, M)
     assert ran == [kernel]
-    check(y, x, W, A[0] if A else W.abs(), kernel)
+    check(y, x, W, A[0] if A else W.abs(), kernel, quant)
 
 
 @pytest.mark.parametrize("K", [96, 160])
