@@ -242,41 +242,75 @@ def softmax_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return (e[:len(s)] / e.sum()) @ values.double()
 
 
-@needs_kernels
-def test_native_decode_attention_on_scores_all_near_minus_1e4():
-    """attention_block with weights that make every score very negative (q = 8c·e₀, k₀ = −624 − m/16: scores
-    −2c·(624 + m/16), ≈ −1e4 for c = 8, exact in float32), two query heads per kv head, the new token's key
-    among them (k₀ = −624), and a key
-    past the cache length that would win by 1e4 if it were read (and a NaN past it): the output is the float64
-    softmax over positions 0..L — not NaN, not uniform."""
+def minus_1e4_attention(rows: int):
+    """An attention block whose every score is very negative, its float32 cache [rows, G, L + 3, Dh] and x
+    [rows, 1, D]: RMSNorm(x) = 8·e₀ (mean(x²) = 1, eps 0), q_h = 8c_h·e₀, the new key k₀ = −624, cached keys
+    k₀ = −624 − m/16 — scores −2c_h·(624 + m/16), ≈ −1e4 for c = 8, exact in float32 — two query heads per kv
+    head, the output product the identity (out − x = the attention output, rounded to bf16 by that product); past
+    the cache length a key that would win by 1e4 if it were read, then NaN. Returns the block's arguments, the
+    cache, x, c, and the new key and value as the weights make them."""
     D, H, G, Dh, L = 64, 4, 2, 16, 6
     g = torch.Generator().manual_seed(0)
     wqkv = torch.zeros((H + 2 * G) * Dh, D)
     c = torch.tensor([8.0, 4.0, 8.0, 6.0])
-    wqkv[torch.arange(H) * Dh, 0] = c  # q_h = 8·c_h·e₀ (h = RMSNorm(x) = 8·e₀ below)
-    wqkv[H * Dh + torch.arange(G) * Dh, 0] = -78.0  # the new key: k₀ = −624
+    wqkv[torch.arange(H) * Dh, 0] = c
+    wqkv[H * Dh + torch.arange(G) * Dh, 0] = -78.0
     wqkv[H * Dh:, 0] += torch.randn((2 * G) * Dh, generator=g).bfloat16().float() * (wqkv[H * Dh:, 0] == 0)
-    wo = torch.eye(D)  # out − x = a, read through the bf16 output product (a rounded to bf16)
     args = native.attention_args(torch.ones(D), 0.0, native.NativeWeight("bf16", wqkv.bfloat16()), None, None, 0,
-                                 native.NativeWeight("bf16", wo.bfloat16()), None, H, G, Dh, None)
+                                 native.NativeWeight("bf16", torch.eye(D).bfloat16()), None, H, G, Dh, None)
     assert args is not None
-    kb, vb = torch.randn(1, G, L + 3, Dh, generator=g), torch.randn(1, G, L + 3, Dh, generator=g)
+    kb, vb = torch.randn(rows, G, L + 3, Dh, generator=g), torch.randn(rows, G, L + 3, Dh, generator=g)
     m = torch.tensor([[3.0, -1.0, 0.5, 7.0, 2.0, 40.0], [0.0, 1.5, -2.0, 4.0, 0.25, 1.0]])
-    kb[0, :, :L, 0] = -624 - m / 16
-    kb[0, :, L + 1, 0], vb[0, :, L + 1] = 0.0, 1e3  # past the cache length: a score of 0, were it read
-    kb[0, :, L + 2], vb[0, :, L + 2] = float("nan"), float("nan")
-    x = torch.zeros(1, 1, D)
-    x[0, 0, 0] = 8.0  # mean(x²) = 1, eps 0: RMSNorm(x) = x
-    out = native.attention_block(args, x, torch.ones(1, 0), torch.zeros(1, 0), kb, vb, L)
+    kb[:, :, :L, 0] = -624 - m / 16
+    kb[:, :, L + 1, 0], vb[:, :, L + 1] = 0.0, 1e3
+    kb[:, :, L + 2], vb[:, :, L + 2] = float("nan"), float("nan")
+    x = torch.zeros(rows, 1, D)
+    x[:, 0, 0] = 8.0
     new_k, new_v = (8 * wqkv[H * Dh + i * G * Dh:H * Dh + (i + 1) * G * Dh, 0].view(G, Dh) for i in (0, 1))
-    assert torch.equal(kb[0, :, L], new_k) and torch.equal(vb[0, :, L], new_v)  # appended at L
-    want = torch.stack([softmax_attention(8 * c[h] * torch.eye(Dh)[0], kb[0, h // 2, :L + 1], vb[0, h // 2, :L + 1],
-                                          Dh ** -0.5) for h in range(H)]).view(D)
-    got = (out - x).view(D).double()
+    return args, kb, vb, x, c, new_k, new_v
+
+
+def check_minus_1e4_row(out_D: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, c: torch.Tensor, first: int,
+                        L: int) -> None:
+    """One row's attention output (out − x, [D]) against the float64 softmax over cache positions first..L."""
+    H, Dh = len(c), kb.shape[-1]
+    want = torch.stack([softmax_attention(8 * c[h] * torch.eye(Dh)[0], kb[h // 2, first:L + 1],
+                                          vb[h // 2, first:L + 1], Dh ** -0.5) for h in range(H)]).view(-1)
+    got = out_D.double()
     assert torch.isfinite(got).all()
     assert ((got - want).abs() <= 2**-8 * want.abs() + 1e-6).all(), (got - want).abs().max()
-    # the row is far from uniform: the best of the 7 positions carries most of the weight
-    assert (want - vb[0].repeat_interleave(2, 0)[:, :L + 1].double().mean(1).reshape(D)).abs().max() > 0.1
+    uniform = vb[:, first:L + 1].double().mean(1).repeat_interleave(2, 0).view(-1)  # not the mean of the values
+    assert (want - uniform).abs().max() > 0.1
+
+
+@needs_kernels
+def test_native_decode_attention_on_scores_all_near_minus_1e4():
+    """attention_block (one row) on `minus_1e4_attention`: the new key and value appended at L, and the output the
+    float64 softmax over positions 0..L — not NaN, not uniform, nothing past L read."""
+    args, kb, vb, x, c, new_k, new_v = minus_1e4_attention(1)
+    L = 6
+    out = native.attention_block(args, x, torch.ones(1, 0), torch.zeros(1, 0), kb, vb, L)
+    assert torch.equal(kb[0, :, L], new_k) and torch.equal(vb[0, :, L], new_v)
+    check_minus_1e4_row((out - x).view(-1), kb[0], vb[0], c, 0, L)
+
+
+@needs_kernels
+def test_native_batched_decode_on_scores_all_near_minus_1e4_with_a_padded_key():
+    """decode_rows (two rows, one layer whose MoE experts are zero: the block adds nothing) on
+    `minus_1e4_attention`: row 0's position 0 is padding and holds a key that would win by 1e4 if it counted;
+    each row is the float64 softmax over the positions it may see (row 0: 1..L, row 1: 0..L)."""
+    args, kb, vb, x, c, _, _ = minus_1e4_attention(2)
+    L, D, I = 6, 64, 64
+    kb[0, :, 0, 0], vb[0, :, 0] = 0.0, 1e3
+    zero_gu, zero_dn = native.NativeWeight("bf16", torch.zeros(2 * I, D).bfloat16()), \
+        native.NativeWeight("bf16", torch.zeros(D, I).bfloat16())
+    moe = native.moe_args(torch.ones(D), 1e-6, torch.zeros(2, D), 1, True, 1.0,
+                          native.expert_table([zero_gu] * 2, [zero_dn] * 2), "swiglu")
+    table = native.LayerTable([(args, moe)])
+    table.set_cache(0, kb, vb)
+    out, _ = native.decode_rows(table, x, torch.ones(2, 0), torch.zeros(2, 0), L, torch.tensor([1, 0]))
+    for b in range(2):
+        check_minus_1e4_row((out[b] - x[b]).view(-1), kb[b], vb[b], c, 1 - b, L)
 
 
 @pytest.mark.parametrize("case", ["decode", "padded", "padded with sinks"])
