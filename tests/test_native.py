@@ -79,7 +79,8 @@ def test_activation_quantization_by_hand():
     assert torch.allclose(native.linear(w, x).double(), got @ W.T, rtol=1e-6, atol=1e-6)
 
 
-def test_tiled_int4_layout_is_its_definition_and_inverts():  # plain torch: runs without the kernels too
+@needs_kernels
+def test_tiled_int4_layout_is_its_definition_and_inverts():
     g = torch.Generator().manual_seed(1)
     N, K = 32, 128
     codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
@@ -129,7 +130,8 @@ def test_thread_count_does_not_change_a_bit():
         torch.set_num_threads(threads)
 
 
-def test_same_format_decides_one_call():  # descriptors only: runs without the kernels too
+@needs_kernels
+def test_same_format_decides_one_call():
     a, _ = random_weight("int4", 32, 128)
     b, _ = random_weight("int4", 32, 128, G=64)
     c, _ = random_weight("int8", 32, 128)
