@@ -308,7 +308,8 @@ def test_native_batched_decode_on_scores_all_near_minus_1e4_with_a_padded_key():
                           native.expert_table([zero_gu] * 2, [zero_dn] * 2), "swiglu")
     table = native.LayerTable([(args, moe)])
     table.set_cache(0, kb, vb)
-    out, _ = native.decode_rows(table, x, torch.ones(2, 0), torch.zeros(2, 0), L, torch.tensor([1, 0]))
+    out, _ = native.decode_rows(table, x, torch.ones(2, 0), torch.zeros(2, 0), torch.full((2,), L),
+                                torch.tensor([1, 0]))
     for b in range(2):
         check_minus_1e4_row((out[b] - x[b]).view(-1), kb[b], vb[b], c, 1 - b, L)
 
