@@ -14,10 +14,15 @@ latency p50 / p99 (per SSE chunk with text),
 and, from moelab's /metrics, the mean decode batch and the distinct experts touched per MoE layer per decode step next
 to the uniform-routing count E·(1 − (1 − k/E)^B).
 
-The bound (tokens/s no engine can beat at batch B on this machine): a decode step reads the non-expert weights once,
-the experts the batch touches in every MoE layer, and the KV cache of the B rows; over the read bandwidth measured in
-this run (one pass over a 512 MB tensor), B / (bytes per step / bandwidth). The touched experts are the measured ones
-for moelab, the uniform formula otherwise.
+The bound (tokens/s no engine can beat with N rows on this machine): a decode step reads the non-expert weights once,
+the experts N uniform independent choices touch in every MoE layer (E·(1 − (1 − k/E)^N)), and the KV cache of the N
+rows; over the read bandwidth measured in this run (one pass over a 512 MB tensor), N / (bytes per step / bandwidth).
+The same curve for every engine serving those weights; the measured batch and experts per step are printed beside it.
+With --save, each run (--label) is kept in a JSON file and --plot draws every run kept there with its bound:
+
+    python benchmarks/serve.py --model Q3 --quant int4 --label "moelab int4" --save runs.json
+    python benchmarks/serve.py --url http://127.0.0.1:8080 --model Q3 --quant int4 --label "llama-server Q4_0" \
+        --save runs.json --plot tokens_per_s.png
 """
 
 from __future__ import annotations
@@ -154,11 +159,28 @@ def model_bytes(path: str, quant: str | None) -> dict:
             "n_moe": len(moes)}
 
 
-def bound(sizes: dict, batch: float, touched: float | None, context: int, bandwidth: float) -> float:
+def sizes_of(path: str, quant: str | None, cache: str | None) -> dict:
+    """`model_bytes` computed in a child process (the weights loaded there, not beside the server's copy), kept in the
+    JSON file `cache` (keyed by the resolved path and the format) when given."""
+    key = f"{Path(path).resolve()}|{quant}"
+    known = json.loads(Path(cache).read_text()) if cache and Path(cache).exists() else {}
+    if key not in known:
+        code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import serve; "
+                f"print(json.dumps(serve.model_bytes({path!r}, {quant!r})))")
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        known[key] = json.loads(out.strip().splitlines()[-1])
+        if cache:
+            Path(cache).write_text(json.dumps(known, indent=1))
+    return known[key]
+
+
+def bound(sizes: dict, batch: int, context: float, bandwidth: float) -> float:
+    """Tokens/s no engine can beat with `batch` rows on this machine: a step reads the non-expert weights once, the
+    experts B uniform independent choices touch in every MoE layer (E·(1 − (1 − k/E)^B)), and B·context KV
+    positions; tokens/s = B / (bytes / bandwidth)."""
     from moelab.accounting.costs import experts_touched
 
-    if touched is None:
-        touched = experts_touched(sizes["n_experts"], sizes["top_k"], max(1, round(batch)))
+    touched = experts_touched(sizes["n_experts"], sizes["top_k"], batch) if sizes["n_moe"] else 0
     step = sizes["non_expert"] + sizes["n_moe"] * touched * sizes["per_expert"] + batch * context * sizes["kv_per_pos"]
     return batch / (step / bandwidth)
 
@@ -184,20 +206,26 @@ def make_tiny(out: str) -> None:
     print(f"wrote {out_p}")
 
 
-def plot(rows: list[tuple[int, float, float]], out: str, label: str) -> None:
-    """Aggregate tokens/s against N (log-log): measured, and the bound of bytes read per step."""
+def plot(runs: list[dict], out: str) -> None:
+    """Aggregate tokens/s against N (log-log) for every saved run, each engine's bound dashed in its colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ns, measured, bounds = zip(*rows)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ns, measured, "o-", label=label)
-    ax.plot(ns, bounds, "k--", label="bound: bytes per step / read bandwidth")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    bounds_drawn = set()
+    for run in runs:
+        ns = [r["n"] for r in run["rows"]]
+        line, = ax.plot(ns, [r["tokens_per_s"] for r in run["rows"]], "o-", label=run["label"])
+        if run["bound_label"] not in bounds_drawn:
+            bounds_drawn.add(run["bound_label"])
+            ax.plot(ns, [r["bound"] for r in run["rows"]], "--", color=line.get_color(), alpha=0.6,
+                    label=f"bound: {run['bound_label']}")
+    ns = sorted({r["n"] for run in runs for r in run["rows"]})
     ax.set(xscale="log", yscale="log", xlabel="concurrent streaming clients N", ylabel="aggregate output tokens/s")
     ax.set_xticks(ns, [str(n) for n in ns])
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -223,13 +251,21 @@ def main() -> None:
     p.add_argument("--quant", default=None, choices=["int8", "int4"])
     p.add_argument("--threads", type=int, default=None, help="torch threads of the moelab server")
     p.add_argument("--make-tiny", metavar="DIR", help="write a small random checkpoint to DIR and exit")
-    p.add_argument("--plot", metavar="PNG", help="tokens/s against N, measured and bound, to this file")
+    p.add_argument("--label", default=None, help="the run's name in --save and the plot")
+    p.add_argument("--sizes-cache", metavar="JSON", help="keep the weights' byte counts here between runs")
+    p.add_argument("--save", metavar="JSON", help="append this run (label, rows, bound) to this file")
+    p.add_argument("--plot", metavar="PNG", help="tokens/s against N of every run in --save (or this run), bounds "
+                   "dashed, to this file")
+    p.add_argument("--plot-only", action="store_true", help="only draw --plot from the runs in --save")
     args = p.parse_args()
     if args.make_tiny:
         return make_tiny(args.make_tiny)
+    if args.plot_only:
+        return plot(json.loads(Path(args.save).read_text()), args.plot)
     if not args.model:
         p.error("--model is required (the served weights, for the bound)")
     ns = [int(n) for n in args.clients.split(",")]
+    sizes = sizes_of(args.model, args.quant, args.sizes_cache)  # before the server loads its copy
     proc = None
     url = args.url
     if url is None:
@@ -254,8 +290,7 @@ def main() -> None:
         name = args.model_name or models[0]["id"]
         stream_one(url, name, PROMPT, 4)  # warm-up
         bw = read_bandwidth()
-        sizes = model_bytes(args.model, args.quant)
-        context = 20 + args.max_tokens  # ~ prompt tokens + new ones
+        context = 20 + args.max_tokens / 2  # the mean KV positions of a row: ~ prompt tokens + half the new ones
         print(f"server {url} ({'moelab serve' if proc else 'external'}), model {args.model}, quant {args.quant}, "
               f"read bandwidth {bw / 1e9:.1f} GB/s; non-expert {sizes['non_expert'] / 1e6:.1f} MB, expert "
               f"{sizes['per_expert'] / 1e6:.2f} MB x {sizes['n_experts']} x {sizes['n_moe']} layers, "
@@ -266,15 +301,23 @@ def main() -> None:
         rows = []
         for n in ns:
             r = phase(url, name, n, args.requests, args.max_tokens)
-            batch = r["batch"] if r["batch"] is not None else n
-            b = bound(sizes, batch, r["touched"], context, bw)
+            b = bound(sizes, n, context, bw)
+            batch = f"{r['batch']:.1f}" if r["batch"] is not None else "n/a"
             touched = (f"{r['touched']:.2f} ({r['touched_uniform']:.2f})" if r["touched"] is not None else "n/a")
             print(f"| {n} | {r['tokens_per_s']:.1f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
-                  f"{1e3 * r['itl_p50']:.1f} / {1e3 * r['itl_p99']:.1f} | {batch:.1f} | {touched} | {b:.0f} | "
+                  f"{1e3 * r['itl_p50']:.1f} / {1e3 * r['itl_p99']:.1f} | {batch} | {touched} | {b:.0f} | "
                   f"{100 * r['tokens_per_s'] / b:.1f} % |", flush=True)
-            rows.append((n, r["tokens_per_s"], b))
+            rows.append({**r, "bound": b, "bandwidth": bw})
+        label = args.label or ("moelab serve" if proc else url)
+        if args.save:
+            runs = json.loads(Path(args.save).read_text()) if Path(args.save).exists() else []
+            runs = [run for run in runs if run["label"] != label]
+            bound_label = f"{Path(args.model).name}, {args.quant or 'checkpoint dtype'}"
+            runs.append({"label": label, "bound_label": bound_label, "rows": rows})
+            Path(args.save).write_text(json.dumps(runs, indent=1))
         if args.plot:
-            plot(rows, args.plot, "moelab serve" if proc else url)
+            plot(json.loads(Path(args.save).read_text()) if args.save else
+                 [{"label": label, "bound_label": "this run", "rows": rows}], args.plot)
     finally:
         if proc is not None:
             proc.terminate()
