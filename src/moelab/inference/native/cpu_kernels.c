@@ -215,6 +215,45 @@ static inline void tile_int4(const weight_t *w, int t, const act_t *a, float *ou
     _mm512_storeu_ps(out, acc);
 }
 
+/* tile_int4 for R <= 4 activation rows at once: the tile's codes are loaded and unpacked once per block for all of
+ * them; each row's sums run exactly as in tile_int4 (the same operations in the same order: the same floats). */
+static inline void tile_int4_rows(const weight_t *w, int t, const act_t *const *a, int R, float *const *out) {
+    const int nb = a[0]->k / 32, ng = a[0]->k / a[0]->g, bpg = a[0]->g / 32;
+    const uint8_t *q = (const uint8_t *)w->q + (size_t)t * nb * 256;
+    const uint16_t *s = w->s + (size_t)t * ng * 16, *z = w->z + (size_t)t * ng * 16;
+    const __m512i m4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *qb = q + (size_t)b * 256;
+        for (int l = 0; l < 256; l += 64) prefetch(qb + l);
+        __m512i l0 = _mm512_loadu_si512(qb), l1 = _mm512_loadu_si512(qb + 64);
+        __m512i l2 = _mm512_loadu_si512(qb + 128), l3 = _mm512_loadu_si512(qb + 192);
+        __m512i n0 = _mm512_and_si512(l0, m4), h0 = _mm512_and_si512(_mm512_srli_epi16(l0, 4), m4);
+        __m512i n1 = _mm512_and_si512(l1, m4), h1 = _mm512_and_si512(_mm512_srli_epi16(l1, 4), m4);
+        __m512i n2 = _mm512_and_si512(l2, m4), h2 = _mm512_and_si512(_mm512_srli_epi16(l2, 4), m4);
+        __m512i n3 = _mm512_and_si512(l3, m4), h3 = _mm512_and_si512(_mm512_srli_epi16(l3, 4), m4);
+        __m512 sb = bf16x16(s + (b / bpg) * 16, 0xFFFF);
+        for (int r = 0; r < R; r++) {
+            const int32_t *xb = (const int32_t *)a[r]->xq + 8 * b;
+            __m512i d0 = _mm512_dpbusd_epi32(zero, n0, _mm512_set1_epi32(xb[0]));
+            __m512i d1 = _mm512_dpbusd_epi32(zero, h0, _mm512_set1_epi32(xb[4]));
+            __m512i d2 = _mm512_dpbusd_epi32(zero, n1, _mm512_set1_epi32(xb[1]));
+            __m512i d3 = _mm512_dpbusd_epi32(zero, h1, _mm512_set1_epi32(xb[5]));
+            d0 = _mm512_dpbusd_epi32(d0, n2, _mm512_set1_epi32(xb[2]));
+            d1 = _mm512_dpbusd_epi32(d1, h2, _mm512_set1_epi32(xb[6]));
+            d2 = _mm512_dpbusd_epi32(d2, n3, _mm512_set1_epi32(xb[3]));
+            d3 = _mm512_dpbusd_epi32(d3, h3, _mm512_set1_epi32(xb[7]));
+            __m512i d = _mm512_add_epi32(_mm512_add_epi32(d0, d1), _mm512_add_epi32(d2, d3));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sb, _mm512_set1_ps(a[r]->sx[b])), acc[r]);
+        }
+    }
+    for (int g = 0; g < ng; g++) {
+        __m512 zz = _mm512_fmadd_ps(bf16x16(s + g * 16, 0xFFFF), _mm512_set1_ps(-8.f), bf16x16(z + g * 16, 0xFFFF));
+        for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(zz, _mm512_set1_ps(a[r]->gsum[g]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
+
 /* Rows of one work unit (int4: a tile of 16 rows; otherwise one row): unit u writes rows u·ur.. to out[0..ur). */
 static inline int unit_rows(const weight_t *w) { return w->fmt == F_INT4 ? 16 : 1; }
 
@@ -231,13 +270,32 @@ static inline void unit(const weight_t *w, int u, const act_t *a, float *out) {
     }
 }
 
+/* unit u for n activation rows: row i's outputs to base[i] + off (int4: up to 4 rows per pass over the tile). */
+static inline void units(const weight_t *w, int u, const act_t *const *acts, float *const *base, size_t off, int n) {
+    if (w->fmt != F_INT4) {
+        for (int i = 0; i < n; i++) unit(w, u, acts[i], base[i] + off);
+        return;
+    }
+    float *o[4];
+    for (int i = 0; i < n; i += 4) {
+        const int R = n - i < 4 ? n - i : 4;
+        for (int r = 0; r < R; r++) o[r] = base[i + r] + off;
+        tile_int4_rows(w, u, acts + i, R, o);
+    }
+}
+
 /* y [M, N] = x [M, K] · Wᵀ. Rows of x are prepared once; W is read once per tile of up to 32 rows of x. */
 static int linear_f32(const weight_t *w, const float *x, int m, float *y, int threads) {
     const int k = w->k, n = w->n, tile = 32, ur = unit_rows(w);
     act_t *acts = calloc((size_t)m, sizeof(act_t));
-    if (!acts) return -1;
-    int err = 0;
-    for (int i = 0; i < m; i++) err |= act_alloc(&acts[i], k, w->g);
+    const act_t **pa = malloc(sizeof(void *) * (size_t)(m ? m : 1));
+    float **py = malloc(sizeof(void *) * (size_t)(m ? m : 1));
+    int err = !acts || !pa || !py;
+    for (int i = 0; i < m && !err; i++) {
+        err |= act_alloc(&acts[i], k, w->g);
+        pa[i] = &acts[i];
+        py[i] = y + (size_t)i * n;
+    }
     if (!err) {
 #pragma omp parallel num_threads(threads)
         {
@@ -246,13 +304,15 @@ static int linear_f32(const weight_t *w, const float *x, int m, float *y, int th
             for (int m0 = 0; m0 < m; m0 += tile) {
                 int m1 = m0 + tile < m ? m0 + tile : m;
 #pragma omp for schedule(static)
-                for (int u = 0; u < n / ur; u++)
-                    for (int i = m0; i < m1; i++) unit(w, u, &acts[i], y + (size_t)i * n + (size_t)u * ur);
+                for (int u = 0; u < n / ur; u++) units(w, u, pa + m0, py + m0, (size_t)u * ur, m1 - m0);
             }
         }
     }
-    for (int i = 0; i < m; i++) free(acts[i].mem);
+    if (acts)
+        for (int i = 0; i < m; i++) free(acts[i].mem);
     free(acts);
+    free(pa);
+    free(py);
     return err;
 }
 
@@ -691,13 +751,21 @@ static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *d
     act_t *ax = calloc((size_t)B, sizeof(act_t)), *aa = calloc((size_t)n, sizeof(act_t));
     float *h = malloc(sizeof(float) * (size_t)n * H), *av = malloc(sizeof(float) * (size_t)n * I),
           *part = malloc(sizeof(float) * (size_t)n * D);
-    int err = !off || !order || !fill || !ax || !aa || !h || !av || !part;
+    const act_t **ga = malloc(sizeof(void *) * (size_t)n), **da = malloc(sizeof(void *) * (size_t)n);
+    float **gh = malloc(sizeof(void *) * (size_t)n), **dp = malloc(sizeof(void *) * (size_t)n);
+    int err = !off || !order || !fill || !ax || !aa || !h || !av || !part || !ga || !da || !gh || !dp;
     for (int b = 0; b < B && !err; b++) err |= act_alloc(&ax[b], D, gate_up[0]->g);
     for (int p = 0; p < n && !err; p++) err |= act_alloc(&aa[p], I, down[0]->g);
     if (!err) {
         for (int p = 0; p < n; p++) off[idx[p] + 1]++; /* the (row, j) pairs grouped by expert, in row order */
         for (int e = 0; e < E; e++) off[e + 1] += off[e];
         for (int p = 0; p < n; p++) order[off[idx[p]] + fill[idx[p]]++] = p;
+        for (int i = 0; i < n; i++) { /* per pair, in expert order: its activations and outputs */
+            ga[i] = &ax[order[i] / k];
+            gh[i] = h + (size_t)order[i] * H;
+            da[i] = &aa[order[i]];
+            dp[i] = part + (size_t)order[i] * D;
+        }
 #pragma omp parallel num_threads(threads)
         {
 #pragma omp for schedule(static)
@@ -706,8 +774,7 @@ static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *d
                 if (off[e] == off[e + 1]) continue;
 #pragma omp for schedule(static) nowait
                 for (int u = 0; u < H / ug; u++)
-                    for (int i = off[e]; i < off[e + 1]; i++)
-                        unit(gate_up[e], u, &ax[order[i] / k], h + (size_t)order[i] * H + (size_t)u * ug);
+                    units(gate_up[e], u, ga + off[e], gh + off[e], (size_t)u * ug, off[e + 1] - off[e]);
             }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -721,8 +788,7 @@ static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *d
                 if (off[e] == off[e + 1]) continue;
 #pragma omp for schedule(static) nowait
                 for (int u = 0; u < D / ud; u++)
-                    for (int i = off[e]; i < off[e + 1]; i++)
-                        unit(down[e], u, &aa[order[i]], part + (size_t)order[i] * D + (size_t)u * ud);
+                    units(down[e], u, da + off[e], dp + off[e], (size_t)u * ud, off[e + 1] - off[e]);
             }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -743,6 +809,10 @@ static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *d
     free(off);
     free(order);
     free(fill);
+    free(ga);
+    free(da);
+    free(gh);
+    free(dp);
     free(ax);
     free(aa);
     free(h);
