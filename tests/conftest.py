@@ -7,7 +7,10 @@ sys.path (rootdir-relative "prepend" import mode), and the module is the one pyt
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -102,6 +105,36 @@ def moelab(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProce
     """`python -m moelab ARGS` in a subprocess, output captured as text."""
     return subprocess.run([sys.executable, "-m", "moelab", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    """`moelab ARGS` in this process, output captured as text: `python -m moelab` is `raise SystemExit(main())`, so
+    the exit status (argparse's SystemExit included) and the output are those of the command, without a fresh
+    interpreter's start-up (seconds each on a busy machine). An exception main() lets through propagates (the
+    test fails, as a traceback would). Help is wrapped at 80 columns, as in a pipe; torch runs one thread (as with
+    OMP_NUM_THREADS=1: tiny models, a shared machine) unless `--threads` says otherwise, and its thread count is
+    restored after. Use `moelab()` where the test is about the process (signals, a closed pipe)."""
+    from moelab.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, columns = torch.get_num_threads(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # what the interpreter does with it
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
+    return subprocess.CompletedProcess(["moelab", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def train_tiny_run(out: Path, n_layers: int = 2, steps: int = 3) -> Path:

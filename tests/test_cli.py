@@ -1,6 +1,7 @@
-"""The `moelab` command as a user runs it (a subprocess each): runs that never lose work — resume with the
-run's own data and settings, refused changes, non-finite losses, the run lock, overwrites — and one-line
-errors instead of tracebacks. Each test names the case it pins."""
+"""The `moelab` command as a user runs it (`main()` in this process, which is all `python -m moelab` runs; a real
+process where the test is about one: the run lock's holder killed with SIGKILL, a closed pipe): runs that never
+lose work — resume with the run's own data and settings, refused changes, non-finite losses, the run lock,
+overwrites — and one-line errors instead of tracebacks. Each test names the case it pins."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import run_cli
 from moelab.runs.checkpoint import list_checkpoints
 
 TINY = ["--preset", "tiny", "--d-model", "32", "--n-heads", "2", "--n-kv-heads", "2", "--n-layers", "2",
@@ -25,11 +27,12 @@ TINY = ["--preset", "tiny", "--d-model", "32", "--n-heads", "2", "--n-kv-heads",
         "--eval-every", "100", "--eval-batches", "1", "--warmup-steps", "2", "--threads", "1", "--quiet"]
 
 
-def moelab(*args: str, wait: bool = True, timeout: float = 300):
-    cmd = [sys.executable, "-m", "moelab", *map(str, args)]
+def moelab(*args: str, wait: bool = True):
+    """The command's exit status and output (conftest.run_cli); `wait=False` starts it as a process instead."""
     if not wait:
+        cmd = [sys.executable, "-m", "moelab", *map(str, args)]
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args)
 
 
 def one_line_error(res, *needles: str) -> None:
@@ -170,7 +173,7 @@ def test_run_lock(run):
         holder = json.loads((run / "run.lock").read_text())
         assert holder["pid"] == first.pid and {"host", "started", "command"} <= set(holder)
         started = time.time()
-        one_line_error(moelab("train", "--out", run, "--resume", "--steps", "100000", timeout=60),
+        one_line_error(moelab("train", "--out", run, "--resume", "--steps", "100000"),
                        "in use by another training", f"pid {first.pid}")
         assert time.time() - started < 60  # refused at once, not after waiting
     finally:
