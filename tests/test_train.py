@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from conftest import run_cli
 from moelab import ModelConfig, MoEConfig
 from moelab.cli.generate import generate_text
 from moelab.config.train import TrainConfig
@@ -64,12 +65,14 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert lr_at(55, cfg) == pytest.approx(0.55)  # cosine midpoint
 
 
-def run_cli(args: list[str], env: dict | None = None, wait: bool = True):
-    cmd = [sys.executable, "-m", "moelab", "train", *args]
-    full_env = {**os.environ, **(env or {})}
+def train_cli(args: list[str], env: dict | None = None, wait: bool = True):
+    """`moelab train ARGS`: in this process (conftest.run_cli, the command's exit status and output), or with
+    `wait=False` a process of its own (with `env` added to its environment) to be killed."""
     if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=600)
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env)
+        assert env is None
+        return run_cli("train", *args)
+    cmd = [sys.executable, "-m", "moelab", "train", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -90,7 +93,7 @@ def wait_for(predicate, proc, timeout=300.0):
 def test_sigkill_between_and_during_checkpoints_then_resume_is_exact(tmp_path):
     steps = ["--steps", "18", "--save-every", "4", "--seed", "3"]
     ref = tmp_path / "ref"
-    done = run_cli([*CLI_TINY, *steps, "--out", str(ref)])
+    done = train_cli([*CLI_TINY, *steps, "--out", str(ref)])
     assert done.returncode == 0, done.stderr
     expected = losses(ref)
     assert sorted(expected) == list(range(1, 19))
@@ -98,50 +101,50 @@ def test_sigkill_between_and_during_checkpoints_then_resume_is_exact(tmp_path):
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     # 1) killed between checkpoint writes: once step 8 is on disk
-    proc = run_cli([*CLI_TINY, *steps, "--out", str(run)], wait=False)
+    proc = train_cli([*CLI_TINY, *steps, "--out", str(run)], wait=False)
     wait_for(lambda: (ckpts / "step_00000008").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # 2) resumed, then killed while the step-12 checkpoint is being written
-    proc = run_cli([*CLI_TINY, *steps, "--out", str(run), "--resume"],
-                   env={"MOELAB_TEST_CHECKPOINT_PAUSE": "5"}, wait=False)
+    proc = train_cli([*CLI_TINY, *steps, "--out", str(run), "--resume"],
+                     env={"MOELAB_TEST_CHECKPOINT_PAUSE": "5"}, wait=False)
     wait_for(lambda: any(p.name.startswith(".tmp-step_00000012") for p in ckpts.iterdir()), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (ckpts / "step_00000012").exists()  # never a half-written directory under the final name
     # 3) resumed to the end
-    done = run_cli([*CLI_TINY, *steps, "--out", str(run), "--resume"])
+    done = train_cli([*CLI_TINY, *steps, "--out", str(run), "--resume"])
     assert done.returncode == 0, done.stderr
     assert losses(run) == expected  # bit-for-bit the same losses as the uninterrupted run
     assert not list(ckpts.glob(".tmp-*"))
 
 
 def test_bad_input_is_a_clear_error_and_nothing_is_lost(tmp_path):
-    missing = run_cli([*CLI_TINY, "--steps", "2", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
+    missing = train_cli([*CLI_TINY, "--steps", "2", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a")])
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("")
-    res = run_cli([*CLI_TINY, "--steps", "2", "--data", str(empty), "--out", str(tmp_path / "b")])
+    res = train_cli([*CLI_TINY, "--steps", "2", "--data", str(empty), "--out", str(tmp_path / "b")])
     assert res.returncode == 2 and "empty" in res.stderr and "Traceback" not in res.stderr
 
-    res = run_cli([*CLI_TINY, "--steps", "2", "--seq-len", "999", "--out", str(tmp_path / "c")])
+    res = train_cli([*CLI_TINY, "--steps", "2", "--seq-len", "999", "--out", str(tmp_path / "c")])
     assert res.returncode == 2 and "seq_len=999" in res.stderr and "max_seq_len" in res.stderr
 
-    res = run_cli([*CLI_TINY, "--steps", "2", "--device", "tpu", "--out", str(tmp_path / "d")])
+    res = train_cli([*CLI_TINY, "--steps", "2", "--device", "tpu", "--out", str(tmp_path / "d")])
     assert res.returncode == 2 and "device='tpu'" in res.stderr and "'cuda:N'" in res.stderr
     absent = f"cuda:{torch.cuda.device_count()}"  # one past the last CUDA device: absent on any machine
-    res = run_cli([*CLI_TINY, "--steps", "2", "--device", absent, "--out", str(tmp_path / "e")])
+    res = train_cli([*CLI_TINY, "--steps", "2", "--device", absent, "--out", str(tmp_path / "e")])
     assert res.returncode == 2 and f"device='{absent}'" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()  # refused before writing anything
 
     run = tmp_path / "run"
-    assert run_cli([*CLI_TINY, "--steps", "4", "--out", str(run)]).returncode == 0
+    assert train_cli([*CLI_TINY, "--steps", "4", "--out", str(run)]).returncode == 0
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    res = run_cli([*CLI_TINY, "--steps", "4", "--out", str(run)])  # same dir without --resume
+    res = train_cli([*CLI_TINY, "--steps", "4", "--out", str(run)])  # same dir without --resume
     assert res.returncode == 2 and "--resume" in res.stderr
-    res = run_cli([*CLI_TINY, "--steps", "8", "--out", str(run), "--resume", "--moe-n-experts", "8"])
+    res = train_cli([*CLI_TINY, "--steps", "8", "--out", str(run), "--resume", "--moe-n-experts", "8"])
     assert res.returncode == 2 and "moe.n_experts: 4 -> 8" in res.stderr and "Traceback" not in res.stderr
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert after == before  # nothing on disk changed
@@ -162,18 +165,15 @@ def test_cuda_training_matches_cpu(tmp_path):
 
 def test_generate_cli_and_tampered_checkpoint(tmp_path):
     run = tmp_path / "run"
-    assert run_cli([*CLI_TINY, "--steps", "3", "--out", str(run)]).returncode == 0
-    gen = subprocess.run([sys.executable, "-m", "moelab", "generate", str(run), "--prompt", "import ",
-                          "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
+    assert train_cli([*CLI_TINY, "--steps", "3", "--out", str(run)]).returncode == 0
+    gen = run_cli("generate", run, "--prompt", "import ", "--max-new-tokens", "5")
     assert gen.returncode == 0 and gen.stdout.startswith("import ")
     for device in ("tpu", f"cuda:{torch.cuda.device_count()}"):  # not a device; a device this machine lacks
-        gen = subprocess.run([sys.executable, "-m", "moelab", "generate", str(run), "--device", device],
-                             capture_output=True, text=True, timeout=300)
+        gen = run_cli("generate", run, "--device", device)
         assert gen.returncode == 2 and f"device='{device}'" in gen.stderr and "Traceback" not in gen.stderr
     weights = next((run / "checkpoints").iterdir()) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    gen = subprocess.run([sys.executable, "-m", "moelab", "generate", str(run), "--prompt", "x"],
-                         capture_output=True, text=True, timeout=300)
+    gen = run_cli("generate", run, "--prompt", "x")
     assert gen.returncode == 2 and "truncated" in gen.stderr and "Traceback" not in gen.stderr
     torch.manual_seed(0)
 
