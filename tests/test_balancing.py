@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_cli
 from moelab.cli.balancing import METHODS, method_overrides, run_balancing
 
 SMALL = {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "d_ff": 64, "moe.d_expert": 32,
@@ -64,11 +63,9 @@ def test_balancing_beats_none_and_the_runs_differ_only_in_balancing(tmp_path, ca
 
 
 def test_cli_set_is_parsed_by_field_type():
-    res = subprocess.run([sys.executable, "-m", "moelab", "demo", "--experiment", "balancing", "--set", "moe.top_k=x"],
-                         capture_output=True, text=True, timeout=120)
+    res = run_cli("demo", "--experiment", "balancing", "--set", "moe.top_k=x")  # the command, in this process
     assert res.returncode == 2 and "'x' is not an integer" in res.stderr
-    res = subprocess.run([sys.executable, "-m", "moelab", "demo", "--set", "nope=1"], capture_output=True, text=True,
-                         timeout=120)
+    res = run_cli("demo", "--set", "nope=1")
     assert res.returncode == 2 and "FIELD=VALUE" in res.stderr
 
 

@@ -585,7 +585,7 @@ def test_a_converted_run_continues_a_prompt_as_its_source(bos, tmp_path):
     """`moelab generate` on a run converted by `moelab convert --from-hf` prepended <|endoftext|> (the trained-run
     rule) where the source's tokenizer adds nothing or a BOS, and stopped at <|endoftext|>, not at the source's
     eos: the same prompt gave other text. The rule is recorded at conversion; both give transformers' ids."""
-    from conftest import moelab
+    from conftest import run_cli as moelab  # the command in this process: its exit status and output
     from moelab.runs.load import load_model
 
     src = _source_with_tokenizer(tmp_path / "src", bos)
