@@ -37,6 +37,10 @@ from test_parallel import TRAIN_MODEL, _free_port, assert_same_curve, model_cfg,
 BIAS_CAPACITY = dict(router="sigmoid", expert_bias=True, n_groups=2, topk_groups=1, capacity_factor=1.0,
                      aux_loss_coef=0.0, seq_aux_loss_coef=1e-3)  # aux-loss-free bias, tokens dropped
 SWITCH_LOSS = dict(router="topk_softmax")  # Switch load-balance loss, no capacity, no bias
+# AdamW steps of each mesh check: every step compares losses, norms and loads with the plain model, and a few
+# steps move the weights, the moments and the expert biases off their start (the bugs in docs/TESTING.md show
+# at step 0 or in the saved state)
+STEPS = 5
 
 
 # ------------------------------------------------------------------------------------------------ library
@@ -127,18 +131,18 @@ def _reshard_check(rank: int, ckpt: Path, ref_state: dict, moe_over: dict) -> No
 
 def _mesh_suite(rank: int, world: int) -> None:
     if world == 4:
-        _mesh_check(rank, world, 2, 2, SWITCH_LOSS, steps=20)
+        _mesh_check(rank, world, 2, 2, SWITCH_LOSS, steps=STEPS)
         save_to = [str(Path(tempfile.gettempdir()) / f"moelab-mesh-{os.getppid()}") if rank == 0 else None]
         dist.broadcast_object_list(save_to)
         try:
-            _mesh_check(rank, world, 2, 2, BIAS_CAPACITY, steps=20, save_to=save_to[0])
+            _mesh_check(rank, world, 2, 2, BIAS_CAPACITY, steps=STEPS, save_to=save_to[0])
         finally:
             dist.barrier()
             if rank == 0:
                 shutil.rmtree(save_to[0], ignore_errors=True)
     else:
-        _mesh_check(rank, world, 2, 1, BIAS_CAPACITY, steps=20)
-        _mesh_check(rank, world, 1, 2, SWITCH_LOSS, steps=20)
+        _mesh_check(rank, world, 2, 1, BIAS_CAPACITY, steps=STEPS)
+        _mesh_check(rank, world, 1, 2, SWITCH_LOSS, steps=STEPS)
         _mixed_precision_check(rank, world)
 
 
