@@ -328,3 +328,16 @@ def test_tensorboard_missing_is_a_named_error_before_anything_is_written(tmp_pat
     with pytest.raises(ValueError, match=r"tensorboard.*pip install 'moelab\[tensorboard\]'"):
         train(STEP_MODEL, cfg, tmp_path / "run", data=token_data, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_train_gives_the_callers_thread_count_back(tmp_path, token_data):
+    """cfg.threads holds for the run only: the process's thread count is the caller's again afterwards (it used to
+    stay at cfg.threads for everything the process did next)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = TrainConfig(steps=1, batch_size=2, seq_len=8, threads=1, eval_every=1, eval_batches=1, log_every=1)
+        train(STEP_MODEL, cfg, tmp_path / "run", data=token_data, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -147,10 +147,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
 
 
 def _check_state(run: RunDir, resume: bool) -> None:
-    if resume:
-        run.require_resumable()
-    else:
-        run.require_new()
+    run.require_resumable() if resume else run.require_new()
 
 
 @contextlib.contextmanager
@@ -193,12 +190,16 @@ class _Trainer:
                              f"{self.model_cfg.vocab_size}; raise vocab_size")
         self.config = {"model": self.model_cfg.to_dict(), "train": self.cfg.to_dict(), "data": record}
         self.config |= init_entry(self.init, self.saved)  # where a run started from a checkpoint came from
-        start = self._build(resume)
-        if resume and self.ctx.is_main:
-            self._announce_resume(start, changes, record)
-        if self.ctx.is_main:
-            self.run_dir.write_config(self.config)
-        return self._loop(start)
+        threads = torch.get_num_threads()  # cfg.threads holds for this run only: the caller's count is given back
+        try:
+            start = self._build(resume)
+            if self.ctx.is_main:
+                if resume:
+                    self._announce_resume(start, changes, record)
+                self.run_dir.write_config(self.config)
+            return self._loop(start)
+        finally:
+            torch.set_num_threads(threads)
 
     def _check_resume(self) -> dict[str, tuple[Any, Any]]:
         """The run's config against the requested one: the model must match; training settings may change
@@ -244,11 +245,10 @@ class _Trainer:
 
     def _in_turns(self, build):
         """Rank 0 builds (tokenizer, token cache); the other ranks then read what it wrote."""
-        result = None
-        for turn in (True, False):
-            if self.ctx.is_main == turn:
-                result = build()
-            self.ctx.barrier()
+        result = build() if self.ctx.is_main else None
+        self.ctx.barrier()  # the other ranks read what rank 0 wrote, then all go on together
+        result = result if self.ctx.is_main else build()
+        self.ctx.barrier()
         return result
 
     def _build(self, resume: bool) -> int:
