@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from conftest import peak_rss_child, word_tokenizer
 from moelab import ModelConfig, MoEConfig, hf
 from moelab.cli.main import main
+from moelab.inference.engine import InferenceEngine
 from moelab.inference.formats import Int4Weight, Int8Weight
 from moelab.inference.prepare import prepare_inference
 from moelab.model.transformer import MoETransformer
@@ -56,6 +57,8 @@ def test_a_quantized_run_loads_back_without_requantizing(hf_dir, tmp_path, quant
     with torch.no_grad():
         assert torch.equal(model(ids).logits, want(ids).logits)
     assert model.blocks[0].attn.wqkv.w.quant == quant and model.head.w.quant == quant
+    # its decode steps run on the engine, as the model it was converted from (it used to load without one)
+    assert isinstance(model.decoder, InferenceEngine) and model.decoder.describe() == want.decoder.describe()
 
 
 def test_the_layout_on_disk(hf_dir, tmp_path):

@@ -32,7 +32,14 @@ from moelab.config.model import ModelConfig
 from moelab.hf.reader import Checkpoint
 from moelab.inference.formats import check_quant, load_linear_weight
 from moelab.inference.offload import check_budget, offload_experts, return_freed_memory
-from moelab.inference.prepare import ROW_DIM, InferenceLinear, install_linear, linear_slots, moe_stores
+from moelab.inference.prepare import (
+    ROW_DIM,
+    InferenceLinear,
+    install_linear,
+    linear_slots,
+    moe_stores,
+    prepare_inference,
+)
 from moelab.inference.quantized_experts import ExpertWeights, QuantizedExperts
 from moelab.layer.experts import ExpertStore
 from moelab.model.transformer import MoETransformer
@@ -115,7 +122,7 @@ def load_quantized(ckpt: str | Path, config: dict[str, Any], *, max_memory_gb: f
         raise
     if max_memory_gb is None:
         reader.close()
-    return model.eval().requires_grad_(False)
+    return prepare_inference(model)  # already converted: its decode engine and portable state_dict, nothing requantized
 
 
 def _fill(model: MoETransformer, reader: Checkpoint, budget: bool) -> dict[int, list]:
