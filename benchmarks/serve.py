@@ -50,8 +50,9 @@ def stream_one(url: str, model: str, prompt: str, max_tokens: int, seed: int = 0
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
             "stream": True,
             "stream_options": {"include_usage": True}}
-    if os.environ.get("SERVE_BENCH_IGNORE_EOS"):
-        body["ignore_eos"] = True  # llama-server: decode all max_tokens like moelab on a random model
+    if os.environ.get("SERVE_BENCH_IGNORE_EOS"):  # llama-server, like for like with moelab:
+        body["ignore_eos"] = True  # decode all max_tokens (moelab does on a random model: no end-of-text id)
+        body.update(cache_prompt=False, top_k=0, top_p=1.0, min_p=0.0)  # read every prompt; sample as moelab does
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     resp = conn.getresponse()
