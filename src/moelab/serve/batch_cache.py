@@ -72,6 +72,8 @@ def add_rows(batch: KVCache | None, prompts: list[int], shapes: list[tuple[int, 
         old_pad = batch.pad if batch.pad is not None else torch.zeros(B, dtype=torch.long, device=batch.k[0].device)
     else:
         B, L, old_pad = 0, 0, torch.zeros(0, dtype=torch.long, device=like.device)
+    if B and not prompts:  # no new row: the same buffers (nothing copied)
+        return KVCache(k=batch.k, v=batch.v, pad=old_pad, lengths=batch.lengths), []
     shift = max(0, max(prompts, default=0) - 1 - L)
     new_L = L + shift
     pads = [new_L - P + 1 for P in prompts]
