@@ -156,8 +156,8 @@ def model_bytes(path: str, quant: str | None) -> dict:
     counted = sum(m.experts.nbytes * m.cfg.top_k // m.experts.n_experts for m in moes if hasattr(m.experts, "nbytes"))
     base = decode_bytes(model, 0)
     return {"non_expert": base - counted, "per_expert": sum(store) / (len(moes) * cfg.moe.n_experts) if moes else 0.0,
-            "kv_per_pos": decode_bytes(model, 1) - base, "n_experts": cfg.moe.n_experts, "top_k": cfg.moe.top_k,
-            "n_moe": len(moes)}
+            "kv_per_pos": decode_bytes(model, 1) - base, "n_experts": cfg.moe.n_experts if cfg.moe else 0,
+            "top_k": cfg.moe.top_k if cfg.moe else 0, "n_moe": len(moes)}
 
 
 def sizes_of(path: str, quant: str | None, cache: str | None) -> dict:
