@@ -188,8 +188,11 @@ def test_an_interrupted_convert_leaves_nothing_and_runs_again(hf_source, tmp_pat
     def interrupted(*extra: str) -> None:
         """Run the convert, SIGINT it while it sits in the middle of writing its checkpoint (the test hook's
         pause, after the safetensors files), and check it stops with 130."""
+        # SIGINT at its default in the child: a shell without job control starts background jobs with it ignored,
+        # and Python then installs no KeyboardInterrupt handler (the child would sleep through the signal)
         proc = subprocess.Popen([*cmd, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "MOELAB_TEST_CHECKPOINT_PAUSE": "600"})
+                                env={**os.environ, "MOELAB_TEST_CHECKPOINT_PAUSE": "600"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300  # not a timing threshold: how long to wait for a hung child
         while not list(out.glob("checkpoints/.tmp-step_*/trainer.safetensors")):
             if proc.poll() is not None or time.monotonic() > deadline:
