@@ -525,3 +525,21 @@ def test_on_the_kernels_new_prompts_are_read_in_the_running_step_and_each_gets_i
     _run_engine(Engine(model, _words, None, max_batch=4, prefill_chunk=20), sampled)
     assert [r.generated for r in sampled] == [generate(model, p, 12, temperature=1.0, top_p=0.9, seed=i)
                                               for i, p in enumerate(prompts[:8])]
+
+
+def test_add_rows_places_each_prompt_to_end_at_the_next_position_and_copies_nothing_without_one():
+    """Rows of 3 and 5 positions (L = 5): prompts of 4 and 7 tokens must end at position L, so the 7-token one needs
+    the batch shifted right by one; the old rows' keys move with it, the new rows are empty, every pad is where its
+    row's first token is. A step with no new prompt keeps the same buffers (no copy of the cache)."""
+    rows = []
+    for n in (3, 5):
+        c = KVCache()
+        c.update(0, torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4))
+        rows.append(c)
+    batch = batch_cache.join(batch_cache.join(None, rows[0]), rows[1])
+    grown, pads = batch_cache.add_rows(batch, [4, 7], [(2, 4)], batch.k[0])
+    assert grown.length == 6 and pads == [3, 0] and grown.pad.tolist() == [3, 1, 3, 0]
+    assert torch.equal(grown.k[0][:2, :, 1:6], batch.k[0][:, :, :5])
+    assert not grown.k[0][2:].any() and not grown.k[0][:2, :, :1].any()
+    same, none = batch_cache.add_rows(grown, [], [], grown.k[0])
+    assert none == [] and same.k[0] is grown.k[0] and same.v[0] is grown.v[0] and same.lengths is grown.lengths

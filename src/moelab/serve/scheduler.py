@@ -247,8 +247,8 @@ class Engine:
         self.prefilling = [r for r in self.prefilling if r not in new]
         B, engine = len(self.rows), self.model.decoder
         try:
-            self.cache, pads = batch_cache.add_rows(self.cache, [len(r.prompt) for r in new], engine.kv_shapes(),
-                                                    self.model.embed.weight)
+            self.cache, pads = batch_cache.add_rows(self.cache, [len(r.prompt) for r in new],
+                                                    engine.kv_shapes() if new else [], self.model.embed.weight)
             L, pad = self.cache.length, self.cache.pad.tolist()
             ids = [r._last for r in self.rows] + [t for r in new for t in r.prompt]
             rows = list(range(B)) + [B + j for j, r in enumerate(new) for _ in r.prompt]
