@@ -614,38 +614,17 @@ typedef struct {
  *   h = RMSNorm(x; norm_w);  q|k|v = h·Wqkvᵀ (+ bias);  q, k = RMSNorm per head, or over all heads (qk_full),
  *   (q_w, k_w: optional) then RoPE;
  *   k, v appended to the cache at position L;  a = attention(q; keys and values 0..L);  out = x + (a·Woᵀ (+ bias)).
- * Cache element (g, j, d) at g·sg + j·sl + d. Returns nonzero when out of memory. */
+ * Cache element (g, j, d) at g·sg + j·sl + d. Returns nonzero when out of memory. The B-row step (attention_rows,
+ * below) with one row placed at L: one implementation for both. */
+static int attention_rows(const attn_args_t *a, int B, const void *x, void *out, const float *cos, const float *sin,
+                          void *kbuf, void *vbuf, long long sb, long long sg, long long sl, const place_t *pl,
+                          int threads);
+
 int moelab_attention_block(const attn_args_t *a, const void *x, void *out, const float *cos, const float *sin,
                            void *kbuf, void *vbuf, long long sg, long long sl, int L, int threads) {
-    const int bf16 = a->bf16, H = a->H, G = a->G, Dh = a->Dh;
-    const int D = a->wqkv->k, nq = H * Dh, nk = G * Dh, nqkv = nq + 2 * nk;
-    const size_t es = bf16 ? 2 : 4;
-    char *mem = malloc(es * ((size_t)D + 2 * (size_t)nqkv + 2 * (size_t)nq + (size_t)D));
-    if (!mem) return 1;
-    void *h = mem, *qkv = mem + es * D, *qk = (char *)qkv + es * nqkv, *att = (char *)qk + es * nqkv,
-         *o = (char *)att + es * 2 * nq;
-    int err = 0;
-    moelab_rms_norm(x, h, a->norm_w, bf16, 1, D, 1, a->eps);
-    err |= moelab_linear(a->wqkv, h, bf16, 1, qkv, bf16, threads);
-    if (a->qkv_bias) add_into(qkv, qkv, a->qkv_bias, (size_t)nqkv, bf16);
-    if (a->q_w) {
-        const int qr = a->qk_full ? 1 : H, kr = a->qk_full ? 1 : G, qd = a->qk_full ? nq : Dh, kd = a->qk_full ? nk : Dh;
-        moelab_rms_norm(qkv, qkv, a->q_w, bf16, qr, qd, 1, a->qk_eps);
-        moelab_rms_norm((char *)qkv + es * nq, (char *)qkv + es * nq, a->k_w, bf16, kr, kd, 1, a->qk_eps);
-    }
-    moelab_rope(qkv, qk, bf16, H + G, Dh, a->rot, cos, sin);
-    for (int g = 0; g < G; g++) {
-        size_t at = (size_t)g * sg + (size_t)L * sl;
-        memcpy((char *)kbuf + es * at, (char *)qk + es * ((size_t)nq + (size_t)g * Dh), es * Dh);
-        memcpy((char *)vbuf + es * at, (char *)qkv + es * ((size_t)nq + nk + (size_t)g * Dh), es * Dh);
-    }
-    err |= moelab_decode_attention(qk, bf16, kbuf, vbuf, att, 1, H, G, L + 1, Dh, 0, sg, sl, 0, sg, sl, bf16, a->scale,
-                                   threads);
-    err |= moelab_linear(a->wo, att, bf16, 1, o, bf16, threads);
-    if (a->o_bias) add_into(o, o, a->o_bias, (size_t)D, bf16);
-    add_into(out, x, o, (size_t)D, bf16);
-    free(mem);
-    return err;
+    const long long first = 0, at = L; /* the one row: cache row 0, position L, every key from 0 */
+    const place_t pl = {&first, &at, &first};
+    return attention_rows(a, 1, x, out, cos, sin, kbuf, vbuf, 0, sg, sl, &pl, threads);
 }
 
 /* Top-k softmax routing of one token, as moelab.routing.Router computes it for a "topk_softmax" router:
