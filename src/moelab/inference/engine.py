@@ -209,7 +209,7 @@ class InferenceEngine:
             return None
         blocks = self.model.blocks
         if self.table is not None:
-            if not self._reserve(x, cache):
+            if not self._reserve(cache, 1, 1, x):
                 return None
             experts = torch.empty(self.table.n, self.table.k, dtype=torch.int64) if self.table.k else None
             x = native.decode_layers(self.table, x, cos, sin, start, experts)
@@ -234,14 +234,14 @@ class InferenceEngine:
                 auxes.append(aux)
         return x, auxes
 
-    def _reserve(self, x: Tensor, cache: KVCache) -> bool:
-        """Room for x's positions [B, S, D] in every layer's cache, the table pointed at the buffers; False when the
-        layers' lengths differ."""
+    def _reserve(self, cache: KVCache, rows: int, S: int, like: Tensor) -> bool:
+        """Room for S more positions of `rows` rows in every layer's cache (new buffers: like's dtype), the table
+        pointed at the buffers; False when the layers' lengths differ."""
         L = cache.length
         for i, plan in enumerate(self.blocks):
             s = plan.attn.struct
-            shape = (x.shape[0], s.G, x.shape[1], s.Dh)
-            if cache.reserve(i, shape, shape, x) != L:
+            shape = (rows, s.G, S, s.Dh)
+            if cache.reserve(i, shape, shape, like) != L:
                 return False
             self.table.set_cache(i, cache.k[i], cache.v[i])
         return True
@@ -251,7 +251,7 @@ class InferenceEngine:
         by the same `native.decode_rows` call or an earlier one (`_tokens`)."""
         B, S, D = x.shape
         L = cache.length
-        if not self._reserve(x, cache):
+        if not self._reserve(cache, B, S, x):
             return None
         r, T = self.table.rot, B * S
         cos, sin = (t.reshape(-1, S, r).expand(B, S, r).reshape(T, r) for t in (cos, sin))  # [S or B·S, r] -> [T, r]
@@ -297,11 +297,8 @@ class InferenceEngine:
             raise ValueError("step_tokens: this model's blocks do not all run on moelab's kernels (takes_rows)")
         model, T = self.model, ids.shape[0]
         L, top = cache.length, int(positions.max()) + 1 if T else cache.length
-        for i, plan in enumerate(self.blocks):
-            s = plan.attn.struct
-            shape = (cache.k[i].shape[0], s.G, max(1, top - L), s.Dh)
-            cache.reserve(i, shape, shape, cache.k[i])
-            self.table.set_cache(i, cache.k[i], cache.v[i])
+        if not self._reserve(cache, cache.k[0].shape[0], max(1, top - L), cache.k[0]):
+            raise ValueError("step_tokens: the cache's layers hold different lengths")
         x = model.embed_tokens(ids[:, None].to(model.embed.weight.device))  # [T, 1, D]
         angle = positions - start
         if T and (int(angle.min()) < 0 or int(angle.max()) >= model.rope_cos.shape[0]):
