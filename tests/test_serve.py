@@ -408,7 +408,8 @@ from moelab.serve.server import build, run
 loaded = load_model(sys.argv[1])
 forward = loaded.model.forward
 loaded.model.forward = lambda *a, **k: (time.sleep(0.02), forward(*a, **k))[1]
-run(create_app(build(loaded, model_name="tiny")), "127.0.0.1", int(sys.argv[2]), "warning")
+served = build(loaded, model_name="tiny", start=False)  # as `moelab serve`: the engine on this thread, HTTP on another
+run(create_app(served), "127.0.0.1", int(sys.argv[2]), "warning", engine=served.engine)
 print("exited cleanly", flush=True)
 """
 
@@ -439,6 +440,33 @@ def test_sigterm_drains_the_open_streams_and_exits_0(hf_dir):
     assert "".join(p.choices[0].text for p in parts) == _solo(_model(), "t6 t7", 40)
     assert parts[-1].choices[0].finish_reason == "length"
     assert "exited cleanly" in proc.stdout.read()
+
+
+def test_run_with_the_engine_on_this_thread_stops_it_when_uvicorn_cannot_start(hf_dir):
+    """`run(..., engine=)` runs the engine loop on the calling thread: when uvicorn fails (the port is taken) the
+    loop is stopped and uvicorn's exit is raised here, instead of the engine waiting forever."""
+    from moelab.serve.server import run
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    served = build(load_model(hf_dir), model_name="tiny", start=False)
+    done: list = []
+
+    def serve() -> None:
+        try:
+            run(create_app(served), "127.0.0.1", taken.getsockname()[1], "critical", engine=served.engine)
+        except BaseException as e:  # noqa: BLE001
+            done.append(e)
+
+    thread = threading.Thread(target=serve, daemon=True)  # a thread: signal handlers cannot be set there
+    try:
+        thread.start()
+        thread.join(60)
+    finally:
+        taken.close()
+    assert not thread.is_alive(), "run() kept the engine loop going after uvicorn had failed"
+    assert len(done) == 1 and isinstance(done[0], SystemExit) and done[0].code  # uvicorn: 3, a failed startup
 
 
 def test_cli_bad_values_are_one_line_errors(hf_dir, capsys):

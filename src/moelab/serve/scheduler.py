@@ -165,7 +165,8 @@ class Engine:
             self._lock.notify()
 
     def start(self) -> Engine:
-        self._thread = threading.Thread(target=self._run, name="moelab-engine", daemon=True)
+        """Run the loop (`run`) on a new thread."""
+        self._thread = threading.Thread(target=self.run, name="moelab-engine", daemon=True)
         self._thread.start()
         return self
 
@@ -187,7 +188,15 @@ class Engine:
         return len(self.rows)
 
     # -- the engine thread -----------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The loop, on the calling thread, until `stop` (with drain: once nothing is waiting or running).
+
+        Which thread runs it matters for speed on the CPU: the kernels and torch run their parallel work on the
+        OpenMP thread team of the calling thread, and libgomp cuts the time a team's idle threads wait actively
+        for the next parallel region (from 300,000 spins to 100) once the process holds more OpenMP threads than cores —
+        a second team (the loader's, left on the main thread, and the engine thread's) is enough, and then
+        every region boundary of a step sleeps and wakes through the kernel. `moelab serve` therefore runs this
+        loop on the main thread, where the model was loaded, and HTTP on another thread."""
         while True:
             with self._lock:
                 while not (self.waiting or self.prefilling or self.rows or self._stop):

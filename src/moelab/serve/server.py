@@ -1,11 +1,13 @@
 """`moelab serve PATH`: load a checkpoint as `moelab generate` does, start the engine, serve the app with uvicorn.
 
-    served = build(load_model(path), max_batch=16)      # the engine (started) and what the app needs
+    served = build(load_model(path), max_batch=16)      # the engine (started on a thread) and what the app needs
     app = create_app(served)                            # moelab.serve.app
     serve(path, port=8000)                              # all of it, until SIGTERM / SIGINT (then drains)
 
 uvicorn handles SIGTERM and SIGINT: it stops accepting connections, lets the open responses (streams included)
 finish, then the app's shutdown stops the engine once it has drained; `serve` returns and the process exits 0.
+`serve` runs the engine loop on the main thread (where the model was loaded) and uvicorn on a second thread: the
+kernels' OpenMP threads then belong to one team only (`moelab.serve.scheduler.Engine.run` says why that matters).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,9 +45,11 @@ def load(path: str | Path, *, quant: str | None = None, group_size: int = 32, ma
 
 
 def build(loaded: Any, *, model_name: str | None = None, max_batch: int = 16, max_queue: int = 64,
-          max_tokens_in_flight: int | None = None, prefill_chunk: int = 256, api_key: str | None = None) -> Served:
-    """The started engine over `loaded` (a LoadedModel) and what `create_app` needs: its name (None: the
-    directory's name), encoders, chat template (None when the checkpoint has none), metrics."""
+          max_tokens_in_flight: int | None = None, prefill_chunk: int = 256, api_key: str | None = None,
+          start: bool = True) -> Served:
+    """The engine over `loaded` (a LoadedModel; started on its own thread unless `start` is False — then `run`
+    runs it) and what `create_app` needs: its name (None: the directory's name), encoders, chat template (None when
+    the checkpoint has none), metrics."""
     from moelab.data.chat import ChatTemplate
     from moelab.inference.offload import expert_cache
 
@@ -70,7 +75,7 @@ def build(loaded: Any, *, model_name: str | None = None, max_batch: int = 16, ma
     engine_ref["engine"] = engine
     path = Path(loaded.path)
     template = ChatTemplate.from_dir(path if path.is_dir() else path.parent)
-    return Served(engine.start(), model_name or path.resolve().name, loaded.prompt_ids,
+    return Served(engine.start() if start else engine, model_name or path.resolve().name, loaded.prompt_ids,
                   lambda text: tok.encode(text, add_special_tokens=False).ids, template, metrics, api_key,
                   int(time.time()))
 
@@ -91,15 +96,17 @@ def serve(path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, quant:
     loaded = load(path, quant=quant, group_size=group_size, max_memory_gb=max_memory_gb, policy=policy,
                   prefetch=prefetch)
     served = build(loaded, model_name=model_name, max_batch=max_batch, max_queue=max_queue,
-                   max_tokens_in_flight=max_tokens_in_flight, api_key=api_key)
-    run(create_app(served), host, port, log_level)
+                   max_tokens_in_flight=max_tokens_in_flight, api_key=api_key, start=False)
+    run(create_app(served), host, port, log_level, engine=served.engine)
     return 0
 
 
-def run(app: Any, host: str, port: int, log_level: str = "info") -> None:
-    """uvicorn over `app` in this thread until SIGTERM / SIGINT (graceful: open responses finish first; a second
-    SIGINT forces the exit). Returns normally then: uvicorn itself re-raises the signal after its shutdown, which
-    would end the process with status −15 instead of 0 once the requests have drained."""
+def run(app: Any, host: str, port: int, log_level: str = "info", engine: Engine | None = None) -> None:
+    """uvicorn over `app` until SIGTERM / SIGINT (graceful: open responses finish first; a second SIGINT forces the
+    exit). With `engine` (not started), uvicorn runs on a second thread and the engine loop on this one, until the
+    app's shutdown has stopped it; otherwise uvicorn runs on this thread. Returns normally then: uvicorn itself
+    re-raises the signal after its shutdown, which would end the process with status −15 instead of 0 once the
+    requests have drained. An error of uvicorn's (the port taken, say) is raised here."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -108,7 +115,32 @@ def run(app: Any, host: str, port: int, log_level: str = "info") -> None:
                 self.force_exit = True
             self.should_exit = True
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")).run()
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+    if engine is None:
+        server.run()
+        return
+    failed: list[BaseException] = []
+
+    def http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # noqa: BLE001 — uvicorn exits with SystemExit(1) when it cannot start
+            failed.append(e)
+        finally:
+            engine.stop(drain=True)  # after the app's shutdown (a no-op then), or when uvicorn never started
+
+    handlers = ({sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})  # only the main thread can
+    thread = threading.Thread(target=http, name="moelab-http", daemon=True)
+    try:
+        thread.start()
+        engine.run()
+        thread.join()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if failed and not (isinstance(failed[0], SystemExit) and not failed[0].code):
+        raise failed[0]
 
 
 def _loopback(host: str) -> bool:
