@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py --model DIR [--clients 1,2,4,8,16,32,64] [--max-tokens 64] [--quant int4]
     python benchmarks/serve.py --url http://127.0.0.1:8080 --model DIR   # a server already running (llama-server)
+    python benchmarks/serve.py --model DIR --against http://127.0.0.1:8080  # moelab and that server, N by N
     python benchmarks/serve.py --make-tiny DIR                           # a small random checkpoint to try it on
     ... --plot tokens_per_s.png                                          # tokens/s against N, with the bound
 
@@ -42,7 +43,7 @@ from urllib.parse import urlparse
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 
-def stream_one(url: str, model: str, prompt: str, max_tokens: int, seed: int = 0) -> dict:
+def stream_one(url: str, model: str, prompt: str, max_tokens: int, seed: int = 0, external: bool = True) -> dict:
     """One streaming completion (sampled at temperature 1 with `seed`, so that concurrent streams differ as users'
     do): the send time, the arrival time of each chunk with text, the tokens generated."""
     u = urlparse(url)
@@ -50,7 +51,7 @@ def stream_one(url: str, model: str, prompt: str, max_tokens: int, seed: int = 0
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 1.0, "seed": seed,
             "stream": True,
             "stream_options": {"include_usage": True}}
-    if os.environ.get("SERVE_BENCH_IGNORE_EOS"):  # llama-server, like for like with moelab:
+    if external and os.environ.get("SERVE_BENCH_IGNORE_EOS"):  # llama-server, like for like with moelab:
         body["ignore_eos"] = True  # decode all max_tokens (moelab does on a random model: no end-of-text id)
         body.update(cache_prompt=False, top_k=0, top_p=1.0, min_p=0.0)  # read every prompt; sample as moelab does
     t0 = time.perf_counter()
@@ -89,13 +90,14 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
-def phase(url: str, model: str, n: int, requests: int, max_tokens: int) -> dict:
+def phase(url: str, model: str, n: int, requests: int, max_tokens: int, external: bool = True) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
 
     def client(i: int) -> None:
         for r in range(requests):
-            res = stream_one(url, model, PROMPT + f"# client {i} request {r}\n", max_tokens, seed=1000 * i + r)
+            res = stream_one(url, model, PROMPT + f"# client {i} request {r}\n", max_tokens, seed=1000 * i + r,
+                             external=external)
             with lock:
                 results.append(res)
 
@@ -233,6 +235,19 @@ def plot(runs: list[dict], out: str) -> None:
     print(f"plot: {out}")
 
 
+def wait_for(url: str, model_name: str | None) -> str:
+    """Wait until the server at `url` answers /v1/models; the model id to send (`model_name`, else its first)."""
+    u = urlparse(url)
+    for _ in range(1200):
+        try:
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+            conn.request("GET", "/v1/models")
+            return model_name or json.loads(conn.getresponse().read())["data"][0]["id"]
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.25)
+    raise SystemExit(f"{url} did not answer")
+
+
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -246,6 +261,9 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint directory (served by moelab, and the weights of the bound)")
     p.add_argument("--url", help="an OpenAI-compatible server already running (None: start `moelab serve --model`)")
     p.add_argument("--model-name", default=None, help="the model id to send (None: the server's first)")
+    p.add_argument("--against", metavar="URL", help="a second OpenAI-compatible server (llama-server) measured at "
+                   "each N right after the first: the two side by side in one run, with their ratio")
+    p.add_argument("--against-label", default=None, help="its name in the tables, --save and the plot")
     p.add_argument("--clients", default="1,2,4,8,16,32,64")
     p.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -277,48 +295,49 @@ def main() -> None:
         env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(1200):
-            try:
-                u = urlparse(url)
-                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
-                conn.request("GET", "/v1/models")
-                models = json.loads(conn.getresponse().read())["data"]
-                break
-            except (OSError, ValueError, KeyError):
-                time.sleep(0.25)
-        else:
-            raise SystemExit(f"{url} did not answer")
-        name = args.model_name or models[0]["id"]
-        stream_one(url, name, PROMPT, 4)  # warm-up
+        targets = [(args.label or ("moelab serve" if proc else url), url, proc is None)]
+        if args.against:
+            targets.append((args.against_label or args.against, args.against, True))
+        names = [wait_for(u, args.model_name) for _, u, _ in targets]
+        for (_, u, ext), name in zip(targets, names):
+            stream_one(u, name, PROMPT, 4, external=ext)  # warm-up
         bw = read_bandwidth()
         context = 20 + args.max_tokens / 2  # the mean KV positions of a row: ~ prompt tokens + half the new ones
         print(f"server {url} ({'moelab serve' if proc else 'external'}), model {args.model}, quant {args.quant}, "
               f"read bandwidth {bw / 1e9:.1f} GB/s; non-expert {sizes['non_expert'] / 1e6:.1f} MB, expert "
               f"{sizes['per_expert'] / 1e6:.2f} MB x {sizes['n_experts']} x {sizes['n_moe']} layers, "
-              f"top-{sizes['top_k']}")
-        print("|  N | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | batch | experts/layer/step (uniform) "
-              "| bound tokens/s | of bound |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        rows = []
+              f"top-{sizes['top_k']}" + (f"; against {args.against} (each N: this server, then that one)"
+                                         if args.against else ""))
+        print("| engine |  N | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | batch | experts/layer/step "
+              "(uniform) | bound tokens/s | of bound |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        rows: list[list[dict]] = [[] for _ in targets]
         for n in ns:
-            r = phase(url, name, n, args.requests, args.max_tokens)
             b = bound(sizes, n, context, bw)
-            batch = f"{r['batch']:.1f}" if r["batch"] is not None else "n/a"
-            touched = (f"{r['touched']:.2f} ({r['touched_uniform']:.2f})" if r["touched"] is not None else "n/a")
-            print(f"| {n} | {r['tokens_per_s']:.1f} | {1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | "
-                  f"{1e3 * r['itl_p50']:.1f} / {1e3 * r['itl_p99']:.1f} | {batch} | {touched} | {b:.0f} | "
-                  f"{100 * r['tokens_per_s'] / b:.1f} % |", flush=True)
-            rows.append({**r, "bound": b, "bandwidth": bw})
-        label = args.label or ("moelab serve" if proc else url)
+            for (label, u, ext), name, kept in zip(targets, names, rows):
+                r = phase(u, name, n, args.requests, args.max_tokens, external=ext)
+                batch = f"{r['batch']:.1f}" if r["batch"] is not None else "n/a"
+                touched = (f"{r['touched']:.2f} ({r['touched_uniform']:.2f})" if r["touched"] is not None else "n/a")
+                print(f"| {label} | {n} | {r['tokens_per_s']:.1f} | {1e3 * r['ttft_p50']:.0f} / "
+                      f"{1e3 * r['ttft_p99']:.0f} | {1e3 * r['itl_p50']:.1f} / {1e3 * r['itl_p99']:.1f} | {batch} | "
+                      f"{touched} | {b:.0f} | {100 * r['tokens_per_s'] / b:.1f} % |", flush=True)
+                kept.append({**r, "bound": b, "bandwidth": bw})
+        if args.against:
+            print(f"\n|  N | {targets[0][0]} | {targets[1][0]} | ratio |\n|---:|---:|---:|---:|")
+            for a, o in zip(*rows):
+                print(f"| {a['n']} | {a['tokens_per_s']:.1f} | {o['tokens_per_s']:.1f} | "
+                      f"{a['tokens_per_s'] / o['tokens_per_s']:.2f} |")
         if args.save:
             runs = json.loads(Path(args.save).read_text()) if Path(args.save).exists() else []
-            runs = [run for run in runs if run["label"] != label]
+            runs = [run for run in runs if run["label"] not in {label for label, _, _ in targets}]
             bound_label = f"{Path(args.model).name}, {args.quant or 'checkpoint dtype'}"
-            runs.append({"label": label, "bound_label": bound_label, "rows": rows})
+            runs += [{"label": label, "bound_label": bound_label, "rows": kept}
+                     for (label, _, _), kept in zip(targets, rows)]
             Path(args.save).write_text(json.dumps(runs, indent=1))
         if args.plot:
             plot(json.loads(Path(args.save).read_text()) if args.save else
-                 [{"label": label, "bound_label": "this run", "rows": rows}], args.plot)
+                 [{"label": label, "bound_label": "this run", "rows": kept} for (label, _, _), kept in
+                  zip(targets, rows)], args.plot)
     finally:
         if proc is not None:
             proc.terminate()

@@ -50,7 +50,7 @@ def test_seeded_draws_follow_the_distribution():
 def test_greedy_and_non_finite_logits():
     assert sample_next(torch.tensor(LOGITS), 0.0, 0.5, None) == 0
     assert next_token_probs(torch.tensor(LOGITS), 0.0, 1.0).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
-    for bad in (float("nan"), float("inf")):
+    for bad in (float("nan"), float("inf"), float("-inf")):
         with pytest.raises(ValueError, match="non-finite logits"):
             sample_next(torch.tensor([0.0, bad]), 1.0, 1.0, None)
 
