@@ -299,8 +299,9 @@ static inline void unit(const weight_t *w, int u, const act_t *a, float *out) {
 
 /* unit u for n activation rows: row i's outputs to base[i] + off (int4: up to 4 rows per pass over the tile). */
 static inline void units(const weight_t *w, int u, const act_t *const *acts, float *const *base, size_t off, int n) {
-    if (w->fmt == F_BF16 && n <= 4) { /* measured: one pass for 2-4 rows is faster; for more, a pass per row */
-        dot_bf16_rows((const uint16_t *)w->q + (size_t)u * w->k, acts, n, base, off);
+    if (w->fmt == F_BF16) { /* up to 4 rows per pass over the weight row: 8 accumulation chains instead of 2 */
+        for (int i = 0; i < n; i += 4)
+            dot_bf16_rows((const uint16_t *)w->q + (size_t)u * w->k, acts + i, n - i < 4 ? n - i : 4, base + i, off);
         return;
     }
     if (w->fmt != F_INT4) {
@@ -313,6 +314,27 @@ static inline void units(const weight_t *w, int u, const act_t *const *acts, flo
         for (int r = 0; r < R; r++) o[r] = base[i + r] + off;
         tile_int4_rows(w, u, acts + i, R, o);
     }
+}
+
+/* Units per panel: 64 KiB of bf16 weight rows, which stay in L2 while each block of 4 activation rows (in L1)
+ * passes over them — the activations are then read once per panel, not once per weight row; other formats one unit
+ * (their tiles are unpacked once per block of rows, in `units`). */
+static inline int panel_units(const weight_t *w, int n) {
+    return n > 4 && w->fmt == F_BF16 && w->k < 32768 ? 32768 / w->k : 1; /* up to 4 rows: one block, no panels */
+}
+
+/* The units of panel p (P units per panel, nu in all) for n activation rows, as `units` computes them. */
+static inline void panel(const weight_t *w, int p, int P, int nu, const act_t *const *acts, float *const *base,
+                         int n) {
+    const int u0 = p * P, u1 = u0 + P < nu ? u0 + P : nu;
+    if (w->fmt != F_BF16) {
+        for (int u = u0; u < u1; u++) units(w, u, acts, base, (size_t)u * unit_rows(w), n);
+        return;
+    }
+    for (int i = 0; i < n; i += 4)
+        for (int u = u0; u < u1; u++)
+            dot_bf16_rows((const uint16_t *)w->q + (size_t)u * w->k, acts + i, n - i < 4 ? n - i : 4, base + i,
+                          (size_t)u);
 }
 
 /* y [M, N] = x [M, K] · Wᵀ. Rows of x are prepared once; W is read once per tile of up to 32 rows of x. */
@@ -334,8 +356,9 @@ static int linear_f32(const weight_t *w, const float *x, int m, float *y, int th
             for (int i = 0; i < m; i++) act_prepare(&acts[i], x + (size_t)i * k, w->fmt);
             for (int m0 = 0; m0 < m; m0 += tile) {
                 int m1 = m0 + tile < m ? m0 + tile : m;
+                const int P = panel_units(w, m1 - m0);
 #pragma omp for schedule(static)
-                for (int u = 0; u < n / ur; u++) units(w, u, pa + m0, py + m0, (size_t)u * ur, m1 - m0);
+                for (int p = 0; p < (n / ur + P - 1) / P; p++) panel(w, p, P, n / ur, pa + m0, py + m0, m1 - m0);
             }
         }
     }
@@ -782,9 +805,10 @@ static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *d
             for (int b = 0; b < B; b++) act_prepare(&ax[b], x + (size_t)b * D, gate_up[0]->fmt);
             for (int e = 0; e < E; e++) {
                 if (off[e] == off[e + 1]) continue;
+                const int pg = panel_units(gate_up[e], off[e + 1] - off[e]);
 #pragma omp for schedule(static) nowait
-                for (int u = 0; u < H / ug; u++)
-                    units(gate_up[e], u, ga + off[e], gh + off[e], (size_t)u * ug, off[e + 1] - off[e]);
+                for (int p = 0; p < (H / ug + pg - 1) / pg; p++)
+                    panel(gate_up[e], p, pg, H / ug, ga + off[e], gh + off[e], off[e + 1] - off[e]);
             }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -796,9 +820,10 @@ static int moe_rows_f32(const weight_t *const *gate_up, const weight_t *const *d
             }
             for (int e = 0; e < E; e++) {
                 if (off[e] == off[e + 1]) continue;
+                const int pd = panel_units(down[e], off[e + 1] - off[e]);
 #pragma omp for schedule(static) nowait
-                for (int u = 0; u < D / ud; u++)
-                    units(down[e], u, da + off[e], dp + off[e], (size_t)u * ud, off[e + 1] - off[e]);
+                for (int p = 0; p < (D / ud + pd - 1) / pd; p++)
+                    panel(down[e], p, pd, D / ud, da + off[e], dp + off[e], off[e + 1] - off[e]);
             }
 #pragma omp barrier
 #pragma omp for schedule(static)
