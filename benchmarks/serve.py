@@ -17,7 +17,8 @@ to the uniform-routing count E·(1 − (1 − k/E)^B).
 
 The bound (tokens/s no engine can beat with N rows on this machine): a decode step reads the non-expert weights once,
 the experts N uniform independent choices touch in every MoE layer (E·(1 − (1 − k/E)^N)), and the KV cache of the N
-rows; over the read bandwidth measured in this run (one pass over a 512 MB tensor), N / (bytes per step / bandwidth).
+rows; over the read bandwidth measured right before each N (the best of three passes over a 512 MB tensor), N / (bytes
+per step / bandwidth).
 The same curve for every engine serving those weights; the measured batch and experts per step are printed beside it.
 With --save, each run (--label) is kept in a JSON file and --plot draws every run kept there with its bound:
 
@@ -301,18 +302,18 @@ def main() -> None:
         names = [wait_for(u, args.model_name) for _, u, _ in targets]
         for (_, u, ext), name in zip(targets, names):
             stream_one(u, name, PROMPT, 4, external=ext)  # warm-up
-        bw = read_bandwidth()
         context = 20 + args.max_tokens / 2  # the mean KV positions of a row: ~ prompt tokens + half the new ones
         print(f"server {url} ({'moelab serve' if proc else 'external'}), model {args.model}, quant {args.quant}, "
-              f"read bandwidth {bw / 1e9:.1f} GB/s; non-expert {sizes['non_expert'] / 1e6:.1f} MB, expert "
+              f"non-expert {sizes['non_expert'] / 1e6:.1f} MB, expert "
               f"{sizes['per_expert'] / 1e6:.2f} MB x {sizes['n_experts']} x {sizes['n_moe']} layers, "
               f"top-{sizes['top_k']}" + (f"; against {args.against} (each N: this server, then that one)"
                                          if args.against else ""))
         print("| engine |  N | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | batch | experts/layer/step "
-              "(uniform) | bound tokens/s | of bound |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "(uniform) | read GB/s | bound tokens/s | of bound |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         rows: list[list[dict]] = [[] for _ in targets]
         for n in ns:
+            bw = read_bandwidth()  # before each N: this machine's read bandwidth drifts by ±30 % within minutes
             b = bound(sizes, n, context, bw)
             for (label, u, ext), name, kept in zip(targets, names, rows):
                 r = phase(u, name, n, args.requests, args.max_tokens, external=ext)
@@ -320,7 +321,7 @@ def main() -> None:
                 touched = (f"{r['touched']:.2f} ({r['touched_uniform']:.2f})" if r["touched"] is not None else "n/a")
                 print(f"| {label} | {n} | {r['tokens_per_s']:.1f} | {1e3 * r['ttft_p50']:.0f} / "
                       f"{1e3 * r['ttft_p99']:.0f} | {1e3 * r['itl_p50']:.1f} / {1e3 * r['itl_p99']:.1f} | {batch} | "
-                      f"{touched} | {b:.0f} | {100 * r['tokens_per_s'] / b:.1f} % |", flush=True)
+                      f"{touched} | {bw / 1e9:.1f} | {b:.0f} | {100 * r['tokens_per_s'] / b:.1f} % |", flush=True)
                 kept.append({**r, "bound": b, "bandwidth": bw})
         if args.against:
             print(f"\n|  N | {targets[0][0]} | {targets[1][0]} | ratio |\n|---:|---:|---:|---:|")
