@@ -33,7 +33,8 @@ from moelab.serve.server import build  # noqa: E402
 V = 64
 CFG = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=96,
                   moe=MoEConfig(d_model=32, d_expert=16, n_experts=8, top_k=2))
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+TEMPLATE = ("{% if prefix %}{{ prefix }} {% endif %}{% for w in (extra or []) %}{{ w }} {% endfor %}"
+            "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
@@ -136,6 +137,25 @@ def test_completions_and_chat_streamed_and_not(server, hf_dir):
 
 
 # -- the engine alone ------------------------------------------------------------------------------------------
+def test_chat_template_kwargs_are_variables_of_the_template(server):
+    """vLLM's `chat_template_kwargs` (Qwen3's enable_thinking is one): rendered into the prompt; a bad one is a 400
+    naming the field."""
+    model, msgs = server.loaded.model, [{"role": "user", "content": "t5 t6"}]
+    r = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0,
+                                              extra_body={"chat_template_kwargs": {"prefix": "t9", "extra": ["t8"]}})
+    assert r.choices[0].message.content == _solo(model, "t9 t8 <|user|> t5 t6 <|assistant|>", 4)
+    assert r.usage.prompt_tokens == 6
+    for kwargs, match in [([1], "must be an object"), ({"add_generation_prompt": False}, "is set by the server"),
+                          ({"not a name": 1}, "must be an object"), ({"extra": 5}, "TypeError")]:
+        with pytest.raises(openai.BadRequestError, match=match) as e:
+            server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=1,
+                                                  extra_body={"chat_template_kwargs": kwargs})
+        assert e.value.body["param"] == "chat_template_kwargs"
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs: unrecognized"):
+        server.client.completions.create(model="tiny", prompt="t1", max_tokens=1,
+                                         extra_body={"chat_template_kwargs": {"prefix": "t9"}})
+
+
 def _run_engine(engine: Engine, reqs: list[Request], stagger: float = 0.0) -> None:
     engine.start()
     for r in reqs:

@@ -139,9 +139,11 @@ def create_app(served: Served) -> FastAPI:
             raise api.ApiError(400, f"{served.model_name} has no chat template (tokenizer_config.json chat_template "
                                "or chat_template.jinja): use /v1/completions", "messages")
         try:
-            text = served.template.render(p.messages, add_generation_prompt=True)
-        except ValueError as e:
-            raise api.ApiError(400, str(e), "messages") from None
+            text = served.template.render(p.messages, add_generation_prompt=True, **p.template_kwargs)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # a variable of the wrong shape
+            raise api.ApiError(400, f"{e}" if isinstance(e, ValueError) else f"the chat template failed on this "
+                               f"request: {type(e).__name__}: {e}",
+                               "chat_template_kwargs" if p.template_kwargs else "messages") from None
         return served.encode_chat(text)
 
     async def run(request: Request, p: api.CompletionParams, prompt: list[int], max_tokens: int, chat: bool,

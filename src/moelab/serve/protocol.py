@@ -4,9 +4,10 @@
 
 Accepted: model, prompt (a string, or a list of one string) / messages, max_tokens (max_completion_tokens for
 chat), temperature, top_p, seed, stop (a string or up to 4 strings), stream, stream_options.include_usage, n = 1,
-user; the options that change nothing at their default (echo false, logprobs null, best_of 1, presence and
-frequency penalty 0, ...) are accepted at that default and refused otherwise, naming the field. Unknown fields are
-refused. Error bodies follow the API: {"error": {"message", "type", "param", "code"}}.
+user, and for chat `chat_template_kwargs` (vLLM's and SGLang's extension: more variables for the chat template, e.g.
+{"enable_thinking": false} for Qwen3); the options that change nothing at their default (echo false, logprobs null,
+best_of 1, presence and frequency penalty 0, ...) are accepted at that default and refused otherwise, naming the
+field. Unknown fields are refused. Error bodies follow the API: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "functions": (None, []), "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
     "parallel_tool_calls": (None, True, False), "service_tier": (None, "auto", "default"),
 }
+TEMPLATE_SET = {"messages", "add_generation_prompt"}  # the chat template's variables the server itself sets
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options", "user",
           "metadata", "store"}
 
@@ -55,13 +57,15 @@ class CompletionParams:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # chat: more chat-template variables
 
 
 def parse_completion(body: Any, chat: bool) -> CompletionParams:
     """The request's parameters, or ApiError(400) naming the first bad field and what is allowed."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    allowed = COMMON | set(NEUTRAL) | ({"messages", "max_completion_tokens"} if chat else {"prompt"})
+    allowed = COMMON | set(NEUTRAL) | ({"messages", "max_completion_tokens", "chat_template_kwargs"} if chat
+                                       else {"prompt"})
     for key in body:
         if key not in allowed:
             raise ApiError(400, f"{key}: unrecognized request argument (supported: {', '.join(sorted(allowed))})",
@@ -80,6 +84,16 @@ def parse_completion(body: Any, chat: bool) -> CompletionParams:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
         p.messages = messages
+        kwargs = body.get("chat_template_kwargs")
+        if kwargs is not None:
+            if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+                raise ApiError(400, "chat_template_kwargs must be an object of template variables (names: "
+                               "identifiers), e.g. {\"enable_thinking\": false}", "chat_template_kwargs")
+            taken = sorted(set(kwargs) & TEMPLATE_SET)
+            if taken:
+                raise ApiError(400, f"chat_template_kwargs: {', '.join(taken)} is set by the server (allowed: any "
+                               f"other variable)", "chat_template_kwargs")
+            p.template_kwargs = kwargs
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
