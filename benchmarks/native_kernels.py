@@ -18,6 +18,7 @@ sweep (where the native column stops winning).
 
     python benchmarks/native_kernels.py                 # Qwen3-MoE-30B-A3B-like widths: D 2048, expert 768
     python benchmarks/native_kernels.py --rows 1,2,4,8,16,64 --formats int8
+    python benchmarks/native_kernels.py --formats bf16 --f-linear --shapes 32000x2048,3072x2048 --rows 4,8,16,32
 """
 
 from __future__ import annotations
@@ -49,15 +50,18 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
-def weights(fmt: str, N: int, K: int, count: int) -> list[tuple[native.NativeWeight, object, int]]:
-    """(native weight, torch-kernel callable x ↦ y, bytes) for `count` random [N, K] weights."""
+def weights(fmt: str, N: int, K: int, count: int, f_linear: bool = False
+            ) -> list[tuple[native.NativeWeight, object, int]]:
+    """(native weight, torch-kernel callable x ↦ y, bytes) for `count` random [N, K] weights; bf16 with `f_linear`:
+    F.linear on the plain weight (what `FloatWeight` runs past NATIVE_MAX_ROWS where moelab's kernels run)."""
     out = []
     for _ in range(count):
         W = torch.randn(N, K) * 0.02
         if fmt == "bf16":
             w = W.bfloat16()
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            packed = None if f_linear else torch.ops.mkldnn._reorder_linear_weight(w, 1)
             out.append((native.NativeWeight("bf16", w),
+                        (lambda x, w=w: torch.nn.functional.linear(x.bfloat16(), w)) if f_linear else
                         lambda x, p=packed: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), p, None, "none", [], ""),
                         N * K * 2))
         elif fmt == "int8":
@@ -88,10 +92,10 @@ def median_time(pool, call, x, reps: int) -> float:
     return statistics.median(times)
 
 
-def linear_rows(fmt: str, shapes: list[tuple[int, int]], rows: list[int], reps: int) -> None:
+def linear_rows(fmt: str, shapes: list[tuple[int, int]], rows: list[int], reps: int, f_linear: bool = False) -> None:
     for N, K in shapes:
         nbytes_one = N * K * {"bf16": 2, "int8": 1, "int4": 0.5}[fmt]
-        pool = weights(fmt, N, K, max(8, int(POOL_BYTES // nbytes_one)))
+        pool = weights(fmt, N, K, max(8, int(POOL_BYTES // nbytes_one)), f_linear)
         gb = [p() for p in [probe] * 3]
         med = statistics.median(gb)
         for M in rows:
@@ -159,6 +163,9 @@ def main() -> None:
     p.add_argument("--d-expert", type=int, default=768)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shapes", default=None, help="N×K,... (None: the expert's two products)")
+    p.add_argument("--f-linear", action="store_true", help="bf16's torch column: F.linear on the plain weight, as "
+                   "FloatWeight runs it past NATIVE_MAX_ROWS (None: oneDNN prepacked, the backend without the kernels)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     if not native.available():
@@ -171,8 +178,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
         for fmt in a.formats.split(","):
-            linear_rows(fmt, [(2 * I, D), (D, I)], [int(m) for m in a.rows.split(",")], a.reps)
-            moe_layer(fmt, D, I, 8, a.reps)
+            shapes = ([tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else
+                      [(2 * I, D), (D, I)])
+            linear_rows(fmt, shapes, [int(m) for m in a.rows.split(",")], a.reps, a.f_linear)
+            if not a.shapes:
+                moe_layer(fmt, D, I, 8, a.reps)
 
 
 if __name__ == "__main__":

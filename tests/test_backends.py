@@ -115,12 +115,12 @@ def ran(monkeypatch) -> list[str]:
     return log
 
 
-NATIVE_ROWS = {"int8": 8, None: 2}  # as documented (not read from formats.NATIVE_MAX_ROWS: that is under test)
+NATIVE_ROWS = {"int8": 8, None: 16}  # as documented (not read from formats.NATIVE_MAX_ROWS: that is under test)
 
 
 def expected_kernel(which: str, quant: str | None, M: int) -> str:
     """The documented routing (inference/formats.py): on moelab's kernels int4 runs for every M, int8 up to 8 rows
-    (then torch's int8 kernel), bf16 up to 2 (then F.linear); torch's kernels for every M; plain: F.linear on the
+    (then torch's int8 kernel), bf16 up to 16 (then F.linear); torch's kernels for every M; plain: F.linear on the
     dequantized weight."""
     if which == "plain":
         return "plain"

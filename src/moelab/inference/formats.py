@@ -49,7 +49,7 @@ from moelab.inference.backend import INT4_N_MULTIPLE, KERNEL_DTYPE, backend, int
 
 QUANTS = (None, "int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel takes
-NATIVE_MAX_ROWS = {None: 2, "int8": 8}  # rows of x up to which moelab's kernels beat torch's (int4: every M)
+NATIVE_MAX_ROWS = {None: 16, "int8": 8}  # rows of x up to which moelab's kernels beat torch's (int4: every M)
 
 
 def check_quant(quant: str | None, group_size: int = 32) -> None:
