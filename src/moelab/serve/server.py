@@ -124,7 +124,7 @@ def run(app: Any, host: str, port: int, log_level: str = "info", engine: Engine 
     def http() -> None:
         try:
             server.run()
-        except BaseException as e:  # noqa: BLE001 — uvicorn exits with SystemExit(1) when it cannot start
+        except BaseException as e:  # noqa: BLE001 — uvicorn raises SystemExit(3) when it cannot start
             failed.append(e)
         finally:
             engine.stop(drain=True)  # after the app's shutdown (a no-op then), or when uvicorn never started
