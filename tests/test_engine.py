@@ -314,6 +314,28 @@ def test_a_batch_of_rows_is_one_call_and_each_row_gets_its_logits_alone_bit_for_
 
 
 @needs_kernels
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_a_one_token_step_is_the_one_row_decode_with_its_experts(quant):
+    """`step_tokens` with one token (a server's step with one request) equals the one-row decode of the same token
+    (`decode_layers`): the residual stream bit for bit, and each MoE layer's k experts."""
+    model = small_model(quant)
+    with torch.no_grad():
+        alone, stepped = KVCache(), KVCache()
+        for c in (alone, stepped):
+            model(torch.tensor([PROMPTS[1]]), cache=c)
+        hidden = []
+        handle = model.norm.register_forward_pre_hook(lambda m, args: hidden.append(args[0][:, -1]))
+        out = model(torch.tensor([[5]]), cache=alone)
+        handle.remove()
+        L = stepped.length
+        h, aux = model.decoder.step_tokens(torch.tensor([5]), torch.tensor([0]), torch.tensor([L]),
+                                           torch.tensor([0]), stepped)
+    assert torch.equal(h, hidden[0])
+    assert [a.topk_idx.tolist() for a in aux] == [a.topk_idx.tolist() for a in out.aux]
+    assert all(a.topk_idx.shape == (1, 2) for a in aux)
+
+
+@needs_kernels
 def test_rows_the_kernels_cannot_take_as_one_batch_run_the_torch_code(monkeypatch):
     """A capacity factor (a batch's tokens compete for an expert's slots: the torch code drops, the kernels would not)
     or a block off the kernels: the batch runs the torch code, whose logits it returns."""

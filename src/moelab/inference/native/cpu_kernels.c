@@ -939,7 +939,8 @@ int moelab_decode_rows(const layer_t *layers, int n, int B, void *x, const float
     for (int i = 0; i < n && !err; i++) {
         const layer_t *l = &layers[i];
         err |= attention_rows(l->attn, B, x, t, cos, sin, l->kbuf, l->vbuf, l->sb, l->sg, l->sl, &pl, threads);
-        err |= moe_rows(l->moe, B, t, x, idx + (size_t)i * B * l->moe->k, threads);
+        err |= B == 1 ? moelab_moe_block(l->moe, t, x, idx + (size_t)i * l->moe->k, threads) /* one-row routine */
+                      : moe_rows(l->moe, B, t, x, idx + (size_t)i * B * l->moe->k, threads);
     }
     free(t);
     return err;
