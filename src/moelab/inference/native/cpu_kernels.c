@@ -297,13 +297,9 @@ static inline void unit(const weight_t *w, int u, const act_t *a, float *out) {
     }
 }
 
-/* unit u for n activation rows: row i's outputs to base[i] + off (int4: up to 4 rows per pass over the tile). */
+/* unit u of an int8 or int4 weight for n activation rows: row i's outputs to base[i] + off (int4: up to 4 rows per
+ * pass over the tile). bf16 goes by panels (`panel`). */
 static inline void units(const weight_t *w, int u, const act_t *const *acts, float *const *base, size_t off, int n) {
-    if (w->fmt == F_BF16) { /* up to 4 rows per pass over the weight row: 8 accumulation chains instead of 2 */
-        for (int i = 0; i < n; i += 4)
-            dot_bf16_rows((const uint16_t *)w->q + (size_t)u * w->k, acts + i, n - i < 4 ? n - i : 4, base + i, off);
-        return;
-    }
     if (w->fmt != F_INT4) {
         for (int i = 0; i < n; i++) unit(w, u, acts[i], base[i] + off);
         return;
@@ -904,6 +900,7 @@ static int attention_rows(const attn_args_t *a, int B, const void *x, void *out,
 
 /* moelab_moe_block for B rows x [B, D]; the chosen experts to idx [B, k]. */
 static int moe_rows(const moe_args_t *a, int B, const void *x, void *out, long long *idx, int threads) {
+    if (B == 1) return moelab_moe_block(a, x, out, idx, threads); /* the one-row routine: the same floats, faster */
     const int bf16 = a->bf16, E = a->E, k = a->k, D = a->gate_up[0]->k;
     const size_t es = bf16 ? 2 : 4;
     char *mem = malloc(sizeof(float) * (size_t)B * (2 * (size_t)D + (size_t)E + (size_t)k) + 2 * es * (size_t)B * D);
@@ -939,8 +936,7 @@ int moelab_decode_rows(const layer_t *layers, int n, int B, void *x, const float
     for (int i = 0; i < n && !err; i++) {
         const layer_t *l = &layers[i];
         err |= attention_rows(l->attn, B, x, t, cos, sin, l->kbuf, l->vbuf, l->sb, l->sg, l->sl, &pl, threads);
-        err |= B == 1 ? moelab_moe_block(l->moe, t, x, idx + (size_t)i * l->moe->k, threads) /* one-row routine */
-                      : moe_rows(l->moe, B, t, x, idx + (size_t)i * B * l->moe->k, threads);
+        err |= moe_rows(l->moe, B, t, x, idx + (size_t)i * B * l->moe->k, threads);
     }
     free(t);
     return err;
