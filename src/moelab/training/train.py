@@ -147,7 +147,10 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
 
 
 def _check_state(run: RunDir, resume: bool) -> None:
-    run.require_resumable() if resume else run.require_new()
+    if resume:
+        run.require_resumable()
+    else:
+        run.require_new()
 
 
 @contextlib.contextmanager
@@ -247,7 +250,8 @@ class _Trainer:
         """Rank 0 builds (tokenizer, token cache); the other ranks then read what it wrote."""
         result = build() if self.ctx.is_main else None
         self.ctx.barrier()  # the other ranks read what rank 0 wrote, then all go on together
-        result = result if self.ctx.is_main else build()
+        if not self.ctx.is_main:
+            result = build()
         self.ctx.barrier()
         return result
 
