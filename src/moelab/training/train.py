@@ -147,10 +147,7 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, run_dir: str | Path, data_pa
 
 
 def _check_state(run: RunDir, resume: bool) -> None:
-    if resume:
-        run.require_resumable()
-    else:
-        run.require_new()
+    run.require_resumable() if resume else run.require_new()
 
 
 @contextlib.contextmanager
@@ -250,8 +247,7 @@ class _Trainer:
         """Rank 0 builds (tokenizer, token cache); the other ranks then read what it wrote."""
         result = build() if self.ctx.is_main else None
         self.ctx.barrier()  # the other ranks read what rank 0 wrote, then all go on together
-        if not self.ctx.is_main:
-            result = build()
+        result = result if self.ctx.is_main else build()
         self.ctx.barrier()
         return result
 
